@@ -1,0 +1,19 @@
+"""Topic names: the public ones are fixed by the wire contract, the internal ones are ours (docs/design.md)."""
+
+COMMANDS = "outreach.commands"
+CAMPAIGN_EVENTS = "outreach.campaign-events"
+MESSAGE_STATUS = "outreach.message-status"
+COMMANDS_DLQ = "outreach.commands.dlq"
+
+CLAIM_REQUESTS = "outreach.internal.claim-requests"
+SENDER_WORK = "outreach.internal.sender-work"
+SENDER_RESULTS = "outreach.internal.sender-results"
+EXPIRIES = "outreach.internal.expiries"
+
+PUBLIC_TOPICS = (COMMANDS, CAMPAIGN_EVENTS, MESSAGE_STATUS, COMMANDS_DLQ)
+INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES)
+ALL_TOPICS = PUBLIC_TOPICS + INTERNAL_TOPICS
+# Topics that carry a single stream of operator records: one partition keeps them in arrival order.
+SINGLE_PARTITION_TOPICS = (COMMANDS_DLQ,)
+
+MAX_RECORD_BYTES = 1024 * 1024

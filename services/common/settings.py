@@ -1,0 +1,57 @@
+"""Every setting of every service, read from the environment (names fixed by the wire contract and docs/design.md)."""
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OUTREACH_", extra="ignore", populate_by_name=True)
+
+    # Broker
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS")
+    )
+    external_kafka: bool = False
+    partitions: int = Field(8, ge=1)
+    kafka_session_timeout_ms: int = 6000
+    kafka_heartbeat_ms: int = 500
+
+    # Stores
+    event_store: Literal["sqlite", "postgres"] = "sqlite"
+    data_dir: Path = Path("./var")
+    sqlite_path: Path | None = None
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+    # Timers (seconds; small values allowed so tests can compress time)
+    sent_timeout_s: float = Field(600, ge=0.1)
+    sending_timeout_s: float = Field(600, ge=0.1)
+    retry_window_s: float = Field(259200, ge=0.1)
+    smtp_retry_s: float = Field(300, ge=0.1)
+
+    # Sending
+    presend_retries: int = Field(3, ge=0)
+    presend_backoff_s: float = Field(1, ge=0)
+    sms_rate: float = Field(100, gt=0)
+    email_rate: float = Field(1000, gt=0)
+    email_batch: int = Field(1000, ge=1, le=1000)
+
+    # Simulator
+    sim_defer_interval_s: float = Field(1, ge=0.1)
+    sim_late_receipt_s: float | None = None
+
+    @property
+    def event_store_sqlite_path(self) -> Path:
+        return self.sqlite_path or self.data_dir / "outreach-events.db"
+
+    @property
+    def late_receipt_s(self) -> float:
+        if self.sim_late_receipt_s is not None:
+            return self.sim_late_receipt_s
+        return self.sent_timeout_s + max(1.0, self.sent_timeout_s / 2)
+
+
+def get_settings() -> Settings:
+    """Settings as the environment says now (cheap; tests change the environment between runs)."""
+    return Settings()
