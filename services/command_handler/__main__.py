@@ -1,0 +1,3 @@
+from services.command_handler.app import main
+
+main()

@@ -1,0 +1,457 @@
+"""The aggregates: Campaign, MessageBlock, ChannelLock, CommandLog (eventsourcing style, no I/O).
+
+Public methods check the rules and raise `Rejected`; the `@event` methods only apply what was decided,
+so replaying stored events rebuilds exactly the state that was saved. Every campaign event carries the
+status change it caused (if any), so the relay can map stored events to wire records without state.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from eventsourcing.domain import Aggregate, event
+
+from services.common import ids
+from services.command_handler.domain import rules
+from services.command_handler.domain.rules import MessageState, Move
+
+MAX_CONTACTS = 300_000
+DELETABLE = frozenset({"created", "ready", "complete", "complete_with_errors", "failed"})
+EDITABLE = frozenset({"created", "ready"})
+RECENT_CLAIMS_KEPT = 256
+
+
+class Rejected(Exception):
+    """A command the rules refuse: answered by a CommandRejected with this reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Campaign(Aggregate):
+    @event("Created")
+    def __init__(self, campaign_id: uuid.UUID, name: str, description: str | None, channel: str,
+                 template: dict, created_by: str, causation_id: str):
+        self.name = name
+        self.description = description
+        self.channel = channel
+        self.template = template
+        self.created_by = created_by
+        self.status = "created"
+        self.ready = False
+        self.next_chunk_no = 0
+        self.contacts_closed = False
+        self.chunk_answers: dict[int, dict] = {}
+        self.destinations: set[str] = set()
+        self.rows_seen = 0
+        self.message_count = 0
+        self.block_nos: list[int] = []
+        self.run_no = 0
+        self.stopped = False
+        self.stopped_by: str | None = None
+        self.holds_channel = False
+        self.setup_failed = False
+        self.counts = rules.empty_counts()
+        self.awaiting_acceptance = 0
+        self.claim_cursor = 0
+        self.recent_claims: list[str] = []
+        self.summary: dict | None = None
+
+    @staticmethod
+    def create_id(campaign_id: uuid.UUID, **_: Any) -> uuid.UUID:
+        return campaign_id
+
+    # ----- guards -------------------------------------------------------------------------------
+    @property
+    def deleted(self) -> bool:
+        return self.status == "deleted"
+
+    @property
+    def has_run(self) -> bool:
+        return self.run_no > 0
+
+    def _derived_status(self, counts: dict[str, int], *, ready: bool | None = None,
+                        has_run: bool | None = None, setup_failed: bool | None = None) -> str:
+        if self.deleted:
+            return "deleted"
+        return rules.derive_status(
+            counts,
+            has_run=self.has_run if has_run is None else has_run,
+            ready=self.ready if ready is None else ready,
+            setup_failed=self.setup_failed if setup_failed is None else setup_failed,
+        )
+
+    def _status_change(self, new_status: str, counts: dict[str, int], stopped: bool | None = None) -> dict | None:
+        if new_status == self.status:
+            return None
+        return {
+            "status": new_status,
+            "previous_status": self.status,
+            "stopped": self.stopped if stopped is None else stopped,
+            "counts": {"total": self.message_count, **counts},
+        }
+
+    def _apply_status_change(self, status_change: dict | None) -> None:
+        if status_change:
+            self.status = status_change["status"]
+
+    # ----- contacts -----------------------------------------------------------------------------
+    def check_contacts_accepted(self, chunk_no: int, row_count: int) -> dict | None:
+        """Returns the stored answer of a chunk already applied; raises if the chunk is refused."""
+        if chunk_no < self.next_chunk_no:
+            return self.chunk_answers[chunk_no]
+        if self.contacts_closed or self.has_run:
+            raise Rejected("contacts_closed", "the last chunk was already added")
+        if self.rows_seen + row_count > MAX_CONTACTS:
+            raise Rejected("too_many_contacts", f"more than {MAX_CONTACTS:,} contacts in all")
+        if chunk_no > self.next_chunk_no:
+            raise Rejected("invalid_command", f"chunk {chunk_no} arrived before chunk {self.next_chunk_no}")
+        return None
+
+    def add_contacts(self, *, chunk_no: int, valid_rows: list[int], destinations: list[str],
+                     invalid_rows: list[list], last_chunk: bool, summary: dict | None,
+                     causation_id: str) -> None:
+        message_count = self.message_count + len(valid_rows)
+        ready = last_chunk
+        counts = dict(self.counts)
+        counts["waiting"] += len(valid_rows)
+        change = self._status_change(self._derived_status(counts, ready=ready), counts)
+        if change:
+            change["counts"]["total"] = message_count
+        self._contacts_added(
+            chunk_no=chunk_no, message_count=message_count, valid_rows=valid_rows, destinations=destinations, invalid_rows=invalid_rows,
+            last_chunk=last_chunk, summary=summary, status_change=change, causation_id=causation_id,
+        )
+
+    @event("ContactsAdded")
+    def _contacts_added(self, chunk_no: int, message_count: int, valid_rows: list[int], destinations: list[str],
+                        invalid_rows: list[list], last_chunk: bool, summary: dict | None,
+                        status_change: dict | None, causation_id: str) -> None:
+        self.chunk_answers[chunk_no] = {
+            "chunk_no": chunk_no, "valid": len(valid_rows), "invalid": len(invalid_rows),
+            "invalid_rows": invalid_rows,
+        }
+        self.next_chunk_no = chunk_no + 1
+        self.rows_seen += len(valid_rows) + len(invalid_rows)
+        self.destinations.update(destinations)
+        if valid_rows:
+            self.block_nos.append(chunk_no)
+        self.message_count = message_count
+        self.counts["waiting"] += len(valid_rows)
+        if last_chunk:
+            self.contacts_closed = True
+            self.ready = True
+            self.summary = summary
+        self._apply_status_change(status_change)
+
+    def repeat_contacts_answer(self, chunk_no: int, causation_id: str) -> None:
+        """A chunk already applied, under another command id: answered again with the stored counts."""
+        self._contacts_answer_repeated(answer=self.chunk_answers[chunk_no], causation_id=causation_id)
+
+    @event("ContactsAnswerRepeated")
+    def _contacts_answer_repeated(self, answer: dict, causation_id: str) -> None:
+        pass
+
+    # ----- template -----------------------------------------------------------------------------
+    def update_template(self, template: dict, summary: dict | None, causation_id: str) -> None:
+        if self.status not in EDITABLE:
+            raise Rejected("not_editable", f"the campaign is {self.status}")
+        self._template_updated(template=template, summary=summary, causation_id=causation_id)
+
+    @event("TemplateUpdated")
+    def _template_updated(self, template: dict, summary: dict | None, causation_id: str) -> None:
+        self.template = template
+        if summary is not None:
+            self.summary = summary
+
+    # ----- run / stop / retry -------------------------------------------------------------------
+    def check_can_run(self, disclaimer: dict) -> None:
+        if self.status != "ready":
+            raise Rejected("campaign_not_ready", f"the campaign is {self.status}")
+        if not all(disclaimer.get(k) is True for k in
+                   ("consent", "content_compliance", "opt_out", "data_responsibility")):
+            raise Rejected("disclaimer_not_accepted", "all four disclaimer confirmations are required")
+        if self.message_count == 0:
+            raise Rejected("no_valid_contacts", "the campaign has no valid contact")
+        if self.channel == "email":
+            pending = [a.get("filename") for a in self.template.get("attachments", []) if a.get("status") != "complete"]
+            if pending:
+                raise Rejected("attachments_not_ready", f"not fully uploaded: {', '.join(map(str, pending))}")
+
+    def start_run(self, *, accepted_by: str, disclaimer: dict, queued: int, suppressed: int,
+                  causation_id: str) -> None:
+        counts = dict(self.counts)
+        counts["waiting"] -= queued + suppressed
+        counts["queued"] += queued
+        counts["opted_out"] += suppressed
+        change = self._status_change(self._derived_status(counts, has_run=True), counts)
+        self._run_started(run_no=self.run_no + 1, accepted_by=accepted_by, disclaimer=disclaimer,
+                          message_count=queued, suppressed_count=suppressed, counts=counts,
+                          holds_channel=queued > 0, status_change=change, causation_id=causation_id)
+
+    @event("RunStarted")
+    def _run_started(self, run_no: int, accepted_by: str, disclaimer: dict, message_count: int,
+                     suppressed_count: int, counts: dict, holds_channel: bool, status_change: dict | None,
+                     causation_id: str) -> None:
+        self.run_no = run_no
+        self.counts = dict(counts)
+        self.holds_channel = holds_channel
+        self.claim_cursor = 0
+        self._apply_status_change(status_change)
+
+    def check_can_stop(self, confirmed: bool) -> None:
+        if not self.holds_channel:
+            raise Rejected("campaign_not_running", f"the campaign is {self.status} and holds no channel")
+        if confirmed is not True:
+            raise Rejected("stop_not_confirmed", "a stop needs an explicit confirmation")
+
+    def stop(self, *, stopped_by: str, cancelled: int, causation_id: str) -> None:
+        counts = dict(self.counts)
+        counts["queued"] -= cancelled
+        counts["cancelled"] += cancelled
+        change = self._status_change(self._derived_status(counts), counts, stopped=True)
+        self._stopped(stopped_by=stopped_by, cancelled_count=cancelled, counts=counts,
+                      status_change=change, causation_id=causation_id)
+
+    @event("Stopped")
+    def _stopped(self, stopped_by: str, cancelled_count: int, counts: dict, status_change: dict | None,
+                 causation_id: str) -> None:
+        self.stopped = True
+        self.stopped_by = stopped_by
+        self.holds_channel = False
+        self.counts = dict(counts)
+        self._apply_status_change(status_change)
+
+    def check_can_retry(self) -> None:
+        if not self.has_run:
+            raise Rejected("not_retryable", f"the campaign is {self.status}: it has not run")
+
+    def start_retry(self, *, moved_from: dict[str, int], causation_id: str) -> None:
+        counts = dict(self.counts)
+        queued = sum(moved_from.values())
+        for status, n in moved_from.items():
+            counts[status] -= n
+        counts["queued"] += queued
+        change = self._status_change(self._derived_status(counts, setup_failed=False), counts)
+        self._retry_started(run_no=self.run_no + 1, message_count=queued, counts=counts,
+                            status_change=change, causation_id=causation_id)
+
+    @event("RetryStarted")
+    def _retry_started(self, run_no: int, message_count: int, counts: dict, status_change: dict | None,
+                       causation_id: str) -> None:
+        self.run_no = run_no
+        self.counts = dict(counts)
+        self.holds_channel = True
+        self.setup_failed = False
+        self.claim_cursor = 0
+        self._apply_status_change(status_change)
+
+    # ----- delete -------------------------------------------------------------------------------
+    def delete(self, causation_id: str) -> None:
+        if self.status not in DELETABLE:
+            raise Rejected("not_deletable", f"the campaign is {self.status}")
+        change = self._status_change("deleted", dict(self.counts))
+        self._deleted(status_change=change, causation_id=causation_id)
+
+    @event("Deleted")
+    def _deleted(self, status_change: dict | None, causation_id: str) -> None:
+        self._apply_status_change(status_change)
+
+    # ----- rejections ---------------------------------------------------------------------------
+    def record_rejection(self, *, command_id: str, command_type: str, reason: str, detail: str) -> None:
+        """A refused command is still an event of the campaign: it gets a sequence and is answered once."""
+        self._command_rejected(command_id=command_id, command_type=command_type, reason=reason,
+                               detail=detail, causation_id=command_id)
+
+    @event("CommandRejected")
+    def _command_rejected(self, command_id: str, command_type: str, reason: str, detail: str,
+                          causation_id: str) -> None:
+        pass
+
+    # ----- claims and message progress ----------------------------------------------------------
+    def claim_seen(self, claim_id: str) -> bool:
+        return claim_id in self.recent_claims
+
+    def record_claim(self, *, claim_id: str, items: list[dict], suppressed: int, cursor: int,
+                     causation_id: str) -> bool:
+        """Messages moved queued -> sending for the sender. Returns True when the channel is released."""
+        delta = {"queued": -(len(items) + suppressed), "sending": len(items), "opted_out": suppressed}
+        was_holding = self.holds_channel
+        counts, change, holds = self._progress(delta, awaiting_delta=len(items))
+        self._work_claimed(claim_id=claim_id, run_no=self.run_no, channel=self.channel, template=self.template,
+                           items=items, counts=counts, awaiting_acceptance=self.awaiting_acceptance + len(items),
+                           holds_channel=holds, cursor=cursor, status_change=change, causation_id=causation_id)
+        return was_holding and not holds
+
+    @event("WorkClaimed")
+    def _work_claimed(self, claim_id: str, run_no: int, channel: str, template: dict, items: list[dict],
+                      counts: dict, awaiting_acceptance: int, holds_channel: bool, cursor: int,
+                      status_change: dict | None, causation_id: str) -> None:
+        self.recent_claims = (self.recent_claims + [claim_id])[-RECENT_CLAIMS_KEPT:]
+        self.counts = dict(counts)
+        self.awaiting_acceptance = awaiting_acceptance
+        self.holds_channel = holds_channel
+        self.claim_cursor = cursor
+        self._apply_status_change(status_change)
+
+    def record_progress(self, *, delta: dict[str, int], awaiting_delta: int, causation_id: str,
+                        setup_failed: bool = False) -> bool:
+        """Messages moved by provider results or timers. Returns True when the channel is released."""
+        was_holding = self.holds_channel
+        counts, change, holds = self._progress(delta, awaiting_delta, setup_failed=setup_failed)
+        self._progressed(counts=counts, awaiting_acceptance=self.awaiting_acceptance + awaiting_delta,
+                         holds_channel=holds, setup_failed=setup_failed or self.setup_failed,
+                         status_change=change, causation_id=causation_id)
+        return was_holding and not holds
+
+    @event("Progressed")
+    def _progressed(self, counts: dict, awaiting_acceptance: int, holds_channel: bool, setup_failed: bool,
+                    status_change: dict | None, causation_id: str) -> None:
+        self.counts = dict(counts)
+        self.awaiting_acceptance = awaiting_acceptance
+        self.holds_channel = holds_channel
+        self.setup_failed = setup_failed
+        self._apply_status_change(status_change)
+
+    def _progress(self, delta: dict[str, int], awaiting_delta: int, setup_failed: bool = False):
+        counts = dict(self.counts)
+        for status, n in delta.items():
+            counts[status] += n
+        awaiting = self.awaiting_acceptance + awaiting_delta
+        # Contract: a campaign holds its channel until it has no message queued or claimed-but-not-accepted.
+        holds = self.holds_channel and (counts["queued"] > 0 or awaiting > 0)
+        status = self._derived_status(counts, setup_failed=setup_failed or self.setup_failed)
+        return counts, self._status_change(status, counts), holds
+
+
+SEQUENCE_STEP = 100  # a message's status-record sequence = block version * 100 + its n-th change in that event
+
+
+def message_sequences(version: int, changes: list[list]) -> list[int]:
+    """The per-message sequence of each change: strictly increasing per message across the block's events."""
+    seen: dict[int, int] = {}
+    out = []
+    for change in changes:
+        n = seen.get(change[0], 0)
+        seen[change[0]] = n + 1
+        out.append(version * SEQUENCE_STEP + n)
+    return out
+
+
+class MessageBlock(Aggregate):
+    """Up to 1,000 messages of one contacts chunk: one stored event moves many messages at once."""
+
+    @event("Created")
+    def __init__(self, campaign_id: str, block_no: int, channel: str, rows: list[int],
+                 destinations: list[str], variables: list[dict], causation_id: str):
+        self.campaign_id = campaign_id
+        self.block_no = block_no
+        self.channel = channel
+        self.rows = rows
+        self.destinations = destinations
+        self.variables = variables
+        n = len(rows)
+        self.status = ["waiting"] * n
+        self.reason: list[str | None] = [None] * n
+        self.provider_code: list[str | None] = [None] * n
+        self.attempt = [0] * n
+        self.run_no = [0] * n
+        self.accepted = [False] * n
+        self.changed_at = [SEQUENCE_STEP] * n  # sequence of each message's last status record
+
+    @staticmethod
+    def create_id(campaign_id: str, block_no: int, **_: Any) -> uuid.UUID:
+        return ids.block_id(campaign_id, block_no)
+
+    def state(self, index: int) -> MessageState:
+        return MessageState(self.status[index], self.reason[index], self.attempt[index], self.accepted[index])
+
+    def indexes_in(self, status: str) -> list[int]:
+        return [i for i, s in enumerate(self.status) if s == status]
+
+    def move(self, moves: list[tuple[int, Move]], *, run_no: int | None, causation_id: str) -> dict[str, int]:
+        """Applies decided moves in one stored event; returns the change of counts per status."""
+        changes = []
+        delta: dict[str, int] = {}
+        for index, mv in moves:
+            previous = self.status[index]
+            changes.append([
+                index, self.rows[index], previous, mv.status, mv.reason,
+                mv.provider_code if mv.provider_code is not None else (None if mv.status != previous else self.provider_code[index]),
+                mv.attempt if mv.attempt is not None else self.attempt[index],
+                run_no if run_no is not None else self.run_no[index],
+                self.accepted[index] if mv.accepted is None else mv.accepted,
+                mv.record,
+            ])
+            if previous != mv.status:
+                delta[previous] = delta.get(previous, 0) - 1
+                delta[mv.status] = delta.get(mv.status, 0) + 1
+        if changes:
+            self._moved(campaign_id=self.campaign_id, channel=self.channel, changes=changes,
+                        causation_id=causation_id)
+        return delta
+
+    @event("Moved")
+    def _moved(self, campaign_id: str, channel: str, changes: list[list], causation_id: str) -> None:
+        version = self.version + 1  # the version this event gets; the decorator bumps it after the body
+        for (index, _row, _prev, status, reason, code, attempt, run_no, accepted, record), sequence in zip(
+                changes, message_sequences(version, changes)):
+            self.status[index] = status
+            self.reason[index] = reason
+            self.provider_code[index] = code
+            self.attempt[index] = attempt
+            self.run_no[index] = run_no
+            self.accepted[index] = accepted
+            if record:
+                self.changed_at[index] = sequence
+
+
+class ChannelLock(Aggregate):
+    """Who holds a channel. Saved with the run that takes it, so two racing runs conflict on its version."""
+
+    @event("Created")
+    def __init__(self, channel: str):
+        self.channel = channel
+        self.holder: str | None = None
+
+    @staticmethod
+    def create_id(channel: str) -> uuid.UUID:
+        return ids.channel_lock_id(channel)
+
+    def check_free_for(self, campaign_id: str) -> None:
+        if self.holder is not None:
+            if self.holder == campaign_id:
+                raise Rejected("channel_busy", "this campaign already holds the channel")
+            raise Rejected("channel_busy", f"campaign {self.holder} is running on the {self.channel} channel")
+
+    @event("Acquired")
+    def acquire(self, campaign_id: str) -> None:
+        self.holder = campaign_id
+
+    def release(self, campaign_id: str) -> None:
+        if self.holder == campaign_id:
+            self._released(campaign_id=campaign_id)
+
+    @event("Released")
+    def _released(self, campaign_id: str) -> None:
+        self.holder = None
+
+
+class CommandLog(Aggregate):
+    """The answer given to one command_id, so a repeated command is answered again with the same events."""
+
+    @event("Answered")
+    def __init__(self, command_id: str, campaign_id: str, records: list[dict], publish: bool):
+        self.command_id = command_id
+        self.records = records
+        self.publish = publish
+
+    @staticmethod
+    def create_id(command_id: str, **_: Any) -> uuid.UUID:
+        return ids.command_log_id(command_id)
+
+    @event("AnswerRepeated")
+    def repeat(self, records: list[dict]) -> None:
+        pass

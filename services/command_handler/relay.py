@@ -1,0 +1,129 @@
+"""The outbox relay: publishes stored events to Kafka in notification-log order.
+
+Read a page from the checkpoint, map each stored event to wire records (stable event ids), send, wait for
+every ack, then checkpoint. On a send error it drops its producer and rewinds to the checkpoint, so records
+are never reordered (a resend repeats records; consumers dedupe on event_id). It also notices a new, empty
+broker (the embedded one keeps nothing) and republishes the whole history.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from schemas import topics
+from services.common import jsoncodec, kafka
+from services.common.settings import Settings, get_settings
+from services.command_handler import wire
+from services.command_handler.application import OutreachApp
+from services.command_handler.checkpoint import Checkpoint, open_checkpoint_store
+
+log = logging.getLogger("outreach.relay")
+
+PAGE_SIZE = 500
+IDLE_POLL_S = 0.02
+BROKER_CHECK_S = 1.0
+
+
+class Relay:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = OutreachApp(settings)
+        self.checkpoints = open_checkpoint_store(settings)
+        self.checkpoint = self.checkpoints.load()
+        self.producer = None
+        self._last_broker_check = 0.0
+
+    async def _producer(self):
+        if self.producer is None:
+            self.producer = kafka.make_producer(self.settings, linger_ms=2)
+            await self.producer.start()
+        return self.producer
+
+    async def _drop_producer(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except Exception:  # it is being discarded because it failed
+                log.debug("producer stop failed", exc_info=True)
+
+    async def check_broker(self) -> None:
+        """A broker holding fewer campaign events than we published is a new, empty one: start over."""
+        self._last_broker_check = time.monotonic()
+        await kafka.ensure_topics(self.settings)
+        held = await kafka.end_offsets_total(self.settings, topics.CAMPAIGN_EVENTS)
+        if self.checkpoint.published and (held or 0) < self.checkpoint.published:
+            log.warning("the broker holds %s campaign events but %d were published: republishing from the start",
+                        held, self.checkpoint.published)
+            self.checkpoint = Checkpoint()
+            self.checkpoints.save(self.checkpoint)
+
+    def _read_page(self) -> tuple[int, list[wire.WireRecord]]:
+        notifications = self.app.recorder.select_notifications(start=self.checkpoint.position + 1, limit=PAGE_SIZE)
+        records = [r for n in notifications for r in wire.to_records(self.app.mapper.to_domain_event(n))]
+        return (notifications[-1].id if notifications else self.checkpoint.position), records
+
+    async def publish_once(self) -> int:
+        """Publishes one page; returns how many notifications it covered (0 when caught up)."""
+        if time.monotonic() - self._last_broker_check > BROKER_CHECK_S:
+            await self.check_broker()
+        position, records = await asyncio.to_thread(self._read_page)
+        if position == self.checkpoint.position:
+            return 0
+        producer = await self._producer()
+        futures = [
+            await producer.send(r.topic, value=jsoncodec.dumps(r.value), key=r.key.encode())
+            for r in records
+        ]
+        for future in futures:
+            await future
+        covered = position - self.checkpoint.position
+        self.checkpoint = Checkpoint(
+            position=position,
+            published=self.checkpoint.published + sum(r.topic == topics.CAMPAIGN_EVENTS for r in records))
+        await asyncio.to_thread(self.checkpoints.save, self.checkpoint)
+        return covered
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                if await self.publish_once() == 0:
+                    await asyncio.sleep(IDLE_POLL_S)
+                backoff = 0.1
+            except Exception:
+                log.exception("publishing failed: dropping the producer and rewinding to position %d",
+                              self.checkpoint.position)
+                await self._drop_producer()
+                self._last_broker_check = 0.0
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def close(self) -> None:
+        await self._drop_producer()
+        self.checkpoints.close()
+        self.app.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        relay = Relay(settings)
+        try:
+            await relay.run(stop)
+        finally:
+            await relay.close()
+
+    asyncio.run(runner())
+
+
+if __name__ == "__main__":
+    main()
