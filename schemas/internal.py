@@ -1,0 +1,135 @@
+"""Internal records on `outreach.internal.*` topics, as docs/design.md fixes them.
+
+Written and read only by our services, so validated in lax mode; unknown fields are ignored so a
+newer writer does not stop an older reader during a rolling restart.
+"""
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.commands import (
+    Channel,
+    Template,
+    UtcDatetime,
+    WireId,
+    mark_type_required,
+    template_matches_channel,
+)
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+def _internal_config(**extra) -> ConfigDict:
+    return ConfigDict(frozen=True, extra="ignore", **extra)
+
+
+class ClaimRequest(BaseModel):
+    """Sender -> handler (`outreach.internal.claim-requests`): claim up to max_messages queued ones."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["ClaimRequest"] = "ClaimRequest"
+    claim_id: WireId
+    campaign_id: WireId
+    max_messages: Annotated[int, Field(ge=1)]
+    requested_at: UtcDatetime
+
+
+class WorkItem(BaseModel):
+    """One claimed message, with what the sender needs to render and submit it."""
+
+    model_config = _internal_config()
+
+    message_id: WireId
+    row: Annotated[int, Field(ge=1)]
+    destination: str
+    variables: dict[str, str] = Field(default_factory=dict)
+    attempt: NonNegativeInt  # provider submissions known so far (0 before the first)
+
+
+class WorkClaimed(BaseModel):
+    """Relay -> sender (`outreach.internal.sender-work`), from the Campaign's stored WorkClaimed.
+
+    Empty `items` means nothing was queued: the sender stops claiming for that campaign.
+    """
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["WorkClaimed"] = "WorkClaimed"
+    event_id: WireId
+    claim_id: WireId
+    campaign_id: WireId
+    channel: Channel
+    run_no: Annotated[int, Field(ge=1)]
+    template: Template
+    items: list[WorkItem] = Field(default_factory=list)
+    remaining_queued: NonNegativeInt
+    holds_channel: bool
+
+    @model_validator(mode="after")
+    def _template_fits_channel(self) -> "WorkClaimed":
+        if not template_matches_channel(self.template, self.channel):
+            raise ValueError(f"template does not match channel {self.channel!r}")
+        return self
+
+
+SenderOutcome = Literal[
+    "accepted",  # provider took the request (Twilio 201 / SendGrid 202 / SMTP 250)
+    "presend_error",  # nothing reached the provider, or 429/5xx; `final` on the last one reported
+    "refused",  # refused at submission, with provider_code (21211, 21610, ...)
+    "sent",  # SMS receipt
+    "delivered",
+    "undelivered",  # receipt with provider_code
+    "failed",  # receipt with provider_code
+    "deferred",  # email -> retrying
+    "bounced",
+    "opted_out",
+    "no_answer",  # handed off, no answer: nothing changes, the message times out
+]
+SENDER_OUTCOMES: tuple[SenderOutcome, ...] = get_args(SenderOutcome)
+
+
+class SenderResult(BaseModel):
+    """What happened to one message at the provider; the handler maps it to a status and reason."""
+
+    model_config = _internal_config()
+
+    message_id: WireId
+    outcome: SenderOutcome
+    attempt: Annotated[int, Field(ge=1)] | None = None  # the submission this result is about
+    provider_code: str | None = None
+    provider_message_id: str | None = None
+    occurred_at: UtcDatetime
+    # On a presend_error: the sender gives up after this one -> failed / provider_error.
+    final: bool = False
+
+
+class SenderResults(BaseModel):
+    """Sender -> handler (`outreach.internal.sender-results`): a batch of results of one campaign."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["SenderResults"] = "SenderResults"
+    result_id: WireId
+    campaign_id: WireId
+    results: list[SenderResult]
+
+
+ExpiryKind = Literal["sending", "sent", "retry_window"]
+EXPIRY_KINDS: tuple[ExpiryKind, ...] = get_args(ExpiryKind)
+
+
+class Expiry(BaseModel):
+    """Sweeper -> handler (`outreach.internal.expiries`): a timer ran out.
+
+    Applied only if the message is still in the state (same block sequence) the timer started for.
+    """
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["Expiry"] = "Expiry"
+    expiry_id: WireId
+    campaign_id: WireId
+    message_id: WireId
+    kind: ExpiryKind
+    since_sequence: NonNegativeInt
