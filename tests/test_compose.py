@@ -1,0 +1,74 @@
+"""docker-compose.yml stays valid and declares every service (checked without a Docker engine)."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+SERVICES = {
+    "kafka": None,
+    "postgres": None,
+    "command-handler": "python -m services.command_handler",
+    "relay": "python -m services.command_handler.relay",
+    "sender": "python -m services.sender",
+    "timeout-sweeper": "python -m services.timeout_sweeper",
+    "projections": "python -m services.projections",
+    "simulator": "outreach simulator",
+}
+needs_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (.ci/run installs Debian's package)",
+)
+
+
+def compose(*args: str) -> str:
+    return subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+@needs_compose
+def test_compose_file_is_valid():
+    compose("config", "-q")
+
+
+@needs_compose
+def test_every_service_is_declared():
+    assert set(compose("config", "--services").split()) == set(SERVICES)
+
+
+def load_compose() -> dict:
+    """The file as data: with PyYAML if this venv has it, else with the Python that runs docker-compose v1
+    (it depends on PyYAML)."""
+    try:
+        import yaml
+
+        return yaml.safe_load(COMPOSE.read_text())
+    except ImportError:
+        pass
+    binary = shutil.which("docker-compose")
+    shebang = Path(binary).read_text(errors="replace").splitlines()[0] if binary else ""
+    if not shebang.startswith("#!") or "python" not in shebang:
+        pytest.skip("neither PyYAML nor a Python docker-compose to parse the file with")
+    code = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))"
+    out = subprocess.run([shebang[2:].strip(), "-c", code, str(COMPOSE)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_services_share_one_image_and_configuration():
+    services = load_compose()["services"]
+    assert set(services) == set(SERVICES)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert str(services["kafka"]["environment"]["KAFKA_LOG_RETENTION_MS"]) == "-1"
+    for name, command in SERVICES.items():
+        if command is None:
+            continue
+        service = services[name]
+        assert " ".join(service["command"]) == command
+        assert service["build"] == "."
+        assert service["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+        assert service["environment"]["OUTREACH_EVENT_STORE"] == "postgres"
+        assert service["environment"]["OUTREACH_DATA_DIR"] == "/data"
+        assert any(volume.endswith(":/data") for volume in service["volumes"])
