@@ -372,21 +372,30 @@ class MessageBlock(Aggregate):
         return [i for i, s in enumerate(self.status) if s == status]
 
     def move(self, moves: list[tuple[int, Move]], *, run_no: int | None, causation_id: str) -> dict[str, int]:
-        """Applies decided moves in one stored event; returns the change of counts per status."""
+        """Applies decided moves in one stored event; returns the change of counts per status.
+
+        One message may move several times in one event (accepted, sent, delivered): each change starts
+        from the state the previous one left.
+        """
         changes = []
         delta: dict[str, int] = {}
+        current: dict[int, list] = {}
         for index, mv in moves:
-            previous = self.status[index]
-            changes.append([
-                index, self.rows[index], previous, mv.status, mv.reason,
-                mv.provider_code if mv.provider_code is not None else (None if mv.status != previous else self.provider_code[index]),
-                mv.attempt if mv.attempt is not None else self.attempt[index],
-                run_no if run_no is not None else self.run_no[index],
-                self.accepted[index] if mv.accepted is None else mv.accepted,
-                mv.record,
-            ])
-            if previous != mv.status:
-                delta[previous] = delta.get(previous, 0) - 1
+            status, code, attempt, runs, accepted = current.get(index) or (
+                self.status[index], self.provider_code[index], self.attempt[index], self.run_no[index],
+                self.accepted[index])
+            after = [
+                mv.status,
+                mv.provider_code if mv.provider_code is not None else (code if mv.status == status else None),
+                mv.attempt if mv.attempt is not None else attempt,
+                run_no if run_no is not None else runs,
+                accepted if mv.accepted is None else mv.accepted,
+            ]
+            current[index] = after
+            changes.append([index, self.rows[index], status, mv.status, mv.reason, after[1], after[2], after[3],
+                            after[4], mv.record])
+            if status != mv.status:
+                delta[status] = delta.get(status, 0) - 1
                 delta[mv.status] = delta.get(mv.status, 0) + 1
         if changes:
             self._moved(campaign_id=self.campaign_id, channel=self.channel, changes=changes,

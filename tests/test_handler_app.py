@@ -1,0 +1,303 @@
+"""The command handler's use cases on both event stores (no broker): rules, answers, stored records."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from schemas import topics
+from schemas.commands import parse_command
+from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
+from services.common import ids, jsoncodec
+from services.common.settings import get_settings
+from services.command_handler import wire
+from services.command_handler.application import OutreachApp
+from services.command_handler.handlers import RecordHandler
+
+ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
+
+
+@pytest.fixture
+def app(event_store_env, monkeypatch):
+    for key, value in event_store_env.items():
+        monkeypatch.setenv(key, value)
+    application = OutreachApp(get_settings())
+    yield application
+    application.close()
+
+
+class Driver:
+    """Publishes commands straight into the application and reads back the wire records it stored."""
+
+    def __init__(self, app: OutreachApp):
+        self.app = app
+        self.handler = RecordHandler(app)
+        self.position = 0
+
+    def send(self, type_: str, campaign_id: str, command_id: str | None = None, **payload) -> list[dict]:
+        command_id = command_id or str(uuid.uuid4())
+        value = {"type": type_, "command_id": command_id, "campaign_id": campaign_id, "issued_by": "alice",
+                 "issued_at": datetime.now(timezone.utc).isoformat(), **payload}
+        assert self.handler.handle(topics.COMMANDS, jsoncodec.dumps(value)) is None
+        self.last = self.new_records()
+        return [r["value"] for r in self.last if r["topic"] == topics.CAMPAIGN_EVENTS
+                and r["value"]["causation_id"] == command_id]
+
+    def new_records(self) -> list[dict]:
+        out = []
+        for n in self.app.recorder.select_notifications(start=self.position + 1, limit=10_000):
+            self.position = n.id
+            out += [r.as_dict() for r in wire.to_records(self.app.mapper.to_domain_event(n))]
+        return out
+
+    def all_records(self) -> list[dict]:
+        self.position = 0
+        return self.new_records()
+
+
+def contacts(rows, channel="sms"):
+    return [{"row": r, "destination": f"+1555010{r:04d}"[:12] if channel == "sms" else f"user{r}@example.com",
+             "variables": {"name": f"n{r}"}} for r in rows]
+
+
+def sms_contacts(n, start_row=2):
+    return [{"row": start_row + i, "destination": f"+1202555{i:04d}", "variables": {"name": f"P{i}"}}
+            for i in range(n)]
+
+
+def ready_sms_campaign(d: Driver, n=5, body="Hi {{name}}") -> str:
+    cid = str(uuid.uuid4())
+    d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": body})
+    d.send("AddContacts", cid, chunk_no=0, contacts=sms_contacts(n), last_chunk=True)
+    return cid
+
+
+def test_create_add_contacts_ready_with_invalid_rows_and_duplicates(app):
+    d = Driver(app)
+    cid = str(uuid.uuid4())
+    [created] = d.send("CreateCampaign", cid, name="Spring", channel="sms", template={"body": "Hi {{name}} {{x}}"})
+    assert created["type"] == "CampaignCreated" and created["sequence"] > 0
+    chunk0 = sms_contacts(3) + [{"row": 9, "destination": "12025550000", "variables": {}},
+                                {"row": 10, "destination": "", "variables": {}},
+                                {"row": 11, "destination": "+12025550000", "variables": {}}]
+    [added] = d.send("AddContacts", cid, chunk_no=0, contacts=chunk0, last_chunk=False)
+    assert (added["valid"], added["invalid"]) == (3, 3)
+    assert {r["row"]: r["reason"] for r in added["invalid_rows"]} == {
+        9: "invalid_e164", 10: "missing_destination", 11: "duplicate_destination"}
+    answers = d.send("AddContacts", cid, chunk_no=1, contacts=[{"row": 20, "destination": "+12025559999",
+                                                               "variables": {"name": "Z"}}], last_chunk=True)
+    assert [a["type"] for a in answers] == ["ContactsAdded", "CampaignReady", "CampaignStatusChanged"]
+    assert answers[1]["message_count"] == 4
+    summary = answers[1]["summary"]
+    assert summary["preview"] == "Hi P0 {{x}}" and summary["encoding"] == "GSM-7"
+    assert summary["missing_variables_count"] == 4
+    status = answers[2]
+    assert (status["previous_status"], status["status"]) == ("created", "ready")
+    assert status["counts"]["total"] == 4 and status["counts"]["waiting"] == 4
+    for a in answers:
+        CAMPAIGN_EVENT_ADAPTER.validate_python(a)
+    sequences = [a["sequence"] for a in answers]
+    assert sequences == sorted(sequences) and len(set(sequences)) == 3
+
+
+def test_chunk_rules_repeat_gap_closed(app):
+    d = Driver(app)
+    cid = str(uuid.uuid4())
+    d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": "x"})
+    [first] = d.send("AddContacts", cid, chunk_no=0, contacts=sms_contacts(2), last_chunk=False)
+    [again] = d.send("AddContacts", cid, chunk_no=0, contacts=sms_contacts(5), last_chunk=False)
+    assert again["type"] == "ContactsAdded" and again["valid"] == first["valid"] == 2
+    assert again["event_id"] != first["event_id"]
+    [gap] = d.send("AddContacts", cid, chunk_no=2, contacts=sms_contacts(1, 50), last_chunk=True)
+    assert (gap["type"], gap["reason"]) == ("CommandRejected", "invalid_command")
+    d.send("AddContacts", cid, chunk_no=1, contacts=sms_contacts(1, 60), last_chunk=True)
+    [closed] = d.send("AddContacts", cid, chunk_no=2, contacts=sms_contacts(1, 70), last_chunk=True)
+    assert closed["reason"] == "contacts_closed"
+
+
+def test_run_needs_disclaimer_and_ready_and_free_channel(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d)
+    [refused] = d.send("RunCampaign", cid, disclaimer={**ALL_TRUE, "opt_out": False})
+    assert refused["reason"] == "disclaimer_not_accepted"
+    [refused] = d.send("RunCampaign", cid)
+    assert refused["reason"] == "disclaimer_not_accepted"
+    assert app.campaign_view(cid)["status"] == "ready"
+    assert not [r for r in d.last if r["topic"] == topics.MESSAGE_STATUS]  # nothing queued
+
+    started, changed = d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    assert started["type"] == "CampaignRunStarted" and started["run_no"] == 1 and started["message_count"] == 5
+    assert changed["status"] == "in_progress" and changed["counts"]["queued"] == 5
+    queued = [r["value"] for r in d.last if r["topic"] == topics.MESSAGE_STATUS]
+    assert len(queued) == 5 and {(q["previous_status"], q["status"], q["run_no"]) for q in queued} == {("waiting", "queued", 1)}
+
+    other = ready_sms_campaign(d)
+    [busy] = d.send("RunCampaign", other, disclaimer=ALL_TRUE)
+    assert busy["reason"] == "channel_busy"
+    [not_ready] = d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    assert not_ready["reason"] == "campaign_not_ready"
+
+    email = str(uuid.uuid4())
+    d.send("CreateCampaign", email, name="e", channel="email",
+           template={"subject": "s", "html": "<p>h</p>", "from_email": "a@example.com", "from_name": "A",
+                     "attachments": []})
+    d.send("AddContacts", email, chunk_no=0,
+           contacts=[{"row": 1, "destination": "x@example.com", "variables": {}}], last_chunk=True)
+    email_started = d.send("RunCampaign", email, disclaimer=ALL_TRUE)
+    assert email_started[0]["type"] == "CampaignRunStarted"  # one SMS and one email may run together
+
+
+def test_precedence_unknown_campaign_and_invalid_command(app):
+    d = Driver(app)
+    missing = str(uuid.uuid4())
+    [r] = d.send("RunCampaign", missing, disclaimer=ALL_TRUE)
+    assert (r["reason"], r["sequence"]) == ("unknown_campaign", 0)
+    [r] = d.send("RunCampaign", missing, disclaimer={"consent": "yes"})
+    assert r["reason"] == "invalid_command"  # needs no campaign state: comes before unknown_campaign
+    [r] = d.send("Explode", missing)
+    assert r["reason"] == "invalid_command" and r["command_type"] == "Explode"
+
+
+def test_claims_results_complete_and_release_channel(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=5)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    d.new_records()
+    assert app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=3) == 3
+    work = [r["value"] for r in d.new_records() if r["topic"] == topics.SENDER_WORK]
+    assert len(work) == 1 and len(work[0]["items"]) == 3 and work[0]["remaining_queued"] == 2
+    claim2 = str(uuid.uuid4())
+    assert app.claim(claim_id=claim2, campaign_id=cid, max_messages=3) == 2
+    assert app.claim(claim_id=claim2, campaign_id=cid, max_messages=3) == 0  # a repeated claim claims nothing
+    items = work[0]["items"] + [i for r in d.new_records() if r["topic"] == topics.SENDER_WORK
+                                for i in r["value"]["items"]]
+    assert app.campaign_view(cid)["holds_channel"]
+    results = [{"message_id": i["message_id"], "outcome": o, "attempt": 1, "provider_code": None}
+               for i in items for o in ("accepted", "sent", "delivered")]
+    app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=results)
+    app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=results)  # a duplicate changes nothing
+    view = app.campaign_view(cid)
+    assert view["status"] == "complete" and not view["holds_channel"]
+    assert view["counts"]["delivered"] == 5
+    statuses = [r["value"] for r in d.new_records() if r["topic"] == topics.MESSAGE_STATUS]
+    assert len(statuses) == 10  # sent + delivered per message, once
+    for s in statuses:
+        MessageStatusChanged.model_validate(s)
+    other = ready_sms_campaign(d)
+    assert d.send("RunCampaign", other, disclaimer=ALL_TRUE)[0]["type"] == "CampaignRunStarted"
+
+
+def test_stop_cancels_only_queued_and_retry_resumes(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=6)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=2)
+    [refused] = d.send("StopCampaign", cid)
+    assert refused["reason"] == "stop_not_confirmed"
+    stopped, *_ = d.send("StopCampaign", cid, confirmed=True)
+    assert stopped["type"] == "CampaignStopped" and stopped["cancelled_count"] == 4
+    view = app.campaign_view(cid)
+    assert view["counts"]["sending"] == 2 and view["counts"]["cancelled"] == 4 and view["stopped"]
+    assert view["status"] == "in_progress" and not view["holds_channel"]
+    [again] = d.send("StopCampaign", cid, confirmed=True)
+    assert again["reason"] == "campaign_not_running"
+    [r] = d.send("RetryFailedMessages", cid)
+    assert r["reason"] == "nothing_to_retry"  # cancelled ones come back only when asked
+    [resumed] = d.send("RetryFailedMessages", cid, include_cancelled=True)  # still in progress: no status change
+    assert (resumed["type"], resumed["run_no"], resumed["message_count"]) == ("RetryStarted", 2, 4)
+    requeued = [r["value"] for r in d.last if r["topic"] == topics.MESSAGE_STATUS]
+    assert {(r["previous_status"], r["status"], r["run_no"]) for r in requeued} == {("cancelled", "queued", 2)}
+    assert app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10) == 4
+
+
+def test_retry_rules(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=3)
+    [r] = d.send("RetryFailedMessages", cid)
+    assert r["reason"] == "not_retryable"
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10)
+    mids = [ids.message_id(cid, row) for row in (2, 3, 4)]
+    app.apply_results(result_id="r1", campaign_id=cid, results=[
+        {"message_id": mids[0], "outcome": "refused", "attempt": 1, "provider_code": "30003"},
+        {"message_id": mids[1], "outcome": "refused", "attempt": 1, "provider_code": "21610"},
+    ])
+    [busy] = d.send("RetryFailedMessages", cid)
+    assert busy["reason"] == "channel_busy"  # itself still holds the channel: one message not yet accepted
+    app.apply_results(result_id="r2", campaign_id=cid, results=[
+        {"message_id": mids[2], "outcome": "accepted", "attempt": 1},
+        {"message_id": mids[2], "outcome": "sent", "attempt": 1},
+        {"message_id": mids[2], "outcome": "delivered", "attempt": 1}])
+    view = app.campaign_view(cid)
+    assert view["status"] == "complete_with_errors"
+    assert (view["counts"]["failed"], view["counts"]["opted_out"], view["counts"]["delivered"]) == (1, 1, 1)
+    [r] = d.send("RetryFailedMessages", cid, message_ids=[str(uuid.uuid4())])
+    assert r["reason"] == "invalid_command"
+    [r] = d.send("RetryFailedMessages", cid, message_ids=[mids[1]])
+    assert r["reason"] == "nothing_to_retry"  # opted out: never re-queued
+    started, changed = d.send("RetryFailedMessages", cid)
+    assert (started["run_no"], started["message_count"]) == (2, 1)
+    assert changed["status"] == "in_progress"
+
+
+def test_repeated_command_is_answered_again_with_same_event_ids(app):
+    d = Driver(app)
+    cid = str(uuid.uuid4())
+    command_id = str(uuid.uuid4())
+    first = d.send("CreateCampaign", cid, command_id=command_id, name="c", channel="sms", template={"body": "x"})
+    second = d.send("CreateCampaign", cid, command_id=command_id, name="c", channel="sms", template={"body": "x"})
+    third = d.send("CreateCampaign", cid, command_id=command_id, name="other", channel="sms", template={"body": "y"})
+    assert first == second == third and len(first) == 1
+    [exists] = d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": "x"})
+    assert exists["reason"] == "campaign_exists"
+
+
+def test_delete_rules(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d)
+    deleted, changed = d.send("DeleteCampaign", cid)
+    assert deleted["type"] == "CampaignDeleted" and changed["status"] == "deleted"
+    [r] = d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    assert r["reason"] == "unknown_campaign"
+    [r] = d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": "x"})
+    assert r["reason"] == "campaign_exists"
+    running = ready_sms_campaign(d)
+    d.send("RunCampaign", running, disclaimer=ALL_TRUE)
+    [r] = d.send("DeleteCampaign", running)
+    assert r["reason"] == "not_deletable"
+    [r] = d.send("UpdateTemplate", running, template={"body": "y"})
+    assert r["reason"] == "not_editable"
+
+
+def test_racing_runs_one_wins_on_optimistic_concurrency(app, monkeypatch):
+    """Two handler processes decide Run for two campaigns of one channel at once: the one that saves
+    second read the lock before the first committed, so its save conflicts and is decided again."""
+    import copy
+
+    d = Driver(app)
+    first, second = ready_sms_campaign(d), ready_sms_campaign(d)
+    d.send("RunCampaign", ready_sms_campaign(d), disclaimer=ALL_TRUE)  # the lock exists...
+    d.send("StopCampaign", [v for v in [app.repository.get(ids.channel_lock_id("sms")).holder]][0], confirmed=True)
+    other_app = OutreachApp(get_settings())
+    try:
+        stale_lock = copy.deepcopy(other_app.repository.get(ids.channel_lock_id("sms")))  # ...and is free
+        assert stale_lock.holder is None
+        real_lock = other_app._lock
+        calls = []
+
+        def lock_read_before_the_other_commit(channel):
+            calls.append(channel)
+            return stale_lock if len(calls) == 1 else real_lock(channel)
+
+        monkeypatch.setattr(other_app, "_lock", lock_read_before_the_other_commit)
+        [won, _] = d.send("RunCampaign", first, disclaimer=ALL_TRUE)
+        assert won["type"] == "CampaignRunStarted"
+        lost = Driver(other_app)
+        lost.position = d.position
+        [answer] = lost.send("RunCampaign", second, disclaimer=ALL_TRUE)
+        assert answer["reason"] == "channel_busy"
+        assert len(calls) == 2  # decided twice: the first save hit the optimistic-concurrency conflict
+        assert other_app.campaign_view(second)["status"] == "ready"
+    finally:
+        other_app.close()
