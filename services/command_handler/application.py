@@ -425,7 +425,7 @@ class OutreachApp(Application):
                 return []
             per_block = {ref[0]: [{"_index": ref[1], "kind": kind}]}
             return self._move_messages(campaign, per_block, expiry_id,
-                                       lambda state, r: rules.expiry_move(state, r["kind"]))
+                                       lambda state, r: rules.expiry_move(state, r["kind"], campaign.channel))
 
         self._run(decide)
 
@@ -495,7 +495,11 @@ def _result_move(state: rules.MessageState, result: dict, channel: str) -> Move 
         return rules.receipt_move(state, "delivered", None, code, attempt)
     if outcome == "deferred":
         return rules.receipt_move(state, "retrying", None, code, attempt)
-    status, reason = provider_codes.classify(outcome, code, channel)
+    try:
+        status, reason = provider_codes.classify(outcome, code, channel)
+    except ValueError:
+        log.warning("ignoring outcome %r (code %r) that the %s channel does not have", outcome, code, channel)
+        return None
     return rules.receipt_move(state, status, reason, code, attempt)
 
 

@@ -102,9 +102,13 @@ def presend_error_move(state: MessageState, attempt: int, code: str | None, fina
     return Move(status="sending", provider_code=code, attempt=attempt, accepted=False)
 
 
-def expiry_move(state: MessageState, kind: str) -> Move | None:
-    """A timer fired: it applies only if the message is still in the state the timer was started for."""
-    if kind == "sending" and state.status == "sending":
+def expiry_move(state: MessageState, kind: str, channel: str = "sms") -> Move | None:
+    """A timer fired: it applies only if the message is still in the state the timer was started for.
+
+    The Sending limit runs until the provider accepts: for SMS until `sent`, for email until the 202/250,
+    after which only the retry window bounds an email.
+    """
+    if kind == "sending" and state.status == "sending" and (channel == "sms" or not state.accepted):
         return Move(status="failed", reason="timed_out", accepted=False)
     if kind == "sent" and state.status == "sent":
         return Move(status="assumed_delivered")

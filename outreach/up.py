@@ -1,0 +1,159 @@
+"""`outreach up`: the embedded broker and every service as its own process, in the foreground.
+
+The same `Stack` runs the end-to-end tests and the benchmark, so what a newcomer runs is what is tested.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.embedded_broker import EmbeddedBroker, parse_bootstrap, port_answers
+
+# name -> python module run as `python -m MODULE`
+SERVICES: dict[str, str] = {
+    "command-handler": "services.command_handler",
+    "relay": "services.command_handler.relay",
+    "sender": "services.sender",
+    "timeout-sweeper": "services.timeout_sweeper",
+    "projections": "services.projections",
+}
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    module: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash every service must survive."""
+        if self.running:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self, timeout_s: float = 10) -> None:
+        if self.running:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Stack:
+    """Every service as a process, sharing one environment (settings come only from the environment)."""
+    env: dict[str, str]
+    log_dir: Path
+    names: tuple[str, ...] = tuple(SERVICES)
+    processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
+
+    def start(self) -> "Stack":
+        for name in self.names:
+            self.start_service(name)
+        return self
+
+    def start_service(self, name: str, instance: int = 0) -> ServiceProcess:
+        suffix = f"-{instance}" if instance else ""
+        proc = ServiceProcess(name, SERVICES[name], self.env, self.log_dir / f"{name}{suffix}.log")
+        proc.start()
+        instances = self.processes.setdefault(name, [])
+        instances[instance:instance + 1] = [proc]
+        return proc
+
+    def kill(self, name: str, instance: int = 0) -> None:
+        self.processes[name][instance].kill()
+
+    def restart(self, name: str, instance: int = 0) -> None:
+        self.processes[name][instance].kill()
+        self.start_service(name, instance)
+
+    def dead(self) -> list[str]:
+        return [p.name for ps in self.processes.values() for p in ps if not p.running]
+
+    def stop(self) -> None:
+        for ps in self.processes.values():
+            for p in ps:
+                if p.running:
+                    p.process.terminate()
+        for ps in self.processes.values():
+            for p in ps:
+                p.terminate()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_embedded_broker_if_needed(bootstrap: str, external: bool) -> EmbeddedBroker | None:
+    host, port = parse_bootstrap(bootstrap)
+    if external:
+        return None
+    if port_answers(host, port):
+        print(f"A broker already answers at {bootstrap}: using it.")
+        return None
+    broker = EmbeddedBroker(host, port)
+    broker.start()
+    print(f"Embedded broker (tansu, memory only) listening at {bootstrap}.")
+    return broker
+
+
+def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200) -> int:
+    from services.common.settings import get_settings
+
+    settings = get_settings()
+    env = dict(os.environ)
+    data_dir = Path(settings.data_dir)
+    broker = start_embedded_broker_if_needed(settings.kafka_bootstrap_servers, settings.external_kafka)
+    stack = Stack(env=env, log_dir=data_dir / "logs")
+    interrupted = False
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        print(f"Services started ({', '.join(stack.names)}); logs in {stack.log_dir}/.")
+        if demo:
+            from outreach.demo import run_demo
+
+            ok = run_demo(settings, size=demo_size)
+            if exit_after_summary:
+                return 0 if ok else 1
+        print("Serving. Press Ctrl-C to stop.")
+        while True:
+            time.sleep(0.5)
+            dead = stack.dead()
+            if dead:
+                print(f"Service(s) exited: {', '.join(dead)}; see {stack.log_dir}/.", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        interrupted = True
+        return 0
+    finally:
+        stack.stop()
+        if broker is not None:
+            broker.stop()
+        if interrupted:
+            print("Stopped.")

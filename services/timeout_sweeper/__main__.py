@@ -1,0 +1,3 @@
+from services.timeout_sweeper.app import main
+
+main()

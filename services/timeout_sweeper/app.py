@@ -1,0 +1,100 @@
+"""The timeout sweeper: follows the message-status stream, keeps one durable timer per message, and
+publishes an Expiry when one falls due. The command handler judges each expiry (a receipt that arrived
+first wins), so a timer fired twice or late changes nothing it should not."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from datetime import datetime
+
+from aiokafka import AIOKafkaConsumer
+
+from schemas import topics
+from services.common import ids, jsoncodec, kafka
+from services.common.settings import Settings, get_settings
+from services.timeout_sweeper.timers import TimeoutSettings, Timer, TimerStore
+
+log = logging.getLogger("outreach.timeout_sweeper")
+
+GROUP_ID = "outreach-timeout-sweeper"
+TICK_S = 0.1
+
+
+def expiry_record(timer: Timer) -> dict:
+    return {
+        "type": "Expiry",
+        "expiry_id": str(uuid.uuid5(ids.OUTREACH_NS, f"expiry:{timer.message_id}:{timer.since_sequence}:{timer.kind}")),
+        "campaign_id": timer.campaign_id,
+        "message_id": timer.message_id,
+        "kind": timer.kind,
+        "since_sequence": timer.since_sequence,
+    }
+
+
+def _parse(value: bytes) -> tuple[dict, float] | None:
+    try:
+        record = jsoncodec.loads(value)
+        return record, datetime.fromisoformat(record["occurred_at"]).timestamp()
+    except Exception:
+        log.warning("skipping an unreadable status record: %r", value[:200])
+        return None
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    await kafka.ensure_topics(settings)
+    store = TimerStore(settings.data_dir / "timers.db")
+    timeouts = TimeoutSettings(settings.sending_timeout_s, settings.sent_timeout_s, settings.retry_window_s)
+    producer = kafka.make_producer(settings)
+    consumer = AIOKafkaConsumer(topics.MESSAGE_STATUS, group_id=GROUP_ID, **kafka.consumer_config(settings))
+    await producer.start()
+    await consumer.start()
+    log.info("timeout sweeper running with %d pending timers", store.pending())
+
+    async def follow() -> None:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+            parsed = [p for records in batches.values() for r in records if (p := _parse(r.value))]
+            if parsed:
+                await asyncio.to_thread(store.apply, parsed, timeouts)
+            if batches:
+                await consumer.commit()
+
+    async def fire() -> None:
+        while not stop.is_set():
+            due = store.due(time.time())
+            if due:
+                for timer in due:
+                    await producer.send(topics.EXPIRIES, value=jsoncodec.dumps(expiry_record(timer)),
+                                        key=timer.campaign_id.encode())
+                await producer.flush()
+                store.fired(due)
+            else:
+                await asyncio.sleep(TICK_S)
+
+    try:
+        await asyncio.gather(follow(), fire())
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        store.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(runner())
+
+
+if __name__ == "__main__":
+    main()
