@@ -1,0 +1,314 @@
+"""The sender process (`python -m services.sender`): claims work, submits it, reports the outcomes.
+
+- `outreach.campaign-events` (group `outreach-sender-campaigns`): CampaignCreated teaches the channel;
+  CampaignRunStarted / RetryStarted start claiming for the campaign (journalled, so a restart resumes);
+  CampaignDeleted stops it. Offsets are committed after the journal write.
+- Claim loop: up to 2 claims outstanding per active campaign, each a `ClaimRequest` on
+  `outreach.internal.claim-requests` (see claims.py for the bookkeeping and its timeout).
+- `outreach.internal.sender-work` (group `outreach-sender-work`): each WorkClaimed is worked on as its own
+  task (dispatch.py); its offset is committed once it and every record before it on its partition have
+  their results published (`OffsetTracker`), so a crash redelivers, and the journal stops double sends.
+- Results leave as `SenderResults` on `outreach.internal.sender-results`, batched per campaign.
+
+SIGTERM / SIGINT: stop claiming and fetching, let the claims in hand finish (up to `DRAIN_TIMEOUT_S`),
+flush the results, commit, exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from pydantic import ValidationError
+
+from schemas import topics
+from schemas.internal import WorkClaimed
+from services.common import ids, jsoncodec, kafka
+from services.common.settings import Settings, get_settings
+from services.sender.claims import CLAIM_TIMEOUT_S, ClaimBook, claim_size
+from services.sender.dispatch import Dispatcher, ResultsBatcher
+from services.sender.journal import Journal
+from services.sender.providers import ProviderAdapter, adapters_for, utc_now
+
+log = logging.getLogger("outreach.sender")
+
+EVENTS_GROUP = "outreach-sender-campaigns"
+WORK_GROUP = "outreach-sender-work"
+MAX_JOBS = 64  # WorkClaimed records worked on at once (more waits in the broker)
+DRAIN_TIMEOUT_S = 15.0
+PRUNE_EVERY_S = 3600.0
+KEEP_HANDOFFS_S = 7 * 24 * 3600.0  # a claim is redelivered within minutes; a week is plenty
+ACTIVATING_EVENTS = ("CampaignRunStarted", "RetryStarted")
+
+
+class OffsetTracker:
+    """Per partition, the offsets in hand in fetch order; committable up to the first unfinished one."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[TopicPartition, dict[int, bool]] = {}
+
+    def begin(self, tp: TopicPartition, offset: int) -> None:
+        self._offsets.setdefault(tp, {})[offset] = False
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        offsets = self._offsets.get(tp)
+        if offsets is not None and offset in offsets:
+            offsets[offset] = True
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Next offsets to commit (consuming the finished prefix of each partition)."""
+        commits = {}
+        for tp, offsets in self._offsets.items():
+            last = None
+            for offset, finished in list(offsets.items()):
+                if not finished:
+                    break
+                del offsets[offset]
+                last = offset
+            if last is not None:
+                commits[tp] = last + 1
+        return commits
+
+    def drop(self, tps) -> None:
+        for tp in tps:
+            self._offsets.pop(tp, None)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, sender: "Sender", consumer: AIOKafkaConsumer):
+        self.sender, self.consumer = sender, consumer
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.sender.commit_work(self.consumer)
+        self.sender.tracker.drop(revoked)  # claims in hand finish; their offsets are the new owner's
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+
+class Sender:
+    def __init__(self, settings: Settings, journal: Journal, producer, adapters: Mapping[str, ProviderAdapter],
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S):
+        self.settings = settings
+        self.journal = journal
+        self.producer = producer
+        self.book = ClaimBook(timeout_s=claim_timeout_s)
+        self.tracker = OffsetTracker()
+        self.results = ResultsBatcher(journal, self.publish_results)
+        self.dispatcher = Dispatcher(settings, journal, adapters, self.results)
+        self.jobs: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()  # the claim loop has something to do
+        for campaign in journal.active_campaigns():  # resume after a restart
+            self.book.activate(campaign.campaign_id, campaign.channel, campaign.run_no)
+            log.info("resuming claims for campaign %s (run %d)", campaign.campaign_id, campaign.run_no)
+
+    # ------------------------------------------------------------------ campaign events
+
+    def on_campaign_event(self, value: Any) -> None:
+        if not isinstance(value, dict) or not ids.is_wire_uuid(value.get("campaign_id")):
+            return
+        kind, campaign_id = value.get("type"), value["campaign_id"]
+        if kind == "CampaignCreated" and value.get("channel") in ("sms", "email"):
+            self.journal.learn_channel(campaign_id, value["channel"])
+            self.book.learn_channel(campaign_id, value["channel"])
+        elif kind in ACTIVATING_EVENTS and isinstance(value.get("run_no"), int):
+            active = self.journal.activate(campaign_id, value["run_no"])
+            if active is not None:  # a run not seen before (a redelivered event changes nothing)
+                self.book.activate(active.campaign_id, active.channel, active.run_no)
+                log.info("claiming for campaign %s (run %d)", campaign_id, active.run_no)
+                self._wake.set()
+        elif kind == "CampaignDeleted":
+            self.journal.deactivate(campaign_id)
+            self.book.remove(campaign_id)
+
+    async def events_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200, max_records=500)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        self.on_campaign_event(jsoncodec.loads(record.value or b"null"))
+                    except jsoncodec.JSONDecodeError:
+                        log.warning("campaign event %s[%d]@%d is not JSON; skipped",
+                                    record.topic, record.partition, record.offset)
+            if batches:
+                try:
+                    await consumer.commit()
+                except Exception as exc:  # a rebalance under way: the events come again (handling is idempotent)
+                    log.warning("campaign-events commit failed: %r", exc)
+
+    # ------------------------------------------------------------------ claims
+
+    async def claim_loop(self, stop: asyncio.Event) -> None:
+        last_prune = 0.0
+        while not stop.is_set():
+            self._wake.clear()  # before the work: a wake-up during it makes the wait below return at once
+            for campaign_id in self.book.drained():
+                self.journal.deactivate(campaign_id)
+                log.info("nothing queued for campaign %s: claiming stopped", campaign_id)
+            due = self.book.due(time.monotonic())
+            if due:
+                try:
+                    await self._request_claims(due)
+                except Exception:  # the claims stay in the book and are re-issued after their timeout
+                    log.exception("claim requests not published")
+            if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                last_prune = time.monotonic()
+                self.journal.prune(KEEP_HANDOFFS_S)
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.5)  # also the pace of claim timeouts
+            except TimeoutError:
+                pass
+
+    async def _request_claims(self, due) -> None:
+        sends = []
+        for campaign, claim_id in due:
+            request = {"type": "ClaimRequest", "claim_id": claim_id, "campaign_id": campaign.campaign_id,
+                       "max_messages": claim_size(self.settings, campaign.channel), "requested_at": utc_now()}
+            sends.append(await self.producer.send(topics.CLAIM_REQUESTS, value=jsoncodec.dumps(request),
+                                                  key=campaign.campaign_id.encode()))
+        await asyncio.gather(*sends)
+
+    # ------------------------------------------------------------------ work
+
+    async def work_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if len(self.jobs) >= MAX_JOBS:  # back-pressure: leave the rest in the broker for now
+                await asyncio.wait(self.jobs, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                batches = await consumer.getmany(timeout_ms=100, max_records=MAX_JOBS - len(self.jobs))
+                for tp, records in batches.items():
+                    for record in records:
+                        self.tracker.begin(tp, record.offset)
+                        self._start_job(tp, record)
+            await self.commit_work(consumer)
+
+    def _start_job(self, tp: TopicPartition, record) -> None:
+        try:
+            value = jsoncodec.loads(record.value or b"null")
+            WorkClaimed.model_validate(value)
+        except (jsoncodec.JSONDecodeError, ValidationError) as exc:
+            log.error("sender-work %s[%d]@%d is not a WorkClaimed; skipped: %s",
+                      tp.topic, tp.partition, record.offset, exc)
+            self.tracker.finish(tp, record.offset)
+            return
+        campaign_id, claim_id = value["campaign_id"], value["claim_id"]
+        if self.journal.channel(campaign_id) != value["channel"]:
+            self.journal.learn_channel(campaign_id, value["channel"])
+            self.book.learn_channel(campaign_id, value["channel"])
+        self.book.answered(campaign_id, claim_id, value["run_no"], empty=not value["items"])
+        self._wake.set()
+
+        def submitted() -> None:
+            self.book.submitted(campaign_id, claim_id)
+            self._wake.set()
+
+        task = asyncio.create_task(self._job(tp, record.offset, value, submitted))
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
+
+    async def _job(self, tp: TopicPartition, offset: int, work: dict, submitted) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.dispatcher.process(work, on_submitted=submitted)
+                break
+            except Exception:  # journal trouble or a bug: keep the offset uncommitted and try again
+                log.exception("claim %s failed; retrying in %.1f s", work["claim_id"], delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.tracker.finish(tp, offset)
+
+    async def commit_work(self, consumer: AIOKafkaConsumer) -> None:
+        commits = self.tracker.committable()
+        if commits:
+            try:
+                await consumer.commit(commits)
+            except Exception as exc:  # a rebalance under way: the records come again, the journal dedupes
+                log.warning("sender-work commit failed: %r", exc)
+
+    # ------------------------------------------------------------------ results
+
+    async def publish_results(self, records: list[tuple[str, list[dict]]]) -> None:
+        sends = []
+        for campaign_id, results in records:
+            value = {"type": "SenderResults", "result_id": str(uuid.uuid4()), "campaign_id": campaign_id,
+                     "results": results}
+            sends.append(await self.producer.send(topics.SENDER_RESULTS, value=jsoncodec.dumps(value),
+                                                  key=campaign_id.encode()))
+        await asyncio.gather(*sends)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event, events: AIOKafkaConsumer, work: AIOKafkaConsumer) -> None:
+        results_stop = asyncio.Event()  # set last: results flush until every claim in hand is done
+        flusher = asyncio.create_task(self.results.run(results_stop))
+        loops = [asyncio.create_task(self.events_loop(events, stop)),
+                 asyncio.create_task(self.work_loop(work, stop)),
+                 asyncio.create_task(self.claim_loop(stop))]
+        try:
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*loops, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stop.set()
+            for task in done:
+                if task is not stopper and task.exception():
+                    log.error("sender loop failed", exc_info=task.exception())
+            await asyncio.gather(*loops, return_exceptions=True)
+            if self.jobs:
+                log.info("stopping: finishing %d claims in hand", len(self.jobs))
+                _, late = await asyncio.wait(set(self.jobs), timeout=DRAIN_TIMEOUT_S)
+                for task in late:  # their unsent messages are un-journalled; the claim comes again
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+        finally:
+            for task in loops:
+                task.cancel()
+            results_stop.set()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await self.commit_work(work)
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[str, ProviderAdapter] | None = None,
+                claim_timeout_s: float = CLAIM_TIMEOUT_S, events_group: str = EVENTS_GROUP,
+                work_group: str = WORK_GROUP) -> None:
+    """Run the sender until `stop` is set (groups and timeout overridable for tests)."""
+    await kafka.ensure_topics(settings)
+    journal = Journal.open(settings)
+    producer = kafka.make_producer(settings)
+    config = kafka.consumer_config(settings)
+    events = AIOKafkaConsumer(topics.CAMPAIGN_EVENTS, group_id=events_group, **config)
+    work = AIOKafkaConsumer(group_id=work_group, **config)
+    sender = Sender(settings, journal, producer, adapters or adapters_for(settings), claim_timeout_s)
+    work.subscribe([topics.SENDER_WORK], listener=_Rebalance(sender, work))
+    await producer.start()
+    try:
+        await asyncio.gather(events.start(), work.start())
+        log.info("sender consuming %s and %s", topics.CAMPAIGN_EVENTS, topics.SENDER_WORK)
+        await sender.run(stop, events, work)
+    finally:
+        await asyncio.gather(events.stop(), work.stop(), return_exceptions=True)
+        await producer.stop()
+        journal.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    stop = asyncio.Event()
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(runner())
+
+
+if __name__ == "__main__":
+    main()

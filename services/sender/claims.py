@@ -1,0 +1,114 @@
+"""The claim loop's decisions and bookkeeping (pure: no I/O, time passed in).
+
+Per active campaign the sender keeps up to `MAX_OUTSTANDING` claims outstanding. A claim is outstanding
+from its ClaimRequest until the first submission of each of its items is done (presend retries go on
+in the background without holding a slot), so claiming follows the provider's pace. A claim with no
+answer within the timeout is dropped from the book and another one is issued: a lost request or answer
+cannot stall a campaign (a late answer is still worked on, it just no longer holds a slot).
+
+An empty WorkClaimed means nothing is queued: the campaign drains (no new claims) and is deactivated
+once no claim is outstanding. An empty answer from an older run is stale (a RetryStarted arrived after
+it was claimed) and changes nothing.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from services.common.settings import Settings
+
+MAX_OUTSTANDING = 2
+CLAIM_TIMEOUT_S = 10.0
+CLAIM_SECONDS = 2.0  # a claim holds about 2 s worth of the channel's rate (contract)
+MAX_CLAIM = 1000
+
+
+def channel_rate(settings: Settings, channel: str | None) -> float:
+    """Messages per second of a channel (SMS: one message counted as one segment for now).
+
+    An unknown channel (its CampaignCreated not seen) gets the slower rate: a small claim is always safe.
+    """
+    if channel == "sms":
+        return settings.sms_rate
+    if channel == "email":
+        return settings.email_rate
+    return min(settings.sms_rate, settings.email_rate)
+
+
+def claim_size(settings: Settings, channel: str | None) -> int:
+    return min(MAX_CLAIM, max(1, int(CLAIM_SECONDS * channel_rate(settings, channel))))
+
+
+@dataclass
+class CampaignClaims:
+    campaign_id: str
+    channel: str | None
+    run_no: int
+    draining: bool = False
+    requested: dict[str, float] = field(default_factory=dict)  # claim_id -> when requested (unanswered)
+    working: set[str] = field(default_factory=set)  # answered, first submissions not all done yet
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.requested) + len(self.working)
+
+
+class ClaimBook:
+    def __init__(self, max_outstanding: int = MAX_OUTSTANDING, timeout_s: float = CLAIM_TIMEOUT_S):
+        self.max_outstanding = max_outstanding
+        self.timeout_s = timeout_s
+        self.campaigns: dict[str, CampaignClaims] = {}
+
+    def activate(self, campaign_id: str, channel: str | None, run_no: int) -> None:
+        """Claim for this run (a new run or retry of a draining campaign starts claiming again)."""
+        current = self.campaigns.get(campaign_id)
+        if current is None:
+            self.campaigns[campaign_id] = CampaignClaims(campaign_id, channel, run_no)
+        elif run_no >= current.run_no:
+            current.run_no, current.draining = run_no, False
+            current.channel = channel or current.channel
+
+    def learn_channel(self, campaign_id: str, channel: str) -> None:
+        if campaign_id in self.campaigns:
+            self.campaigns[campaign_id].channel = channel
+
+    def remove(self, campaign_id: str) -> None:
+        self.campaigns.pop(campaign_id, None)
+
+    def due(self, now: float) -> list[tuple[CampaignClaims, str]]:
+        """Drop claims that timed out, then issue new claim ids up to the limit: [(campaign, claim_id)]."""
+        issued = []
+        for campaign in self.campaigns.values():
+            for claim_id, at in list(campaign.requested.items()):
+                if now - at >= self.timeout_s:
+                    del campaign.requested[claim_id]
+            while not campaign.draining and campaign.outstanding < self.max_outstanding:
+                claim_id = str(uuid.uuid4())
+                campaign.requested[claim_id] = now
+                issued.append((campaign, claim_id))
+        return issued
+
+    def answered(self, campaign_id: str, claim_id: str, run_no: int, empty: bool) -> None:
+        """A WorkClaimed arrived (possibly for a claim timed out or issued before a restart)."""
+        campaign = self.campaigns.get(campaign_id)
+        if campaign is None:
+            return
+        known = campaign.requested.pop(claim_id, None) is not None
+        if empty:
+            if run_no >= campaign.run_no:
+                campaign.draining = True
+        elif known:
+            campaign.working.add(claim_id)
+
+    def submitted(self, campaign_id: str, claim_id: str) -> None:
+        """Every item of the claim had its first submission: the slot is free."""
+        campaign = self.campaigns.get(campaign_id)
+        if campaign is not None:
+            campaign.working.discard(claim_id)
+
+    def drained(self) -> list[str]:
+        """Campaigns with nothing queued and nothing outstanding: stop claiming (removed from the book)."""
+        done = [c.campaign_id for c in self.campaigns.values() if c.draining and not c.outstanding]
+        for campaign_id in done:
+            del self.campaigns[campaign_id]
+        return done

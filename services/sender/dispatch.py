@@ -1,0 +1,252 @@
+"""Working a claim: journal, submit through the channel's adapter, retry pre-send errors, report results.
+
+No Kafka here: results leave through a `ResultsBatcher` whose `publish` function the app provides, so this
+path is tested and measured on its own.
+
+Order of effects for each message (at least once, never sent twice):
+1. the hand-off is journalled (one transaction per claim) before any provider call;
+2. the provider is called (bounded concurrency over all claims);
+3. its results are journalled `done` and then published, batched per campaign;
+4. the claim counts as finished (its offset may be committed) once all of its results are published.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.settings import Settings
+from services.sender.journal import Journal
+from services.sender.providers import ProviderAdapter, make_result
+
+log = logging.getLogger("outreach.sender")
+
+MAX_IN_FLIGHT = 64  # provider calls at once, over all claims
+FLUSH_INTERVAL_S = 0.05
+MAX_RESULTS_PER_RECORD = 1000  # ~250 bytes each: far below the 1 MiB record limit
+
+
+# ------------------------------------------------------------------ decisions (pure)
+
+def backoff_delay(retry_no: int, base_s: float, rand: Callable[[], float] = random.random) -> float:
+    """Wait before pre-send retry `retry_no` (1, 2, ...): base doubling each time, jittered by +-25 %
+    so messages failing together do not retry in lockstep."""
+    return base_s * 2 ** (retry_no - 1) * (0.75 + 0.5 * rand())
+
+
+def is_presend_error(results: Iterable[Mapping[str, Any]]) -> bool:
+    return any(r["outcome"] == "presend_error" for r in results)
+
+
+def should_retry(results: list[dict], submission: int, retries: int) -> bool:
+    """A pre-send error is retried `retries` times (1 + retries submissions); nothing else ever is
+    (`no_answer` may have reached the provider: a duplicate is worse than a time-out)."""
+    return is_presend_error(results) and submission <= retries
+
+
+# ------------------------------------------------------------------ results out
+
+Publish = Callable[[list[tuple[str, list[dict]]]], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    campaign_id: str
+    results: list[dict]
+    done: list[tuple[str, str, list[dict]]]
+    future: asyncio.Future
+
+
+class ResultsBatcher:
+    """Collects results per campaign; every `interval_s` (or at `max_results`) journals the finished
+    hand-offs, then publishes one record per campaign (up to `max_results` results each).
+
+    `publish([(campaign_id, results), ...])` returns once the broker has every record. The future of `add`
+    resolves after both steps; a failed flush is retried (journal writes are idempotent).
+    """
+
+    def __init__(self, journal: Journal, publish: Publish, interval_s: float = FLUSH_INTERVAL_S,
+                 max_results: int = MAX_RESULTS_PER_RECORD):
+        self._journal = journal
+        self._publish = publish
+        self._interval_s = interval_s
+        self._max_results = max_results
+        self._pending: list[_Pending] = []
+        self._pending_results = 0
+        self._full = asyncio.Event()
+
+    def add(self, campaign_id: str, results: list[dict],
+            done: list[tuple[str, str, list[dict]]] = ()) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(campaign_id, results, list(done), future))
+        self._pending_results += len(results)
+        if self._pending_results >= self._max_results:
+            self._full.set()
+        return future
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until `stop` is set, then flush what is left."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._full.wait(), self._interval_s)
+            except TimeoutError:
+                pass
+            await self.flush_safely()
+        await self.flush_safely()
+
+    async def flush_safely(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("results flush failed; retrying")
+            await asyncio.sleep(0.5)
+
+    async def flush(self) -> None:
+        batch, self._pending, self._pending_results = self._pending, [], 0
+        self._full.clear()
+        if not batch:
+            return
+        try:
+            self._journal.finish(row for p in batch for row in p.done)
+            per_campaign: dict[str, list[dict]] = defaultdict(list)  # insertion order = report order
+            for p in batch:
+                per_campaign[p.campaign_id].extend(p.results)
+            records = [(cid, results[i:i + self._max_results])
+                       for cid, results in per_campaign.items() for i in range(0, len(results), self._max_results)]
+            await self._publish(records)
+        except BaseException:
+            self._pending[:0] = batch  # keep them first, in order, for the next flush
+            self._pending_results += sum(len(p.results) for p in batch)
+            raise
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(None)
+
+
+# ------------------------------------------------------------------ claims
+
+@dataclass
+class ClaimReport:
+    submitted: int = 0  # items submitted in this claim
+    replayed: int = 0  # journalled done before: stored results published again
+    skipped: int = 0  # journalled handed_off before: left alone (they time out)
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, journal: Journal, adapters: Mapping[str, ProviderAdapter],
+                 results: ResultsBatcher, *, max_in_flight: int = MAX_IN_FLIGHT,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rand: Callable[[], float] = random.random):
+        self._retries = settings.presend_retries
+        self._backoff_s = settings.presend_backoff_s
+        self._journal = journal
+        self._adapters = adapters
+        self._results = results
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._sleep = sleep
+        self._rand = rand
+
+    async def process(self, work: Mapping[str, Any], on_submitted: Callable[[], None] = lambda: None) -> ClaimReport:
+        """Work one WorkClaimed record to the end: returns once every result of it is published.
+
+        `on_submitted` is called once every item had its first submission (the claim loop's slot is free).
+        """
+        campaign_id, claim_id, channel = work["campaign_id"], work["claim_id"], work["channel"]
+        items = work.get("items") or []
+        report = ClaimReport()
+        known = self._journal.begin(claim_id, campaign_id, (item["message_id"] for item in items))
+        futures = []
+        replay = [r for entry in known.values() if entry.state == "done" for r in entry.results or ()]
+        report.replayed = sum(1 for entry in known.values() if entry.state == "done")
+        report.skipped = len(known) - report.replayed
+        if report.skipped:
+            log.warning("claim %s: %d messages were handed off before without a known outcome; not resent",
+                        claim_id, report.skipped)
+        if replay:
+            futures.append(self._results.add(campaign_id, replay))
+        fresh = [item for item in items if item["message_id"] not in known]
+        report.submitted = len(fresh)
+        if not fresh:
+            on_submitted()
+            await asyncio.gather(*futures)
+            return report
+
+        adapter = self._adapters[channel]
+        size = max(1, adapter.batch_size(channel))
+        calls = [fresh[i:i + size] for i in range(0, len(fresh), size)]
+        started: set[str] = set()  # message ids whose provider call began: never forgotten
+        first_pass_left = len(calls)
+
+        def first_submission_done() -> None:
+            nonlocal first_pass_left
+            first_pass_left -= 1
+            if first_pass_left == 0:
+                on_submitted()
+
+        tasks = [asyncio.ensure_future(self._send_call(adapter, work, call, started, first_submission_done))
+                 for call in calls]
+        try:
+            for call_futures in await asyncio.gather(*tasks):
+                futures.extend(call_futures)
+            await asyncio.gather(*futures)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            # Journalled but never submitted (a stop before their turn): a redelivery may send them.
+            self._journal.forget(claim_id, (item["message_id"] for item in fresh
+                                            if item["message_id"] not in started))
+            raise
+        return report
+
+    async def _send_call(self, adapter: ProviderAdapter, work: Mapping[str, Any], items: list[dict],
+                         started: set[str], first_submission_done: Callable[[], None]) -> list[asyncio.Future]:
+        """One provider call for `items`, and its pre-send retries; returns the futures of its reports."""
+        campaign_id, claim_id, channel = work["campaign_id"], work["claim_id"], work["channel"]
+        history: dict[str, list[dict]] = {item["message_id"]: [] for item in items}
+        futures = []
+        pending = items
+        submission = 0
+        while pending:
+            submission += 1
+            # `attempt` = submissions known before this one; the adapter reports attempt + 1.
+            batch = [{**item, "attempt": item["attempt"] + submission - 1} for item in pending]
+            async with self._slots:
+                started.update(history)
+                results = await self._submit(adapter, channel, batch, work["template"])
+            if submission == 1:
+                first_submission_done()
+            per_message: dict[str, list[dict]] = defaultdict(list)
+            for result in results:
+                per_message[result["message_id"]].append(result)
+            retry, publish, done = [], [], []
+            for item, submitted in zip(pending, batch):
+                mid = item["message_id"]
+                outcome = per_message.get(mid) or [make_result(mid, "no_answer", submitted["attempt"] + 1)]
+                if should_retry(outcome, submission, self._retries):
+                    retry.append(item)
+                else:
+                    if is_presend_error(outcome):
+                        outcome[-1]["final"] = True  # the last one reported: failed / provider_error
+                    done.append((mid, claim_id, history[mid] + outcome))
+                history[mid].extend(outcome)
+                publish.extend(outcome)
+            futures.append(self._results.add(campaign_id, publish, done))
+            pending = retry
+            if pending:
+                await self._sleep(backoff_delay(submission, self._backoff_s, self._rand))
+        return futures
+
+    @staticmethod
+    async def _submit(adapter: ProviderAdapter, channel: str, batch: list[dict], template: Any) -> list[dict]:
+        try:
+            return await adapter.submit(channel, batch, template)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Unknown whether the request reached the provider: treat as handed off with no answer
+            # (never retried; the message times out). Adapters classify the errors they know themselves.
+            log.exception("provider call for %d %s messages failed", len(batch), channel)
+            return [make_result(item["message_id"], "no_answer", item["attempt"] + 1) for item in batch]

@@ -1,0 +1,183 @@
+"""The sender's durable journal (SQLite, WAL) at `settings.data_dir / "sender-journal.db"`.
+
+- `handoffs`: one row per (message_id, claim_id), written `handed_off` BEFORE the provider is called and
+  set `done` with the provider's results once known. A redelivered WorkClaimed therefore never submits a
+  message twice: `done` rows get their stored results re-published, `handed_off` rows (a crash mid-call,
+  or the same claim still being worked on) are left alone -- the message times out, since a duplicate
+  SMS is worse than a late failure.
+- `active_campaigns`: the campaigns the sender is claiming for (resumed after a restart).
+- `campaigns`: what the sender learnt from campaign events: the channel (CampaignRunStarted does not carry
+  it) and the last run started, so a redelivered CampaignRunStarted / RetryStarted does not restart claiming.
+
+Calls are short and batched (one transaction per claim and per results flush), so they run on the event
+loop's thread; `synchronous=FULL` makes a committed hand-off survive a power cut, not only a crash.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common import jsoncodec
+from services.common.settings import Settings
+
+JOURNAL_FILE = "sender-journal.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS handoffs (
+    message_id  TEXT NOT NULL,
+    claim_id    TEXT NOT NULL,
+    campaign_id TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('handed_off', 'done')),
+    results     TEXT,               -- JSON list of result dicts, once done
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (message_id, claim_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS handoffs_by_claim ON handoffs (claim_id);
+CREATE INDEX IF NOT EXISTS handoffs_by_age ON handoffs (updated_at);
+CREATE TABLE IF NOT EXISTS active_campaigns (
+    campaign_id TEXT PRIMARY KEY,
+    channel     TEXT,               -- null until learnt
+    run_no      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS campaigns (
+    campaign_id TEXT PRIMARY KEY,
+    channel     TEXT,
+    run_no      INTEGER NOT NULL DEFAULT 0   -- last run (or retry) started
+);
+"""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    state: str  # 'handed_off' | 'done'
+    results: list[dict] | None
+
+
+@dataclass(frozen=True)
+class ActiveCampaign:
+    campaign_id: str
+    channel: str | None
+    run_no: int
+
+
+def journal_path(settings: Settings) -> Path:
+    return settings.data_dir / JOURNAL_FILE
+
+
+class Journal:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT below
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, settings: Settings) -> "Journal":
+        return cls(journal_path(settings))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, fn):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(self._db)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result
+
+    # ------------------------------------------------------------------ hand-offs
+
+    def begin(self, claim_id: str, campaign_id: str, message_ids: Iterable[str]) -> dict[str, Handoff]:
+        """Journal every message of a claim as handed off, in one transaction, unless already journalled.
+
+        Returns the entries that existed before (a redelivered claim); the others are new and may be submitted.
+        """
+        message_ids = list(message_ids)
+
+        def write(db: sqlite3.Connection) -> dict[str, Handoff]:
+            wanted = set(message_ids)
+            known = {mid: Handoff(state, jsoncodec.loads(results) if results else None)
+                     for mid, state, results in db.execute(
+                         "SELECT message_id, state, results FROM handoffs WHERE claim_id = ?", (claim_id,))
+                     if mid in wanted}
+            now = time.time()
+            db.executemany(
+                "INSERT INTO handoffs (message_id, claim_id, campaign_id, state, updated_at) "
+                "VALUES (?, ?, ?, 'handed_off', ?)",
+                [(mid, claim_id, campaign_id, now) for mid in message_ids if mid not in known])
+            return known
+
+        return self._write(write)
+
+    def finish(self, rows: Iterable[tuple[str, str, list[dict]]]) -> None:
+        """Mark (message_id, claim_id, results) rows done with the provider's results, in one transaction."""
+        now = time.time()
+        params = [(jsoncodec.dumps(results).decode(), now, mid, cid) for mid, cid, results in rows]
+        if params:
+            self._write(lambda db: db.executemany(
+                "UPDATE handoffs SET state = 'done', results = ?, updated_at = ? "
+                "WHERE message_id = ? AND claim_id = ?", params))
+
+    def forget(self, claim_id: str, message_ids: Iterable[str]) -> None:
+        """Drop hand-offs that were journalled but certainly never submitted (a stop before their turn)."""
+        params = [(mid, claim_id) for mid in message_ids]
+        if params:
+            self._write(lambda db: db.executemany(
+                "DELETE FROM handoffs WHERE message_id = ? AND claim_id = ? AND state = 'handed_off'", params))
+
+    def handoff(self, message_id: str, claim_id: str) -> Handoff | None:
+        row = self._db.execute("SELECT state, results FROM handoffs WHERE message_id = ? AND claim_id = ?",
+                               (message_id, claim_id)).fetchone()
+        return Handoff(row[0], jsoncodec.loads(row[1]) if row[1] else None) if row else None
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete finished hand-offs older than this (a claim is redelivered within minutes, not days)."""
+        cutoff = time.time() - older_than_s
+        return self._write(lambda db: db.execute(
+            "DELETE FROM handoffs WHERE state = 'done' AND updated_at < ?", (cutoff,)).rowcount)
+
+    # ------------------------------------------------------------------ campaigns
+
+    def learn_channel(self, campaign_id: str, channel: str) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO campaigns (campaign_id, channel) VALUES (?, ?) "
+                       "ON CONFLICT (campaign_id) DO UPDATE SET channel = excluded.channel", (campaign_id, channel))
+            db.execute("UPDATE active_campaigns SET channel = ? WHERE campaign_id = ?", (channel, campaign_id))
+
+        self._write(write)
+
+    def channel(self, campaign_id: str) -> str | None:
+        row = self._db.execute("SELECT channel FROM campaigns WHERE campaign_id = ?", (campaign_id,)).fetchone()
+        return row[0] if row else None
+
+    def activate(self, campaign_id: str, run_no: int) -> ActiveCampaign | None:
+        """Start claiming for a run (or retry) not seen before; None if this run was already started."""
+
+        def write(db: sqlite3.Connection) -> ActiveCampaign | None:
+            row = db.execute("SELECT channel, run_no FROM campaigns WHERE campaign_id = ?", (campaign_id,)).fetchone()
+            channel, last_run = row if row else (None, 0)
+            if run_no <= last_run:
+                return None
+            db.execute("INSERT INTO campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?) "
+                       "ON CONFLICT (campaign_id) DO UPDATE SET run_no = excluded.run_no",
+                       (campaign_id, channel, run_no))
+            db.execute("INSERT OR REPLACE INTO active_campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?)",
+                       (campaign_id, channel, run_no))
+            return ActiveCampaign(campaign_id, channel, run_no)
+
+        return self._write(write)
+
+    def deactivate(self, campaign_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM active_campaigns WHERE campaign_id = ?", (campaign_id,)))
+
+    def active_campaigns(self) -> list[ActiveCampaign]:
+        return [ActiveCampaign(*row) for row in self._db.execute(
+            "SELECT campaign_id, channel, run_no FROM active_campaigns ORDER BY campaign_id")]

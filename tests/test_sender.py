@@ -1,0 +1,401 @@
+"""The sender without a broker: simulator outcomes, journal, pre-send retries, claim bookkeeping, speed."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import pytest
+from aiokafka import TopicPartition
+
+from schemas.internal import SenderResult
+from services.common.settings import Settings
+from services.sender.app import OffsetTracker
+from services.sender.claims import ClaimBook, claim_size
+from services.sender.dispatch import Dispatcher, ResultsBatcher, backoff_delay
+from services.sender.journal import Journal
+from services.sender.providers import InProcessSimulator
+
+SMS_TEMPLATE = {"body": "Hi {{name}}"}
+EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
+                  "from_name": "Team", "attachments": []}
+
+
+def item(destination: str, attempt: int = 0, row: int = 1) -> dict:
+    return {"message_id": str(uuid.uuid4()), "row": row, "destination": destination,
+            "variables": {"name": "Ada"}, "attempt": attempt}
+
+
+def work(channel: str, items: list[dict], claim_id: str | None = None, campaign_id: str | None = None) -> dict:
+    return {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": claim_id or str(uuid.uuid4()),
+            "campaign_id": campaign_id or str(uuid.uuid4()), "channel": channel, "run_no": 1,
+            "template": SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE, "items": items,
+            "remaining_queued": 0, "holds_channel": True}
+
+
+def outcomes(results: list[dict]) -> list[tuple]:
+    return [(r["outcome"], r["provider_code"]) for r in results]
+
+
+# ---------------------------------------------------------------- simulator
+
+ACCEPTED_SENT = [("accepted", None), ("sent", None)]
+DELIVERED_SMS = ACCEPTED_SENT + [("delivered", None)]
+P503 = [("presend_error", "503")]
+DELIVERED_EMAIL = [("accepted", None), ("delivered", None)]
+
+
+@pytest.mark.parametrize("destination, expected", [
+    ("+15005550001", [("refused", "21211")]),
+    ("+15005550002", [("refused", "21612")]),
+    ("+15005550003", [("refused", "21408")]),
+    ("+15005550004", [("refused", "21610")]),
+    ("+15005550009", [("refused", "21614")]),
+    ("+12025550100", DELIVERED_SMS),
+    ("+14155550101", ACCEPTED_SENT),
+    ("+12025550102", ACCEPTED_SENT + [("undelivered", "30003")]),
+    ("+12025550103", ACCEPTED_SENT + [("failed", "30007")]),
+    ("+12025550104", P503),  # first submission; see the sequence test below
+    ("+12025550105", P503),
+    ("+12025550106", [("no_answer", None)]),
+    ("+12025550107", ACCEPTED_SENT),
+    ("+15005550006", DELIVERED_SMS),  # Twilio's valid test number: any other number
+    ("+447700900123", DELIVERED_SMS),
+    ("+12025550118", DELIVERED_SMS),  # not the fictional 555-010d range
+])
+async def test_simulator_sms(destination, expected):
+    sim = InProcessSimulator(Settings())
+    it = item(destination)
+    results = await sim.submit("sms", [it], SMS_TEMPLATE)
+    assert outcomes(results) == expected
+    for r in results:
+        SenderResult.model_validate(r)  # the SenderResults result shape
+        assert r["message_id"] == it["message_id"] and r["attempt"] == 1
+    accepted = expected[0][0] == "accepted"
+    assert all((r["provider_message_id"] or "").startswith("SM") == accepted for r in results)
+
+
+@pytest.mark.parametrize("destination, expected", [
+    ("success@simulator.amazonses.com", DELIVERED_EMAIL),
+    ("success+label@simulator.amazonses.com", DELIVERED_EMAIL),
+    ("ooto@simulator.amazonses.com", DELIVERED_EMAIL),
+    ("bounce@simulator.amazonses.com", [("accepted", None), ("bounced", "550")]),
+    ("suppressionlist@simulator.amazonses.com", [("accepted", None), ("bounced", "550")]),
+    ("complaint@simulator.amazonses.com", DELIVERED_EMAIL),
+    ("ann+fail503x2@example.com", P503),  # first submission; see the sequence test below
+    ("ann+fail503@example.com", P503),
+    ("ann+noanswer@example.com", [("no_answer", None)]),
+    ("ann+defer@example.com", [("accepted", None), ("deferred", None)]),
+    ("ann+deferforever@example.com", [("accepted", None), ("deferred", None)]),
+    ("ann@example.com", DELIVERED_EMAIL),
+])
+async def test_simulator_email(destination, expected):
+    results = await InProcessSimulator(Settings()).submit("email", [item(destination)], EMAIL_TEMPLATE)
+    assert outcomes(results) == expected
+    for r in results:
+        SenderResult.model_validate(r)
+
+
+async def test_simulator_counts_submissions_per_message():
+    sim = InProcessSimulator(Settings())
+    sms, email = item("+12025550104"), item("bob+fail503x2@example.com")
+    seen_sms, seen_email = [], []
+    for n in range(3):
+        seen_sms.append(outcomes(await sim.submit("sms", [{**sms, "attempt": n}], SMS_TEMPLATE)))
+        seen_email.append(outcomes(await sim.submit("email", [{**email, "attempt": n}], EMAIL_TEMPLATE)))
+    assert seen_sms == [P503, P503, DELIVERED_SMS]
+    assert seen_email == [P503, P503, DELIVERED_EMAIL]
+    # Another message to the same destination counts on its own.
+    assert outcomes(await sim.submit("sms", [item("+12025550104")], SMS_TEMPLATE)) == P503
+
+
+async def test_simulator_email_submission_outcome_applies_to_the_whole_call():
+    sim = InProcessSimulator(Settings())
+    call = [item("ann@example.com"), item("bob+fail503@example.com"), item("success@simulator.amazonses.com")]
+    results = await sim.submit("email", call, EMAIL_TEMPLATE)
+    assert [r["message_id"] for r in results] == [i["message_id"] for i in call]
+    assert all(outcomes([r]) == P503 for r in results)
+
+
+# ---------------------------------------------------------------- dispatcher harness
+
+class CountingAdapter:
+    """The simulator, counting submissions per message id."""
+
+    def __init__(self, settings: Settings):
+        self.sim = InProcessSimulator(settings)
+        self.submitted: dict[str, int] = {}
+
+    def batch_size(self, channel: str) -> int:
+        return self.sim.batch_size(channel)
+
+    async def submit(self, channel, items, template):
+        for it in items:
+            self.submitted[it["message_id"]] = self.submitted.get(it["message_id"], 0) + 1
+        return await self.sim.submit(channel, items, template)
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp_path, **settings_kw):
+    settings = Settings(data_dir=tmp_path, **settings_kw)
+    journal = Journal.open(settings)
+    published: list[tuple[str, list[dict]]] = []
+
+    async def publish(records):
+        published.extend(records)
+
+    batcher = ResultsBatcher(journal, publish)
+    stop = asyncio.Event()
+    flusher = asyncio.create_task(batcher.run(stop))
+    adapter = CountingAdapter(settings)
+    sleeps: list[float] = []
+
+    async def sleep(seconds):
+        sleeps.append(seconds)
+        await asyncio.sleep(seconds)
+
+    dispatcher = Dispatcher(settings, journal, {"sms": adapter, "email": adapter}, batcher, sleep=sleep)
+    try:
+        yield dispatcher, journal, adapter, published, sleeps
+    finally:
+        stop.set()
+        await flusher
+        journal.close()
+
+
+def all_results(published, campaign_id=None) -> list[dict]:
+    return [r for cid, results in published if campaign_id in (None, cid) for r in results]
+
+
+# ---------------------------------------------------------------- journal
+
+async def test_redelivered_claim_submits_nothing_twice_and_republishes_stored_results(tmp_path):
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        items = [item(f"+1202555{n:04d}", row=n) for n in range(1, 21)]
+        claim = work("sms", items)
+        first = await dispatcher.process(claim)
+        assert first.submitted == 20
+        first_results = all_results(published)
+        assert len(first_results) == 60  # accepted, sent, delivered each
+        for it in items:
+            entry = journal.handoff(it["message_id"], claim["claim_id"])
+            assert entry.state == "done" and outcomes(entry.results) == DELIVERED_SMS
+
+        published.clear()
+        again = await dispatcher.process(claim)  # the same WorkClaimed, redelivered
+        assert (again.submitted, again.replayed, again.skipped) == (0, 20, 0)
+        assert all(n == 1 for n in adapter.submitted.values())
+        assert sorted(map(str, all_results(published))) == sorted(map(str, first_results))
+
+
+async def test_handed_off_message_is_left_alone(tmp_path):
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        crashed, fresh = item("+12025550100"), item("+12025550100", row=2)
+        claim = work("sms", [crashed, fresh])
+        journal.begin(claim["claim_id"], claim["campaign_id"], [crashed["message_id"]])  # crash mid-call
+        report = await dispatcher.process(claim)
+        assert (report.submitted, report.replayed, report.skipped) == (1, 0, 1)
+        assert crashed["message_id"] not in adapter.submitted
+        assert {r["message_id"] for r in all_results(published)} == {fresh["message_id"]}
+        assert journal.handoff(crashed["message_id"], claim["claim_id"]).state == "handed_off"
+
+
+async def test_same_message_in_a_new_claim_is_sent_again(tmp_path):
+    # A retry run claims the message again: a new claim_id is a new hand-off.
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        it = item("+12025550100")
+        await dispatcher.process(work("sms", [it]))
+        await dispatcher.process(work("sms", [{**it, "attempt": 1}]))
+        assert adapter.submitted[it["message_id"]] == 2
+        assert [r["attempt"] for r in all_results(published) if r["outcome"] == "accepted"] == [1, 2]
+
+
+async def test_hand_off_is_journalled_before_the_provider_call(tmp_path):
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        it = item("+12025550100")
+        claim = work("sms", [it])
+        seen = []
+        original = adapter.submit
+
+        async def spying_submit(channel, items, template):
+            seen.append(journal.handoff(it["message_id"], claim["claim_id"]))
+            return await original(channel, items, template)
+
+        adapter.submit = spying_submit
+        await dispatcher.process(claim)
+        assert seen[0] is not None and seen[0].state == "handed_off"
+
+
+async def test_stopped_claim_forgets_messages_never_submitted(tmp_path):
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        release = asyncio.Event()
+        original = adapter.submit
+
+        async def slow_submit(channel, items, template):
+            await release.wait()
+            return await original(channel, items, template)
+
+        adapter.submit = slow_submit
+        items = [item("+12025550100", row=n) for n in range(1, 101)]  # more than the 64 slots
+        claim = work("sms", items)
+        task = asyncio.create_task(dispatcher.process(claim))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        states = [journal.handoff(it["message_id"], claim["claim_id"]) for it in items]
+        assert sum(s is not None for s in states) == 64  # the calls that began stay journalled
+        assert sum(s is None for s in states) == 36  # the others may be sent when the claim comes again
+
+
+def test_journal_campaigns(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    journal = Journal.open(settings)
+    cid = str(uuid.uuid4())
+    journal.learn_channel(cid, "email")
+    active = journal.activate(cid, 1)
+    assert active.channel == "email" and active.run_no == 1
+    assert journal.activate(cid, 1) is None  # a redelivered CampaignRunStarted
+    journal.deactivate(cid)
+    assert journal.activate(cid, 1) is None  # ... even after it drained
+    assert journal.activate(cid, 2).run_no == 2  # a retry
+    journal.close()
+    reopened = Journal.open(settings)  # a restart resumes the active campaigns
+    assert [(a.campaign_id, a.channel, a.run_no) for a in reopened.active_campaigns()] == [(cid, "email", 2)]
+    reopened.close()
+
+
+# ---------------------------------------------------------------- pre-send retries
+
+async def test_presend_retry_sequence_ends_final(tmp_path):
+    async with harness(tmp_path, presend_backoff_s=0.01, presend_retries=3) as (dispatcher, _, __, published, sleeps):
+        it = item("+12025550105")
+        await dispatcher.process(work("sms", [it]))
+        results = all_results(published)
+        assert [(r["outcome"], r["attempt"], r["provider_code"], r["final"]) for r in results] == [
+            ("presend_error", 1, "503", False), ("presend_error", 2, "503", False),
+            ("presend_error", 3, "503", False), ("presend_error", 4, "503", True)]
+        assert len(sleeps) == 3
+        for n, slept in enumerate(sleeps, start=1):  # doubling, jittered by +-25 %
+            assert 0.01 * 2 ** (n - 1) * 0.75 <= slept <= 0.01 * 2 ** (n - 1) * 1.25
+
+
+async def test_presend_retry_then_accepted_counts_from_known_attempts(tmp_path):
+    async with harness(tmp_path, presend_backoff_s=0.01) as (dispatcher, _, __, published, ___):
+        sms, email = item("+12025550104", attempt=2), item("cy+fail503x2@example.com")
+        await dispatcher.process(work("sms", [sms]))
+        await dispatcher.process(work("email", [email]))
+        assert [(r["outcome"], r["attempt"]) for r in all_results(published) if r["message_id"] == sms["message_id"]] \
+            == [("presend_error", 3), ("presend_error", 4), ("accepted", 5), ("sent", 5), ("delivered", 5)]
+        assert [(r["outcome"], r["attempt"]) for r in all_results(published) if r["message_id"] == email["message_id"]] \
+            == [("presend_error", 1), ("presend_error", 2), ("accepted", 3), ("delivered", 3)]
+
+
+async def test_no_answer_and_refusals_are_never_retried(tmp_path):
+    async with harness(tmp_path, presend_backoff_s=0.01) as (dispatcher, _, adapter, published, sleeps):
+        items = [item("+12025550106"), item("+15005550001"), item("dee+noanswer@example.com")]
+        await dispatcher.process(work("sms", items[:2]))
+        await dispatcher.process(work("email", items[2:]))
+        assert all(adapter.submitted[it["message_id"]] == 1 for it in items) and not sleeps
+
+
+async def test_presend_retries_zero_means_one_submission(tmp_path):
+    async with harness(tmp_path, presend_retries=0) as (dispatcher, _, __, published, ___):
+        await dispatcher.process(work("sms", [item("+12025550105")]))
+        assert [(r["attempt"], r["final"]) for r in all_results(published)] == [(1, True)]
+
+
+async def test_failing_adapter_call_is_no_answer(tmp_path):
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        async def broken(channel, items, template):
+            raise RuntimeError("connection reset after the request was written")
+
+        adapter.submit = broken
+        it = item("+12025550100")
+        await dispatcher.process(work("sms", [it]))
+        assert outcomes(all_results(published)) == [("no_answer", None)]
+
+
+def test_backoff_delay():
+    assert backoff_delay(1, 1.0, lambda: 0.5) == 1.0
+    assert backoff_delay(3, 1.0, lambda: 0.0) == 4 * 0.75
+    assert backoff_delay(2, 0.5, lambda: 1.0) == 1.0 * 1.25
+
+
+# ---------------------------------------------------------------- claim bookkeeping
+
+def test_claim_size():
+    assert claim_size(Settings(sms_rate=100), "sms") == 200
+    assert claim_size(Settings(email_rate=1000), "email") == 1000  # capped
+    assert claim_size(Settings(sms_rate=0.2), "sms") == 1  # at least one submission
+    assert claim_size(Settings(sms_rate=3, email_rate=50), None) == 6  # unknown channel: the slower one
+
+
+def test_claim_book_keeps_two_outstanding_and_reissues_after_timeout():
+    book = ClaimBook(max_outstanding=2, timeout_s=10)
+    book.activate("c1", "sms", 1)
+    first = [claim for _, claim in book.due(now=0)]
+    assert len(first) == 2 and book.due(now=1) == []
+    book.answered("c1", first[0], run_no=1, empty=False)
+    assert book.due(now=2) == []  # answered but not yet submitted: still holds its slot
+    book.submitted("c1", first[0])
+    assert len(book.due(now=3)) == 1
+    # first[1] was never answered: after the timeout another claim replaces it
+    again = book.due(now=10.5)
+    assert len(again) == 1 and again[0][1] not in first
+
+
+def test_claim_book_empty_answer_drains_then_stops():
+    book = ClaimBook()
+    book.activate("c1", "email", 1)
+    a, b = (claim for _, claim in book.due(now=0))
+    book.answered("c1", a, run_no=1, empty=True)
+    assert book.due(now=1) == [] and book.drained() == []  # b is still outstanding
+    book.answered("c1", b, run_no=1, empty=False)
+    assert book.drained() == []
+    book.submitted("c1", b)
+    assert book.drained() == ["c1"] and "c1" not in book.campaigns
+
+
+def test_claim_book_stale_empty_answer_and_retry_restart_claiming():
+    book = ClaimBook()
+    book.activate("c1", "sms", 1)
+    a, b = (claim for _, claim in book.due(now=0))
+    book.activate("c1", "sms", 2)  # RetryStarted seen before the answers of run 1
+    book.answered("c1", a, run_no=1, empty=True)
+    assert not book.campaigns["c1"].draining  # stale: claimed before the retry
+    book.answered("c1", b, run_no=2, empty=True)
+    assert book.campaigns["c1"].draining
+    book.activate("c1", "sms", 3)
+    assert not book.campaigns["c1"].draining and len(book.due(now=1)) == 2
+
+
+def test_offset_tracker_commits_the_finished_prefix():
+    tp = TopicPartition("t", 0)
+    tracker = OffsetTracker()
+    for offset in (5, 6, 7):
+        tracker.begin(tp, offset)
+    tracker.finish(tp, 6)
+    assert tracker.committable() == {}
+    tracker.finish(tp, 5)
+    assert tracker.committable() == {tp: 7}
+    tracker.finish(tp, 7)
+    assert tracker.committable() == {tp: 8} and tracker.committable() == {}
+
+
+# ---------------------------------------------------------------- speed of the in-process path
+
+async def test_in_process_throughput(tmp_path):
+    """Journal + simulator + results batching, no broker: must do several thousand messages/s."""
+    async with harness(tmp_path) as (dispatcher, _, __, published, ___):
+        claims = [work("sms", [item(f"+1202555{1000 + n:04d}", row=n + 1) for n in range(200)]) for _ in range(25)]
+        claims += [work("email", [item(f"user{n}@example.com", row=n + 1) for n in range(1000)]) for _ in range(5)]
+        total = sum(len(c["items"]) for c in claims)
+        started = time.perf_counter()
+        await asyncio.gather(*(dispatcher.process(c) for c in claims))
+        elapsed = time.perf_counter() - started
+        rate = total / elapsed
+        print(f"\nin-process sender path: {total} messages in {elapsed:.2f} s = {rate:,.0f} messages/s")
+        assert len({r["message_id"] for r in all_results(published)}) == total
+        assert rate > 3000
