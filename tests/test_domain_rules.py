@@ -602,10 +602,6 @@ def test_sending_timer_fails_an_accepted_sms_still_not_sent(app):
 # ============================================================ contract gaps (strict xfail: see reasons)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "setup failure is never detected: nothing in application.py ever passes setup_failed=True to "
-    "Campaign.record_progress (_move_messages calls it without), so derive_status can never give `failed`; "
-    "a run whose every submission is refused 20003 (setup_error) ends complete_with_errors"))
 def test_setup_error_before_any_acceptance_fails_the_campaign(app):
     d = Driver(app)
     cid = _running(d)

@@ -433,6 +433,7 @@ class OutreachApp(Application):
                        causation_id: str, decide_move: Callable[[rules.MessageState, dict], Move | None]) -> list[Any]:
         delta: dict[str, int] = defaultdict(int)
         awaiting_delta = 0
+        accepted = setup_error = False
         touched = []
         for position, block_results in per_block.items():
             block = self._block_at(campaign, position)
@@ -448,6 +449,8 @@ class OutreachApp(Application):
                                            move.attempt if move.attempt is not None else state.attempt,
                                            state.accepted if move.accepted is None else move.accepted)
                 awaiting_delta += _awaiting(after) - _awaiting(state)
+                accepted = accepted or (after.accepted and not state.accepted and move.reason != "setup_error")
+                setup_error = setup_error or move.reason == "setup_error"
                 states[index] = after
                 moves.append((index, move))
             if moves:
@@ -456,14 +459,37 @@ class OutreachApp(Application):
                 touched.append(block)
         if not touched:
             return []
+        setup_failed = setup_error and not accepted and not campaign.accepted_in_run
+        if setup_failed:
+            awaiting_delta += self._fail_unaccepted(campaign, delta, touched, causation_id)
         released = campaign.record_progress(delta=dict(delta), awaiting_delta=awaiting_delta,
-                                            causation_id=causation_id)
+                                            causation_id=causation_id, accepted=accepted,
+                                            setup_failed=setup_failed)
         to_save: list[Any] = [campaign, *touched]
         if released:
             lock = self._lock(campaign.channel)
             lock.release(str(campaign.id))
             to_save.append(lock)
         return to_save
+
+    def _fail_unaccepted(self, campaign: Campaign, delta: dict[str, int], touched: list[MessageBlock],
+                         causation_id: str) -> int:
+        """The provider refused the credentials before accepting anything: every message of the run not yet
+        accepted fails `setup_error` (contract). Returns the change of messages awaiting acceptance."""
+        awaiting_delta = 0
+        for position in range(len(campaign.block_nos)):
+            block = self._block_at(campaign, position)
+            moves = []
+            for index, status in enumerate(block.status):
+                if status == "queued" or (status == "sending" and not block.accepted[index]):
+                    awaiting_delta -= 1 if status == "sending" else 0
+                    moves.append((index, Move(status="failed", reason="setup_error", accepted=False)))
+            if moves:
+                for status, n in block.move(moves, run_no=None, causation_id=causation_id).items():
+                    delta[status] += n
+                if block not in touched:
+                    touched.append(block)
+        return awaiting_delta
 
     # ----- reading (CLI, tests) -----------------------------------------------------------------
     def campaign_view(self, campaign_id: str) -> dict | None:

@@ -53,6 +53,7 @@ class Campaign(Aggregate):
         self.stopped_by: str | None = None
         self.holds_channel = False
         self.setup_failed = False
+        self.accepted_in_run = False  # the provider accepted a message of the current run
         self.counts = rules.empty_counts()
         self.awaiting_acceptance = 0
         self.claim_cursor = 0
@@ -198,6 +199,7 @@ class Campaign(Aggregate):
         self.run_no = run_no
         self.counts = dict(counts)
         self.holds_channel = holds_channel
+        self.accepted_in_run = False
         self.claim_cursor = 0
         self._apply_status_change(status_change)
 
@@ -245,6 +247,7 @@ class Campaign(Aggregate):
         self.counts = dict(counts)
         self.holds_channel = True
         self.setup_failed = False
+        self.accepted_in_run = False
         self.claim_cursor = 0
         self._apply_status_change(status_change)
 
@@ -297,22 +300,30 @@ class Campaign(Aggregate):
         self._apply_status_change(status_change)
 
     def record_progress(self, *, delta: dict[str, int], awaiting_delta: int, causation_id: str,
-                        setup_failed: bool = False) -> bool:
-        """Messages moved by provider results or timers. Returns True when the channel is released."""
+                        accepted: bool = False, setup_failed: bool = False) -> bool:
+        """Messages moved by provider results or timers. Returns True when the channel is released.
+
+        `setup_failed`: the provider refused the credentials before accepting any message of the run
+        (contract: the campaign ends `failed`, its channel is released).
+        """
         was_holding = self.holds_channel
         counts, change, holds = self._progress(delta, awaiting_delta, setup_failed=setup_failed)
+        if setup_failed:
+            holds = False
         self._progressed(counts=counts, awaiting_acceptance=self.awaiting_acceptance + awaiting_delta,
                          holds_channel=holds, setup_failed=setup_failed or self.setup_failed,
+                         accepted_in_run=accepted or self.accepted_in_run,
                          status_change=change, causation_id=causation_id)
         return was_holding and not holds
 
     @event("Progressed")
     def _progressed(self, counts: dict, awaiting_acceptance: int, holds_channel: bool, setup_failed: bool,
-                    status_change: dict | None, causation_id: str) -> None:
+                    accepted_in_run: bool, status_change: dict | None, causation_id: str) -> None:
         self.counts = dict(counts)
         self.awaiting_acceptance = awaiting_acceptance
         self.holds_channel = holds_channel
         self.setup_failed = setup_failed
+        self.accepted_in_run = accepted_in_run
         self._apply_status_change(status_change)
 
     def _progress(self, delta: dict[str, int], awaiting_delta: int, setup_failed: bool = False):
