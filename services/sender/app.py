@@ -8,6 +8,9 @@
 - `outreach.internal.sender-work` (group `outreach-sender-work`): each WorkClaimed is worked on as its own
   task (dispatch.py); its offset is committed once it and every record before it on its partition have
   their results published (`OffsetTracker`), so a crash redelivers, and the journal stops double sends.
+- Claim size: about 2 s of the channel's rate (claims.py); for SMS in messages, from the segments per
+  message (the template's, from CampaignCreated / TemplateUpdated, then the rendered messages of each
+  WorkClaimed). Sending itself is paced by a token bucket per channel in the dispatcher (ratelimit.py).
 - Results leave as `SenderResults` on `outreach.internal.sender-results`, batched per campaign.
 
 SIGTERM / SIGINT: stop claiming and fetching, let the claims in hand finish (up to `DRAIN_TIMEOUT_S`),
@@ -34,6 +37,7 @@ from services.sender.claims import CLAIM_TIMEOUT_S, ClaimBook, claim_size
 from services.sender.dispatch import Dispatcher, ResultsBatcher
 from services.sender.journal import Journal
 from services.sender.providers import ProviderAdapter, adapters_for, utc_now
+from services.sender.ratelimit import mean_segments, sms_cost
 
 log = logging.getLogger("outreach.sender")
 
@@ -104,7 +108,7 @@ class Sender:
         self.jobs: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # the claim loop has something to do
         for campaign in journal.active_campaigns():  # resume after a restart
-            self.book.activate(campaign.campaign_id, campaign.channel, campaign.run_no)
+            self.book.activate(campaign.campaign_id, campaign.channel, campaign.run_no, campaign.segments)
             log.info("resuming claims for campaign %s (run %d)", campaign.campaign_id, campaign.run_no)
 
     # ------------------------------------------------------------------ campaign events
@@ -116,15 +120,25 @@ class Sender:
         if kind == "CampaignCreated" and value.get("channel") in ("sms", "email"):
             self.journal.learn_channel(campaign_id, value["channel"])
             self.book.learn_channel(campaign_id, value["channel"])
+            self._learn_template(campaign_id, value.get("template"))
+        elif kind == "TemplateUpdated":
+            self._learn_template(campaign_id, value.get("template"))
         elif kind in ACTIVATING_EVENTS and isinstance(value.get("run_no"), int):
             active = self.journal.activate(campaign_id, value["run_no"])
             if active is not None:  # a run not seen before (a redelivered event changes nothing)
-                self.book.activate(active.campaign_id, active.channel, active.run_no)
+                self.book.activate(active.campaign_id, active.channel, active.run_no, active.segments)
                 log.info("claiming for campaign %s (run %d)", campaign_id, active.run_no)
                 self._wake.set()
         elif kind == "CampaignDeleted":
             self.journal.deactivate(campaign_id)
             self.book.remove(campaign_id)
+
+    def _learn_template(self, campaign_id: str, template: Any) -> None:
+        """An SMS template's segments (placeholders as written): the claim size until work shows better."""
+        if isinstance(template, dict) and isinstance(template.get("body"), str):
+            segments = float(sms_cost(template, None))
+            self.journal.learn_segments(campaign_id, segments)
+            self.book.learn_segments(campaign_id, segments)
 
     async def events_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -169,7 +183,8 @@ class Sender:
         sends = []
         for campaign, claim_id in due:
             request = {"type": "ClaimRequest", "claim_id": claim_id, "campaign_id": campaign.campaign_id,
-                       "max_messages": claim_size(self.settings, campaign.channel), "requested_at": utc_now()}
+                       "max_messages": claim_size(self.settings, campaign.channel, campaign.segments),
+                       "requested_at": utc_now()}
             sends.append(await self.producer.send(topics.CLAIM_REQUESTS, value=jsoncodec.dumps(request),
                                                   key=campaign.campaign_id.encode()))
         await asyncio.gather(*sends)
@@ -201,6 +216,8 @@ class Sender:
         if self.journal.channel(campaign_id) != value["channel"]:
             self.journal.learn_channel(campaign_id, value["channel"])
             self.book.learn_channel(campaign_id, value["channel"])
+        if value["channel"] == "sms" and value["items"]:  # the rendered messages: the best estimate
+            self.book.learn_segments(campaign_id, mean_segments(value["template"], value["items"]))
         self.book.answered(campaign_id, claim_id, value["run_no"], empty=not value["items"])
         self._wake.set()
 

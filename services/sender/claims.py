@@ -24,7 +24,7 @@ MAX_CLAIM = 1000
 
 
 def channel_rate(settings: Settings, channel: str | None) -> float:
-    """Messages per second of a channel (SMS: one message counted as one segment for now).
+    """The channel's rate setting: SMS segments per second, emails per second.
 
     An unknown channel (its CampaignCreated not seen) gets the slower rate: a small claim is always safe.
     """
@@ -35,8 +35,15 @@ def channel_rate(settings: Settings, channel: str | None) -> float:
     return min(settings.sms_rate, settings.email_rate)
 
 
-def claim_size(settings: Settings, channel: str | None) -> int:
-    return min(MAX_CLAIM, max(1, int(CLAIM_SECONDS * channel_rate(settings, channel))))
+def claim_size(settings: Settings, channel: str | None, segments_per_message: float | None = None) -> int:
+    """Messages in a claim: about CLAIM_SECONDS of the channel's rate, at least one submission.
+
+    SMS: the segment rate divided by the segments per message when known (else one segment each).
+    """
+    rate = channel_rate(settings, channel)
+    if channel == "sms" and segments_per_message:
+        rate /= max(1.0, segments_per_message)
+    return min(MAX_CLAIM, max(1, int(CLAIM_SECONDS * rate)))
 
 
 @dataclass
@@ -44,6 +51,7 @@ class CampaignClaims:
     campaign_id: str
     channel: str | None
     run_no: int
+    segments: float | None = None  # SMS: segments per message, once known (sizes the claims)
     draining: bool = False
     requested: dict[str, float] = field(default_factory=dict)  # claim_id -> when requested (unanswered)
     working: set[str] = field(default_factory=set)  # answered, first submissions not all done yet
@@ -59,18 +67,23 @@ class ClaimBook:
         self.timeout_s = timeout_s
         self.campaigns: dict[str, CampaignClaims] = {}
 
-    def activate(self, campaign_id: str, channel: str | None, run_no: int) -> None:
+    def activate(self, campaign_id: str, channel: str | None, run_no: int, segments: float | None = None) -> None:
         """Claim for this run (a new run or retry of a draining campaign starts claiming again)."""
         current = self.campaigns.get(campaign_id)
         if current is None:
-            self.campaigns[campaign_id] = CampaignClaims(campaign_id, channel, run_no)
+            self.campaigns[campaign_id] = CampaignClaims(campaign_id, channel, run_no, segments)
         elif run_no >= current.run_no:
             current.run_no, current.draining = run_no, False
             current.channel = channel or current.channel
+            current.segments = segments or current.segments
 
     def learn_channel(self, campaign_id: str, channel: str) -> None:
         if campaign_id in self.campaigns:
             self.campaigns[campaign_id].channel = channel
+
+    def learn_segments(self, campaign_id: str, segments: float) -> None:
+        if campaign_id in self.campaigns:
+            self.campaigns[campaign_id].segments = segments
 
     def remove(self, campaign_id: str) -> None:
         self.campaigns.pop(campaign_id, None)

@@ -5,7 +5,9 @@ path is tested and measured on its own.
 
 Order of effects for each message (at least once, never sent twice):
 1. the hand-off is journalled (one transaction per claim) before any provider call;
-2. the provider is called (bounded concurrency over all claims);
+2. the provider is called: each submission (pre-send re-submissions too) takes a slot of its channel
+   (bounded concurrency), then waits for its tokens in the channel's bucket (ratelimit.py), and only
+   then is handed to the adapter;
 3. its results are journalled `done` and then published, batched per campaign;
 4. the claim counts as finished (its offset may be committed) once all of its results are published.
 """
@@ -22,10 +24,11 @@ from typing import Any
 from services.common.settings import Settings
 from services.sender.journal import Journal
 from services.sender.providers import ProviderAdapter, make_result
+from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
 
 log = logging.getLogger("outreach.sender")
 
-MAX_IN_FLIGHT = 64  # provider calls at once, over all claims
+MAX_IN_FLIGHT = 64  # provider calls at once per channel (its provider), over all claims
 FLUSH_INTERVAL_S = 0.05
 MAX_RESULTS_PER_RECORD = 1000  # ~250 bytes each: far below the 1 MiB record limit
 
@@ -139,13 +142,16 @@ class ClaimReport:
 class Dispatcher:
     def __init__(self, settings: Settings, journal: Journal, adapters: Mapping[str, ProviderAdapter],
                  results: ResultsBatcher, *, max_in_flight: int = MAX_IN_FLIGHT,
+                 limiters: Mapping[str, TokenBucket] | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rand: Callable[[], float] = random.random):
         self._retries = settings.presend_retries
         self._backoff_s = settings.presend_backoff_s
         self._journal = journal
         self._adapters = adapters
         self._results = results
-        self._slots = asyncio.Semaphore(max_in_flight)
+        # One semaphore per channel: SMS waiting for its tokens must not hold the slots email needs.
+        self._slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(max_in_flight))
+        self._limiters = limiters if limiters is not None else channel_limiters(settings)
         self._sleep = sleep
         self._rand = rand
 
@@ -206,6 +212,8 @@ class Dispatcher:
         """One provider call for `items`, and its pre-send retries; returns the futures of its reports."""
         campaign_id, claim_id, channel = work["campaign_id"], work["claim_id"], work["channel"]
         history: dict[str, list[dict]] = {item["message_id"]: [] for item in items}
+        costs = {item["message_id"]: item_cost(channel, work["template"], item) for item in items}
+        bucket = self._limiters[channel]
         futures = []
         pending = items
         submission = 0
@@ -213,7 +221,11 @@ class Dispatcher:
             submission += 1
             # `attempt` = submissions known before this one; the adapter reports attempt + 1.
             batch = [{**item, "attempt": item["attempt"] + submission - 1} for item in pending]
-            async with self._slots:
+            async with self._slots[channel]:
+                # Slot first, then tokens: the submission goes the moment it has paid (no paid-up queue
+                # that would burst past the bucket when slots free up). Cancelled while waiting here,
+                # nothing was sent: the messages stay forgettable.
+                await bucket.acquire(sum(costs[item["message_id"]] for item in pending))
                 started.update(history)
                 results = await self._submit(adapter, channel, batch, work["template"])
             if submission == 1:

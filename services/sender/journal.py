@@ -7,7 +7,8 @@
   SMS is worse than a late failure.
 - `active_campaigns`: the campaigns the sender is claiming for (resumed after a restart).
 - `campaigns`: what the sender learnt from campaign events: the channel (CampaignRunStarted does not carry
-  it) and the last run started, so a redelivered CampaignRunStarted / RetryStarted does not restart claiming.
+  it), the SMS template's segments per message (sizes claims after a restart too) and the last run
+  started, so a redelivered CampaignRunStarted / RetryStarted does not restart claiming.
 
 Calls are short and batched (one transaction per claim and per results flush), so they run on the event
 loop's thread; `synchronous=FULL` makes a committed hand-off survive a power cut, not only a crash.
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS active_campaigns (
 CREATE TABLE IF NOT EXISTS campaigns (
     campaign_id TEXT PRIMARY KEY,
     channel     TEXT,
-    run_no      INTEGER NOT NULL DEFAULT 0   -- last run (or retry) started
+    run_no      INTEGER NOT NULL DEFAULT 0,  -- last run (or retry) started
+    segments    REAL                         -- SMS: segments per message, once known
 );
 """
 
@@ -61,6 +63,7 @@ class ActiveCampaign:
     campaign_id: str
     channel: str | None
     run_no: int
+    segments: float | None = None
 
 
 def journal_path(settings: Settings) -> Path:
@@ -75,6 +78,8 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        if "segments" not in {row[1] for row in self._db.execute("PRAGMA table_info(campaigns)")}:
+            self._db.execute("ALTER TABLE campaigns ADD COLUMN segments REAL")  # a journal from before it
 
     @classmethod
     def open(cls, settings: Settings) -> "Journal":
@@ -154,6 +159,11 @@ class Journal:
 
         self._write(write)
 
+    def learn_segments(self, campaign_id: str, segments: float) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT INTO campaigns (campaign_id, segments) VALUES (?, ?) "
+            "ON CONFLICT (campaign_id) DO UPDATE SET segments = excluded.segments", (campaign_id, segments)))
+
     def channel(self, campaign_id: str) -> str | None:
         row = self._db.execute("SELECT channel FROM campaigns WHERE campaign_id = ?", (campaign_id,)).fetchone()
         return row[0] if row else None
@@ -162,8 +172,9 @@ class Journal:
         """Start claiming for a run (or retry) not seen before; None if this run was already started."""
 
         def write(db: sqlite3.Connection) -> ActiveCampaign | None:
-            row = db.execute("SELECT channel, run_no FROM campaigns WHERE campaign_id = ?", (campaign_id,)).fetchone()
-            channel, last_run = row if row else (None, 0)
+            row = db.execute("SELECT channel, run_no, segments FROM campaigns WHERE campaign_id = ?",
+                             (campaign_id,)).fetchone()
+            channel, last_run, segments = row if row else (None, 0, None)
             if run_no <= last_run:
                 return None
             db.execute("INSERT INTO campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?) "
@@ -171,7 +182,7 @@ class Journal:
                        (campaign_id, channel, run_no))
             db.execute("INSERT OR REPLACE INTO active_campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?)",
                        (campaign_id, channel, run_no))
-            return ActiveCampaign(campaign_id, channel, run_no)
+            return ActiveCampaign(campaign_id, channel, run_no, segments)
 
         return self._write(write)
 
@@ -180,4 +191,5 @@ class Journal:
 
     def active_campaigns(self) -> list[ActiveCampaign]:
         return [ActiveCampaign(*row) for row in self._db.execute(
-            "SELECT campaign_id, channel, run_no FROM active_campaigns ORDER BY campaign_id")]
+            "SELECT a.campaign_id, a.channel, a.run_no, c.segments FROM active_campaigns a "
+            "LEFT JOIN campaigns c ON c.campaign_id = a.campaign_id ORDER BY a.campaign_id")]

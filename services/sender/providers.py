@@ -6,8 +6,9 @@ work items, see `WorkItem` in schemas/internal.py) and answers one or more resul
 provider_message_id, occurred_at}`. `attempt` of a result is `item["attempt"] + 1`: the dispatcher
 passes each item with `attempt` = submissions known before this one.
 
-Only the in-process simulator exists so far. The real Twilio / SendGrid / SMTP adapters (and rate
-limiting, circuit breaking) slot in here later: they implement `ProviderAdapter` and nothing else changes.
+Only the in-process simulator exists so far. The real Twilio / SendGrid / SMTP adapters (and circuit
+breaking) slot in here later: they implement `ProviderAdapter` and nothing else changes. Rate limiting is
+not the adapters' business: the dispatcher pays each submission's tokens (ratelimit.py) before the call.
 """
 from __future__ import annotations
 
@@ -185,6 +186,6 @@ def _results(channel: str, item: Mapping[str, Any], steps: Iterable[tuple[str, s
 
 def adapters_for(settings: Settings) -> dict[str, ProviderAdapter]:
     """The adapter of each channel. Only the simulator so far: the real providers (chosen by settings) come
-    with a later issue, as do the rate limiter and circuit breaker that will wrap them."""
+    with a later issue, as does the circuit breaker that will wrap them."""
     simulator = InProcessSimulator(settings)
     return {"sms": simulator, "email": simulator}
