@@ -38,8 +38,8 @@ def stack_env(kafka_bootstrap, tmp_path_factory):
         "OUTREACH_DATA_DIR": str(tmp_path_factory.mktemp("e2e-data")),
         "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
         "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
-        # Slow enough that a campaign of SMS_SIZE lasts a few seconds: Stop and channel_busy land mid-run.
-        "OUTREACH_SMS_RATE": "250",
+        # A campaign of SMS_SIZE lasts several seconds: Stop and channel_busy land mid-run.
+        "OUTREACH_SMS_RATE": "100",  # the default rate: claims of 200, two in flight
         "OUTREACH_EMAIL_RATE": "250",
         "OUTREACH_PRESEND_BACKOFF_S": "0.05",
     })
