@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from schemas import topics
 from services.common import kafka
 from services.common.settings import Settings, get_settings
-from services.command_handler.application import OutreachApp
+from services.command_handler.application import open_app
 from services.command_handler.handlers import DLQ_VALUE_LIMIT, DeadLetter, RecordHandler
 
 log = logging.getLogger("outreach.command_handler")
@@ -26,7 +26,7 @@ TRIES_BEFORE_DLQ = 3
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await kafka.ensure_topics(settings)
-    app = OutreachApp(settings)
+    app = open_app(settings)
     handler = RecordHandler(app)
     producer = kafka.make_producer(settings)
     consumer = AIOKafkaConsumer(*INPUT_TOPICS, group_id=GROUP_ID, **kafka.consumer_config(settings))

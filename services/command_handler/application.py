@@ -7,6 +7,7 @@ loses on optimistic concurrency and the use case is decided again on fresh state
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -14,7 +15,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, OperationalError
 
 from services.common import ids, templating
 from services.common.settings import Settings
@@ -58,6 +59,19 @@ def store_env(settings: Settings) -> dict[str, str]:
         env.update({"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
                     "SQLITE_LOCK_TIMEOUT": "30"})
     return env
+
+
+def open_app(settings: Settings, attempts: int = 10) -> "OutreachApp":
+    """The application, retrying while another process creates the same tables in a fresh database
+    (PostgreSQL's CREATE TABLE IF NOT EXISTS races between processes)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return OutreachApp(settings)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
 
 
 def now() -> datetime:

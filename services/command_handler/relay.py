@@ -16,7 +16,7 @@ from schemas import topics
 from services.common import jsoncodec, kafka
 from services.common.settings import Settings, get_settings
 from services.command_handler import wire
-from services.command_handler.application import OutreachApp
+from services.command_handler.application import open_app
 from services.command_handler.checkpoint import Checkpoint, open_checkpoint_store
 
 log = logging.getLogger("outreach.relay")
@@ -29,7 +29,7 @@ BROKER_CHECK_S = 1.0
 class Relay:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.app = OutreachApp(settings)
+        self.app = open_app(settings)
         self.checkpoints = open_checkpoint_store(settings)
         self.checkpoint = self.checkpoints.load()
         self.producer = None
