@@ -1,0 +1,580 @@
+"""The `outreach` command line (Typer + rich).
+
+    outreach broker                               the embedded Kafka-compatible broker (memory only)
+    outreach campaign create CSV --name N --channel sms|email (--template-body T | --template-file F)
+    outreach campaign run ID --accept-disclaimer
+    outreach campaign stop ID --yes | retry ID | delete ID --yes
+    outreach campaign show ID [--watch] | events ID | list
+
+Commands go to `outreach.commands`; answers are read from `outreach.campaign-events` (outreach/client.py).
+`show`, `events` and `list` read the projections' read model (`python -m services.projections`).
+Every campaign command takes `--json` for machine-readable output. Exit codes: 0 done, 1 rejected / no
+answer / error, 2 refused or not confirmed (nothing published) or bad usage.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from outreach import client as cmd
+from outreach.importer import CsvError, read_contacts_csv
+from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
+from services.common.settings import get_settings
+from services.projections.read_model import FILE_NAME, FINAL_CAMPAIGN_STATUSES, ReadModel
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
+campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
+app.add_typer(campaign_app, name="campaign")
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+INVALID_ROWS_SHOWN = 5
+
+
+class ChannelChoice(str, Enum):
+    sms = "sms"
+    email = "email"
+
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
+AsOpt = typer.Option(None, "--as", metavar="PRINCIPAL",
+                     help="Principal named in issued_by (default: $OUTREACH_PRINCIPAL or the login name).")
+TimeoutOpt = typer.Option(cmd.DEFAULT_TIMEOUT_S, "--timeout", min=0.1, help="Seconds to wait for each answer.")
+
+
+# ------------------------------------------------------------------ helpers
+
+def _emit_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, extra: dict | None = None) -> NoReturn:
+    if as_json:
+        _emit_json({"error": message, **(extra or {})})
+    else:
+        err.print(f"[red]{message}[/red]", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run_async(coro, as_json: bool) -> Any:
+    """Run a coroutine; a missing answer or an unreachable broker becomes exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except cmd.AnswerTimeout as exc:
+        _fail(f"{exc} (is the command handler running?)", as_json=as_json)
+    except TimeoutError as exc:
+        _fail(f"Kafka at {get_settings().kafka_bootstrap_servers} does not answer: {exc}", as_json=as_json)
+
+
+def _read_model() -> ReadModel | None:
+    """The read model if the projections have written one (never creates a file)."""
+    settings = get_settings()
+    if not (settings.data_dir / FILE_NAME).exists():
+        return None
+    return ReadModel.open(settings)
+
+
+def _describe_event(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind == "CommandRejected":
+        detail = f": {event.get('detail')}" if event.get("detail") else ""
+        return f"{event.get('command_type')} rejected, {event.get('reason')}{detail}"
+    if kind == "CampaignCreated":
+        return f"{event.get('name')!r} ({event.get('channel')}) created by {event.get('created_by')}"
+    if kind == "ContactsAdded":
+        return f"chunk {event.get('chunk_no')}: {event.get('valid')} valid, {event.get('invalid')} invalid"
+    if kind == "CampaignReady":
+        return f"ready, {event.get('message_count')} messages"
+    if kind == "TemplateUpdated":
+        return "template updated"
+    if kind == "CampaignRunStarted":
+        return (f"run {event.get('run_no')} accepted by {event.get('accepted_by')}: {event.get('message_count')} "
+                f"queued, {event.get('suppressed_count')} suppressed")
+    if kind == "CampaignStopped":
+        return f"stopped by {event.get('stopped_by')}: {event.get('cancelled_count')} cancelled"
+    if kind == "RetryStarted":
+        return f"retry as run {event.get('run_no')}: {event.get('message_count')} re-queued"
+    if kind == "CampaignDeleted":
+        return "deleted"
+    if kind == "CampaignStatusChanged":
+        counts = event.get("counts") or {}
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
+        stopped = " (stopped)" if event.get("stopped") else ""
+        return f"{event.get('previous_status')} -> {event.get('status')}{stopped}; total {counts.get('total', 0)}" + (
+            f": {shown}" if shown else "")
+    rest = {k: v for k, v in event.items()
+            if k not in ("type", "event_id", "campaign_id", "sequence", "occurred_at", "causation_id")}
+    return json.dumps(rest, default=str)[:200]
+
+
+def _print_answer(events: list[dict[str, Any]], as_json: bool, **extra: Any) -> None:
+    """Print answer events; a rejection exits 1."""
+    rejected = cmd.rejection(events)
+    if as_json:
+        _emit_json({**extra, "rejected": rejected is not None, "events": events})
+    else:
+        for event in events:
+            style = "red" if event.get("type") == "CommandRejected" else "green"
+            console.print(f"[{style}]{event.get('type')}[/{style}]  {_describe_event(event)}")
+    if rejected is not None:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return typer.confirm(question, default=False)
+    except typer.Abort:  # no terminal / end of input
+        return False
+
+
+# ------------------------------------------------------------------ broker
+
+@app.command()
+def broker() -> None:
+    """Run the embedded broker (tansu, memory storage) at KAFKA_BOOTSTRAP_SERVERS until Ctrl-C / SIGTERM."""
+    from services.common.embedded_broker import run_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    bootstrap = get_settings().kafka_bootstrap_servers
+    console.print(f"embedded broker on {bootstrap} (memory only: everything is lost when it stops)", soft_wrap=True)
+    raise typer.Exit(run_forever(bootstrap))
+
+
+# ------------------------------------------------------------------ campaign create
+
+CREATE_HELP = "\n\n".join((
+    "Create a campaign from a CSV of contacts and import them.",
+    "The CSV is UTF-8 and comma-separated. The header row is optional: the first line is taken as a header "
+    "when its destination cell is not a plausible destination (contains neither '+' nor '@').",
+    "The destination column is --destination-column (a header name or a 1-based number), else a header named "
+    "destination, phone, phone_number, mobile, msisdn, email, email_address or to, else the first column whose "
+    "first cell has a '+' or '@', else column 1. Other columns become template variables named by the header "
+    "(column_N without one). Each contact's row is its physical line number (the header is line 1).",
+    "SMS: --template-body TEXT (or --template-file with JSON {\"body\": ...} or plain text). Email: "
+    "--template-file PATH, a JSON object {subject, html, from_email, from_name, reply_to?, attachments}.",
+    "Prints the campaign id and the valid/invalid summary; exits 1 if a command is rejected.",
+))
+
+
+def _load_template(channel: str, body: str | None, path: Path | None) -> dict[str, Any]:
+    if body is not None and path is not None:
+        _fail("give either --template-body or --template-file, not both", EXIT_REFUSED)
+    if body is not None:
+        if channel != "sms":
+            _fail("an email template needs --template-file (JSON with subject, html, from_email, ...)", EXIT_REFUSED)
+        return {"body": body}
+    if path is None:
+        _fail("a template is needed: --template-body TEXT (SMS) or --template-file PATH", EXIT_REFUSED)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc}", EXIT_REFUSED)
+    try:
+        template = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if channel == "sms":
+            return {"body": text.rstrip("\r\n")}
+        _fail(f"{path} is not JSON: {exc}", EXIT_REFUSED)
+    if not isinstance(template, dict):
+        _fail(f"{path}: the template must be a JSON object", EXIT_REFUSED)
+    return template
+
+
+def import_summary(campaign_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """valid / invalid totals, invalid counts per reason with their first rows, message count."""
+    added = {}
+    for event in events:
+        if event.get("type") == "ContactsAdded":
+            added[event.get("chunk_no")] = event  # a repeated chunk repeats its counts: count it once
+    reasons: Counter[str] = Counter()
+    first_rows: dict[str, list[int]] = {}
+    for event in added.values():
+        for item in event.get("invalid_rows") or ():
+            reasons[item["reason"]] += 1
+            rows = first_rows.setdefault(item["reason"], [])
+            if len(rows) < INVALID_ROWS_SHOWN:
+                rows.append(item["row"])
+    ready = next((e for e in events if e.get("type") == "CampaignReady"), None)
+    return {
+        "campaign_id": campaign_id,
+        "valid": sum(e.get("valid", 0) for e in added.values()),
+        "invalid": sum(e.get("invalid", 0) for e in added.values()),
+        "invalid_reasons": {reason: {"count": n, "first_rows": sorted(first_rows[reason])}
+                            for reason, n in reasons.most_common()},
+        "ready": ready is not None,
+        "message_count": ready.get("message_count") if ready else None,
+    }
+
+
+@campaign_app.command("create", help=CREATE_HELP)
+def create(
+    csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, readable=True,
+                                    help="Contacts CSV."),
+    name: str = typer.Option(..., "--name", help="Campaign name."),
+    channel: ChannelChoice = typer.Option(..., "--channel", help="sms or email (fixed at creation)."),
+    template_body: Optional[str] = typer.Option(None, "--template-body", help="SMS text with {{variables}}."),
+    template_file: Optional[Path] = typer.Option(None, "--template-file", dir_okay=False,
+                                                 help="JSON of the template (email: subject, html, from_email, ...)."),
+    destination_column: Optional[str] = typer.Option(None, "--destination-column", metavar="NAME",
+                                                     help="Header name (or 1-based number) of the destination column."),
+    description: Optional[str] = typer.Option(None, "--description", help="Free text."),
+    principal: Optional[str] = AsOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    template = _load_template(channel.value, template_body, template_file)
+    try:
+        parsed = read_contacts_csv(csv_path, destination_column)
+    except CsvError as exc:
+        _fail(f"cannot import {csv_path}: {exc}", EXIT_REFUSED, as_json=as_json)
+    campaign_id = cmd.new_id()
+    if not as_json:
+        header = f"header on line 1, destination column {parsed.destination_column!r}" if parsed.has_header \
+            else f"no header, destination in column {parsed.destination_index + 1}"
+        console.print(f"{csv_path}: {len(parsed.contacts)} contacts ({header})")
+
+    async def work() -> list[dict[str, Any]]:
+        progress = Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), console=err,
+                            disable=as_json, transient=True)
+        with progress:
+            task = progress.add_task("chunks", total=None)
+
+            def on_chunk(chunk_no: int, chunks: int, _events: list) -> None:
+                progress.update(task, total=chunks, completed=chunk_no + 1)
+
+            return await cmd.create_campaign_from_rows(
+                name=name, channel=channel.value, template=template, contacts=parsed.contacts,
+                description=description, issued_by=principal, campaign_id=campaign_id, settings=get_settings(),
+                timeout_s=timeout, on_chunk=on_chunk,
+            )
+
+    events = _run_async(work(), as_json)
+    summary = import_summary(campaign_id, events)
+    rejected = cmd.rejection(events)
+    if as_json:
+        _emit_json({**summary, "rejected": rejected, "events": events})
+        if rejected:
+            raise typer.Exit(EXIT_FAILED)
+        return
+    if rejected:
+        detail = f": {rejected.get('detail')}" if rejected.get("detail") else ""
+        _fail(f"{rejected.get('command_type')} rejected: {rejected.get('reason')}{detail}")
+    console.print(f"campaign [bold]{campaign_id}[/bold]")
+    console.print(f"valid contacts: [green]{summary['valid']}[/green], invalid: "
+                  f"[{'red' if summary['invalid'] else 'green'}]{summary['invalid']}[/]")
+    for reason, info in summary["invalid_reasons"].items():
+        more = ", ..." if info["count"] > len(info["first_rows"]) else ""
+        console.print(f"  {reason}: {info['count']} (rows {', '.join(map(str, info['first_rows']))}{more})")
+    if summary["ready"]:
+        console.print(f"ready: {summary['message_count']} messages. Next: outreach campaign run {campaign_id} "
+                      "--accept-disclaimer", soft_wrap=True)
+
+
+# ------------------------------------------------------------------ campaign run
+
+DISCLAIMER = (
+    "By running this campaign you confirm that: the recipients consented to receive it; its content is "
+    "lawful and appropriate; it includes an opt-out (SMS) / unsubscribe (email) and opted-out contacts are "
+    "excluded; you are responsible for the uploaded data."
+)
+
+
+def _run_summary(campaign_id: str) -> dict[str, Any]:
+    """What `run` shows: from the read model, else from the campaign's events on Kafka."""
+    found: dict[str, Any] = {"campaign_id": campaign_id, "source": None, "status": None, "summary": None}
+    model = _read_model()
+    if model is not None:
+        with model:
+            campaign = model.campaign(campaign_id)
+        if campaign is not None and campaign.get("summary"):
+            found.update(source="read-model", status=campaign["status"], summary=campaign["summary"],
+                         name=campaign.get("name"), channel=campaign.get("channel"))
+            return found
+    events = asyncio.run(cmd.campaign_events_from_kafka(campaign_id, get_settings()))
+    for event in events:
+        kind = event.get("type")
+        if kind == "CampaignCreated":
+            found.update(name=event.get("name"), channel=event.get("channel"))
+        elif kind in ("CampaignReady", "TemplateUpdated") and event.get("summary"):
+            found["summary"] = event["summary"]
+        elif kind == "CampaignStatusChanged":
+            found["status"] = event.get("status")
+        elif kind == "CampaignDeleted":
+            found["status"] = "deleted"
+    if events:
+        found["source"] = "campaign-events"
+    return found
+
+
+def _print_run_summary(found: dict[str, Any]) -> None:
+    summary = found.get("summary")
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_row("Campaign", found["campaign_id"])
+    if not summary:
+        table.add_row("Summary", "[yellow]not available (unknown campaign, or contacts not imported yet)[/yellow]")
+        if found.get("name"):
+            table.add_row("Name", str(found["name"]))
+        console.print(table)
+        return
+    table.add_row("Name", str(summary.get("name")))
+    table.add_row("Channel", str(summary.get("channel")))
+    if found.get("status"):
+        table.add_row("Status", str(found["status"]))
+    table.add_row("Messages", str(summary.get("message_count")))
+    if summary.get("channel") == "sms":
+        table.add_row("Preview", str(summary.get("preview")))
+        table.add_row("Encoding", f"{summary.get('encoding')}, up to {summary.get('segments')} segment(s) per message,"
+                                  f" {summary.get('segments_total')} in all")
+    else:
+        table.add_row("Subject", str(summary.get("preview")))
+        sender = summary.get("from_email") or ""
+        if summary.get("from_name"):
+            sender = f"{summary['from_name']} <{sender}>"
+        table.add_row("From", sender)
+        table.add_row("Attachments", ", ".join(summary.get("attachments") or []) or "none")
+    missing = summary.get("missing_variables_count") or 0
+    if missing:
+        rows = summary.get("rows_missing_variables") or []
+        more = ", ..." if missing > len(rows) else ""
+        table.add_row("Missing variables", f"[yellow]{missing} row(s): {', '.join(map(str, rows))}{more}[/yellow] "
+                                           "(placeholders stay literal)")
+    else:
+        table.add_row("Missing variables", "none")
+    console.print(table)
+
+
+@campaign_app.command("run")
+def run(
+    campaign_id: str = typer.Argument(..., metavar="ID"),
+    accept_disclaimer: bool = typer.Option(False, "--accept-disclaimer",
+                                           help="Accept the run disclaimer (consent, content, opt-out, data)."),
+    principal: Optional[str] = AsOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Show the run summary, then run the campaign (only with --accept-disclaimer; else exit 2, nothing sent)."""
+    try:
+        found = _run_summary(campaign_id)
+    except TimeoutError as exc:
+        _fail(f"Kafka at {get_settings().kafka_bootstrap_servers} does not answer: {exc}", as_json=as_json)
+    if not as_json:
+        _print_run_summary(found)
+        console.print(DISCLAIMER, soft_wrap=True)
+    if not accept_disclaimer:
+        message = "not run: the disclaimer was not accepted (add --accept-disclaimer); nothing was published"
+        if as_json:
+            _emit_json({"summary": found, "run": False, "error": message})
+        else:
+            err.print(f"[yellow]{message}[/yellow]", soft_wrap=True)
+        raise typer.Exit(EXIT_REFUSED)
+    events = _run_async(cmd.run_campaign(campaign_id, issued_by=principal, settings=get_settings(),
+                                         timeout_s=timeout), as_json)
+    _print_answer(events, as_json, summary=found, run=cmd.rejection(events) is None)
+
+
+# ------------------------------------------------------------------ stop / retry / delete
+
+@campaign_app.command("stop")
+def stop(
+    campaign_id: str = typer.Argument(..., metavar="ID"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Confirm without asking."),
+    principal: Optional[str] = AsOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Stop a running campaign: queued messages are cancelled, in-flight ones carry on."""
+    if not yes and not _confirm(f"Stop campaign {campaign_id}? Its queued messages will be cancelled"):
+        _fail("not stopped (confirm with --yes); nothing was published", EXIT_REFUSED, as_json=as_json)
+    events = _run_async(cmd.stop_campaign(campaign_id, issued_by=principal, settings=get_settings(),
+                                          timeout_s=timeout), as_json)
+    _print_answer(events, as_json)
+
+
+@campaign_app.command("retry")
+def retry(
+    campaign_id: str = typer.Argument(..., metavar="ID"),
+    message_ids: Optional[list[str]] = typer.Option(None, "--message-id",
+                                                    help="Retry only these messages (repeat the option)."),
+    include_cancelled: bool = typer.Option(False, "--include-cancelled",
+                                           help="Re-queue cancelled messages too (resume a stopped campaign)."),
+    principal: Optional[str] = AsOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Re-queue failed messages (all but timed-out ones, unless named)."""
+    events = _run_async(cmd.retry_failed(campaign_id, message_ids or None, include_cancelled, issued_by=principal,
+                                         settings=get_settings(), timeout_s=timeout), as_json)
+    _print_answer(events, as_json)
+
+
+@campaign_app.command("delete")
+def delete(
+    campaign_id: str = typer.Argument(..., metavar="ID"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Confirm without asking."),
+    principal: Optional[str] = AsOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Delete a campaign that is not running (its id is never reused)."""
+    if not yes and not _confirm(f"Delete campaign {campaign_id}?"):
+        _fail("not deleted (confirm with --yes); nothing was published", EXIT_REFUSED, as_json=as_json)
+    events = _run_async(cmd.delete_campaign(campaign_id, issued_by=principal, settings=get_settings(),
+                                            timeout_s=timeout), as_json)
+    _print_answer(events, as_json)
+
+
+# ------------------------------------------------------------------ show / events / list
+
+def _counts_table(campaign: dict[str, Any]) -> Group:
+    counts = campaign["counts"]
+    heading = (f"[bold]{campaign.get('name') or campaign['campaign_id']}[/bold] ({campaign.get('channel') or '?'}) "
+               f"{campaign['campaign_id']}: [bold]{campaign['status']}[/bold]"
+               f"{' (stopped)' if campaign.get('stopped') else ''}")
+    table = Table()
+    table.add_column("status")
+    table.add_column("messages", justify="right")
+    for status in MESSAGE_STATUSES:
+        if counts.get(status) or status in ("delivered", "failed", "queued", "sending"):
+            table.add_row(status, str(counts.get(status, 0)))
+    table.add_row("[bold]total[/bold]", f"[bold]{counts['total']}[/bold]")
+    return Group(Text.from_markup(heading), table)
+
+
+def _finished(counts: dict[str, int]) -> int:
+    return sum(counts.get(status, 0) for status in FINAL_MESSAGE_STATUSES)
+
+
+@campaign_app.command("show")
+def show(
+    campaign_id: str = typer.Argument(..., metavar="ID"),
+    watch: bool = typer.Option(False, "--watch", "-w",
+                               help="Refresh until the status is final and the counts stop changing."),
+    interval: float = typer.Option(0.5, "--interval", min=0.1, help="Refresh interval of --watch, seconds."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Status and message counts from the read model."""
+    if not watch:
+        model = _read_model()
+        campaign = model.campaign(campaign_id) if model else None
+        if model:
+            model.close()
+        if campaign is None:
+            _fail(f"unknown campaign {campaign_id} (or the projections service has not seen it yet)", as_json=as_json)
+        if as_json:
+            _emit_json(campaign)
+        else:
+            console.print(_counts_table(campaign))
+        return
+    campaign = _watch(campaign_id, interval, as_json)
+    if as_json:
+        _emit_json(campaign)
+
+
+def _watch(campaign_id: str, interval: float, as_json: bool) -> dict[str, Any]:
+    model: ReadModel | None = None
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn())
+    task = progress.add_task("final", total=None)
+    previous: tuple | None = None
+    campaign: dict[str, Any] | None = None
+    live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=False) if not as_json else None
+    try:
+        if live:
+            live.start()
+        while True:
+            if model is None:
+                model = _read_model()
+            campaign = model.campaign(campaign_id) if model else None
+            if campaign is None:
+                if live:
+                    live.update(f"waiting for campaign {campaign_id} in the read model...", refresh=True)
+            else:
+                counts = campaign["counts"]
+                progress.update(task, total=counts["total"] or None, completed=_finished(counts),
+                                description=f"{campaign['status']}: final")
+                if live:
+                    live.update(Group(_counts_table(campaign), progress), refresh=True)
+                state = (campaign["status"], tuple(sorted(counts.items())))
+                if campaign["status"] in FINAL_CAMPAIGN_STATUSES and state == previous:
+                    return campaign
+                previous = state
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    finally:
+        if live:
+            live.stop()
+            if not console.is_terminal:
+                console.line()
+        if model is not None:
+            model.close()
+
+
+@campaign_app.command("events")
+def events(
+    campaign_id: str = typer.Argument(..., metavar="ID"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """The campaign's event history (read model), in order."""
+    model = _read_model()
+    history = model.events(campaign_id) if model else []
+    if model:
+        model.close()
+    if as_json:
+        _emit_json(history)
+        return
+    if not history:
+        _fail(f"no events of campaign {campaign_id} in the read model")
+    table = Table()
+    for column in ("seq", "occurred at", "type"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("what", overflow="fold")
+    for event in history:
+        table.add_row(str(event.get("sequence")), str(event.get("occurred_at")), str(event.get("type")),
+                      _describe_event(event))
+    console.print(table)
+
+
+@campaign_app.command("list")
+def list_campaigns(as_json: bool = JsonOpt) -> None:
+    """Every campaign in the read model."""
+    model = _read_model()
+    campaigns = model.campaigns() if model else []
+    if model:
+        model.close()
+    if as_json:
+        _emit_json(campaigns)
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("name", "channel", "status", "total", "delivered", "failed"):
+        table.add_column(column)
+    for c in campaigns:
+        table.add_row(c["campaign_id"], str(c.get("name")), str(c.get("channel")),
+                      c["status"] + (" (stopped)" if c.get("stopped") else ""), str(c["counts"]["total"]),
+                      str(c["counts"]["delivered"]), str(c["counts"]["failed"]))
+    console.print(table)
+
+
+def main() -> None:  # python -m outreach.cli
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from services.projections.app import main
+
+main()

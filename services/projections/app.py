@@ -1,0 +1,142 @@
+"""The projections process: keeps the read model (services/projections/read_model.py) up to date.
+
+One aiokafka consumer (group `outreach-projections`) on the two public event topics. Each `getmany` batch
+is decoded, applied in one SQLite transaction, and only then are the offsets committed: delivery is at
+least once, and the apply is idempotent (positions carried in the records), so the effect is exactly once.
+A record that is not valid JSON, or lacks the fields the read model needs, is logged and skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sqlite3
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+from schemas import topics
+from services.common import jsoncodec, kafka
+from services.common.settings import Settings, get_settings
+from services.projections.read_model import InvalidRecord, ReadModel, check_campaign_event, check_message_status
+
+log = logging.getLogger("outreach.projections")
+
+GROUP_ID = "outreach-projections"
+INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
+MAX_RECORDS = 20_000
+POLL_MS = 200
+RETRY_S = 1.0
+
+_CHECKS = {topics.CAMPAIGN_EVENTS: check_campaign_event, topics.MESSAGE_STATUS: check_message_status}
+
+
+def decode_batch(records: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(campaign events, message statuses, skipped) from aiokafka ConsumerRecords; poison records are logged."""
+    campaign_events: list[dict[str, Any]] = []
+    statuses: list[dict[str, Any]] = []
+    skipped = 0
+    for record in records:
+        check = _CHECKS.get(record.topic)
+        if check is None:
+            continue
+        try:
+            value = check(jsoncodec.loads(record.value or b""))
+        except (jsoncodec.JSONDecodeError, InvalidRecord) as exc:
+            skipped += 1
+            log.warning("skipping poison record %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+            continue
+        (campaign_events if record.topic == topics.CAMPAIGN_EVENTS else statuses).append(value)
+    return campaign_events, statuses, skipped
+
+
+def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], statuses: list[dict]) -> int:
+    """Apply a batch in one transaction; if a record in it cannot be stored (a value SQLite cannot bind, a
+    field of the wrong kind), apply the records one by one and skip the bad ones. Returns the skipped count.
+    sqlite3.OperationalError (locked, disk full) is raised: the caller retries the whole batch."""
+    try:
+        model.apply_batch(campaign_events, statuses)
+        return 0
+    except sqlite3.OperationalError:
+        raise
+    except Exception:
+        log.warning("batch of %d records failed; applying them one by one", len(campaign_events) + len(statuses),
+                    exc_info=True)
+    skipped = 0
+    for event in campaign_events:
+        try:
+            model.apply_batch([event], [])
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            skipped += 1
+            log.warning("skipping poison campaign event %s: %r", event.get("event_id"), exc)
+    for status in statuses:
+        try:
+            model.apply_batch([], [status])
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            skipped += 1
+            log.warning("skipping poison message-status record %s: %r", status.get("event_id"), exc)
+    return skipped
+
+
+async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel | None = None,
+                group_id: str = GROUP_ID) -> None:
+    """Consume until `stop` is set (into `read_model`, default the one in settings.data_dir)."""
+    await kafka.ensure_topics(settings)
+    model = read_model or ReadModel.open(settings)
+    consumer = AIOKafkaConsumer(*INPUT_TOPICS, group_id=group_id, **kafka.consumer_config(settings))
+    await consumer.start()
+    log.info("projections consuming %s into %s", ", ".join(INPUT_TOPICS), model.path)
+    try:
+        while not stop.is_set():  # a stop is noticed within POLL_MS
+            try:
+                batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
+            except KafkaError:
+                log.warning("fetch failed; retrying", exc_info=True)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if not batches:
+                continue
+            records = [record for partition_records in batches.values() for record in partition_records]
+            campaign_events, statuses, _skipped = decode_batch(records)
+            applied = not (campaign_events or statuses)
+            while not applied and not stop.is_set():
+                try:
+                    await asyncio.to_thread(apply_isolating_poison, model, campaign_events, statuses)
+                    applied = True
+                except sqlite3.OperationalError:
+                    log.warning("read model unavailable; retrying the batch", exc_info=True)
+                    await asyncio.sleep(RETRY_S)
+            if not applied:
+                break  # stopping: the batch is redelivered to the next consumer (offsets not committed)
+            try:
+                await consumer.commit()
+            except KafkaError:  # e.g. a rebalance: the batch is redelivered, and applying it again changes nothing
+                log.warning("offset commit failed; the batch will be redelivered", exc_info=True)
+    finally:
+        await consumer.stop()
+        if read_model is None:
+            model.close()
+        log.info("projections stopped")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(runner())
+
+
+if __name__ == "__main__":
+    main()
