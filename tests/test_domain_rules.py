@@ -644,11 +644,6 @@ def test_setup_error_fails_queued_and_unaccepted_messages_but_not_accepted_ones(
     assert view["status"] == "in_progress" and view["counts"]["failed"] == 1 and view["counts"]["sending"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a refusal at submission counts as an acceptance: rules.receipt_move always returns accepted=True, and "
-    "application._move_messages (line ~452) takes any move that sets the accepted flag as 'accepted in run', "
-    "so after a 21211 refusal a 20003 no longer fails the run (contract: acceptance = Twilio 201 / "
-    "SendGrid 202 / SMTP 250; a 4xx refusal is none)"))
 def test_setup_error_after_a_refusal_still_fails_the_run(app):
     d = Driver(app)
     cid = _running(d)
@@ -662,10 +657,6 @@ def test_setup_error_after_a_refusal_still_fails_the_run(app):
     assert (block.status[2], block.reason[2]) == ("failed", "setup_error")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "application._result_move (lines ~532-537) maps `sent` and `deferred` straight to receipt_move without "
-    "asking provider_codes.classify, so the channel check that ignores outcomes a channel does not have "
-    "is skipped: an email becomes `sent` (an SMS-only status) and an SMS `retrying` (email-only)"))
 @pytest.mark.parametrize("channel,outcome,code", [("email", "sent", None), ("sms", "deferred", "421")])
 def test_an_outcome_the_channel_does_not_have_is_ignored(app, channel, outcome, code):
     d = Driver(app)

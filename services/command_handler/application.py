@@ -6,6 +6,7 @@ loses on optimistic concurrency and the use case is decided again on fresh state
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -529,18 +530,16 @@ def _result_move(state: rules.MessageState, result: dict, channel: str) -> Move 
         return rules.presend_error_move(state, attempt, code, bool(result.get("final")))
     if outcome == "no_answer":
         return None
-    if outcome == "sent":
-        return rules.receipt_move(state, "sent", None, code, attempt)
-    if outcome == "delivered":
-        return rules.receipt_move(state, "delivered", None, code, attempt)
-    if outcome == "deferred":
-        return rules.receipt_move(state, "retrying", None, code, attempt)
     try:
         status, reason = provider_codes.classify(outcome, code, channel)
-    except ValueError:
+    except ValueError:  # e.g. `sent` for an email, `deferred` for an SMS
         log.warning("ignoring outcome %r (code %r) that the %s channel does not have", outcome, code, channel)
         return None
-    return rules.receipt_move(state, status, reason, code, attempt)
+    move = rules.receipt_move(state, status, reason, code, attempt)
+    if move is not None and outcome == "refused":
+        # Refused at submission: the provider did not accept it (acceptance = Twilio 201 / SendGrid 202 / SMTP 250).
+        move = dataclasses.replace(move, accepted=False)
+    return move
 
 
 def _plain(model: Any) -> Any:

@@ -18,7 +18,7 @@ class Checkpoint:
 class SqliteCheckpointStore:
     def __init__(self, path: Path, name: str):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # saved from a worker thread
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS relay_checkpoint "
                          "(name TEXT PRIMARY KEY, position INTEGER NOT NULL, published INTEGER NOT NULL)")
