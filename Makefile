@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/outreach up --demo
+	$(BIN)/outreach up --demo $(UP_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

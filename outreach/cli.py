@@ -157,6 +157,22 @@ def broker() -> None:
     raise typer.Exit(run_forever(bootstrap))
 
 
+@app.command()
+def up(
+    demo: bool = typer.Option(False, "--demo", help="Run a sample SMS and a sample email campaign together."),
+    exit_after_demo: bool = typer.Option(
+        False, "--exit-after-demo", help="Stop everything after the demo's final summary (for tests and CI)."),
+    demo_size: int = typer.Option(200, "--demo-size", min=1, max=10_000, help="Messages per demo campaign."),
+) -> None:
+    """Run the embedded broker and every service in the foreground; Ctrl-C stops them all.
+
+    With OUTREACH_EXTERNAL_KAFKA=true no broker is started: KAFKA_BOOTSTRAP_SERVERS is used as given.
+    """
+    from outreach.up import run_up
+
+    raise typer.Exit(run_up(demo=demo, exit_after_summary=exit_after_demo, demo_size=demo_size))
+
+
 # ------------------------------------------------------------------ campaign create
 
 CREATE_HELP = "\n\n".join((

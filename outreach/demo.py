@@ -14,8 +14,7 @@ from services.common.settings import Settings
 from services.projections.read_model import ReadModel
 
 FINAL = {"complete", "complete_with_errors", "failed"}
-SHOWN_STATUSES = ("queued", "sending", "sent", "delivered", "assumed_delivered", "retrying", "failed",
-                  "opted_out", "cancelled")
+SHOWN_STATUSES = ("queued", "sending", "sent", "delivered", "failed", "opted_out")
 console = Console()
 
 
@@ -39,11 +38,11 @@ def sample_email_contacts(size: int) -> list[dict]:
 
 def progress_table(read_model: ReadModel, campaigns: dict[str, str]) -> Table:
     table = Table(title="Outreach demo: live progress")
-    table.add_column("campaign")
-    table.add_column("status")
+    table.add_column("campaign", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     table.add_column("total", justify="right")
     for status in SHOWN_STATUSES:
-        table.add_column(status.replace("_", " "), justify="right")
+        table.add_column(status.replace("_", " "), justify="right", no_wrap=True)
     for campaign_id, label in campaigns.items():
         row = read_model.campaign(campaign_id)
         if row is None:
