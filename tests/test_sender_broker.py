@@ -31,6 +31,18 @@ EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "fr
                   "from_name": "Team", "attachments": []}
 
 
+@pytest.fixture(scope="module")
+def kafka_bootstrap(kafka_bootstrap, request):
+    """A private broker for this module: a sender reads every campaign event from the start, so campaigns
+    left on the shared broker by other tests would crowd these tests' claims."""
+    if os.environ.get("OUTREACH_TEST_KAFKA") in ("external", "testcontainers"):
+        return kafka_bootstrap  # the session's broker (pytest hands an overriding fixture its parent)
+    broker = EmbeddedBroker("127.0.0.1", free_port("127.0.0.1"))
+    broker.start()
+    request.addfinalizer(broker.stop)
+    return broker.bootstrap
+
+
 def items_for(campaign_id: str, destinations: list[str]) -> list[dict]:
     return [{"message_id": str(uuid.uuid5(uuid.UUID(campaign_id), f"message:{row}")), "row": row,
              "destination": destination, "variables": {"name": f"n{row}"}, "attempt": 0}
