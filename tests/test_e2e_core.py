@@ -5,8 +5,13 @@ Sizes come from settings so CI can run smaller campaigns: OUTREACH_E2E_SMS_SIZE 
 from __future__ import annotations
 
 import asyncio
+import csv
+import json
 import os
+import re
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections import Counter, defaultdict
 
@@ -101,12 +106,28 @@ async def wait_final(tail: Tail, campaign_id: str, timeout_s: float = 90) -> dic
     return [e for e in tail.campaign_events(campaign_id) if e["type"] == "CampaignStatusChanged"][-1]
 
 
-async def test_sms_and_email_run_together_busy_disclaimer_and_all_delivered(stack, tail, commands):
+def create_from_csv_with_cli(stack_env: dict, path, contacts: list[dict]) -> dict:
+    """`outreach campaign create` on a CSV file (header + one line per contact), as a user would."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["phone", "name"])
+        for c in contacts:
+            writer.writerow([c["destination"], c["variables"]["name"]])
+    done = subprocess.run([sys.executable, "-m", "outreach.cli", "campaign", "create", str(path), "--name", "csv",
+                           "--channel", "sms", "--template-body", "Hello {{name}}", "--json"],
+                          env=stack_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+async def test_sms_and_email_run_together_busy_disclaimer_and_all_delivered(stack, stack_env, tail, commands,
+                                                                          tmp_path):
     contacts, invalid = with_invalid_rows(sms_contacts(SMS_SIZE))
-    campaign = await commands.create_ready_campaign("sms", contacts)
-    added = [e for e in tail.campaign_events(campaign) if e["type"] == "ContactsAdded"]
-    assert sum(a["invalid"] for a in added) == invalid
-    assert sum(a["valid"] for a in added) == SMS_SIZE - invalid
+    imported = await asyncio.to_thread(create_from_csv_with_cli, stack_env, tmp_path / "contacts.csv", contacts)
+    campaign = imported["campaign_id"]
+    assert (imported["valid"], imported["invalid"]) == (SMS_SIZE - invalid, invalid)
+    assert imported["invalid_reasons"]["duplicate_destination"]["count"] == 2
+    assert imported["ready"] and imported["message_count"] == SMS_SIZE - invalid
     other_sms = await commands.create_ready_campaign("sms", sms_contacts(5, last_digit=0))
     email = await commands.create_ready_campaign("email", email_contacts(300))
 
@@ -224,6 +245,14 @@ async def test_malformed_records_go_to_dlq_or_get_rejected(stack, tail, commands
     assert tail.latest_status(campaign) == "ready"
 
 
+def assigned_command_partitions(log_path) -> set[int]:
+    """The outreach.commands partitions a handler process was last assigned (from aiokafka's log line)."""
+    lines = [line for line in log_path.read_text().splitlines() if "Setting newly assigned partitions" in line]
+    if not lines:
+        return set()
+    return {int(p) for p in re.findall(r"topic='outreach\.commands', partition=(\d+)", lines[-1])}
+
+
 def _partition(key: str, count: int) -> int:
     return DefaultPartitioner()(key.encode(), list(range(count)), list(range(count)))
 
@@ -234,12 +263,19 @@ async def test_two_handlers_racing_runs_exactly_one_wins(stack, tail, commands, 
     stack.kill("sender")
     second = stack.start_service("command-handler", instance=1)
     try:
+        handlers = stack.processes["command-handler"]
+        await async_wait_until(lambda: all(assigned_command_partitions(h.log_path) for h in handlers)
+                               and not set.intersection(*(assigned_command_partitions(h.log_path) for h in handlers)),
+                               30, message="the two handlers never shared the command partitions")
+        first_handler, second_handler = (assigned_command_partitions(h.log_path) for h in handlers)
         partitions = settings.partitions
         for round_no in range(20):
             ready = []
             while len(ready) < 2:
                 candidate = await commands.create_ready_campaign("sms", sms_contacts(2, start_row=2))
-                if not ready or _partition(candidate, partitions) != _partition(ready[0], partitions):
+                # One campaign handled by each process.
+                wanted = first_handler if not ready else second_handler
+                if _partition(candidate, partitions) in wanted:
                     ready.append(candidate)
             runs = [command("RunCampaign", c, disclaimer=ALL_TRUE) for c in ready]
             await asyncio.gather(*(commands.producer.send(topics.COMMANDS, jsoncodec.dumps(r), key=r["campaign_id"].encode())

@@ -10,6 +10,7 @@ import logging
 import signal
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from schemas import topics
 from services.common import kafka
@@ -40,7 +41,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 for record in records:
                     await _process(handler, producer, record)
             if batches:
-                await consumer.commit()
+                try:
+                    await consumer.commit()
+                except KafkaError:  # e.g. a rebalance: the records come again, and handling them again changes nothing
+                    log.warning("offset commit failed; the records will be redelivered", exc_info=True)
     finally:
         await consumer.stop()
         await producer.stop()

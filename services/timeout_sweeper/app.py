@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from schemas import topics
 from services.common import ids, jsoncodec, kafka
@@ -60,7 +61,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             if parsed:
                 await asyncio.to_thread(store.apply, parsed, timeouts)
             if batches:
-                await consumer.commit()
+                try:
+                    await consumer.commit()
+                except KafkaError:  # e.g. a rebalance: the records come again, and handling them again changes nothing
+                    log.warning("offset commit failed; the records will be redelivered", exc_info=True)
 
     async def fire() -> None:
         while not stop.is_set():
