@@ -9,9 +9,10 @@ CLAIM_REQUESTS = "outreach.internal.claim-requests"
 SENDER_WORK = "outreach.internal.sender-work"
 SENDER_RESULTS = "outreach.internal.sender-results"
 EXPIRIES = "outreach.internal.expiries"
+OPT_OUTS = "outreach.internal.opt-outs"
 
 PUBLIC_TOPICS = (COMMANDS, CAMPAIGN_EVENTS, MESSAGE_STATUS, COMMANDS_DLQ)
-INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES)
+INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES, OPT_OUTS)
 ALL_TOPICS = PUBLIC_TOPICS + INTERNAL_TOPICS
 # Topics that carry a single stream of operator records: one partition keeps them in arrival order.
 SINGLE_PARTITION_TOPICS = (COMMANDS_DLQ,)

@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,10 +40,53 @@ class Settings(BaseSettings):
     # Simulator
     sim_defer_interval_s: float = Field(1, ge=0.1)
     sim_late_receipt_s: float | None = None
+    simulator_host: str = "127.0.0.1"
+    simulator_port: int = 8930
+
+    # Providers: the HTTP simulator speaks the Twilio and SendGrid APIs, so the real adapters are the default;
+    # `inprocess` uses the simulator's rules without HTTP (to measure the engine alone).
+    sms_provider: Literal["twilio", "inprocess"] = "inprocess"
+    email_provider: Literal["sendgrid", "smtp", "inprocess"] = "inprocess"
+    provider_concurrency: int = Field(64, ge=1)
+    twilio_base_url: str | None = None  # default: the simulator
+    twilio_account_sid: str = "ACsimulator00000000000000000000000"
+    twilio_auth_token: SecretStr = SecretStr("simulator-auth-token")
+    twilio_messaging_service_sid: str = "MGsimulator00000000000000000000000"
+    sendgrid_base_url: str | None = None  # default: the simulator
+    sendgrid_api_key: SecretStr = SecretStr("SG.simulator-api-key")
+    # Base64 DER (SubjectPublicKeyInfo) ECDSA P-256 key that verifies SendGrid's Event Webhook; default: the simulator's.
+    sendgrid_webhook_public_key: str | None = None
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+
+    # Webhook receiver (provider callbacks, inbound SMS, unsubscribe links)
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8931
+    webhook_public_url: str | None = None  # how providers reach the receiver; default http://host:port
+    unsubscribe_secret: SecretStr = SecretStr("change-me-unsubscribe-secret")
 
     @property
     def event_store_sqlite_path(self) -> Path:
         return self.sqlite_path or self.data_dir / "outreach-events.db"
+
+    @property
+    def simulator_url(self) -> str:
+        return f"http://{self.simulator_host}:{self.simulator_port}"
+
+    @property
+    def twilio_url(self) -> str:
+        return (self.twilio_base_url or self.simulator_url).rstrip("/")
+
+    @property
+    def sendgrid_url(self) -> str:
+        return (self.sendgrid_base_url or self.simulator_url).rstrip("/")
+
+    @property
+    def webhook_url(self) -> str:
+        return (self.webhook_public_url or f"http://{self.webhook_host}:{self.webhook_port}").rstrip("/")
 
     @property
     def late_receipt_s(self) -> float:
