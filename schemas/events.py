@@ -256,6 +256,21 @@ class CommandRejected(CampaignEventBase):
     detail: str = ""
 
 
+class CampaignSendingHeld(CampaignEventBase):
+    """Our addition: the provider's circuit breaker holds sending during an outage (messages wait, unburnt)."""
+
+    type: Literal["CampaignSendingHeld"] = "CampaignSendingHeld"
+    provider: str
+    reason: str = ""
+
+
+class CampaignSendingResumed(CampaignEventBase):
+    """Our addition: the provider answers again; held messages are being sent."""
+
+    type: Literal["CampaignSendingResumed"] = "CampaignSendingResumed"
+    provider: str
+
+
 CampaignEvent = Annotated[
     Union[
         CampaignCreated,
@@ -268,6 +283,8 @@ CampaignEvent = Annotated[
         CampaignDeleted,
         CampaignStatusChanged,
         CommandRejected,
+        CampaignSendingHeld,
+        CampaignSendingResumed,
     ],
     Field(discriminator="type"),
 ]

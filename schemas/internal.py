@@ -82,8 +82,13 @@ SenderOutcome = Literal[
     "undelivered",  # receipt with provider_code
     "failed",  # receipt with provider_code
     "deferred",  # email -> retrying
-    "bounced",
+    "bounced",  # email: provider_code = SMTP code or enhanced status
+    "blocked",  # email: the receiving server refused the message
+    "dropped",  # email: SendGrid did not send it; provider_code = its reason
     "opted_out",
+    "spamreport",  # email, after delivery: the destination is opted out, the message keeps its status
+    "unsubscribe",  # email, after delivery: likewise
+    "resubmitted",  # SMTP re-submission of a retrying email (status stays retrying)
     "no_answer",  # handed off, no answer: nothing changes, the message times out
 ]
 SENDER_OUTCOMES: tuple[SenderOutcome, ...] = get_args(SenderOutcome)
@@ -133,3 +138,34 @@ class Expiry(BaseModel):
     message_id: WireId
     kind: ExpiryKind
     since_sequence: NonNegativeInt
+
+
+class SendingHold(BaseModel):
+    """Sender -> handler (`outreach.internal.sender-results`): a provider's circuit breaker opened or closed."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["SendingHold"] = "SendingHold"
+    hold_id: WireId
+    campaign_id: WireId
+    provider: str
+    held: bool
+    reason: str = ""
+    occurred_at: UtcDatetime
+
+
+OptOutSource = Literal["sms_stop", "sms_start", "twilio_21610", "email_unsubscribe", "email_spamreport"]
+
+
+class OptOutChanged(BaseModel):
+    """Webhook receiver -> handler (`outreach.internal.opt-outs`, key destination): a destination opted out or in."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["OptOutChanged"] = "OptOutChanged"
+    opt_out_id: WireId
+    channel: Literal["sms", "email"]
+    destination: str
+    opted_out: bool
+    source: OptOutSource
+    occurred_at: UtcDatetime

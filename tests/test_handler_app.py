@@ -301,3 +301,78 @@ def test_racing_runs_one_wins_on_optimistic_concurrency(app, monkeypatch):
         assert other_app.campaign_view(second)["status"] == "ready"
     finally:
         other_app.close()
+
+
+def test_opt_outs_suppress_at_run_and_at_claim_and_start_opts_back_in(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=4)
+    contacts = sms_contacts(4)
+    app.apply_opt_out(opt_out_id="o1", channel="sms", destination=contacts[0]["destination"], opted_out=True,
+                      source="sms_stop")
+    started, _ = d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    assert (started["message_count"], started["suppressed_count"]) == (3, 1)
+    # Opts out after the run, before the claim: its queued message is not sent either.
+    app.apply_opt_out(opt_out_id="o2", channel="sms", destination=contacts[1]["destination"], opted_out=True,
+                      source="sms_stop")
+    assert app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10) == 2
+    view = app.campaign_view(cid)
+    assert view["counts"]["opted_out"] == 2 and view["counts"]["sending"] == 2
+    app.apply_opt_out(opt_out_id="o3", channel="sms", destination=contacts[0]["destination"], opted_out=False,
+                      source="sms_start")
+    assert contacts[0]["destination"] not in app.suppressed("sms")
+    assert contacts[1]["destination"] in app.suppressed("sms") and not app.suppressed("email")
+
+
+def test_21610_and_spam_reports_add_to_the_opt_out_list(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=2)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10)
+    mid = ids.message_id(cid, 2)
+    app.apply_results(result_id="r", campaign_id=cid,
+                      results=[{"message_id": mid, "outcome": "refused", "attempt": 1, "provider_code": "21610"}])
+    assert sms_contacts(1)[0]["destination"] in app.suppressed("sms")
+    assert app.campaign_view(cid)["counts"]["opted_out"] == 1
+
+
+def test_email_outcomes_bounce_blocked_dropped_resubmitted_and_spam_report(app):
+    d = Driver(app)
+    cid = str(uuid.uuid4())
+    d.send("CreateCampaign", cid, name="e", channel="email",
+           template={"subject": "s", "html": "<p>h</p>", "from_email": "a@example.com", "from_name": "A",
+                     "attachments": []})
+    d.send("AddContacts", cid, chunk_no=0, last_chunk=True,
+           contacts=[{"row": r, "destination": f"u{r}@example.com", "variables": {}} for r in range(1, 6)])
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10)
+    m = [ids.message_id(cid, r) for r in range(1, 6)]
+    accepted = [{"message_id": x, "outcome": "accepted", "attempt": 1} for x in m]
+    app.apply_results(result_id="a", campaign_id=cid, results=accepted + [
+        {"message_id": m[0], "outcome": "bounced", "provider_code": "5.1.1"},
+        {"message_id": m[1], "outcome": "blocked", "provider_code": None},
+        {"message_id": m[2], "outcome": "dropped", "provider_code": "Unsubscribed Address"},
+        {"message_id": m[3], "outcome": "deferred", "provider_code": "421"},
+        {"message_id": m[3], "outcome": "resubmitted", "attempt": 2, "provider_code": "421"},
+        {"message_id": m[4], "outcome": "delivered"},
+        {"message_id": m[4], "outcome": "spamreport"},
+        {"message_id": m[4], "outcome": "sent"},  # not an email outcome: ignored
+    ])
+    d.new_records()
+    view = app.campaign_view(cid)
+    c = view["counts"]
+    assert (c["failed"], c["opted_out"], c["retrying"], c["delivered"]) == (2, 1, 1, 1)
+    assert view["status"] == "active_retries" and not view["holds_channel"]
+    assert "u5@example.com" in app.suppressed("email")
+    block = app.repository.get(ids.block_id(cid, 0))
+    assert block.reason[:2] == ["bounced", "blocked"] and block.attempt[3] == 2
+
+
+def test_sending_hold_is_told_once_per_change(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=1)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    d.new_records()
+    for held in (True, True, False, False):
+        app.apply_hold(hold_id=str(uuid.uuid4()), campaign_id=cid, provider="twilio", held=held, reason="outage")
+    events = [r["value"]["type"] for r in d.new_records() if r["topic"] == topics.CAMPAIGN_EVENTS]
+    assert events == ["CampaignSendingHeld", "CampaignSendingResumed"]

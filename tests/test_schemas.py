@@ -419,6 +419,8 @@ VALID_EVENTS = {
                                    stopped=False, counts=COUNTS),
     "CommandRejected": event("CommandRejected", sequence=0, command_id=COMMAND_ID, command_type="Frobnicate",
                              reason="invalid_command", detail="unknown command type"),
+    "CampaignSendingHeld": event("CampaignSendingHeld", provider="twilio", reason="10 submissions failed in a row"),
+    "CampaignSendingResumed": event("CampaignSendingResumed", provider="twilio"),
 }
 
 

@@ -21,7 +21,7 @@ from services.command_handler.handlers import DLQ_VALUE_LIMIT, DeadLetter, Recor
 log = logging.getLogger("outreach.command_handler")
 
 GROUP_ID = "outreach-command-handler"
-INPUT_TOPICS = (topics.COMMANDS, topics.CLAIM_REQUESTS, topics.SENDER_RESULTS, topics.EXPIRIES)
+INPUT_TOPICS = (topics.COMMANDS, topics.CLAIM_REQUESTS, topics.SENDER_RESULTS, topics.EXPIRIES, topics.OPT_OUTS)
 TRIES_BEFORE_DLQ = 3
 
 

@@ -24,7 +24,7 @@ from services.command_handler import wire
 from services.command_handler.domain import contacts as contact_rules
 from services.command_handler.domain import provider_codes, rules
 from services.command_handler.domain.model import (
-    Campaign, ChannelLock, CommandLog, MessageBlock, Rejected,
+    Campaign, ChannelLock, CommandLog, MessageBlock, OptOutList, Rejected,
 )
 from services.command_handler.domain.rules import Move
 
@@ -344,8 +344,36 @@ class OutreachApp(Application):
         return [campaign]
 
     def suppressed(self, channel: str) -> set[str]:
-        """Opted-out destinations of a channel. The opt-out list arrives with the sender issue; none yet."""
-        return set()
+        """Opted-out destinations of a channel: never sent to until they opt back in."""
+        opt_outs = self._load(ids.opt_out_list_id(channel))
+        return opt_outs.destinations if opt_outs is not None else set()
+
+    def _opt_out_list(self, channel: str) -> OptOutList:
+        return self._load(ids.opt_out_list_id(channel)) or OptOutList(channel)
+
+    def apply_opt_out(self, *, opt_out_id: str, channel: str, destination: str, opted_out: bool,
+                      source: str) -> None:
+        """SMS STOP/START, 21610, email unsubscribe or spam report: the channel's opt-out list changes."""
+
+        def decide() -> list[Any]:
+            opt_outs = self._opt_out_list(channel)
+            if opted_out:
+                opt_outs.opt_out(destination, source, opt_out_id)
+            else:
+                opt_outs.opt_in(destination, source, opt_out_id)
+            return [opt_outs] if opt_outs.pending_events else []
+
+        self._run(decide)
+
+    def apply_hold(self, *, hold_id: str, campaign_id: str, provider: str, held: bool, reason: str) -> None:
+        def decide() -> list[Any]:
+            campaign = self._load(uuid.UUID(campaign_id))
+            if campaign is None:
+                return []
+            campaign.record_hold(provider=provider, held=held, reason=reason, causation_id=hold_id)
+            return [campaign] if campaign.pending_events else []
+
+        self._run(decide)
 
     # ----- claims -------------------------------------------------------------------------------
     def claim(self, *, claim_id: str, campaign_id: str, max_messages: int) -> int:
@@ -420,8 +448,15 @@ class OutreachApp(Application):
                     log.warning("result for unknown message %s of campaign %s", result["message_id"], campaign_id)
                     continue
                 per_block[ref[0]].append({**result, "_index": ref[1]})
-            return self._move_messages(campaign, per_block, result_id,
-                                       lambda state, r: _result_move(state, r, campaign.channel))
+            to_save = self._move_messages(campaign, per_block, result_id,
+                                          lambda state, r: _result_move(state, r, campaign.channel))
+            opt_outs = self._opt_out_list(campaign.channel)
+            for position, block_results in per_block.items():
+                for r in block_results:
+                    if _opts_out(r, campaign.channel):
+                        destination = self._block_at(campaign, position).destinations[r["_index"]]
+                        opt_outs.opt_out(destination, f"result:{r['outcome']}", result_id)
+            return to_save + ([opt_outs] if opt_outs.pending_events else [])
 
         self._run(decide)
 
@@ -520,10 +555,32 @@ def _awaiting(state: rules.MessageState) -> int:
     return 1 if state.status == "sending" and not state.accepted else 0
 
 
+# Outcomes that put the destination on the channel's opt-out list (the message keeps its own status rules).
+_OPT_OUT_OUTCOMES = frozenset({"spamreport", "unsubscribe", "opted_out"})
+
+
+def _opts_out(result: dict, channel: str) -> bool:
+    if result["outcome"] in _OPT_OUT_OUTCOMES:
+        return True
+    return channel == "sms" and result["outcome"] in ("refused", "failed", "undelivered") \
+        and str(result.get("provider_code")) == "21610"
+
+
 def _result_move(state: rules.MessageState, result: dict, channel: str) -> Move | None:
     outcome = result["outcome"]
     attempt = result.get("attempt") or 0
     code = result.get("provider_code")
+    if outcome in ("spamreport", "unsubscribe"):
+        return None  # after delivery: only the opt-out list changes
+    if outcome == "resubmitted":
+        # Our own SMTP re-submission of a deferred email: recorded, status stays retrying.
+        if state.status != "retrying" or attempt <= state.attempt:
+            return None
+        return Move(status="retrying", provider_code=code, attempt=attempt)
+    if outcome == "blocked":
+        outcome, code = "bounced", "blocked"
+    elif outcome == "dropped":
+        outcome, code = "bounced", f"dropped: {code or ''}"
     if outcome == "accepted":
         return rules.acceptance_move(state, attempt)
     if outcome == "presend_error":

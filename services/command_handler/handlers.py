@@ -55,9 +55,16 @@ class RecordHandler:
         if topic == topics.CLAIM_REQUESTS:
             self.app.claim(claim_id=value["claim_id"], campaign_id=value["campaign_id"],
                            max_messages=int(value["max_messages"]))
+        elif topic == topics.SENDER_RESULTS and value.get("type") == "SendingHold":
+            self.app.apply_hold(hold_id=value["hold_id"], campaign_id=value["campaign_id"],
+                                provider=value["provider"], held=bool(value["held"]), reason=value.get("reason", ""))
         elif topic == topics.SENDER_RESULTS:
             self.app.apply_results(result_id=value["result_id"], campaign_id=value["campaign_id"],
                                    results=value["results"])
+        elif topic == topics.OPT_OUTS:
+            self.app.apply_opt_out(opt_out_id=value["opt_out_id"], channel=value["channel"],
+                                   destination=value["destination"], opted_out=bool(value["opted_out"]),
+                                   source=value.get("source", ""))
         elif topic == topics.EXPIRIES:
             self.app.apply_expiry(expiry_id=value["expiry_id"], campaign_id=value["campaign_id"],
                                   message_id=value["message_id"], kind=value["kind"],

@@ -155,6 +155,12 @@ def _progressed(e: Any) -> list:
     return []
 
 
+def _hold_changed(e: Any) -> list:
+    if e.held:
+        return [_event("CampaignSendingHeld", provider=e.provider, reason=e.reason)]
+    return [_event("CampaignSendingResumed", provider=e.provider)]
+
+
 _CAMPAIGN_MAPPERS = {
     Campaign.Created: _created,
     Campaign.ContactsAdded: _contacts_added,
@@ -167,6 +173,7 @@ _CAMPAIGN_MAPPERS = {
     Campaign.CommandRejected: _rejected,
     Campaign.WorkClaimed: _work_claimed,
     Campaign.Progressed: _progressed,
+    Campaign.HoldChanged: _hold_changed,
 }
 
 

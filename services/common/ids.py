@@ -24,6 +24,10 @@ def channel_lock_id(channel: str) -> uuid.UUID:
     return uuid.uuid5(OUTREACH_NS, f"channel-lock:{channel}")
 
 
+def opt_out_list_id(channel: str) -> uuid.UUID:
+    return uuid.uuid5(OUTREACH_NS, f"opt-outs:{channel}")
+
+
 def command_log_id(command_id: str) -> uuid.UUID:
     return uuid.uuid5(OUTREACH_NS, f"command:{command_id}")
 

@@ -58,6 +58,7 @@ class Campaign(Aggregate):
         self.awaiting_acceptance = 0
         self.claim_cursor = 0
         self.recent_claims: list[str] = []
+        self.held_by: dict[str, bool] = {}
         self.summary: dict | None = None
 
     @staticmethod
@@ -273,6 +274,17 @@ class Campaign(Aggregate):
                           causation_id: str) -> None:
         pass
 
+    # ----- provider holds -----------------------------------------------------------------------
+    def record_hold(self, *, provider: str, held: bool, reason: str, causation_id: str) -> None:
+        """The sender's circuit breaker held (or resumed) this campaign's sending; told only on a change."""
+        if self.held_by.get(provider, False) == held:
+            return
+        self._hold_changed(provider=provider, held=held, reason=reason, causation_id=causation_id)
+
+    @event("HoldChanged")
+    def _hold_changed(self, provider: str, held: bool, reason: str, causation_id: str) -> None:
+        self.held_by = {**self.held_by, provider: held}
+
     # ----- claims and message progress ----------------------------------------------------------
     def claim_seen(self, claim_id: str) -> bool:
         return claim_id in self.recent_claims
@@ -457,6 +469,35 @@ class ChannelLock(Aggregate):
     @event("Released")
     def _released(self, campaign_id: str) -> None:
         self.holder = None
+
+
+class OptOutList(Aggregate):
+    """The destinations of one channel that opted out (SMS STOP, 21610, email unsubscribe or spam report)."""
+
+    @event("Created")
+    def __init__(self, channel: str):
+        self.channel = channel
+        self.destinations: set[str] = set()
+
+    @staticmethod
+    def create_id(channel: str) -> uuid.UUID:
+        return ids.opt_out_list_id(channel)
+
+    def opt_out(self, destination: str, source: str, causation_id: str) -> None:
+        if destination not in self.destinations:
+            self._opted_out(destination=destination, source=source, causation_id=causation_id)
+
+    def opt_in(self, destination: str, source: str, causation_id: str) -> None:
+        if destination in self.destinations:
+            self._opted_in(destination=destination, source=source, causation_id=causation_id)
+
+    @event("OptedOut")
+    def _opted_out(self, destination: str, source: str, causation_id: str) -> None:
+        self.destinations.add(destination)
+
+    @event("OptedIn")
+    def _opted_in(self, destination: str, source: str, causation_id: str) -> None:
+        self.destinations.discard(destination)
 
 
 class CommandLog(Aggregate):
