@@ -15,7 +15,7 @@ from services.sender.app import OffsetTracker
 from services.sender.claims import ClaimBook, claim_size
 from services.sender.dispatch import Dispatcher, ResultsBatcher, backoff_delay
 from services.sender.journal import Journal
-from services.sender.providers import InProcessSimulator
+from services.sender.providers import InProcessSimulator, _real_adapter, adapters_for
 
 SMS_TEMPLATE = {"body": "Hi {{name}}"}
 EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
@@ -82,12 +82,12 @@ async def test_simulator_sms(destination, expected):
     ("ooto@simulator.amazonses.com", DELIVERED_EMAIL),
     ("bounce@simulator.amazonses.com", [("accepted", None), ("bounced", "550")]),
     ("suppressionlist@simulator.amazonses.com", [("accepted", None), ("bounced", "550")]),
-    ("complaint@simulator.amazonses.com", DELIVERED_EMAIL),
+    ("complaint@simulator.amazonses.com", DELIVERED_EMAIL + [("spamreport", None)]),  # within the second
     ("ann+fail503x2@example.com", P503),  # first submission; see the sequence test below
     ("ann+fail503@example.com", P503),
     ("ann+noanswer@example.com", [("no_answer", None)]),
-    ("ann+defer@example.com", [("accepted", None), ("deferred", None)]),
-    ("ann+deferforever@example.com", [("accepted", None), ("deferred", None)]),
+    ("ann+defer@example.com", [("accepted", None), ("deferred", None)]),  # delivered 2 deferral intervals later
+    ("ann+deferforever@example.com", [("accepted", None), ("deferred", None)]),  # repeated deferrals: not reported
     ("ann@example.com", DELIVERED_EMAIL),
 ])
 async def test_simulator_email(destination, expected):
@@ -110,12 +110,70 @@ async def test_simulator_counts_submissions_per_message():
     assert outcomes(await sim.submit("sms", [item("+12025550104")], SMS_TEMPLATE)) == P503
 
 
+async def test_simulator_reports_later_receipts_through_run_retries():
+    """Receipts due after the contract's second come later (SMS digit 7, a `+defer` email's delivery);
+    a deferral repeated changes nothing and is not reported; with compressed time all come at once."""
+    sim = InProcessSimulator(Settings(sim_late_receipt_s=1.2, sim_defer_interval_s=0.6))
+    stop = asyncio.Event()
+    later: list[tuple[str, list[dict]]] = []
+
+    async def publish(records):
+        later.extend(records)
+
+    runner = asyncio.create_task(sim.run_retries(stop, publish))
+    await asyncio.sleep(0)
+    try:
+        cid = str(uuid.uuid4())
+        sms, email = {**item("+12025550107"), "campaign_id": cid}, {**item("ann+defer@example.com"), "campaign_id": cid}
+        now_sms = await sim.submit("sms", [sms], SMS_TEMPLATE)
+        now_email = await sim.submit("email", [email], EMAIL_TEMPLATE)
+        assert outcomes(now_sms) == ACCEPTED_SENT
+        assert outcomes(now_email) == [("accepted", None), ("deferred", None)]
+        assert sim.pending_receipts == 2
+        await asyncio.sleep(1.6)
+        assert sorted((c, r["message_id"], r["outcome"], r["attempt"]) for c, rs in later for r in rs) == sorted([
+            (cid, sms["message_id"], "delivered", 1), (cid, email["message_id"], "delivered", 1)])
+        assert {r["provider_message_id"] for _, rs in later for r in rs} == {
+            now_sms[0]["provider_message_id"], now_email[0]["provider_message_id"]}
+        await sim.submit("sms", [{**sms, "message_id": str(uuid.uuid4())}], SMS_TEMPLATE)
+        assert sim.pending_receipts == 1
+    finally:
+        stop.set()
+        await runner
+    assert sim.pending_receipts == 0  # cancelled with the sender
+    assert await sim.probe() is True
+
+    fast = InProcessSimulator(Settings(sim_defer_interval_s=0.1))
+    assert outcomes(await fast.submit("email", [item("bo+defer@example.com")], EMAIL_TEMPLATE)) == [
+        ("accepted", None), ("deferred", None), ("delivered", None)]
+
+
 async def test_simulator_email_submission_outcome_applies_to_the_whole_call():
     sim = InProcessSimulator(Settings())
     call = [item("ann@example.com"), item("bob+fail503@example.com"), item("success@simulator.amazonses.com")]
     results = await sim.submit("email", call, EMAIL_TEMPLATE)
     assert [r["message_id"] for r in results] == [i["message_id"] for i in call]
     assert all(outcomes([r]) == P503 for r in results)
+
+
+async def test_adapters_for_follows_the_provider_settings(tmp_path):
+    default = adapters_for(Settings(data_dir=tmp_path))
+    assert isinstance(default["sms"], InProcessSimulator) and default["sms"] is default["email"]
+
+    TwilioAdapter = pytest.importorskip("services.sender.twilio").TwilioAdapter  # written beside this one
+    SendGridAdapter = pytest.importorskip("services.sender.sendgrid").SendGridAdapter
+    SmtpAdapter = pytest.importorskip("services.sender.smtp").SmtpAdapter
+
+    real = adapters_for(Settings(data_dir=tmp_path, sms_provider="twilio", email_provider="sendgrid"))
+    smtp = adapters_for(Settings(data_dir=tmp_path / "smtp", sms_provider="inprocess", email_provider="smtp"))
+    try:
+        assert isinstance(real["sms"], TwilioAdapter) and isinstance(real["email"], SendGridAdapter)
+        assert isinstance(smtp["sms"], InProcessSimulator) and isinstance(smtp["email"], SmtpAdapter)
+    finally:
+        for adapter in (real["sms"], real["email"], smtp["email"]):
+            await adapter.close()
+    with pytest.raises(RuntimeError, match="not available"):
+        _real_adapter("no_such_module", "NoAdapter", Settings())
 
 
 # ---------------------------------------------------------------- dispatcher harness

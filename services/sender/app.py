@@ -11,7 +11,10 @@
 - Claim size: about 2 s of the channel's rate (claims.py); for SMS in messages, from the segments per
   message (the template's, from CampaignCreated / TemplateUpdated, then the rendered messages of each
   WorkClaimed). Sending itself is paced by a token bucket per channel in the dispatcher (ratelimit.py).
-- Results leave as `SenderResults` on `outreach.internal.sender-results`, batched per campaign.
+- Results leave as `SenderResults` on `outreach.internal.sender-results`, batched per campaign; the
+  circuit breakers' `SendingHold` records (dispatch.py, breaker.py) leave the same way.
+- An adapter with `run_retries(stop, publish)` (SMTP re-submissions of deferred emails, the in-process
+  simulator's late receipts) runs beside the loops; what it publishes goes through the results batcher.
 
 SIGTERM / SIGINT: stop claiming and fetching, let the claims in hand finish (up to `DRAIN_TIMEOUT_S`),
 flush the results, commit, exit.
@@ -103,7 +106,8 @@ class Sender:
         self.producer = producer
         self.book = ClaimBook(timeout_s=claim_timeout_s)
         self.tracker = OffsetTracker()
-        self.results = ResultsBatcher(journal, self.publish_results)
+        self.adapters = adapters
+        self.results = ResultsBatcher(journal, self.publish_results, publish_records=self.publish_records)
         self.dispatcher = Dispatcher(settings, journal, adapters, self.results)
         self.jobs: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # the claim loop has something to do
@@ -260,11 +264,45 @@ class Sender:
                                                   key=campaign_id.encode()))
         await asyncio.gather(*sends)
 
+    async def publish_later(self, records: list[tuple[str, list[dict]]]) -> None:
+        """Results an adapter reports on its own (SMTP re-submissions, late receipts): through the batcher,
+        returning once they are published."""
+        await asyncio.gather(*(self.results.add(campaign_id, results) for campaign_id, results in records))
+
+    async def publish_records(self, records: list[tuple[str, dict]]) -> None:
+        """Whole records for the results topic (SendingHold), keyed by campaign."""
+        sends = [await self.producer.send(topics.SENDER_RESULTS, value=jsoncodec.dumps(value),
+                                          key=campaign_id.encode())
+                 for campaign_id, value in records]
+        await asyncio.gather(*sends)
+
     # ------------------------------------------------------------------ lifecycle
+
+    def _start_background(self, stop: asyncio.Event) -> list[asyncio.Task]:
+        """Each adapter's `run_retries(stop, publish)` (an adapter serving both channels runs once)."""
+        tasks, seen = [], set()
+        for channel, adapter in self.adapters.items():
+            run_retries = getattr(adapter, "run_retries", None)
+            if run_retries is None or id(adapter) in seen:
+                continue
+            seen.add(id(adapter))
+
+            async def background(run_retries=run_retries, channel=channel) -> None:
+                try:
+                    await run_retries(stop, self.publish_later)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s adapter's background work failed", channel)
+
+            tasks.append(asyncio.create_task(background()))
+        return tasks
 
     async def run(self, stop: asyncio.Event, events: AIOKafkaConsumer, work: AIOKafkaConsumer) -> None:
         results_stop = asyncio.Event()  # set last: results flush until every claim in hand is done
         flusher = asyncio.create_task(self.results.run(results_stop))
+        background_stop = asyncio.Event()  # adapters' background work: stopped once the claims are done
+        background = self._start_background(background_stop)
         loops = [asyncio.create_task(self.events_loop(events, stop)),
                  asyncio.create_task(self.work_loop(work, stop)),
                  asyncio.create_task(self.claim_loop(stop))]
@@ -285,6 +323,12 @@ class Sender:
         finally:
             for task in loops:
                 task.cancel()
+            background_stop.set()
+            await self.dispatcher.close()
+            _, late = await asyncio.wait(background, timeout=DRAIN_TIMEOUT_S) if background else (set(), set())
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             results_stop.set()
             await asyncio.gather(flusher, return_exceptions=True)
             await self.commit_work(work)
@@ -300,7 +344,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     config = kafka.consumer_config(settings)
     events = AIOKafkaConsumer(topics.CAMPAIGN_EVENTS, group_id=events_group, **config)
     work = AIOKafkaConsumer(group_id=work_group, **config)
-    sender = Sender(settings, journal, producer, adapters or adapters_for(settings), claim_timeout_s)
+    own_adapters = adapters is None
+    sender = Sender(settings, journal, producer, adapters_for(settings) if own_adapters else adapters,
+                    claim_timeout_s)
     work.subscribe([topics.SENDER_WORK], listener=_Rebalance(sender, work))
     await producer.start()
     try:
@@ -310,7 +356,23 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     finally:
         await asyncio.gather(events.stop(), work.stop(), return_exceptions=True)
         await producer.stop()
+        if own_adapters:
+            await _close_adapters(sender.adapters)
         journal.close()
+
+
+async def _close_adapters(adapters: Mapping[str, ProviderAdapter]) -> None:
+    """Close the adapters that hold connections (HTTP sessions, SMTP pools), each once."""
+    for adapter in {id(a): a for a in adapters.values()}.values():
+        close = getattr(adapter, "close", None)
+        if close is None:
+            continue
+        try:
+            closing = close()
+            if asyncio.iscoroutine(closing):
+                await closing
+        except Exception:
+            log.exception("closing the %s adapter failed", type(adapter).__name__)
 
 
 def main() -> None:

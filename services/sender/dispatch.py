@@ -5,25 +5,36 @@ path is tested and measured on its own.
 
 Order of effects for each message (at least once, never sent twice):
 1. the hand-off is journalled (one transaction per claim) before any provider call;
-2. the provider is called: each submission (pre-send re-submissions too) takes a slot of its channel
-   (bounded concurrency), then waits for its tokens in the channel's bucket (ratelimit.py), and only
-   then is handed to the adapter;
-3. its results are journalled `done` and then published, batched per campaign;
+2. the provider is called: each submission (pre-send re-submissions too) waits until its provider's
+   circuit breaker is closed (breaker.py), takes a slot of its channel (bounded concurrency), then waits
+   for its tokens in the channel's bucket (ratelimit.py), and only then, the breaker still closed, is
+   handed to the adapter. Tokens are taken after the breaker lets the submission through, so a held
+   submission pays nothing while it waits (if the breaker opens while it pays, it is held again and
+   those tokens are lost, once). A submission held by the breaker is not a submission: the attempt
+   number counts the calls made;
+3. its results are journalled `done` and then published, batched per campaign; every submission's
+   results also go to the breaker (a pre-send error counts towards opening it, an answer resets it);
 4. the claim counts as finished (its offset may be committed) once all of its results are published.
+
+When a provider's breaker opens or closes, each campaign with a claim in hand on that provider gets a
+`SendingHold {held: true|false}` record (same topic and key as its results); a campaign whose claim
+arrives while the breaker is open gets its `held: true` then.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.settings import Settings
+from services.sender.breaker import HELD_REASON, ProviderBreaker
 from services.sender.journal import Journal
-from services.sender.providers import ProviderAdapter, make_result
+from services.sender.providers import ProviderAdapter, make_result, provider_name, utc_now
 from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
 
 log = logging.getLogger("outreach.sender")
@@ -54,6 +65,7 @@ def should_retry(results: list[dict], submission: int, retries: int) -> bool:
 # ------------------------------------------------------------------ results out
 
 Publish = Callable[[list[tuple[str, list[dict]]]], Awaitable[None]]
+PublishRecords = Callable[[list[tuple[str, dict]]], Awaitable[None]]
 
 
 @dataclass
@@ -62,6 +74,7 @@ class _Pending:
     results: list[dict]
     done: list[tuple[str, str, list[dict]]]
     future: asyncio.Future
+    record: dict | None = None  # a whole record (SendingHold) instead of results
 
 
 class ResultsBatcher:
@@ -70,12 +83,15 @@ class ResultsBatcher:
 
     `publish([(campaign_id, results), ...])` returns once the broker has every record. The future of `add`
     resolves after both steps; a failed flush is retried (journal writes are idempotent).
+    Other records of the same topic (SendingHold) go with the same flush through
+    `publish_records([(campaign_id, record), ...])`, after the results; without it they are dropped.
     """
 
     def __init__(self, journal: Journal, publish: Publish, interval_s: float = FLUSH_INTERVAL_S,
-                 max_results: int = MAX_RESULTS_PER_RECORD):
+                 max_results: int = MAX_RESULTS_PER_RECORD, publish_records: PublishRecords | None = None):
         self._journal = journal
         self._publish = publish
+        self._publish_records = publish_records
         self._interval_s = interval_s
         self._max_results = max_results
         self._pending: list[_Pending] = []
@@ -89,6 +105,12 @@ class ResultsBatcher:
         self._pending_results += len(results)
         if self._pending_results >= self._max_results:
             self._full.set()
+        return future
+
+    def add_record(self, campaign_id: str, record: dict) -> asyncio.Future:
+        """A whole record keyed by `campaign_id` (SendingHold), published with the next flush."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(campaign_id, [], [], future, record))
         return future
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -117,10 +139,18 @@ class ResultsBatcher:
             self._journal.finish(row for p in batch for row in p.done)
             per_campaign: dict[str, list[dict]] = defaultdict(list)  # insertion order = report order
             for p in batch:
-                per_campaign[p.campaign_id].extend(p.results)
+                if p.record is None:
+                    per_campaign[p.campaign_id].extend(p.results)
             records = [(cid, results[i:i + self._max_results])
                        for cid, results in per_campaign.items() for i in range(0, len(results), self._max_results)]
-            await self._publish(records)
+            if records:
+                await self._publish(records)
+            others = [(p.campaign_id, p.record) for p in batch if p.record is not None]
+            if others:
+                if self._publish_records is not None:
+                    await self._publish_records(others)
+                else:
+                    log.warning("no publisher for %d %s records; dropped", len(others), others[0][1].get("type"))
         except BaseException:
             self._pending[:0] = batch  # keep them first, in order, for the next flush
             self._pending_results += sum(len(p.results) for p in batch)
@@ -140,10 +170,15 @@ class ClaimReport:
 
 
 class Dispatcher:
+    """Works claims (`process`). `breaker_options` go to each provider's `ProviderBreaker` (threshold,
+    probe backoff, clock and sleep: tests compress time with them)."""
+
     def __init__(self, settings: Settings, journal: Journal, adapters: Mapping[str, ProviderAdapter],
                  results: ResultsBatcher, *, max_in_flight: int = MAX_IN_FLIGHT,
                  limiters: Mapping[str, TokenBucket] | None = None,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rand: Callable[[], float] = random.random):
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rand: Callable[[], float] = random.random,
+                 breaker_options: Mapping[str, Any] | None = None):
+        self._settings = settings
         self._retries = settings.presend_retries
         self._backoff_s = settings.presend_backoff_s
         self._journal = journal
@@ -154,6 +189,67 @@ class Dispatcher:
         self._limiters = limiters if limiters is not None else channel_limiters(settings)
         self._sleep = sleep
         self._rand = rand
+        self._breaker_options = dict(breaker_options or {})
+        # One breaker per provider, i.e. per adapter object (channels sharing an adapter share it).
+        self._breakers: dict[int, ProviderBreaker] = {}
+        self._claims_in_hand: dict[int, dict[str, int]] = defaultdict(dict)  # breaker -> campaign -> claims
+        self._held: dict[int, set[str]] = defaultdict(set)  # breaker -> campaigns told `held: true`
+
+    # ------------------------------------------------------------------ circuit breakers
+
+    def breaker(self, channel: str) -> ProviderBreaker:
+        """The breaker of the provider `channel` sends through (made on first use)."""
+        adapter = self._adapters[channel]
+        key = id(adapter)
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            probe = getattr(adapter, "probe", None)
+            if probe is None:
+                async def probe() -> bool:  # an adapter that cannot look its account up: retry by time
+                    return True
+            breaker = ProviderBreaker(provider_name(self._settings, channel), probe,
+                                      on_change=lambda held, reason: self._on_breaker(key, held, reason),
+                                      **self._breaker_options)
+            self._breakers[key] = breaker
+        return breaker
+
+    def _on_breaker(self, key: int, held: bool, reason: str) -> None:
+        breaker = self._breakers[key]
+        if held:
+            waiting = [cid for cid, claims in self._claims_in_hand[key].items() if claims > 0]
+        else:
+            waiting = sorted(self._held.pop(key, set()))
+        for campaign_id in waiting:
+            self._hold_record(key, breaker, campaign_id, held, reason)
+
+    def _hold_record(self, key: int, breaker: ProviderBreaker, campaign_id: str, held: bool, reason: str) -> None:
+        if held:
+            self._held[key].add(campaign_id)
+        self._results.add_record(campaign_id, {
+            "type": "SendingHold", "hold_id": str(uuid.uuid4()), "campaign_id": campaign_id,
+            "provider": breaker.name, "held": held, "reason": reason, "occurred_at": utc_now()})
+
+    def _claim_started(self, channel: str, campaign_id: str) -> None:
+        breaker = self.breaker(channel)
+        key = id(self._adapters[channel])
+        in_hand = self._claims_in_hand[key]
+        in_hand[campaign_id] = in_hand.get(campaign_id, 0) + 1
+        if breaker.is_open and campaign_id not in self._held[key]:
+            self._hold_record(key, breaker, campaign_id, True, HELD_REASON)
+
+    def _claim_finished(self, channel: str, campaign_id: str) -> None:
+        in_hand = self._claims_in_hand[id(self._adapters[channel])]
+        left = in_hand.get(campaign_id, 0) - 1
+        if left > 0:
+            in_hand[campaign_id] = left
+        else:
+            in_hand.pop(campaign_id, None)
+
+    async def close(self) -> None:
+        """Stop the breakers' probes (shutdown)."""
+        await asyncio.gather(*(breaker.close() for breaker in self._breakers.values()))
+
+    # ------------------------------------------------------------------ claims
 
     async def process(self, work: Mapping[str, Any], on_submitted: Callable[[], None] = lambda: None) -> ClaimReport:
         """Work one WorkClaimed record to the end: returns once every result of it is published.
@@ -192,6 +288,7 @@ class Dispatcher:
             if first_pass_left == 0:
                 on_submitted()
 
+        self._claim_started(channel, campaign_id)
         tasks = [asyncio.ensure_future(self._send_call(adapter, work, call, started, first_submission_done))
                  for call in calls]
         try:
@@ -205,6 +302,8 @@ class Dispatcher:
             self._journal.forget(claim_id, (item["message_id"] for item in fresh
                                             if item["message_id"] not in started))
             raise
+        finally:
+            self._claim_finished(channel, campaign_id)
         return report
 
     async def _send_call(self, adapter: ProviderAdapter, work: Mapping[str, Any], items: list[dict],
@@ -214,20 +313,32 @@ class Dispatcher:
         history: dict[str, list[dict]] = {item["message_id"]: [] for item in items}
         costs = {item["message_id"]: item_cost(channel, work["template"], item) for item in items}
         bucket = self._limiters[channel]
+        breaker = self.breaker(channel)
         futures = []
         pending = items
         submission = 0
         while pending:
             submission += 1
-            # `attempt` = submissions known before this one; the adapter reports attempt + 1.
-            batch = [{**item, "attempt": item["attempt"] + submission - 1} for item in pending]
-            async with self._slots[channel]:
-                # Slot first, then tokens: the submission goes the moment it has paid (no paid-up queue
-                # that would burst past the bucket when slots free up). Cancelled while waiting here,
-                # nothing was sent: the messages stay forgettable.
-                await bucket.acquire(sum(costs[item["message_id"]] for item in pending))
-                started.update(history)
-                results = await self._submit(adapter, channel, batch, work["template"])
+            # `attempt` = submissions known before this one; the adapter reports attempt + 1. Waits for
+            # the breaker below do not count: only a call made is a submission.
+            batch = [{**item, "campaign_id": campaign_id, "attempt": item["attempt"] + submission - 1}
+                     for item in pending]
+            cost = sum(costs[item["message_id"]] for item in pending)
+            while True:
+                await breaker.wait_closed()  # held: no slot, no tokens
+                async with self._slots[channel]:
+                    # Slot first, then tokens: the submission goes the moment it has paid (no paid-up queue
+                    # that would burst past the bucket when slots free up). Cancelled while waiting here,
+                    # nothing was sent: the messages stay forgettable.
+                    if not breaker.allows():
+                        continue
+                    await bucket.acquire(cost)
+                    if not breaker.allows():
+                        continue  # opened while this one paid: held again
+                    started.update(history)
+                    results = await self._submit(adapter, channel, batch, work["template"])
+                    break
+            breaker.record([item["message_id"] for item in pending], results)
             if submission == 1:
                 first_submission_done()
             per_message: dict[str, list[dict]] = defaultdict(list)

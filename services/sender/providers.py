@@ -1,26 +1,39 @@
 """Provider adapters: the edge where messages leave Outreach.
 
-One adapter per channel (`adapters_for`). An adapter submits one provider call carrying `items` (claimed
-work items, see `WorkItem` in schemas/internal.py) and answers one or more results per item, in the
-`SenderResults` result shape (docs/design.md): `{message_id, outcome, attempt, provider_code,
+One adapter per channel (`adapters_for`, chosen by `OUTREACH_SMS_PROVIDER` / `OUTREACH_EMAIL_PROVIDER`).
+An adapter submits one provider call carrying `items` (claimed work items, see `WorkItem` in
+schemas/internal.py, plus the `campaign_id` they belong to) and answers one or more results per item, in
+the `SenderResults` result shape (docs/design.md): `{message_id, outcome, attempt, provider_code,
 provider_message_id, occurred_at}`. `attempt` of a result is `item["attempt"] + 1`: the dispatcher
 passes each item with `attempt` = submissions known before this one.
 
-Only the in-process simulator exists so far. The real Twilio / SendGrid / SMTP adapters (and circuit
-breaking) slot in here later: they implement `ProviderAdapter` and nothing else changes. Rate limiting is
-not the adapters' business: the dispatcher pays each submission's tokens (ratelimit.py) before the call.
+An adapter may also have:
+- `async probe() -> bool`: a request that sends no message (an account lookup); the circuit breaker
+  (breaker.py) probes with it while the provider is held. Without one, a probe always succeeds.
+- `async run_retries(stop, publish)`: background work that reports results later (SMTP re-submissions
+  of deferred emails; the in-process simulator's late receipts), with `async publish([(campaign_id,
+  results), ...])` (the `ResultsBatcher` publish shape; the sender's goes through its batcher). The
+  sender runs it beside the claim loop (app.py).
+
+Rate limiting and circuit breaking are not the adapters' business: the dispatcher passes each submission
+through its provider's breaker and pays its tokens (ratelimit.py) before the call.
 """
 from __future__ import annotations
 
-import re
+import asyncio
+import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from schemas.commands import RFC3339_FORMAT
+from services.common import simulation
 from services.common.settings import Settings
 from services.common.templating import render, render_email
+
+log = logging.getLogger("outreach.sender")
 
 
 class ProviderAdapter(Protocol):
@@ -56,136 +69,181 @@ def render_message(channel: str, template: Mapping[str, Any], variables: Mapping
     return {"subject": subject, "html": html}
 
 
-# ------------------------------------------------------------------ simulator outcome tables (pure)
-# An outcome is a list of steps (outcome, provider_code), all reported for one submission. The first
-# step decides the submission: `presend_error` / `no_answer` / `refused`, or `accepted` followed by the
-# receipts the provider would call back with.
+# ------------------------------------------------------------------ in-process simulator
 
-Steps = list[tuple[str, str | None]]
-
-PRESEND_503: Steps = [("presend_error", "503")]
-NO_ANSWER: Steps = [("no_answer", None)]
-
-TWILIO_TEST_NUMBERS = {  # refused at submission (Twilio magic numbers)
-    "+15005550001": "21211",
-    "+15005550002": "21612",
-    "+15005550003": "21408",
-    "+15005550004": "21610",
-    "+15005550009": "21614",
+# Provider receipt / event names (services.common.simulation) -> SenderResults outcomes. SendGrid's
+# `processed` says nothing the acceptance did not (absent: not reported).
+RECEIPT_OUTCOMES = {
+    "sent": "sent", "delivered": "delivered", "undelivered": "undelivered", "failed": "failed",
+    "deferred": "deferred", "bounce": "bounced", "spamreport": "spamreport",
 }
-_FICTIONAL_SMS = re.compile(r"\+1[0-9]{3}555010([0-9])")  # +1NXX555010d, any area code
+IMMEDIATE_S = 1.0  # receipts due within this (the contract's "within a second") come with the submission
+MAX_PENDING_RECEIPTS = 100_000  # later receipts wait on timers, at most this many at once
 
-
-def sms_steps(destination: str, submission: int) -> Steps:
-    """The simulator's answer to the `submission`-th submission (1, 2, ...) of an SMS to `destination`."""
-    if destination in TWILIO_TEST_NUMBERS:
-        return [("refused", TWILIO_TEST_NUMBERS[destination])]
-    match = _FICTIONAL_SMS.fullmatch(destination)
-    digit = match.group(1) if match else None
-    if (digit == "4" and submission <= 2) or digit == "5":
-        return PRESEND_503
-    if digit == "6":
-        return NO_ANSWER
-    accepted: Steps = [("accepted", None), ("sent", None)]
-    if digit in ("1", "7"):  # 1: no receipt ever; 7: late receipt (its timer comes with a later issue)
-        return accepted
-    if digit == "2":
-        return accepted + [("undelivered", "30003")]
-    if digit == "3":
-        return accepted + [("failed", "30007")]
-    return accepted + [("delivered", None)]
-
-
-SES_SIMULATOR_DOMAIN = "simulator.amazonses.com"
-
-
-def email_submission_steps(address: str, submission: int) -> Steps | None:
-    """The answer for the whole send call carrying `address`, when its local part asks for one; else None."""
-    local = address.rpartition("@")[0].lower()
-    if local.endswith("+fail503x2"):
-        return PRESEND_503 if submission <= 2 else None
-    if local.endswith("+fail503"):
-        return PRESEND_503
-    if local.endswith("+noanswer"):
-        return NO_ANSWER
-    return None
-
-
-def email_delivery_steps(address: str) -> Steps:
-    """What happens to one accepted email (SES simulator mailboxes, `+defer` suffixes, else delivered)."""
-    local, _, domain = address.lower().rpartition("@")
-    if local.endswith("+defer") or local.endswith("+deferforever"):
-        # Deferral; the re-submissions (`+defer` delivered after two) come with the SMTP retry issue.
-        return [("accepted", None), ("deferred", None)]
-    if domain == SES_SIMULATOR_DOMAIN and local.split("+", 1)[0] in ("bounce", "suppressionlist"):
-        return [("accepted", None), ("bounced", "550")]
-    # success, ooto, complaint (its spam report comes with the opt-out issue) and every other address.
-    return [("accepted", None), ("delivered", None)]
-
-
-def _counts_submissions(channel: str, destination: str) -> bool:
-    """Only destinations whose answer depends on the submission number need a counter (keeps memory flat)."""
-    if channel == "sms":
-        match = _FICTIONAL_SMS.fullmatch(destination)
-        return bool(match) and match.group(1) == "4"
-    return destination.rpartition("@")[0].lower().endswith("+fail503x2")
+PublishResults = Callable[[list[tuple[str, list[dict]]]], Awaitable[None]]
 
 
 class InProcessSimulator:
-    """The contract's provider simulator, answered in-process (no HTTP, no timers yet).
+    """The contract's provider simulator (services.common.simulation's rules), answered in-process.
 
-    Counts submissions per message id, as the contract's simulator does. A submission outcome of an
-    email address (`+fail503x2`, `+fail503`, `+noanswer`) applies to the whole call carrying it.
+    Counts submissions per message id, as the HTTP simulator does (only for destinations whose answer
+    depends on it). An email call's submission outcome (`+fail503x2`, `+fail503`, `+noanswer`) applies to
+    the whole call. Receipts due within `IMMEDIATE_S` are returned with the submission; later ones (SMS
+    digit 7's late receipt, the delivery of a `+defer` email) are reported when due through
+    `run_retries`' publish callback, if it runs (at most `MAX_PENDING_RECEIPTS` waiting; beyond that, or
+    without a callback, they are lost like an undelivered webhook and the message's timers decide).
+    A repeated deferral changes nothing and is not reported.
     """
 
     def __init__(self, settings: Settings):
         self._batch = {"sms": 1, "email": settings.email_batch}
+        self._late_receipt_s = settings.late_receipt_s
+        self._defer_interval_s = settings.sim_defer_interval_s
+        self._retry_window_s = settings.retry_window_s
         self._submissions: dict[str, int] = {}
+        self._reporting = False  # run_retries is running: later receipts have somewhere to go
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._due: list[tuple[str, dict]] = []  # (campaign_id, result) whose time came, to publish
+        self._wake = asyncio.Event()
 
     def batch_size(self, channel: str) -> int:
         return self._batch[channel]
 
-    def _submission(self, channel: str, item: Mapping[str, Any]) -> int:
-        if not _counts_submissions(channel, item["destination"]):
+    async def probe(self) -> bool:
+        return True  # the account lookup of a provider that is always up
+
+    @property
+    def pending_receipts(self) -> int:
+        return len(self._timers)
+
+    def _attempt(self, channel: str, item: Mapping[str, Any]) -> int:
+        counts = simulation.sms_counts_attempts if channel == "sms" else simulation.email_counts_attempts
+        if not counts(item["destination"]):
             return 1
         n = self._submissions.get(item["message_id"], 0) + 1
         self._submissions[item["message_id"]] = n
         return n
 
+    def _receipts(self, channel: str, destination: str) -> list[simulation.Receipt]:
+        if channel == "sms":
+            return simulation.sms_receipts(destination, self._late_receipt_s)
+        return simulation.email_events(destination, self._defer_interval_s, self._retry_window_s)
+
     async def submit(self, channel: str, items: list[dict], template: Mapping[str, Any]) -> list[dict]:
         now = utc_now()
-        submissions = [self._submission(channel, item) for item in items]
+        attempts = [self._attempt(channel, item) for item in items]
         for item in items:
             render_message(channel, template, item.get("variables"))  # what a real adapter would send
-        call_steps: Steps | None = None
-        if channel == "email":
-            call_steps = next((s for item, n in zip(items, submissions)
-                               if (s := email_submission_steps(item["destination"], n)) is not None), None)
+        if channel == "sms":
+            answers = [simulation.sms_submission(item["destination"], n) for item, n in zip(items, attempts)]
+        else:
+            call = simulation.email_call_submission([item["destination"] for item in items], max(attempts))
+            answers = [call] * len(items)
         results: list[dict] = []
-        for item, n in zip(items, submissions):
-            if call_steps is not None:
-                steps = call_steps
-            elif channel == "sms":
-                steps = sms_steps(item["destination"], n)
-            else:
-                steps = email_delivery_steps(item["destination"])
-            results.extend(_results(channel, item, steps, now))
+        for item, answer in zip(items, answers):
+            results.extend(self._results(channel, item, answer, now))
         return results
 
-
-def _results(channel: str, item: Mapping[str, Any], steps: Iterable[tuple[str, str | None]], now: str) -> list[dict]:
-    attempt = item["attempt"] + 1
-    steps = list(steps)
-    provider_message_id = None
-    if steps[0][0] == "accepted":  # only a request the provider took gets an id (Twilio: "SM" + 32 hex)
-        sid = uuid.uuid4().hex
+    def _results(self, channel: str, item: Mapping[str, Any], answer: simulation.Submission, now: str) -> list[dict]:
+        mid, attempt = item["message_id"], item["attempt"] + 1
+        if answer.kind != "accepted":
+            return [make_result(mid, answer.kind, attempt, provider_code=answer.provider_code, occurred_at=now)]
+        sid = uuid.uuid4().hex  # only a request the provider took gets an id (Twilio: "SM" + 32 hex)
         provider_message_id = f"SM{sid}" if channel == "sms" else sid
-    return [make_result(item["message_id"], outcome, attempt, provider_code=code,
-                        provider_message_id=provider_message_id, occurred_at=now) for outcome, code in steps]
+        results = [make_result(mid, "accepted", attempt, provider_message_id=provider_message_id, occurred_at=now)]
+        last = "accepted"
+        for receipt in self._receipts(channel, item["destination"]):
+            outcome = RECEIPT_OUTCOMES.get(receipt.event)
+            if outcome is None or (outcome == "deferred" and last == "deferred"):
+                continue
+            last = outcome
+            result = make_result(mid, outcome, attempt, provider_code=receipt.provider_code,
+                                 provider_message_id=provider_message_id, occurred_at=now)
+            if receipt.after_s <= IMMEDIATE_S:
+                results.append(result)
+            else:
+                self._later(receipt.after_s, item.get("campaign_id"), result)
+        return results
+
+    def _later(self, after_s: float, campaign_id: str | None, result: dict) -> None:
+        if not self._reporting or campaign_id is None:
+            return
+        if len(self._timers) >= MAX_PENDING_RECEIPTS:
+            log.warning("in-process simulator: %d receipts pending; one for %s dropped",
+                        len(self._timers), result["message_id"])
+            return
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._due.append((campaign_id, {**result, "occurred_at": utc_now()}))
+            self._wake.set()
+
+        handle = asyncio.get_running_loop().call_later(after_s, fire)
+        self._timers.add(handle)
+
+    async def run_retries(self, stop: asyncio.Event, publish: PublishResults) -> None:
+        """Publish the receipts due later, as their time comes, until `stop` is set (pending ones are
+        then dropped: a restarted simulator knows nothing of them, like a provider whose webhook is lost)."""
+        self._reporting = True
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                waking = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait([stopping, waking], return_when=asyncio.FIRST_COMPLETED)
+                waking.cancel()
+                self._wake.clear()
+                due, self._due = self._due, []
+                if due:
+                    per_campaign: dict[str, list[dict]] = defaultdict(list)
+                    for campaign_id, result in due:
+                        per_campaign[campaign_id].append(result)
+                    await publish(list(per_campaign.items()))
+        finally:
+            stopping.cancel()
+            self._reporting = False
+            for handle in self._timers:
+                handle.cancel()
+            self._timers.clear()
+            self._due.clear()
+
+
+# ------------------------------------------------------------------ choosing the adapters
+
+def _real_adapter(module: str, name: str, settings: Settings) -> ProviderAdapter:
+    """Import a real adapter only when chosen (so the in-process default never needs it)."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(f"services.sender.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"provider adapter services.sender.{module}.{name} is not available: {exc}") from exc
+    return cls(settings)
 
 
 def adapters_for(settings: Settings) -> dict[str, ProviderAdapter]:
-    """The adapter of each channel. Only the simulator so far: the real providers (chosen by settings) come
-    with a later issue, as does the circuit breaker that will wrap them."""
-    simulator = InProcessSimulator(settings)
-    return {"sms": simulator, "email": simulator}
+    """The adapter of each channel, as the settings choose (`inprocess` channels share one simulator)."""
+    simulator: InProcessSimulator | None = None
+
+    def in_process() -> InProcessSimulator:
+        nonlocal simulator
+        if simulator is None:
+            simulator = InProcessSimulator(settings)
+        return simulator
+
+    if settings.sms_provider == "twilio":
+        sms = _real_adapter("twilio", "TwilioAdapter", settings)
+    else:
+        sms = in_process()
+    if settings.email_provider == "sendgrid":
+        email = _real_adapter("sendgrid", "SendGridAdapter", settings)
+    elif settings.email_provider == "smtp":
+        email = _real_adapter("smtp", "SmtpAdapter", settings)
+    else:
+        email = in_process()
+    return {"sms": sms, "email": email}
+
+
+def provider_name(settings: Settings, channel: str) -> str:
+    """The provider a channel's submissions go to (SendingHold.provider)."""
+    return settings.sms_provider if channel == "sms" else settings.email_provider

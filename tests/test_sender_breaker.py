@@ -1,0 +1,377 @@
+"""The circuit breaker per provider (contract, "Sending rules"): the state machine on a fake clock, its
+probe loop, and the Dispatcher through a provider outage (no broker)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import defaultdict
+
+import pytest
+
+from schemas import internal, topics
+from services.common import jsoncodec
+from services.common.settings import Settings
+from services.sender.app import Sender
+from services.sender.breaker import (HELD_REASON, RESUMED_REASON, BreakerState, ProviderBreaker, classify)
+from services.sender.dispatch import Dispatcher, ResultsBatcher
+from services.sender.journal import Journal
+from services.sender.providers import InProcessSimulator, make_result
+
+SMS_TEMPLATE = {"body": "Hi {{name}}"}
+EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
+                  "from_name": "Team", "attachments": []}
+ALWAYS_503 = "+12025550105"  # the simulator answers 503 to every submission
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+def ids(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- the state machine
+
+def test_opens_after_ten_distinct_messages_in_a_row():
+    state = BreakerState()
+    messages = ids(10)
+    assert not any(state.failure([mid], now=1.0) for mid in messages[:9])
+    assert not state.is_open
+    assert state.failure([messages[9]], now=2.0) is True
+    assert state.is_open and state.next_probe_at == pytest.approx(2.5)
+    assert state.failure(ids(1), now=2.1) is False  # already open: opened once
+
+
+def test_one_message_failing_again_and_again_never_opens():
+    state = BreakerState()
+    mid = str(uuid.uuid4())
+    assert not any(state.failure([mid], now=float(n)) for n in range(100))
+    assert not state.is_open and len(state.streak) == 1
+    # ... nor do 9 distinct messages failing any number of times.
+    nine = ids(9)
+    for _ in range(20):
+        for other in nine[1:]:
+            state.failure([other], now=0)
+    assert not state.is_open and len(state.streak) == 9
+
+
+def test_an_answer_resets_the_streak():
+    state = BreakerState()
+    for mid in ids(9):
+        state.failure([mid], now=0)
+    state.success()
+    assert not any(state.failure([mid], now=0) for mid in ids(9))
+    assert state.failure(ids(1), now=0) is True
+
+
+def test_a_batched_call_counts_its_distinct_messages():
+    state = BreakerState()
+    assert state.failure(ids(4), now=0) is False
+    assert state.failure(ids(6), now=0) is True
+
+
+def test_probes_back_off_doubling_to_the_cap_and_a_success_closes():
+    state = BreakerState(first_probe_s=0.5, max_probe_s=10)
+    state.failure(ids(10), now=100.0)
+    assert not state.probe_due(100.4) and state.probe_due(100.5)
+    now, waits = 100.5, []
+    for _ in range(7):
+        assert state.probed(False, now) is False
+        waits.append(state.next_probe_at - now)
+        now = state.next_probe_at
+    assert waits == pytest.approx([1, 2, 4, 8, 10, 10, 10])
+    assert state.is_open
+    assert state.probed(True, now) is True
+    assert not state.is_open and not state.probe_due(now + 100) and not state.streak
+    # Opening again starts the backoff from the beginning.
+    state.failure(ids(10), now=500.0)
+    assert state.next_probe_at == pytest.approx(500.5)
+
+
+def test_classify_submission_results():
+    assert classify([make_result("m", "presend_error", 1, provider_code="503")]) == "failure"
+    assert classify([make_result("m", "accepted", 1), make_result("m", "sent", 1)]) == "success"
+    assert classify([make_result("m", "refused", 1, provider_code="21211")]) == "success"  # it answered
+    assert classify([make_result("m", "no_answer", 1)]) is None  # says nothing either way
+
+
+# ---------------------------------------------------------------- the async wrapper on a fake clock
+
+async def test_provider_breaker_holds_probes_with_backoff_and_resumes():
+    clock = FakeClock()
+    answers = iter([False, False, RuntimeError("connection refused"), True])
+    changes: list[tuple[bool, str]] = []
+
+    async def probe() -> bool:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    breaker = ProviderBreaker("twilio", probe, on_change=lambda held, reason: changes.append((held, reason)),
+                              clock=clock, sleep=clock.sleep)
+    failed = [make_result("m", "presend_error", 1, provider_code="503")]
+    for mid in ids(9):
+        breaker.record([mid], failed)
+    assert breaker.allows() and changes == []
+    breaker.record(ids(1), failed)
+    assert not breaker.allows() and changes == [(True, HELD_REASON)]
+
+    waiter = asyncio.create_task(breaker.wait_closed())
+    await asyncio.wait_for(waiter, 5)  # returns once a probe succeeds
+    assert breaker.allows() and changes == [(True, HELD_REASON), (False, RESUMED_REASON)]
+    assert breaker.probes == 4  # failed, failed, raised (counts as failed), succeeded
+    assert clock.sleeps == pytest.approx([0.5, 1, 2, 4])
+    assert clock.now == pytest.approx(7.5)
+    await breaker.close()
+
+
+async def test_provider_breaker_without_failures_never_probes():
+    async def probe() -> bool:
+        raise AssertionError("no probe while closed")
+
+    breaker = ProviderBreaker("sendgrid", probe)
+    for _ in range(50):
+        breaker.record(["one-message"], [make_result("one-message", "presend_error", 1, provider_code="503")])
+    await breaker.wait_closed()  # at once
+    assert breaker.allows() and breaker.probes == 0
+    await breaker.close()
+
+
+# ---------------------------------------------------------------- through the Dispatcher
+
+class FlakyProvider:
+    """The simulator, with an outage switch: while `down`, every call answers 503 and the account lookup
+    fails. Records each call and whether the breaker let one through while open (it must not)."""
+
+    def __init__(self, settings: Settings):
+        self.sim = InProcessSimulator(settings)
+        self.down = False
+        self.submitted: dict[str, int] = defaultdict(int)
+        self.calls_while_open = 0
+        self.probes = 0
+        self.breaker: ProviderBreaker | None = None
+
+    def batch_size(self, channel: str) -> int:
+        return self.sim.batch_size(channel)
+
+    async def probe(self) -> bool:
+        self.probes += 1
+        return not self.down
+
+    async def submit(self, channel, items, template):
+        if self.breaker is not None and self.breaker.is_open:
+            self.calls_while_open += 1
+        for it in items:
+            self.submitted[it["message_id"]] += 1
+        if self.down:
+            return [make_result(it["message_id"], "presend_error", it["attempt"] + 1, provider_code="503")
+                    for it in items]
+        return await self.sim.submit(channel, items, template)
+
+
+@contextlib.asynccontextmanager
+async def dispatcher_for(tmp_path, **settings_kw):
+    settings = Settings(data_dir=tmp_path, sms_rate=1e6, email_rate=1e6, presend_backoff_s=0.05,
+                        sms_provider="twilio", email_provider="sendgrid", **settings_kw)
+    journal = Journal.open(settings)
+    published: list[tuple[str, list[dict]]] = []
+    holds: list[dict] = []
+
+    async def publish(records):
+        published.extend(records)
+
+    async def publish_records(records):
+        holds.extend(record for _, record in records)
+
+    batcher = ResultsBatcher(journal, publish, publish_records=publish_records)
+    stop = asyncio.Event()
+    flusher = asyncio.create_task(batcher.run(stop))
+    sms, email = FlakyProvider(settings), FlakyProvider(settings)
+    dispatcher = Dispatcher(settings, journal, {"sms": sms, "email": email}, batcher,
+                            breaker_options={"first_probe_s": 0.05, "max_probe_s": 0.2})
+    sms.breaker, email.breaker = dispatcher.breaker("sms"), dispatcher.breaker("email")
+    try:
+        yield dispatcher, sms, email, published, holds
+    finally:
+        await dispatcher.close()
+        stop.set()
+        await flusher
+        journal.close()
+
+
+def work(channel: str, destinations: list[str], campaign_id: str | None = None) -> dict:
+    items = [{"message_id": str(uuid.uuid4()), "row": n + 1, "destination": d, "variables": {"name": "Ada"},
+              "attempt": 0} for n, d in enumerate(destinations)]
+    return {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": str(uuid.uuid4()),
+            "campaign_id": campaign_id or str(uuid.uuid4()), "channel": channel, "run_no": 1,
+            "template": SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE, "items": items,
+            "remaining_queued": 0, "holds_channel": True}
+
+
+def per_message(published) -> dict[str, list[dict]]:
+    seen = defaultdict(list)
+    for _, results in published:
+        for r in results:
+            seen[r["message_id"]].append(r)
+    return seen
+
+
+def holds_of(holds: list[dict], campaign_id: str) -> list[tuple[str, bool, str]]:
+    return [(h["provider"], h["held"], h["reason"]) for h in holds if h["campaign_id"] == campaign_id]
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_an_outage_holds_sending_and_every_message_is_delivered_after_it(tmp_path):
+    async with dispatcher_for(tmp_path) as (dispatcher, sms, email, published, holds):
+        sms.down = True
+        first = work("sms", [f"+1202555{1000 + n:04d}" for n in range(20)] + [ALWAYS_503])
+        second = work("sms", [f"+1202555{2000 + n:04d}" for n in range(10)])
+        tasks = [asyncio.create_task(dispatcher.process(first)), asyncio.create_task(dispatcher.process(second))]
+        await wait_for(lambda: sms.breaker.is_open)
+        # A claim arriving while the provider is held: its campaign is told too, and nothing is sent.
+        late = work("sms", [f"+1202555{3000 + n:04d}" for n in range(5)])
+        tasks.append(asyncio.create_task(dispatcher.process(late)))
+        # Email goes through another provider: not held.
+        mail = work("email", [f"user{n}@example.com" for n in range(30)])
+        assert (await asyncio.wait_for(dispatcher.process(mail), 5)).submitted == 30
+
+        # Longer than the pre-send retries would last without the breaker (0.05 + 0.1 + 0.2 s of backoff).
+        await asyncio.sleep(1.0)
+        assert sms.breaker.is_open and sms.probes >= 3
+        assert not any(r.get("final") for rs in per_message(published).values() for r in rs)
+        sms.down = False
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await wait_for(lambda: len(holds) == 6)
+
+        assert sms.calls_while_open == 0
+        seen = per_message(published)
+        for claim in (first, second, late):
+            for it in claim["items"]:
+                results = seen[it["message_id"]]
+                attempts = sorted({r["attempt"] for r in results})
+                # Held submissions are not submissions: the attempts are the calls made, 1, 2, ... in order.
+                assert attempts == list(range(1, sms.submitted[it["message_id"]] + 1))
+                if it["destination"] == ALWAYS_503:
+                    # Still fails after its retries (4 submissions), the outage or not.
+                    assert [(r["outcome"], r["attempt"], r["final"]) for r in results] == [
+                        ("presend_error", n, n == 4) for n in range(1, 5)]
+                else:
+                    assert [r["outcome"] for r in results][-3:] == ["accepted", "sent", "delivered"]
+                    assert not any(r.get("final") for r in results)  # nobody ends provider_error
+                    assert sms.submitted[it["message_id"]] <= 2  # failed once at most, then held
+        for claim in (first, second, late):
+            assert holds_of(holds, claim["campaign_id"]) == [("twilio", True, HELD_REASON),
+                                                              ("twilio", False, RESUMED_REASON)]
+        assert holds_of(holds, mail["campaign_id"]) == []
+        assert all(set(h) == {"type", "hold_id", "campaign_id", "provider", "held", "reason", "occurred_at"}
+                   and h["type"] == "SendingHold" for h in holds)
+        assert len({h["hold_id"] for h in holds}) == 6
+        model = getattr(internal, "SendingHold", None)  # the handler's side of the record
+        for h in holds if model is not None else ():
+            model.model_validate(h)
+        assert email.probes == 0 and not email.breaker.is_open
+
+
+async def test_one_destination_that_always_fails_never_opens_the_breaker(tmp_path):
+    async with dispatcher_for(tmp_path) as (dispatcher, sms, _, published, holds):
+        alone = work("sms", [ALWAYS_503])
+        await dispatcher.process(alone)
+        mixed = work("sms", [ALWAYS_503] + [f"+1202555{1000 + n:04d}" for n in range(30)])
+        await dispatcher.process(mixed)
+        for claim in (alone, mixed):
+            failing = claim["items"][0]
+            assert [(r["outcome"], r["attempt"], r["final"]) for r in per_message(published)[failing["message_id"]]] \
+                == [("presend_error", n, n == 4) for n in range(1, 5)]
+            assert sms.submitted[failing["message_id"]] == 4
+        assert sms.probes == 0 and holds == [] and not sms.breaker.is_open
+
+
+async def test_held_submissions_pay_no_tokens(tmp_path):
+    async with dispatcher_for(tmp_path) as (dispatcher, sms, _, __, ___):
+        bucket = dispatcher._limiters["sms"]
+        paid = []
+        original = bucket.acquire
+
+        async def spy(cost=1):
+            paid.append(cost)
+            return await original(cost)
+
+        bucket.acquire = spy
+        sms.down = True
+        task = asyncio.create_task(dispatcher.process(work("sms", [f"+1202555{1000 + n:04d}" for n in range(15)])))
+        await wait_for(lambda: sms.breaker.is_open)
+        await asyncio.sleep(0.5)  # held a while: several probes, no payments
+        held_payments = len(paid)
+        assert held_payments == sum(sms.submitted.values())
+        sms.down = False
+        await asyncio.wait_for(task, 10)
+        assert len(paid) == sum(sms.submitted.values())  # one payment per call made, none while held
+
+
+# ---------------------------------------------------------------- the sender's wiring
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, dict]] = []
+
+    async def send(self, topic, value, key=None):
+        self.sent.append((topic, key, jsoncodec.loads(value)))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+async def test_sender_publishes_hold_records_and_runs_the_adapters_background_work(tmp_path):
+    settings = Settings(data_dir=tmp_path, sim_late_receipt_s=1.1)
+    journal = Journal.open(settings)
+    producer = FakeProducer()
+    simulator = InProcessSimulator(settings)
+    sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator})
+    flush_stop, background_stop = asyncio.Event(), asyncio.Event()
+    flusher = asyncio.create_task(sender.results.run(flush_stop))
+    background = sender._start_background(background_stop)
+    assert len(background) == 1  # one simulator serves both channels: it runs once
+    try:
+        cid = str(uuid.uuid4())
+        hold = {"type": "SendingHold", "hold_id": str(uuid.uuid4()), "campaign_id": cid, "provider": "inprocess",
+                "held": True, "reason": HELD_REASON, "occurred_at": "2026-01-01T00:00:00.000000Z"}
+        await asyncio.wait_for(sender.results.add_record(cid, hold), 5)
+        assert (topics.SENDER_RESULTS, cid.encode(), hold) in producer.sent
+
+        # Digit 7: `sent` now, the late `delivered` through run_retries -> the batcher -> SenderResults.
+        claim = work("sms", ["+12025550107"], campaign_id=cid)
+        await sender.dispatcher.process(claim)
+        mid = claim["items"][0]["message_id"]
+
+        def outcomes_sent() -> list[str]:
+            return [r["outcome"] for topic, _, value in producer.sent if value["type"] == "SenderResults"
+                    for r in value["results"] if r["message_id"] == mid]
+
+        assert outcomes_sent() == ["accepted", "sent"]
+        await wait_for(lambda: outcomes_sent() == ["accepted", "sent", "delivered"], 5)
+    finally:
+        background_stop.set()
+        await asyncio.gather(*background)
+        flush_stop.set()
+        await flusher
+        journal.close()
