@@ -158,6 +158,15 @@ def broker() -> None:
 
 
 @app.command()
+def simulator() -> None:
+    """Run the provider simulator alone (Twilio and SendGrid APIs, signed callbacks) at
+    OUTREACH_SIMULATOR_HOST:OUTREACH_SIMULATOR_PORT until Ctrl-C / SIGTERM."""
+    from services.simulator.app import main as simulator_main
+
+    simulator_main()
+
+
+@app.command()
 def up(
     demo: bool = typer.Option(False, "--demo", help="Run a sample SMS and a sample email campaign together."),
     exit_after_demo: bool = typer.Option(

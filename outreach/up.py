@@ -19,8 +19,10 @@ SERVICES: dict[str, str] = {
     "command-handler": "services.command_handler",
     "relay": "services.command_handler.relay",
     "sender": "services.sender",
+    "webhooks": "services.sender.webhooks",
     "timeout-sweeper": "services.timeout_sweeper",
     "projections": "services.projections",
+    "simulator": "services.simulator",
 }
 
 

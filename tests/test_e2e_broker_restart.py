@@ -43,6 +43,8 @@ async def test_broker_restarted_empty_relay_republishes_history(tmp_path):
         "OUTREACH_DATA_DIR": str(tmp_path / "data"),
         "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
         "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
+        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
         "OUTREACH_SMS_RATE": "1000",
     })
     settings = Settings(kafka_bootstrap_servers=bootstrap)

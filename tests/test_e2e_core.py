@@ -23,6 +23,7 @@ from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
 from services.common import jsoncodec
 from services.common.settings import Settings
 from outreach.up import Stack
+from services.common.embedded_broker import free_port
 from tests.conftest import async_wait_until, fresh_postgres_database
 from tests.e2e_support import ALL_TRUE, Commands, Tail, command, email_contacts, sms_contacts
 
@@ -43,6 +44,8 @@ def stack_env(kafka_bootstrap, tmp_path_factory):
         "OUTREACH_DATA_DIR": str(tmp_path_factory.mktemp("e2e-data")),
         "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
         "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
+        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
         # A campaign of SMS_SIZE lasts several seconds: Stop and channel_busy land mid-run.
         "OUTREACH_SMS_RATE": "100",  # the default rate: claims of 200, two in flight
         "OUTREACH_EMAIL_RATE": "250",

@@ -20,6 +20,8 @@ def test_make_run_reaches_the_demo_summary(tmp_path):
         "OUTREACH_DATA_DIR": str(tmp_path / "var"),
         "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
         "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
+        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
     })
     env.pop("OUTREACH_EXTERNAL_KAFKA", None)
     env.pop("OUTREACH_EVENT_STORE", None)  # the embedded defaults: SQLite, embedded broker

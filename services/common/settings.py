@@ -45,8 +45,8 @@ class Settings(BaseSettings):
 
     # Providers: the HTTP simulator speaks the Twilio and SendGrid APIs, so the real adapters are the default;
     # `inprocess` uses the simulator's rules without HTTP (to measure the engine alone).
-    sms_provider: Literal["twilio", "inprocess"] = "inprocess"
-    email_provider: Literal["sendgrid", "smtp", "inprocess"] = "inprocess"
+    sms_provider: Literal["twilio", "inprocess"] = "twilio"
+    email_provider: Literal["sendgrid", "smtp", "inprocess"] = "sendgrid"
     provider_concurrency: int = Field(64, ge=1)
     twilio_base_url: str | None = None  # default: the simulator
     twilio_account_sid: str = "ACsimulator00000000000000000000000"
