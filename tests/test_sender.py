@@ -157,12 +157,16 @@ async def test_simulator_email_submission_outcome_applies_to_the_whole_call():
 
 
 async def test_adapters_for_follows_the_provider_settings(tmp_path):
-    default = adapters_for(Settings(data_dir=tmp_path))
-    assert isinstance(default["sms"], InProcessSimulator) and default["sms"] is default["email"]
+    from services.sender.sendgrid import SendGridAdapter
+    from services.sender.smtp import SmtpAdapter
+    from services.sender.twilio import TwilioAdapter
 
-    TwilioAdapter = pytest.importorskip("services.sender.twilio").TwilioAdapter  # written beside this one
-    SendGridAdapter = pytest.importorskip("services.sender.sendgrid").SendGridAdapter
-    SmtpAdapter = pytest.importorskip("services.sender.smtp").SmtpAdapter
+    inprocess = adapters_for(Settings(data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess"))
+    assert isinstance(inprocess["sms"], InProcessSimulator) and inprocess["sms"] is inprocess["email"]
+    default = adapters_for(Settings(data_dir=tmp_path))  # the real protocols, against the HTTP simulator
+    assert isinstance(default["sms"], TwilioAdapter) and isinstance(default["email"], SendGridAdapter)
+    await default["sms"].close()
+    await default["email"].close()
 
     real = adapters_for(Settings(data_dir=tmp_path, sms_provider="twilio", email_provider="sendgrid"))
     smtp = adapters_for(Settings(data_dir=tmp_path / "smtp", sms_provider="inprocess", email_provider="smtp"))
@@ -251,12 +255,25 @@ async def test_handed_off_message_is_left_alone(tmp_path):
     async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
         crashed, fresh = item("+12025550100"), item("+12025550100", row=2)
         claim = work("sms", [crashed, fresh])
-        journal.begin(claim["claim_id"], claim["campaign_id"], [crashed["message_id"]])  # crash mid-call
+        journal.begin(claim["claim_id"], claim["campaign_id"], [crashed["message_id"]])
+        journal.mark_handed_off([(crashed["message_id"], claim["claim_id"])])  # then a crash mid-call
         report = await dispatcher.process(claim)
         assert (report.submitted, report.replayed, report.skipped) == (1, 0, 1)
         assert crashed["message_id"] not in adapter.submitted
         assert {r["message_id"] for r in all_results(published)} == {fresh["message_id"]}
         assert journal.handoff(crashed["message_id"], claim["claim_id"]).state == "handed_off"
+
+
+async def test_claimed_but_never_submitted_message_is_sent_after_a_crash(tmp_path):
+    # A crash after the claim was journalled but before this message's turn: it never left the process.
+    async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
+        waiting = item("+12025550100")
+        claim = work("sms", [waiting])
+        journal.begin(claim["claim_id"], claim["campaign_id"], [waiting["message_id"]])
+        report = await dispatcher.process(claim)
+        assert (report.submitted, report.skipped) == (1, 0)
+        assert adapter.submitted[waiting["message_id"]] == 1
+        assert journal.handoff(waiting["message_id"], claim["claim_id"]).state == "done"
 
 
 async def test_same_message_in_a_new_claim_is_sent_again(tmp_path):
@@ -444,19 +461,14 @@ def test_offset_tracker_commits_the_finished_prefix():
     assert tracker.committable() == {tp: 8} and tracker.committable() == {}
 
 
-# ---------------------------------------------------------------- speed of the in-process path
+# ---------------------------------------------------------------- many claims at once
 
-async def test_in_process_throughput(tmp_path):
-    """Journal + simulator + results batching, no broker: must do several thousand messages/s
-    (rates set far above that, so the path is measured, not the token buckets)."""
+async def test_many_concurrent_claims_report_every_message_once(tmp_path):
+    """Thirty claims worked at once (speed is the benchmark's business: bench/run_bench.py)."""
     async with harness(tmp_path, sms_rate=1e6, email_rate=1e6) as (dispatcher, _, __, published, ___):
         claims = [work("sms", [item(f"+1202555{1000 + n:04d}", row=n + 1) for n in range(200)]) for _ in range(25)]
         claims += [work("email", [item(f"user{n}@example.com", row=n + 1) for n in range(1000)]) for _ in range(5)]
         total = sum(len(c["items"]) for c in claims)
-        started = time.perf_counter()
         await asyncio.gather(*(dispatcher.process(c) for c in claims))
-        elapsed = time.perf_counter() - started
-        rate = total / elapsed
-        print(f"\nin-process sender path: {total} messages in {elapsed:.2f} s = {rate:,.0f} messages/s")
-        assert len({r["message_id"] for r in all_results(published)}) == total
-        assert rate > 3000
+        accepted = [r["message_id"] for r in all_results(published) if r["outcome"] == "accepted"]
+        assert len(accepted) == len(set(accepted)) == total

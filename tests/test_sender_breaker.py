@@ -342,7 +342,7 @@ class FakeProducer:
 
 
 async def test_sender_publishes_hold_records_and_runs_the_adapters_background_work(tmp_path):
-    settings = Settings(data_dir=tmp_path, sim_late_receipt_s=1.1)
+    settings = Settings(data_dir=tmp_path, sim_late_receipt_s=1.1, sms_provider="inprocess", email_provider="inprocess")
     journal = Journal.open(settings)
     producer = FakeProducer()
     simulator = InProcessSimulator(settings)

@@ -115,7 +115,7 @@ class FakeHandler:
 
 @pytest.fixture
 async def fake(kafka_bootstrap: str, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess")
     await ensure_topics(settings)
     handler = FakeHandler(settings)
     await handler.producer.start()
@@ -161,7 +161,7 @@ def by_message(results: list[dict]) -> dict[str, list[tuple]]:
 
 
 async def test_sender_claims_sends_and_stops_when_nothing_is_queued(fake, kafka_bootstrap, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, sms_rate=5)  # claims of 10
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess", sms_rate=5)  # claims of 10
     groups = f"test-sender-{uuid.uuid4().hex[:8]}"
     sms_id, email_id = str(uuid.uuid4()), str(uuid.uuid4())
     sms_items = items_for(sms_id, [f"+1202555{1000 + n:04d}" for n in range(25)])
@@ -206,7 +206,7 @@ async def test_sender_claims_sends_and_stops_when_nothing_is_queued(fake, kafka_
 
 
 async def test_sender_resumes_claiming_after_a_restart(fake, kafka_bootstrap, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess")
     groups = f"test-sender-{uuid.uuid4().hex[:8]}"
     campaign_id = str(uuid.uuid4())
     items = items_for(campaign_id, ["+12025551000", "+12025550102", "+15005550001"])
@@ -237,7 +237,7 @@ async def test_sender_resumes_claiming_after_a_restart(fake, kafka_bootstrap, tm
 
 
 async def test_lost_claims_are_issued_again_after_the_timeout(fake, kafka_bootstrap, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess")
     campaign_id = str(uuid.uuid4())
     items = items_for(campaign_id, ["+12025551000", "+12025551001"])
     fake.queue(campaign_id, "sms", items)
@@ -258,7 +258,7 @@ async def test_lost_claims_are_issued_again_after_the_timeout(fake, kafka_bootst
 async def test_python_m_services_sender_stops_on_sigterm(tmp_path):
     """The process entry point on a private broker (its default group names must not touch the shared one)."""
     with EmbeddedBroker("127.0.0.1", free_port()) as broker:
-        settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=tmp_path)
+        settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess")
         await ensure_topics(settings)
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "OUTREACH_DATA_DIR": str(tmp_path)}
         log_path = tmp_path / "sender.log"

@@ -1,10 +1,11 @@
 """The sender's durable journal (SQLite, WAL) at `settings.data_dir / "sender-journal.db"`.
 
-- `handoffs`: one row per (message_id, claim_id), written `handed_off` BEFORE the provider is called and
-  set `done` with the provider's results once known. A redelivered WorkClaimed therefore never submits a
-  message twice: `done` rows get their stored results re-published, `handed_off` rows (a crash mid-call,
-  or the same claim still being worked on) are left alone -- the message times out, since a duplicate
-  SMS is worse than a late failure.
+- `handoffs`: one row per (message_id, claim_id): `claimed` when the claim arrives, `handed_off` right
+  BEFORE its provider call, `done` with the
+  provider's results once known. A redelivered WorkClaimed therefore never submits a message twice:
+  `done` rows get their stored results re-published, `handed_off` rows (a crash mid-call) are left alone
+  -- the message times out, since a duplicate SMS is worse than a late failure -- and `claimed` rows
+  (a crash before their turn: they never left the process) are submitted.
 - `active_campaigns`: the campaigns the sender is claiming for (resumed after a restart).
 - `campaigns`: what the sender learnt from campaign events: the channel (CampaignRunStarted does not carry
   it), the SMS template's segments per message (sizes claims after a restart too) and the last run
@@ -31,7 +32,7 @@ CREATE TABLE IF NOT EXISTS handoffs (
     message_id  TEXT NOT NULL,
     claim_id    TEXT NOT NULL,
     campaign_id TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('handed_off', 'done')),
+    state       TEXT NOT NULL CHECK (state IN ('claimed', 'handed_off', 'done')),
     results     TEXT,               -- JSON list of result dicts, once done
     updated_at  REAL NOT NULL,
     PRIMARY KEY (message_id, claim_id)
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS campaigns (
 
 @dataclass(frozen=True)
 class Handoff:
-    state: str  # 'handed_off' | 'done'
+    state: str  # 'claimed' | 'handed_off' | 'done'
     results: list[dict] | None
 
 
@@ -101,26 +102,34 @@ class Journal:
     # ------------------------------------------------------------------ hand-offs
 
     def begin(self, claim_id: str, campaign_id: str, message_ids: Iterable[str]) -> dict[str, Handoff]:
-        """Journal every message of a claim as handed off, in one transaction, unless already journalled.
+        """Journal every message of a claim as claimed, in one transaction, unless already journalled.
 
-        Returns the entries that existed before (a redelivered claim); the others are new and may be submitted.
+        Returns the entries handed off or done before (a redelivered claim); the others may be submitted.
         """
         message_ids = list(message_ids)
 
         def write(db: sqlite3.Connection) -> dict[str, Handoff]:
             wanted = set(message_ids)
-            known = {mid: Handoff(state, jsoncodec.loads(results) if results else None)
-                     for mid, state, results in db.execute(
-                         "SELECT message_id, state, results FROM handoffs WHERE claim_id = ?", (claim_id,))
-                     if mid in wanted}
+            existing = {mid: Handoff(state, jsoncodec.loads(results) if results else None)
+                        for mid, state, results in db.execute(
+                            "SELECT message_id, state, results FROM handoffs WHERE claim_id = ?", (claim_id,))
+                        if mid in wanted}
             now = time.time()
             db.executemany(
                 "INSERT INTO handoffs (message_id, claim_id, campaign_id, state, updated_at) "
-                "VALUES (?, ?, ?, 'handed_off', ?)",
-                [(mid, claim_id, campaign_id, now) for mid in message_ids if mid not in known])
-            return known
+                "VALUES (?, ?, ?, 'claimed', ?)",
+                [(mid, claim_id, campaign_id, now) for mid in message_ids if mid not in existing])
+            return {mid: h for mid, h in existing.items() if h.state != "claimed"}
 
         return self._write(write)
+
+    def mark_handed_off(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """(message_id, claim_id) pairs about to be submitted, in one transaction (committed before the call)."""
+        params = [(time.time(), mid, cid) for mid, cid in pairs]
+        if params:
+            self._write(lambda db: db.executemany(
+                "UPDATE handoffs SET state = 'handed_off', updated_at = ? "
+                "WHERE message_id = ? AND claim_id = ? AND state = 'claimed'", params))
 
     def finish(self, rows: Iterable[tuple[str, str, list[dict]]]) -> None:
         """Mark (message_id, claim_id, results) rows done with the provider's results, in one transaction."""
@@ -136,7 +145,7 @@ class Journal:
         params = [(mid, claim_id) for mid in message_ids]
         if params:
             self._write(lambda db: db.executemany(
-                "DELETE FROM handoffs WHERE message_id = ? AND claim_id = ? AND state = 'handed_off'", params))
+                "DELETE FROM handoffs WHERE message_id = ? AND claim_id = ? AND state = 'claimed'", params))
 
     def handoff(self, message_id: str, claim_id: str) -> Handoff | None:
         row = self._db.execute("SELECT state, results FROM handoffs WHERE message_id = ? AND claim_id = ?",

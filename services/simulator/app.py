@@ -189,7 +189,7 @@ class Simulator:
     # -------------------------------------------------------------- lifecycle
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._outage_middleware])
         app.router.add_post("/2010-04-01/Accounts/{account_sid}/Messages.json", self.twilio_create)
         app.router.add_get("/2010-04-01/Accounts/{account_sid}.json", self.twilio_account)
         app.router.add_post("/v3/mail/send", self.sendgrid_send)
@@ -197,6 +197,7 @@ class Simulator:
         app.router.add_get("/_simulator/submissions", self.submissions)
         app.router.add_get("/_simulator/stats", self.stats)
         app.router.add_post("/_simulator/reset", self.reset)
+        app.router.add_post("/_simulator/outage", self.outage)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -212,10 +213,38 @@ class Simulator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024, reuse_address=True)
         await site.start()
+        self._site = site
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.host, self.port = host, (sockets[0].getsockname()[1] if sockets else port)
         log.info("provider simulator listening on http://%s:%s", self.host, self.port)
         return self.url
+
+    @web.middleware
+    async def _outage_middleware(self, request: web.Request, handler):
+        # During an outage new connections are refused (the site is stopped) and requests on connections
+        # kept alive from before get 503, as from a load balancer in front of a provider that is down.
+        if time.monotonic() < getattr(self, "_down_until", 0.0) and not request.path.startswith("/_simulator"):
+            return web.Response(status=503, text="service unavailable (simulated outage)")
+        return await handler(request)
+
+    async def outage(self, request: web.Request) -> web.Response:
+        """Test hook: the API goes down (connections refused) for `seconds`, while callbacks already due keep
+        going out, as a provider's API outage looks to a sender."""
+        seconds = float(request.query.get("seconds", "30"))
+
+        self._down_until = time.monotonic() + seconds
+
+        async def go_down() -> None:
+            await asyncio.sleep(0.05)  # let this answer leave first
+            await self._site.stop()
+            log.warning("simulated outage: API down for %.1f s", seconds)
+            await asyncio.sleep(seconds)
+            self._site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, reuse_address=True)
+            await self._site.start()
+            log.warning("simulated outage over: API back")
+
+        self._outage_task = asyncio.create_task(go_down())
+        return _json({"outage_s": seconds})
 
     @property
     def url(self) -> str:
