@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 import pytest
 
 from schemas import topics
-from schemas.commands import parse_command
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
 from services.common import ids, jsoncodec
 from services.common.settings import get_settings

@@ -69,7 +69,6 @@ from yarl import URL
 from services.common.settings import Settings, get_settings
 from services.common.simulation import (
     Receipt,
-    Submission,
     email_call_submission,
     email_counts_attempts,
     email_events,
