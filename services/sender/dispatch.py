@@ -257,8 +257,7 @@ class Dispatcher:
 
         `on_submitted` is called once every item had its first submission (the claim loop's slot is free).
         """
-        _campaign_id, claim_id, _channel = work["campaign_id"], work["claim_id"], work["channel"]
-        work.get("items") or []
+        claim_id = work["claim_id"]
         report = ClaimReport()
         if claim_id in self._claims_working:
             # The same claim delivered again while this process still works it: nothing more to do here.
