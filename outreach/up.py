@@ -67,6 +67,7 @@ class Stack:
     log_dir: Path
     names: tuple[str, ...] = tuple(SERVICES)
     processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per-service overrides
 
     def start(self) -> "Stack":
         for name in self.names:
@@ -75,7 +76,8 @@ class Stack:
 
     def start_service(self, name: str, instance: int = 0) -> ServiceProcess:
         suffix = f"-{instance}" if instance else ""
-        proc = ServiceProcess(name, SERVICES[name], self.env, self.log_dir / f"{name}{suffix}.log")
+        env = {**self.env, **self.service_env.get(name, {})}
+        proc = ServiceProcess(name, SERVICES[name], env, self.log_dir / f"{name}{suffix}.log")
         proc.start()
         instances = self.processes.setdefault(name, [])
         instances[instance:instance + 1] = [proc]

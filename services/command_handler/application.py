@@ -16,7 +16,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, OperationalError
+from eventsourcing.persistence import IntegrityError, OperationalError, ProgrammingError
 
 from services.common import ids, templating
 from services.common.settings import Settings
@@ -68,7 +68,7 @@ def open_app(settings: Settings, attempts: int = 10) -> "OutreachApp":
     for attempt in range(1, attempts + 1):
         try:
             return OutreachApp(settings)
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):  # e.g. DuplicateTable from a racing creator
             if attempt == attempts:
                 raise
             time.sleep(0.1 * attempt)
