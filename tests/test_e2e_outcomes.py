@@ -128,3 +128,34 @@ async def test_every_email_outcome_of_the_simulator_table(stack, env):
         assert "active_retries" in statuses or "in_progress" in statuses
     finally:
         await tail.stop()
+
+
+async def test_refused_credentials_fail_the_run_and_release_the_channel(env, stack, tmp_path_factory):
+    """A sender whose Twilio credentials the provider refuses (20003): every message fails `setup_error`,
+    the campaign ends `failed`, and the SMS channel is free again."""
+    stack.kill("sender")
+    stack.service_env["sender"] = {"OUTREACH_TWILIO_AUTH_TOKEN": "not-the-token"}
+    stack.start_service("sender")
+    try:
+        settings = Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+        tail = await Tail(settings, topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS).start()
+        commands = await Commands(settings, tail).start()
+        try:
+            contacts = [{"row": n + 2, "destination": f"+1{300 + n}6000000", "variables": {"name": "x"}}
+                        for n in range(20)]
+            campaign = await commands.create_ready_campaign("sms", contacts)
+            other = await commands.create_ready_campaign("sms", contacts[:1])
+            await commands.send("RunCampaign", campaign, disclaimer=ALL_TRUE)
+            await async_wait_until(lambda: tail.latest_status(campaign) == "failed", 30,
+                                   message=f"the campaign did not fail: {tail.latest_status(campaign)}")
+            last = {r["message_id"]: r for r in tail.statuses(campaign)}
+            assert {(r["status"], r["reason"]) for r in last.values()} == {("failed", "setup_error")}
+            answer = await commands.send("RunCampaign", other, disclaimer=ALL_TRUE)
+            assert answer[0]["type"] == "CampaignRunStarted"  # the channel was released
+        finally:
+            await commands.stop()
+            await tail.stop()
+    finally:
+        stack.kill("sender")
+        stack.service_env.pop("sender")
+        stack.start_service("sender")

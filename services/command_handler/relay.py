@@ -23,7 +23,7 @@ log = logging.getLogger("outreach.relay")
 
 PAGE_SIZE = 500
 IDLE_POLL_S = 0.02
-BROKER_CHECK_S = 1.0
+BROKER_CHECK_S = 5.0  # an empty broker is noticed within seconds; checking costs new connections
 
 
 class Relay:

@@ -51,7 +51,7 @@ from services.sender import webhook_signatures as sigs
 
 log = logging.getLogger("outreach.webhooks")
 
-FLUSH_INTERVAL_S = 0.05
+FLUSH_INTERVAL_S = 0.01
 MAX_RESULTS_PER_RECORD = 1000
 SEEN_EVENTS_MAX = 65_536  # sg_event_ids remembered (SendGrid retries a failed batch within hours)
 CLIENT_MAX_SIZE = 16 * 1024 * 1024  # SendGrid batches can be large

@@ -149,7 +149,7 @@ class _Delivery:
 class Simulator:
     """The HTTP provider simulator: `make_app()` for aiohttp, or `start()` / `stop()` to serve it."""
 
-    def __init__(self, settings: Settings, *, callback_concurrency: int = 32,
+    def __init__(self, settings: Settings, *, callback_concurrency: int = 128,
                  retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), batch_window_s: float = 0.1,
                  max_batch: int = 1000, callback_timeout_s: float = 10.0, log_capacity: int = 20_000,
                  attempt_capacity: int = 200_000):

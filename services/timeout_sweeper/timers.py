@@ -49,6 +49,7 @@ class TimerStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives a crash of the process, cheap commits
         self.db.execute("CREATE TABLE IF NOT EXISTS timers (message_id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL,"
                         " kind TEXT NOT NULL, since_sequence INTEGER NOT NULL, due REAL NOT NULL)")
         self.db.execute("CREATE INDEX IF NOT EXISTS timers_due ON timers (due)")
@@ -56,24 +57,49 @@ class TimerStore:
         self.db.execute("CREATE TABLE IF NOT EXISTS positions (message_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL)")
 
     def apply(self, records: list[tuple[dict, float]], timeouts: TimeoutSettings) -> None:
-        """Applies a batch of status records in one transaction."""
+        """Applies a batch of status records in one transaction: read the batch's messages once, fold their
+        records in memory (in sequence order, skipping any already applied), write back once."""
+        by_message: dict[str, list[tuple[dict, float]]] = {}
+        for record, occurred_at in records:
+            by_message.setdefault(record["message_id"], []).append((record, occurred_at))
+        ids = list(by_message)
         with self.db:
             self.db.execute("BEGIN")
-            for record, occurred_at in records:
-                mid = record["message_id"]
-                row = self.db.execute("SELECT sequence FROM positions WHERE message_id = ?", (mid,)).fetchone()
-                if row and row[0] >= record["sequence"]:
+            positions: dict[str, int] = {}
+            timers: dict[str, Timer] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                positions.update(self.db.execute(
+                    f"SELECT message_id, sequence FROM positions WHERE message_id IN ({marks})", chunk).fetchall())
+                timers.update((row[0], Timer(*row)) for row in self.db.execute(
+                    "SELECT message_id, campaign_id, kind, since_sequence, due FROM timers "
+                    f"WHERE message_id IN ({marks})", chunk))
+            new_positions, upserts, deletes = [], [], []
+            for mid, items in by_message.items():
+                position = positions.get(mid, -1)
+                current = timers.get(mid)
+                changed = False
+                for record, occurred_at in sorted(items, key=lambda item: item[0]["sequence"]):
+                    if record["sequence"] <= position:
+                        continue  # redelivered or older: applied already
+                    position = record["sequence"]
+                    changed = True
+                    decided = timer_for(record, occurred_at, current, timeouts)
+                    if decided is not False:
+                        current = decided
+                if not changed:
                     continue
-                self.db.execute("INSERT INTO positions VALUES (?, ?) ON CONFLICT (message_id) DO UPDATE "
-                                "SET sequence = excluded.sequence", (mid, record["sequence"]))
-                current = self.get(mid)
-                decided = timer_for(record, occurred_at, current, timeouts)
-                if decided is None:
-                    self.db.execute("DELETE FROM timers WHERE message_id = ?", (mid,))
-                elif decided is not False:
-                    self.db.execute("INSERT OR REPLACE INTO timers VALUES (?, ?, ?, ?, ?)",
-                                    (decided.message_id, decided.campaign_id, decided.kind,
-                                     decided.since_sequence, decided.due))
+                new_positions.append((mid, position))
+                if current is None:
+                    deletes.append((mid,))
+                else:
+                    upserts.append((current.message_id, current.campaign_id, current.kind, current.since_sequence,
+                                    current.due))
+            self.db.executemany("INSERT INTO positions VALUES (?, ?) ON CONFLICT (message_id) DO UPDATE "
+                                "SET sequence = excluded.sequence", new_positions)
+            self.db.executemany("DELETE FROM timers WHERE message_id = ?", deletes)
+            self.db.executemany("INSERT OR REPLACE INTO timers VALUES (?, ?, ?, ?, ?)", upserts)
 
     def get(self, message_id: str) -> Timer | None:
         row = self.db.execute("SELECT message_id, campaign_id, kind, since_sequence, due FROM timers "
