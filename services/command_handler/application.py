@@ -453,9 +453,10 @@ class OutreachApp(Application):
             opt_outs = self._opt_out_list(campaign.channel)
             for position, block_results in per_block.items():
                 for r in block_results:
-                    if _opts_out(r, campaign.channel):
-                        destination = self._block_at(campaign, position).destinations[r["_index"]]
-                        opt_outs.opt_out(destination, f"result:{r['outcome']}", result_id)
+                    block = self._block_at(campaign, position)
+                    # Only for a message the provider had: a result about one never claimed is not believed.
+                    if _opts_out(r, campaign.channel) and block.status[r["_index"]] not in NEVER_HANDED_OFF:
+                        opt_outs.opt_out(block.destinations[r["_index"]], f"result:{r['outcome']}", result_id)
             return to_save + ([opt_outs] if opt_outs.pending_events else [])
 
         self._run(decide)
@@ -555,6 +556,7 @@ def _awaiting(state: rules.MessageState) -> int:
     return 1 if state.status == "sending" and not state.accepted else 0
 
 
+NEVER_HANDED_OFF = frozenset({"waiting", "queued", "cancelled"})
 # Outcomes that put the destination on the channel's opt-out list (the message keeps its own status rules).
 _OPT_OUT_OUTCOMES = frozenset({"spamreport", "unsubscribe", "opted_out"})
 
