@@ -450,13 +450,16 @@ class OutreachApp(Application):
                 per_block[ref[0]].append({**result, "_index": ref[1]})
             to_save = self._move_messages(campaign, per_block, result_id,
                                           lambda state, r: _result_move(state, r, campaign.channel))
+            opting_out = [(position, r) for position, block_results in per_block.items() for r in block_results
+                          if _opts_out(r, campaign.channel)]
+            if not opting_out:
+                return to_save
             opt_outs = self._opt_out_list(campaign.channel)
-            for position, block_results in per_block.items():
-                for r in block_results:
-                    block = self._block_at(campaign, position)
-                    # Only for a message the provider had: a result about one never claimed is not believed.
-                    if _opts_out(r, campaign.channel) and block.status[r["_index"]] not in NEVER_HANDED_OFF:
-                        opt_outs.opt_out(block.destinations[r["_index"]], f"result:{r['outcome']}", result_id)
+            for position, r in opting_out:
+                block = self._block_at(campaign, position)
+                # Only for a message the provider had: a result about one never claimed is not believed.
+                if block.status[r["_index"]] not in NEVER_HANDED_OFF:
+                    opt_outs.opt_out(block.destinations[r["_index"]], f"result:{r['outcome']}", result_id)
             return to_save + ([opt_outs] if opt_outs.pending_events else [])
 
         self._run(decide)
