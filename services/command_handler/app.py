@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from schemas import topics
 from services.common import kafka
-from services.common.settings import Settings, get_settings
+from services.common.runtime import run_service
+from services.common.settings import Settings
 from services.command_handler.application import open_app
 from services.command_handler.handlers import DLQ_VALUE_LIMIT, DeadLetter, RecordHandler
 
@@ -77,17 +77,7 @@ async def _dead_letter(producer, record, error: str) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
-    stop = asyncio.Event()
-
-    async def runner() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(runner())
+    run_service(serve)
 
 
 if __name__ == "__main__":

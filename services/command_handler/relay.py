@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
 from schemas import topics
 from services.common import jsoncodec, kafka
-from services.common.settings import Settings, get_settings
+from services.common.runtime import run_service
+from services.common.settings import Settings
 from services.command_handler import wire
 from services.command_handler.application import open_app
 from services.command_handler.checkpoint import Checkpoint, open_checkpoint_store
@@ -107,22 +107,16 @@ class Relay:
         self.app.close()
 
 
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    relay = Relay(settings)
+    try:
+        await relay.run(stop)
+    finally:
+        await relay.close()
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        relay = Relay(settings)
-        try:
-            await relay.run(stop)
-        finally:
-            await relay.close()
-
-    asyncio.run(runner())
+    run_service(serve)
 
 
 if __name__ == "__main__":

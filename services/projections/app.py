@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sqlite3
 from typing import Any
 
@@ -18,7 +17,8 @@ from aiokafka.errors import KafkaError
 
 from schemas import topics
 from services.common import jsoncodec, kafka
-from services.common.settings import Settings, get_settings
+from services.common.runtime import run_service
+from services.common.settings import Settings
 from services.projections.read_model import InvalidRecord, ReadModel, check_campaign_event, check_message_status
 
 log = logging.getLogger("outreach.projections")
@@ -125,17 +125,7 @@ async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel |
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(runner())
+    run_service(serve)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 import uuid
 from collections.abc import Mapping
@@ -35,7 +34,8 @@ from pydantic import ValidationError
 from schemas import topics
 from schemas.internal import WorkClaimed
 from services.common import ids, jsoncodec, kafka
-from services.common.settings import Settings, get_settings
+from services.common.runtime import run_service
+from services.common.settings import Settings
 from services.sender.claims import CLAIM_TIMEOUT_S, ClaimBook, claim_size
 from services.sender.dispatch import Dispatcher, ResultsBatcher
 from services.sender.journal import Journal
@@ -376,17 +376,7 @@ async def _close_adapters(adapters: Mapping[str, ProviderAdapter]) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
-    stop = asyncio.Event()
-
-    async def runner() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(runner())
+    run_service(serve)
 
 
 if __name__ == "__main__":

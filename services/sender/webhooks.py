@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-import signal
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -46,7 +45,8 @@ from schemas import topics
 from schemas.commands import RFC3339_FORMAT
 from services.common import jsoncodec, kafka
 from services.common.ids import OUTREACH_NS, is_wire_uuid
-from services.common.settings import Settings, get_settings
+from services.common.runtime import run_service
+from services.common.settings import Settings
 from services.sender import webhook_signatures as sigs
 
 log = logging.getLogger("outreach.webhooks")
@@ -552,17 +552,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
-    stop = asyncio.Event()
-
-    async def runner() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(runner())
+    run_service(serve)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 import uuid
 from datetime import datetime
@@ -15,7 +14,8 @@ from aiokafka.errors import KafkaError
 
 from schemas import topics
 from services.common import ids, jsoncodec, kafka
-from services.common.settings import Settings, get_settings
+from services.common.runtime import run_service
+from services.common.settings import Settings
 from services.timeout_sweeper.timers import TimeoutSettings, Timer, TimerStore
 
 log = logging.getLogger("outreach.timeout_sweeper")
@@ -87,17 +87,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(runner())
+    run_service(serve)
 
 
 if __name__ == "__main__":
