@@ -52,6 +52,7 @@ import aiohttp
 
 from services.common import jsoncodec
 from services.common.settings import Settings
+from services.sender.http_session import ProviderSession
 from services.common.templating import _PLACEHOLDER_RE, render_email  # the one placeholder grammar
 from services.sender.providers import make_result, utc_now
 from services.sender.unsubscribe import list_unsubscribe_headers
@@ -97,13 +98,11 @@ class SendGridAdapter:
         self._settings = settings
         self._base = (base_url or settings.sendgrid_url).rstrip("/")
         self._batch = min(settings.email_batch, MAX_PERSONALIZATIONS)
-        self._authorization = "Bearer " + settings.sendgrid_api_key.get_secret_value()
-        self._concurrency = settings.provider_concurrency
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout_s,
-                                              sock_read=read_timeout_s)
-        self._keepalive_timeout_s = keepalive_timeout_s
+        self._http = ProviderSession(
+            authorization="Bearer " + settings.sendgrid_api_key.get_secret_value(),
+            concurrency=settings.provider_concurrency, connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s, keepalive_timeout_s=keepalive_timeout_s)
         self._mailto = unsubscribe_mailto
-        self._session: aiohttp.ClientSession | None = None
         self._tags: tuple[str, HtmlTags] | None = None  # the last template's, reused call after call
 
     def __repr__(self) -> str:  # never the key
@@ -112,19 +111,10 @@ class SendGridAdapter:
     # ------------------------------------------------------------------ session
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency,
-                                             keepalive_timeout=self._keepalive_timeout_s)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout,
-                headers={"Authorization": self._authorization, "Accept": "application/json",
-                         "User-Agent": "outreach-sender"})
-        return self._session
+        return self._http.client()
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        await self._http.close()
 
     async def __aenter__(self) -> "SendGridAdapter":
         return self

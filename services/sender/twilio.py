@@ -47,6 +47,7 @@ import aiohttp
 
 from services.common import jsoncodec
 from services.common.settings import Settings
+from services.sender.http_session import ProviderSession
 from services.common.templating import render
 from services.sender.providers import make_result, utc_now
 
@@ -80,13 +81,11 @@ class TwilioAdapter:
         self._messages_url = f"{self._base}/{API_VERSION}/Accounts/{sid}/Messages.json"
         self._account_url = f"{self._base}/{API_VERSION}/Accounts/{sid}.json"
         self._messaging_service_sid = settings.twilio_messaging_service_sid
-        self._authorization = basic_authorization(settings.twilio_account_sid,
-                                                  settings.twilio_auth_token.get_secret_value())
-        self._concurrency = settings.provider_concurrency
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout_s,
-                                              sock_read=read_timeout_s)
-        self._keepalive_timeout_s = keepalive_timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._http = ProviderSession(
+            authorization=basic_authorization(settings.twilio_account_sid,
+                                              settings.twilio_auth_token.get_secret_value()),
+            concurrency=settings.provider_concurrency, connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s, keepalive_timeout_s=keepalive_timeout_s)
 
     def __repr__(self) -> str:  # never the token
         return f"TwilioAdapter({self._base!r}, account={self._settings.twilio_account_sid!r})"
@@ -94,19 +93,10 @@ class TwilioAdapter:
     # ------------------------------------------------------------------ session
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency,
-                                             keepalive_timeout=self._keepalive_timeout_s)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout,
-                headers={"Authorization": self._authorization, "Accept": "application/json",
-                         "User-Agent": "outreach-sender"})
-        return self._session
+        return self._http.client()
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        await self._http.close()
 
     async def __aenter__(self) -> "TwilioAdapter":
         return self
