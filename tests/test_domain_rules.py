@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
 from schemas import topics
-from services.common import ids, jsoncodec
+from services.common import ids
 from services.common.settings import get_settings
-from services.command_handler import wire
 from services.command_handler.application import OutreachApp
 from services.command_handler.domain import rules
 from services.command_handler.domain.model import Campaign, Rejected
@@ -20,7 +18,7 @@ from services.command_handler.domain.rules import (
     FINAL_STATUSES, MESSAGE_STATUSES, MessageState, Move, acceptance_move, derive_status, expiry_move,
     is_retryable, presend_error_move, receipt_move,
 )
-from services.command_handler.handlers import RecordHandler
+from tests.handler_driver import Driver
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 FAILURE_REASONS = ("timed_out", "invalid_destination", "carrier_rejected", "undeliverable", "bounced",
@@ -279,31 +277,6 @@ def test_derive_status_every_single_status_campaign():
 
 
 # ============================================================ campaign commands by state (application)
-
-class Driver:
-    """Publishes commands straight into the application and reads back the wire records it stored."""
-
-    def __init__(self, app: OutreachApp):
-        self.app = app
-        self.handler = RecordHandler(app)
-        self.position = 0
-
-    def send(self, type_: str, campaign_id: str, command_id: str | None = None, **payload) -> list[dict]:
-        command_id = command_id or str(uuid.uuid4())
-        value = {"type": type_, "command_id": command_id, "campaign_id": campaign_id, "issued_by": "alice",
-                 "issued_at": datetime.now(timezone.utc).isoformat(), **payload}
-        assert self.handler.handle(topics.COMMANDS, jsoncodec.dumps(value)) is None
-        self.last = self.new_records()
-        return [r["value"] for r in self.last if r["topic"] == topics.CAMPAIGN_EVENTS
-                and r["value"]["causation_id"] == command_id]
-
-    def new_records(self) -> list[dict]:
-        out = []
-        for n in self.app.recorder.select_notifications(start=self.position + 1, limit=10_000):
-            self.position = n.id
-            out += [r.as_dict() for r in wire.to_records(self.app.mapper.to_domain_event(n))]
-        return out
-
 
 @pytest.fixture
 def app():

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from schemas import topics
-from services.common import ids, jsoncodec
+from services.common import ids
 from services.common.settings import get_settings
 from services.command_handler import wire
 from services.command_handler.application import OutreachApp
 from services.command_handler.domain import rules
-from services.command_handler.handlers import RecordHandler
+from tests.handler_driver import Driver
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 DISCLAIMERS = [ALL_TRUE, ALL_TRUE, ALL_TRUE, None, {**ALL_TRUE, "consent": False}, {"opt_out": True}]
@@ -65,30 +64,6 @@ def expected_expiry(status: str, reason: str | None, accepted: bool, kind: str, 
     if kind == "retry_window" and (status == "retrying" or (status == "sending" and accepted)):
         return "failed", "expired"
     return None
-
-
-class Driver:
-    """Publishes commands straight into the application (through RecordHandler)."""
-
-    def __init__(self, app: OutreachApp):
-        self.app = app
-        self.handler = RecordHandler(app)
-        self.position = 0
-
-    def send(self, type_: str, campaign_id: str, **payload) -> list[dict]:
-        command_id = str(uuid.uuid4())
-        value = {"type": type_, "command_id": command_id, "campaign_id": campaign_id, "issued_by": "alice",
-                 "issued_at": datetime.now(timezone.utc).isoformat(), **payload}
-        assert self.handler.handle(topics.COMMANDS, jsoncodec.dumps(value)) is None
-        return [r["value"] for r in self.new_records() if r["topic"] == topics.CAMPAIGN_EVENTS
-                and r["value"]["causation_id"] == command_id]
-
-    def new_records(self) -> list[dict]:
-        out = []
-        for n in self.app.recorder.select_notifications(start=self.position + 1, limit=10_000):
-            self.position = n.id
-            out += [r.as_dict() for r in wire.to_records(self.app.mapper.to_domain_event(n))]
-        return out
 
 
 class OutreachMachine(RuleBasedStateMachine):

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
-from services.common import ids, jsoncodec
+from services.common import ids
 from services.common.settings import get_settings
-from services.command_handler import wire
 from services.command_handler.application import OutreachApp
-from services.command_handler.handlers import RecordHandler
+from tests.handler_driver import Driver
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 
@@ -24,40 +22,6 @@ def app(event_store_env, monkeypatch):
     application = OutreachApp(get_settings())
     yield application
     application.close()
-
-
-class Driver:
-    """Publishes commands straight into the application and reads back the wire records it stored."""
-
-    def __init__(self, app: OutreachApp):
-        self.app = app
-        self.handler = RecordHandler(app)
-        self.position = 0
-
-    def send(self, type_: str, campaign_id: str, command_id: str | None = None, **payload) -> list[dict]:
-        command_id = command_id or str(uuid.uuid4())
-        value = {"type": type_, "command_id": command_id, "campaign_id": campaign_id, "issued_by": "alice",
-                 "issued_at": datetime.now(timezone.utc).isoformat(), **payload}
-        assert self.handler.handle(topics.COMMANDS, jsoncodec.dumps(value)) is None
-        self.last = self.new_records()
-        return [r["value"] for r in self.last if r["topic"] == topics.CAMPAIGN_EVENTS
-                and r["value"]["causation_id"] == command_id]
-
-    def new_records(self) -> list[dict]:
-        out = []
-        for n in self.app.recorder.select_notifications(start=self.position + 1, limit=10_000):
-            self.position = n.id
-            out += [r.as_dict() for r in wire.to_records(self.app.mapper.to_domain_event(n))]
-        return out
-
-    def all_records(self) -> list[dict]:
-        self.position = 0
-        return self.new_records()
-
-
-def contacts(rows, channel="sms"):
-    return [{"row": r, "destination": f"+1555010{r:04d}"[:12] if channel == "sms" else f"user{r}@example.com",
-             "variables": {"name": f"n{r}"}} for r in rows]
 
 
 def sms_contacts(n, start_row=2):
