@@ -25,6 +25,7 @@ bench: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.export
+	$(BIN)/python -m schemas.asyncapi
 
 compose-check:
 	docker-compose -f docker-compose.yml config -q
