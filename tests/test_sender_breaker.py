@@ -14,7 +14,7 @@ from services.common import jsoncodec
 from services.common.settings import Settings
 from services.sender.app import Sender
 from services.sender.breaker import (HELD_REASON, RESUMED_REASON, BreakerState, ProviderBreaker, classify)
-from services.sender.dispatch import Dispatcher, ResultsBatcher
+from services.sender.dispatch import RESUMED_AFTER_RESTART, Dispatcher, ResultsBatcher
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, make_result
 
@@ -290,6 +290,23 @@ async def test_an_outage_holds_sending_and_every_message_is_delivered_after_it(t
         for h in holds if model is not None else ():
             model.model_validate(h)
         assert email.probes == 0 and not email.breaker.is_open
+
+
+async def test_a_sender_restarted_during_an_outage_still_tells_its_held_campaigns_that_sending_resumes(tmp_path):
+    claim = work("sms", [f"+1202555{1000 + n:04d}" for n in range(12)])
+    async with dispatcher_for(tmp_path) as (dispatcher, sms, _, _published, holds):
+        sms.down = True
+        task = asyncio.create_task(dispatcher.process(claim))
+        await wait_for(lambda: holds_of(holds, claim["campaign_id"]) == [("twilio", True, HELD_REASON)])
+        task.cancel()  # the process dies mid-outage: nobody says `held: false`
+        await asyncio.gather(task, return_exceptions=True)
+    assert Journal(tmp_path / "sender-journal.db").held_campaigns() == [("twilio", claim["campaign_id"])]
+
+    async with dispatcher_for(tmp_path) as (dispatcher, _sms, _, _published, holds):  # the restart
+        assert dispatcher.resume_holds_of_earlier_run() == 1
+        await wait_for(lambda: holds_of(holds, claim["campaign_id"]) == [("twilio", False, RESUMED_AFTER_RESTART)])
+        await wait_for(lambda: Journal(tmp_path / "sender-journal.db").held_campaigns() == [])
+        assert dispatcher.resume_holds_of_earlier_run() == 0  # told once, not at every start
 
 
 async def test_one_destination_that_always_fails_never_opens_the_breaker(tmp_path):

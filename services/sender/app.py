@@ -301,6 +301,8 @@ class Sender:
     async def run(self, stop: asyncio.Event, events: AIOKafkaConsumer, work: AIOKafkaConsumer) -> None:
         results_stop = asyncio.Event()  # set last: results flush until every claim in hand is done
         flusher = asyncio.create_task(self.results.run(results_stop))
+        if resumed := self.dispatcher.resume_holds_of_earlier_run():
+            log.info("told %d campaigns held by an earlier run that sending resumes", resumed)
         background_stop = asyncio.Event()  # adapters' background work: stopped once the claims are done
         background = self._start_background(background_stop)
         loops = [asyncio.create_task(self.events_loop(events, stop)),

@@ -37,6 +37,8 @@ from services.sender.journal import Journal
 from services.sender.providers import ProviderAdapter, make_result, provider_name, utc_now
 from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
 
+RESUMED_AFTER_RESTART = "sender_restarted"  # SendingHold.reason when a restarted sender lifts an old hold
+
 log = logging.getLogger("outreach.sender")
 
 MAX_IN_FLIGHT = 64  # provider calls at once per channel (its provider), over all claims
@@ -226,9 +228,27 @@ class Dispatcher:
     def _hold_record(self, key: int, breaker: ProviderBreaker, campaign_id: str, held: bool, reason: str) -> None:
         if held:
             self._held[key].add(campaign_id)
-        self._results.add_record(campaign_id, {
+            # Journalled before it is published: a sender restarted mid-outage must still say `held: false`.
+            self._journal.remember_held(breaker.name, campaign_id)
+        published = self._hold_announcement(campaign_id, breaker.name, held, reason)
+        if not held:
+            published.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or self._journal.forget_held(breaker.name, campaign_id))
+
+    def _hold_announcement(self, campaign_id: str, provider: str, held: bool, reason: str) -> asyncio.Future:
+        return self._results.add_record(campaign_id, {
             "type": "SendingHold", "hold_id": str(uuid.uuid4()), "campaign_id": campaign_id,
-            "provider": breaker.name, "held": held, "reason": reason, "occurred_at": utc_now()})
+            "provider": provider, "held": held, "reason": reason, "occurred_at": utc_now()})
+
+    def resume_holds_of_earlier_run(self) -> int:
+        """Tell every campaign a previous run of the sender left held that sending resumes (the breakers
+        start closed; if the outage goes on, they open again and say `held: true` again). Returns how many."""
+        held = self._journal.held_campaigns()
+        for provider, campaign_id in held:
+            published = self._hold_announcement(campaign_id, provider, False, RESUMED_AFTER_RESTART)
+            published.add_done_callback(
+                lambda f, p=provider, c=campaign_id: f.cancelled() or f.exception() or self._journal.forget_held(p, c))
+        return len(held)
 
     def _claim_started(self, channel: str, campaign_id: str) -> None:
         breaker = self.breaker(channel)

@@ -52,6 +52,13 @@ CREATE TABLE IF NOT EXISTS campaigns (
     run_no      INTEGER NOT NULL DEFAULT 0,  -- last run (or retry) started
     segments    REAL                         -- SMS: segments per message, once known
 );
+-- Campaigns told `held: true` by a breaker and not yet told `held: false`: kept so that a sender restarted
+-- during an outage still tells them when sending resumes.
+CREATE TABLE IF NOT EXISTS held_campaigns (
+    provider    TEXT NOT NULL,
+    campaign_id TEXT NOT NULL,
+    PRIMARY KEY (provider, campaign_id)
+) WITHOUT ROWID;
 """
 
 
@@ -199,6 +206,20 @@ class Journal:
 
     def deactivate(self, campaign_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM active_campaigns WHERE campaign_id = ?", (campaign_id,)))
+
+    # ------------------------------------------------------------------ provider holds
+
+    def remember_held(self, provider: str, campaign_id: str) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT OR IGNORE INTO held_campaigns (provider, campaign_id) VALUES (?, ?)", (provider, campaign_id)))
+
+    def forget_held(self, provider: str, campaign_id: str) -> None:
+        self._write(lambda db: db.execute(
+            "DELETE FROM held_campaigns WHERE provider = ? AND campaign_id = ?", (provider, campaign_id)))
+
+    def held_campaigns(self) -> list[tuple[str, str]]:
+        """(provider, campaign_id) pairs told `held: true` and not yet `held: false`."""
+        return list(self._db.execute("SELECT provider, campaign_id FROM held_campaigns ORDER BY 1, 2"))
 
     def active_campaigns(self) -> list[ActiveCampaign]:
         return [ActiveCampaign(*row) for row in self._db.execute(
