@@ -2,14 +2,18 @@
 message moves on, surviving a restart, applied once per record."""
 from __future__ import annotations
 
-from services.timeout_sweeper.app import expiry_record
+import sqlite3
+import threading
+
+from services.common import jsoncodec
+from services.timeout_sweeper.app import _parse, expiry_record
 from services.timeout_sweeper.timers import TimeoutSettings, TimerStore
 
 T = TimeoutSettings(sending_s=10, sent_s=20, retry_window_s=30)
 
 
-def rec(seq: int, status: str, previous: str | None, mid: str = "m1") -> tuple[dict, float]:
-    return ({"message_id": mid, "campaign_id": "c1", "sequence": seq, "status": status,
+def rec(seq: int, status: str, previous: str | None, mid: str = "m1", channel: str = "sms") -> tuple[dict, float]:
+    return ({"message_id": mid, "campaign_id": "c1", "channel": channel, "sequence": seq, "status": status,
              "previous_status": previous}, 1000.0 + seq / 100)
 
 
@@ -48,7 +52,7 @@ def test_a_fired_timer_is_forgotten_only_if_unchanged(tmp_path):
     store.apply([rec(200, "sending", "queued"), rec(200, "sending", "queued", mid="m2")], T)
     due = store.due(10_000)
     store.apply([rec(400, "sent", "sending", mid="m2")], T)  # m2 moved on after the timer was read
-    store.fired(due)
+    store.fired(due, T)
     assert store.get("m1") is None and store.get("m2").kind == "sent"
     expiry = expiry_record(due[0])
     assert expiry == expiry_record(due[0]) and expiry["kind"] == "sending"  # a re-fire has the same expiry_id
@@ -58,3 +62,95 @@ def test_many_pending_timers_are_rows_not_tasks(tmp_path):
     store = TimerStore(tmp_path / "t.db")
     store.apply([rec(200, "sent", "sending", mid=f"m{i}") for i in range(20_000)], T)
     assert store.pending() == 20_000 and len(store.due(10_000, limit=1000)) == 1000
+
+
+def test_an_accepted_email_gets_the_retry_window_when_its_sending_timer_fires(tmp_path):
+    """Acceptance makes no status record: the fired Sending timer of an email is re-armed as its
+    accepted-without-outcome window (same since_sequence, from the Sending deadline); an SMS's is forgotten."""
+    store = TimerStore(tmp_path / "t.db")
+    store.apply([rec(200, "sending", "queued", mid="mail", channel="email"),
+                 rec(200, "sending", "queued", mid="sms", channel="sms")], T)
+    due = store.due(1012.0)
+    assert {t.message_id for t in due} == {"mail", "sms"}
+    store.fired(due, T)
+    window = store.get("mail")
+    assert (window.kind, window.since_sequence, window.due) == ("retry_window", 200, 1002.0 + 10 + 30)
+    assert store.get("sms") is None
+    assert store.due(1041.9) == [] and [t.kind for t in store.due(1042.0)] == ["retry_window"]
+    expiry = expiry_record(window)
+    assert (expiry["kind"], expiry["since_sequence"]) == ("retry_window", 200)
+    assert expiry["expiry_id"] != expiry_record(due[0] if due[0].message_id == "mail" else due[1])["expiry_id"]
+    store.fired([window], T)  # the window's own expiry: forgotten, not re-armed again
+    assert store.pending() == 0
+
+
+def test_the_re_armed_window_lapses_when_the_email_moves_on(tmp_path):
+    store = TimerStore(tmp_path / "t.db")
+    for mid in ("delivered", "deferred", "timed_out"):
+        store.apply([rec(200, "sending", "queued", mid=mid, channel="email")], T)
+    store.fired(store.due(1012.0), T)
+    store.apply([rec(300, "delivered", "sending", mid="delivered", channel="email"),
+                 # the first deferral after acceptance: the retry window runs from it, not from the Sending deadline
+                 rec(300, "retrying", "sending", mid="deferred", channel="email"),
+                 rec(300, "failed", "sending", mid="timed_out", channel="email")], T)
+    assert store.get("delivered") is None and store.get("timed_out") is None
+    deferred = store.get("deferred")
+    assert (deferred.kind, deferred.since_sequence, deferred.due) == ("retry_window", 300, 1003.0 + 30)
+
+
+def test_a_timer_that_moved_on_before_it_was_marked_fired_is_not_re_armed(tmp_path):
+    store = TimerStore(tmp_path / "t.db")
+    store.apply([rec(200, "sending", "queued", channel="email")], T)
+    due = store.due(1012.0)
+    store.apply([rec(300, "retrying", "sending", channel="email")], T)  # the deferral came while firing
+    store.fired(due, T)
+    current = store.get("m1")
+    assert (current.kind, current.since_sequence, current.due) == ("retry_window", 300, 1003.0 + 30)
+
+
+def test_a_data_dir_from_before_the_channel_column_still_opens(tmp_path):
+    path = tmp_path / "t.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE timers (message_id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL, kind TEXT NOT NULL,"
+                " since_sequence INTEGER NOT NULL, due REAL NOT NULL)")
+    old.execute("INSERT INTO timers VALUES ('old', 'c1', 'sending', 100, 1010.0)")
+    old.commit()
+    old.close()
+    store = TimerStore(path)
+    [pending] = store.due(2000.0)
+    assert (pending.message_id, pending.channel) == ("old", "")
+    store.fired([pending], T)  # channel unknown: forgotten, as before
+    store.apply([rec(200, "sending", "queued", channel="email")], T)
+    assert store.pending() == 1 and store.get("m1").channel == "email"
+
+
+def test_unreadable_status_records_are_skipped():
+    good = {"message_id": "m1", "campaign_id": "c1", "sequence": 20, "status": "sent",
+            "occurred_at": "2024-01-01T00:00:00+00:00"}
+    assert _parse(jsoncodec.dumps(good))[1] == 1704067200.0
+    for bad in (b"not json", None, b"[]", jsoncodec.dumps({**good, "sequence": "20"}),
+                jsoncodec.dumps({**good, "occurred_at": "yesterday"}),
+                jsoncodec.dumps({k: v for k, v in good.items() if k != "message_id"})):
+        assert _parse(bad) is None
+
+
+def test_applying_and_firing_from_two_threads_keeps_every_transaction_whole(tmp_path):
+    """The sweeper folds records in a worker thread while its event loop fires timers on the same connection."""
+    store = TimerStore(tmp_path / "t.db")
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            for n in range(200):
+                store.apply([rec(200 + n, "sending", "queued", mid=f"m{n}-{i}", channel="email")
+                             for i in range(50)], T)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    while thread.is_alive():
+        store.fired(store.due(10_000, limit=100), T)
+    thread.join()
+    assert errors == []
+    assert store.pending() == 200 * 50  # every email's timer: pending or re-armed, none lost

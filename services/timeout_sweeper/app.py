@@ -35,12 +35,18 @@ def expiry_record(timer: Timer) -> dict:
     }
 
 
-def _parse(value: bytes) -> tuple[dict, float] | None:
+def _parse(value: bytes | None) -> tuple[dict, float] | None:
+    """A status record and its time, or None for a record the sweeper cannot use (logged, skipped: a
+    poison record never stops the sweeper)."""
     try:
-        record = jsoncodec.loads(value)
+        record = jsoncodec.loads(value or b"null")
+        if not (isinstance(record, dict) and isinstance(record.get("message_id"), str)
+                and isinstance(record.get("campaign_id"), str) and isinstance(record.get("status"), str)
+                and type(record.get("sequence")) is int):
+            raise ValueError("not a MessageStatusChanged record")
         return record, datetime.fromisoformat(record["occurred_at"]).timestamp()
     except Exception:
-        log.warning("skipping an unreadable status record: %r", value[:200])
+        log.warning("skipping an unreadable status record: %r", (value or b"")[:200])
         return None
 
 
@@ -67,14 +73,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     log.warning("offset commit failed; the records will be redelivered", exc_info=True)
 
     async def fire() -> None:
+        # Publish, flush, then forget: a crash in between fires the same expiry (same expiry_id) again, and
+        # the handler's judgement makes the repeat change nothing.
         while not stop.is_set():
-            due = store.due(time.time())
+            due = await asyncio.to_thread(store.due, time.time())
             if due:
                 for timer in due:
                     await producer.send(topics.EXPIRIES, value=jsoncodec.dumps(expiry_record(timer)),
                                         key=timer.campaign_id.encode())
                 await producer.flush()
-                store.fired(due)
+                await asyncio.to_thread(store.fired, due, timeouts)
             else:
                 await asyncio.sleep(TICK_S)
 
