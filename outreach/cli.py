@@ -32,13 +32,15 @@ from rich.text import Text
 
 from outreach import client as cmd
 from outreach.importer import CsvError, read_contacts_csv
+from outreach.tokens import app as token_app
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from services.common.settings import get_settings
-from services.projections.read_model import FILE_NAME, FINAL_CAMPAIGN_STATUSES, ReadModel
+from services.projections.read_model import FINAL_CAMPAIGN_STATUSES, ReadModel
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(token_app, name="token")
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -84,11 +86,8 @@ def _run_async(coro, as_json: bool) -> Any:
 
 
 def _read_model() -> ReadModel | None:
-    """The read model if the projections have written one (never creates a file)."""
-    settings = get_settings()
-    if not (settings.data_dir / FILE_NAME).exists():
-        return None
-    return ReadModel.open(settings)
+    """The read model (OUTREACH_READ_MODEL_URL, or the SQLite file if the projections have written one)."""
+    return ReadModel.open_existing(get_settings())
 
 
 def _describe_event(event: dict[str, Any]) -> str:

@@ -322,6 +322,10 @@ class MessageStatusChanged(BaseModel):
     causation_id: WireId
     # Our addition: a per-message position (the block's version); consumers keep the highest applied.
     sequence: NonNegativeInt
+    # Our addition, on `waiting` records only (absent elsewhere): the contact as added, so read models and
+    # audits can show each message's recipient and variables.
+    destination: str | None = Field(None, exclude_if=lambda v: v is None)
+    variables: dict[str, str] | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _reason_only_when_failed(self) -> "MessageStatusChanged":

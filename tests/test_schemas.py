@@ -484,7 +484,9 @@ def message_status(**changes) -> dict:
                    attempt=None, sequence=1),
     message_status(status="sending", previous_status="sending", reason=None, provider_code="503", attempt=2),
     message_status(channel="email", status="retrying", previous_status="retrying", reason=None, provider_code="451"),
-], ids=["failed", "waiting", "presend-error", "smtp-resubmission"])
+    message_status(status="waiting", previous_status=None, run_no=None, reason=None, provider_code=None,
+                   attempt=None, sequence=1, destination="+15005550006", variables={"first_name": "Ann"}),
+], ids=["failed", "waiting", "presend-error", "smtp-resubmission", "waiting-with-contact"])
 def test_message_status_example_validates_and_round_trips(value: dict):
     parsed = parse_message_status(raw(value))
     assert parse_message_status(parsed.model_dump_json()) == parsed
@@ -502,7 +504,7 @@ def test_message_status_reason_only_on_failed():
 
 def test_message_status_requires_every_contract_field():
     for field in MessageStatusChanged.model_fields:
-        if field == "type":
+        if field in ("type", "destination", "variables"):  # the latter two: optional, on `waiting` records only
             continue
         value = message_status()
         del value[field]

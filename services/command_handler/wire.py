@@ -203,12 +203,14 @@ def _status_record(e: Any, *, sequence: int, campaign_id: str, channel: str, row
 
 
 def _waiting_records(e: Any) -> list[WireRecord]:
-    return [
-        _status_record(e, sequence=e.originator_version * SEQUENCE_STEP, campaign_id=e.campaign_id,
-                       channel=e.channel, row=row, run_no=0, status="waiting", previous_status=None, reason=None,
-                       provider_code=None, attempt=0)
-        for row in e.rows
-    ]
+    records = []
+    for row, destination, variables in zip(e.rows, e.destinations, e.variables):
+        record = _status_record(e, sequence=e.originator_version * SEQUENCE_STEP, campaign_id=e.campaign_id,
+                                channel=e.channel, row=row, run_no=0, status="waiting", previous_status=None,
+                                reason=None, provider_code=None, attempt=0)
+        record.value.update(destination=destination, variables=variables)  # the contact, for read models
+        records.append(record)
+    return records
 
 
 def _moved_records(e: Any) -> list[WireRecord]:

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     sqlite_path: Path | None = None
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # The read model: a postgresql:// DSN or sqlite:///path; default the SQLite file data_dir/read-model.db
+    read_model_url: str | None = None
 
     # Timers (seconds; small values allowed so tests can compress time)
     sent_timeout_s: float = Field(600, ge=0.1)

@@ -1,18 +1,20 @@
 """The projections process: keeps the read model (services/projections/read_model.py) up to date.
 
 One aiokafka consumer (group `outreach-projections`) on the two public event topics. Each `getmany` batch
-is decoded, applied in one SQLite transaction, and only then are the offsets committed: delivery is at
-least once, and the apply is idempotent (positions carried in the records), so the effect is exactly once.
+is decoded, applied in one read-model transaction (SQLite or PostgreSQL), and only then are the offsets
+committed: delivery is at least once, and the apply is idempotent (event ids and positions carried in the
+records, recorded in the same transaction as their effect), so the effect is exactly once.
 A record that is not valid JSON, or lacks the fields the read model needs, is logged and skipped.
+A read model that has never been fed (new, or rebuilt for a new schema) is fed from the beginning of the
+topics, whatever offsets the group committed for an earlier one.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from schemas import topics
@@ -52,32 +54,32 @@ def decode_batch(records: list[Any]) -> tuple[list[dict[str, Any]], list[dict[st
 
 
 def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], statuses: list[dict]) -> int:
-    """Apply a batch in one transaction; if a record in it cannot be stored (a value SQLite cannot bind, a
-    field of the wrong kind), apply the records one by one and skip the bad ones. Returns the skipped count.
-    sqlite3.OperationalError (locked, disk full) is raised: the caller retries the whole batch."""
+    """Apply a batch in one transaction; if a record in it cannot be stored (a value the database cannot bind,
+    a number out of range), apply the records one by one and skip the bad ones. Returns the skipped count.
+    An unavailable database (locked, disk full, connection lost) is raised: the caller retries the batch."""
     try:
         model.apply_batch(campaign_events, statuses)
         return 0
-    except sqlite3.OperationalError:
-        raise
-    except Exception:
+    except Exception as exc:
+        if model.is_unavailable(exc):
+            raise
         log.warning("batch of %d records failed; applying them one by one", len(campaign_events) + len(statuses),
                     exc_info=True)
     skipped = 0
     for event in campaign_events:
         try:
             model.apply_batch([event], [])
-        except sqlite3.OperationalError:
-            raise
         except Exception as exc:
+            if model.is_unavailable(exc):
+                raise
             skipped += 1
             log.warning("skipping poison campaign event %s: %r", event.get("event_id"), exc)
     for status in statuses:
         try:
             model.apply_batch([], [status])
-        except sqlite3.OperationalError:
-            raise
         except Exception as exc:
+            if model.is_unavailable(exc):
+                raise
             skipped += 1
             log.warning("skipping poison message-status record %s: %r", status.get("event_id"), exc)
     return skipped
@@ -88,9 +90,10 @@ async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel |
     """Consume until `stop` is set (into `read_model`, default the one in settings.data_dir)."""
     await kafka.ensure_topics(settings)
     model = read_model or ReadModel.open(settings)
-    consumer = AIOKafkaConsumer(*INPUT_TOPICS, group_id=group_id, **kafka.consumer_config(settings))
+    consumer = AIOKafkaConsumer(group_id=group_id, **kafka.consumer_config(settings))
+    consumer.subscribe(INPUT_TOPICS, listener=_FeedFromStartIfNew(consumer, model))
     await consumer.start()
-    log.info("projections consuming %s into %s", ", ".join(INPUT_TOPICS), model.path)
+    log.info("projections consuming %s into %s", ", ".join(INPUT_TOPICS), model.location)
     try:
         while not stop.is_set():  # a stop is noticed within POLL_MS
             try:
@@ -108,7 +111,9 @@ async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel |
                 try:
                     await asyncio.to_thread(apply_isolating_poison, model, campaign_events, statuses)
                     applied = True
-                except sqlite3.OperationalError:
+                except Exception as exc:
+                    if not model.is_unavailable(exc):
+                        raise
                     log.warning("read model unavailable; retrying the batch", exc_info=True)
                     await asyncio.sleep(RETRY_S)
             if not applied:
@@ -122,6 +127,22 @@ async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel |
         if read_model is None:
             model.close()
         log.info("projections stopped")
+
+
+class _FeedFromStartIfNew(ConsumerRebalanceListener):
+    """Seeks assigned partitions to their beginning while the read model has never applied a batch."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, model: ReadModel):
+        self.consumer = consumer
+        self.model = model
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned and not await asyncio.to_thread(lambda: self.model.fed_from_start):
+            log.info("the read model is new: feeding it from the beginning of %d partitions", len(assigned))
+            await self.consumer.seek_to_beginning(*assigned)
 
 
 def main() -> None:

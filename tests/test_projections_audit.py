@@ -1,0 +1,245 @@
+"""The read model's queries, audit history, as-of views and canonical dumps, on SQLite and on PostgreSQL."""
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from schemas.events import MESSAGE_STATUSES
+from services.common import ids
+from services.projections.read_model import ReadModel, rfc3339
+from tests.conftest import fresh_postgres_database
+
+START = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def at(seconds: float) -> str:
+    return rfc3339(START + timedelta(seconds=seconds))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def model(request, tmp_path):
+    if request.param == "sqlite":
+        location = str(tmp_path / "read-model.db")
+    else:
+        request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is down; drops databases at the end
+        location = fresh_postgres_database("outreach_rm")
+    with ReadModel(location) as m:
+        yield m
+
+
+def event(cid, sequence, type_, seconds, **body):
+    return {"type": type_, "event_id": ids.record_event_id(cid, sequence, 0), "campaign_id": cid,
+            "sequence": sequence, "occurred_at": at(seconds), "causation_id": str(uuid.uuid5(uuid.NAMESPACE_OID,
+                                                                                                f"{cid}{sequence}")),
+            **body}
+
+
+def status(cid, row, sequence, status_, previous, seconds, *, reason=None, code=None, attempt=None, run_no=1,
+           **extra):
+    return {"type": "MessageStatusChanged", "event_id": ids.record_event_id(cid, sequence, row),
+            "message_id": ids.message_id(cid, row), "campaign_id": cid, "channel": "sms", "row": row,
+            "run_no": run_no, "status": status_, "previous_status": previous, "reason": reason,
+            "provider_code": code, "attempt": attempt, "occurred_at": at(seconds),
+            "causation_id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"{cid}{row}{sequence}")), "sequence": sequence,
+            **extra}
+
+
+def waiting(cid, row, seconds, destination, variables):
+    return status(cid, row, 100, "waiting", None, seconds, run_no=None, destination=destination,
+                  variables=variables)
+
+
+CONTACTS = {  # row: (destination, variables)
+    2: ("+12025550100", {"first_name": "Ann", "city": "Zürich"}),
+    3: ("+12025550101", {"first_name": "Bob", "city": "Oslo"}),
+    4: ("+15005550001", {"first_name": "Cléa", "city": "Paris"}),
+    5: ("+12025550103", {"first_name": "Dan_%", "city": "Rome"}),
+}
+
+
+def campaign_records(cid):
+    """A small run: created at 0 s, ready at 1 s, run at 10 s; messages move between 10 and 13 s; row 4 is
+    refused; final at 13 s."""
+    events = [
+        event(cid, 10, "CampaignCreated", 0, name="Spring", description=None, channel="sms",
+              template={"body": "Hi {{first_name}}"}, created_by="alice"),
+        event(cid, 20, "ContactsAdded", 1, chunk_no=0, valid=4, invalid=0, invalid_rows=[]),
+        event(cid, 21, "CampaignReady", 1, message_count=4),
+        event(cid, 22, "CampaignStatusChanged", 1, status="ready", previous_status="created", stopped=False,
+              counts={"total": 4, "waiting": 4}),
+        event(cid, 30, "CampaignRunStarted", 10, run_no=1, accepted_by="bob",
+              disclaimer={"consent": True, "content_compliance": True, "opt_out": True,
+                          "data_responsibility": True}, message_count=4, suppressed_count=0),
+        event(cid, 31, "CampaignStatusChanged", 10, status="in_progress", previous_status="ready", stopped=False,
+              counts={"total": 4, "queued": 4}),
+        event(cid, 40, "CampaignStatusChanged", 13, status="complete_with_errors", previous_status="in_progress",
+              stopped=False, counts={"total": 4, "delivered": 3, "failed": 1}),
+    ]
+    statuses = [waiting(cid, row, 1, *contact) for row, contact in CONTACTS.items()]
+    statuses += [status(cid, row, 200, "queued", "waiting", 10) for row in CONTACTS]
+    statuses += [status(cid, row, 300, "sending", "queued", 11) for row in CONTACTS]
+    for row in (2, 3, 5):
+        statuses += [status(cid, row, 400, "sent", "sending", 12, attempt=1),
+                     status(cid, row, 500, "delivered", "sent", 13, attempt=1)]
+    statuses.append(status(cid, 4, 400, "failed", "sending", 12, reason="invalid_destination", code="21211",
+                           attempt=1))
+    return events, statuses
+
+
+def apply_shuffled(model, events, statuses, seed):
+    """Every record at least once, in a random order, split into random batches, some twice."""
+    rng = random.Random(seed)
+    records = [("e", r) for r in events] + [("s", r) for r in statuses]
+    records += rng.sample(records, len(records) // 3)
+    rng.shuffle(records)
+    while records:
+        n = rng.randint(1, 6)
+        batch, records = records[:n], records[n:]
+        model.apply_batch([r for k, r in batch if k == "e"], [r for k, r in batch if k == "s"])
+
+
+def test_messages_carry_contact_and_times_whatever_the_order(model):
+    cid = str(uuid.uuid4())
+    events, statuses = campaign_records(cid)
+    # The later records first, then the waiting records (out of order): the contact still fills in.
+    model.apply_batch(events, [s for s in statuses if s["status"] != "waiting"])
+    assert model.messages(cid)[0]["destination"] is None
+    model.apply_batch([], [s for s in statuses if s["status"] == "waiting"])
+    messages = model.messages(cid)
+    assert [m["row"] for m in messages] == [2, 3, 4, 5]
+    first = messages[0]
+    assert set(first) == {"message_id", "campaign_id", "row", "channel", "destination", "variables", "status",
+                          "previous_status", "reason", "provider_code", "attempt", "run_no", "created_at",
+                          "updated_at", "last_sequence"}
+    assert (first["destination"], first["variables"]) == CONTACTS[2]
+    assert (first["status"], first["previous_status"], first["attempt"], first["run_no"]) == \
+        ("delivered", "sent", 1, 1)
+    assert (first["created_at"], first["updated_at"], first["last_sequence"]) == (at(1), at(13), 500)
+    failed = model.message(ids.message_id(cid, 4))
+    assert (failed["status"], failed["reason"], failed["provider_code"]) == ("failed", "invalid_destination", "21211")
+
+
+def test_message_queries_filter_search_page_and_stream(model):
+    cid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for c in (cid, other):
+        events, statuses = campaign_records(c)
+        model.apply_batch(events, statuses)
+
+    def rows(**kw):
+        return [m["row"] for m in model.messages(cid, **kw)]
+
+    assert rows(status="delivered") == [2, 3, 5] and rows(reason="invalid_destination") == [4]
+    assert rows(status="failed", reason="invalid_destination") == [4] and rows(status="queued") == []
+    assert rows(search="ANN") == [2]  # a variable value, case-insensitive
+    assert rows(search="zürich") == [2] and rows(search="ZÜRICH") == [2] and rows(search="cLÉA") == [4]
+    assert rows(search="5550101") == [3]  # a substring of the destination
+    assert rows(search="4") == [4]  # the row number (no destination or value contains "4")
+    assert rows(search=ids.message_id(cid, 5)) == [5]
+    assert rows(search="_%") == [5]  # LIKE wildcards are taken literally
+    assert rows(search="first_name") == []  # variable names are not values
+    assert rows(limit=2) == [2, 3] and rows(limit=2, offset=2) == [4, 5] and rows(offset=3) == [5]
+    assert model.count_messages(cid) == 4 and model.count_messages(cid, status="delivered") == 3
+    assert model.count_messages(cid, search="oslo") == 1
+    assert [m["row"] for m in model.iter_messages(cid, batch_size=1)] == [2, 3, 4, 5]
+    assert [m["row"] for m in model.iter_messages(cid, status="delivered", batch_size=2)] == [2, 3, 5]
+    assert model.counts(cid) == {**{s: 0 for s in MESSAGE_STATUSES}, "total": 4, "delivered": 3, "failed": 1}
+
+
+def test_campaign_listing_filters_and_pages(model):
+    cids = []
+    for n in range(3):
+        cid = str(uuid.uuid4())
+        events = [event(cid, 10, "CampaignCreated", n, name=f"c{n}", channel="sms", template={"body": "x"},
+                        created_by="alice"),
+                  event(cid, 11, "CampaignStatusChanged", n, status="ready" if n < 2 else "created",
+                        previous_status=None, stopped=False, counts={"total": 0})]
+        model.apply_batch(events, [])
+        cids.append(cid)
+    newest_first = cids[::-1]
+    assert [c["campaign_id"] for c in model.campaigns()] == newest_first
+    assert [c["campaign_id"] for c in model.campaigns(limit=2, offset=1)] == newest_first[1:]
+    assert [c["campaign_id"] for c in model.campaigns(status="ready")] == [cids[1], cids[0]]
+    assert model.count_campaigns() == 3 and model.count_campaigns(status="ready") == 2
+    assert all(c["counts"]["total"] == 0 for c in model.campaigns(limit=1))
+
+
+def test_history_merges_campaign_events_and_transitions_in_time_order(model):
+    cid = str(uuid.uuid4())
+    events, statuses = campaign_records(cid)
+    apply_shuffled(model, events, statuses, seed=1)
+    history = model.history(cid)
+    assert len(history) == len(events) + len(statuses)
+    keys = [(h["occurred_at"], 0 if h["type"] != "MessageStatusChanged" else 1, h.get("row", 0), h["sequence"])
+            for h in history]
+    assert keys == sorted(keys)
+    # At 10 s: the run and the status change (sequence order), then every queued record (row order).
+    at_ten = [(h["type"], h.get("row")) for h in history if h["occurred_at"] == at(10)]
+    assert at_ten == [("CampaignRunStarted", None), ("CampaignStatusChanged", None)] + \
+        [("MessageStatusChanged", row) for row in CONTACTS]
+    # Each item is the record as published, the contact of `waiting` records included.
+    by_id = {r["event_id"]: r for r in events + statuses}
+    assert all(h == by_id[h["event_id"]] for h in history)
+    run = next(h for h in history if h["type"] == "CampaignRunStarted")
+    assert run["accepted_by"] == "bob" and run["disclaimer"]["consent"] is True
+    assert model.history(cid, include_messages=False) == events
+    message_id = ids.message_id(cid, 4)
+    assert [(r["status"], r["reason"], r["attempt"]) for r in model.message_history(message_id)] == [
+        ("waiting", None, None), ("queued", None, None), ("sending", None, None),
+        ("failed", "invalid_destination", 1)]
+
+
+def test_as_of_shows_the_campaign_and_messages_as_they_stood(model):
+    cid = str(uuid.uuid4())
+    events, statuses = campaign_records(cid)
+    apply_shuffled(model, events, statuses, seed=2)
+    assert model.as_of(cid, START - timedelta(seconds=1)) is None  # nothing had happened yet
+
+    ready = model.as_of(cid, START + timedelta(seconds=5))
+    assert ready["campaign"]["status"] == "ready" and ready["campaign"]["run_no"] is None
+    assert ready["campaign"]["counts"]["waiting"] == 4 and ready["campaign"]["counts"]["total"] == 4
+    assert [(m["row"], m["status"], m["destination"]) for m in ready["messages"]] == \
+        [(row, "waiting", contact[0]) for row, contact in CONTACTS.items()]
+
+    mid_run = model.as_of(cid, START + timedelta(seconds=12, microseconds=1))  # a string moment works too
+    assert mid_run == model.as_of(cid, at(12.000001))
+    assert mid_run["campaign"]["status"] == "in_progress" and mid_run["campaign"]["run_no"] == 1
+    assert {m["row"]: m["status"] for m in mid_run["messages"]} == {2: "sent", 3: "sent", 4: "failed", 5: "sent"}
+    assert mid_run["campaign"]["counts"]["sent"] == 3 and mid_run["campaign"]["counts"]["failed"] == 1
+    sent = mid_run["messages"][0]
+    assert (sent["updated_at"], sent["last_sequence"], sent["variables"]) == (at(12), 400, CONTACTS[2][1])
+
+    after = model.as_of(cid, START + timedelta(hours=1))
+    assert after["campaign"]["status"] == "complete_with_errors" and after["campaign"]["final"]
+    live = model.campaign(cid)
+    assert after["campaign"] == live and after["messages"] == model.messages(cid)
+    assert model.as_of(str(uuid.uuid4()), START + timedelta(hours=1)) is None
+
+
+def test_out_of_order_campaign_events_give_the_same_row(model):
+    cid = str(uuid.uuid4())
+    events, _ = campaign_records(cid)
+    stop = event(cid, 35, "CampaignStopped", 11, stopped_by="carol", cancelled_count=0)
+    model.apply_batch([events[-1]], [])  # the last status change first
+    model.apply_batch(events[:-1][::-1] + [stop], [])  # the older ones, then a stop in between, late
+    c = model.campaign(cid)
+    assert (c["status"], c["stopped"], c["stopped_by"], c["run_no"], c["name"], c["last_sequence"]) == \
+        ("complete_with_errors", True, "carol", 1, "Spring", 40)
+
+
+def test_canonical_dump_is_the_same_for_any_delivery_order(model, tmp_path):
+    cid = str(uuid.uuid4())
+    events, statuses = campaign_records(cid)
+    unknown = {**event(cid, 0, "CommandRejected", 0, command_id=str(uuid.uuid4()), command_type="RunCampaign",
+                       reason="unknown_campaign", detail="")}
+    apply_shuffled(model, events + [unknown], statuses, seed=3)
+    with ReadModel(tmp_path / "in-order.db") as in_order:
+        in_order.apply_batch(events + [unknown], statuses)
+        dump = list(in_order.canonical_dump())
+    assert list(model.canonical_dump()) == dump
+    assert {table for table, _ in dump} == {"campaigns", "campaign_events", "messages", "message_events"}
+    assert len(dump) == 1 + len(events) + 1 + len(CONTACTS) + len(statuses)
+    assert model.row_counts() == {"campaigns": 1, "campaign_events": len(events) + 1, "messages": len(CONTACTS),
+                                  "message_events": len(statuses)}
