@@ -23,6 +23,7 @@ SERVICES: dict[str, str] = {
     "timeout-sweeper": "services.timeout_sweeper",
     "projections": "services.projections",
     "simulator": "services.simulator",
+    "api": "services.api",
 }
 
 
@@ -139,10 +140,15 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200) -> int
     try:
         stack.start()
         print(f"Services started ({', '.join(stack.names)}); logs in {stack.log_dir}/.")
+        print(f"HTTP API at http://{settings.api_host}:{settings.api_port} (docs at /docs).")
         if demo:
             from outreach.demo import run_demo
+            from outreach.tokens import demo_token
 
             ok = run_demo(settings, size=demo_size)
+            token = demo_token()
+            print(f"Demo API token (org_admin): {token}\n  try: curl -H 'Authorization: Bearer {token}' "
+                  f"http://{settings.api_host}:{settings.api_port}/campaigns")
             if exit_after_summary:
                 return 0 if ok else 1
         print("Serving. Press Ctrl-C to stop.")

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     webhook_public_url: str | None = None  # how providers reach the receiver; default http://host:port
     unsubscribe_secret: SecretStr = SecretStr("change-me-unsubscribe-secret")
 
+    # HTTP API (services/api): bearer tokens live hashed in data_dir/api.db (`outreach token create`).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    # Fernet key that encrypts stored channel credentials; default: generated once into
+    # data_dir/api-encryption.key (mode 0600).
+    api_encryption_key: SecretStr | None = None
+
     @property
     def event_store_sqlite_path(self) -> Path:
         return self.sqlite_path or self.data_dir / "outreach-events.db"

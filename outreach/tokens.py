@@ -1,0 +1,87 @@
+"""`outreach token create|list|revoke`: API bearer tokens (stored hashed in data_dir/api.db).
+
+    outreach token create NAME --role org_admin|admin|campaigner|operations   prints the token, once
+    outreach token list [--all]
+    outreach token revoke TOKEN_ID|NAME                                        by id, or every token of NAME
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from enum import Enum
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.api.store import ROLES, ApiStore, token_store
+from services.common.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, help="HTTP API tokens: create, list, revoke.")
+console = Console(highlight=False)
+
+RoleChoice = Enum("RoleChoice", {role: role for role in ROLES}, type=str)
+DEMO_PRINCIPAL = "demo"
+
+
+def _store() -> ApiStore:
+    return token_store(get_settings())
+
+
+@app.command("create")
+def create(
+    name: str = typer.Argument(..., metavar="NAME", help="Principal name: written as issued_by on the commands this token sends."),
+    role: RoleChoice = typer.Option(..., "--role", help="org_admin, admin, campaigner or operations."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Create a token and print it (only now: it is stored hashed)."""
+    with _store() as store:
+        try:
+            token, info = store.create_token(name, role.value)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps({"token": token, **asdict(info)}, indent=2))
+        return
+    console.print(f"token {info.token_id} for {info.principal} ({info.role}); it is shown only once:")
+    typer.echo(token)
+
+
+@app.command("list")
+def list_tokens(
+    include_revoked: bool = typer.Option(False, "--all", help="Include revoked tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List tokens (never the tokens themselves: only their ids, principals and roles)."""
+    with _store() as store:
+        infos = store.tokens(include_revoked=include_revoked)
+    if as_json:
+        typer.echo(json.dumps([asdict(i) for i in infos], indent=2))
+        return
+    table = Table()
+    for column in ("id", "principal", "role", "created", "revoked"):
+        table.add_column(column)
+    for info in infos:
+        table.add_row(info.token_id, info.principal, info.role, info.created_at, info.revoked_at or "")
+    console.print(table)
+
+
+@app.command("revoke")
+def revoke(target: str = typer.Argument(..., metavar="TOKEN_ID|NAME",
+                                         help="A token id, or a principal name (all its tokens).")) -> None:
+    """Revoke a token at once (the API checks every request)."""
+    with _store() as store:
+        count = store.revoke(target)
+    if not count:
+        console.print(f"[red]no live token with id or principal {target!r}[/red]")
+        raise typer.Exit(1)
+    console.print(f"revoked {count} token(s)")
+
+
+def demo_token() -> str:
+    """A fresh org_admin token for `outreach up --demo` (the previous demo tokens are revoked)."""
+    with _store() as store:
+        store.revoke(DEMO_PRINCIPAL)
+        token, _ = store.create_token(DEMO_PRINCIPAL, "org_admin")
+    return token

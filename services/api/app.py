@@ -1,0 +1,147 @@
+"""The HTTP API: the composition root (FastAPI app, its stores, the command publisher) and the entry point.
+
+    python -m services.api      # serves at OUTREACH_API_HOST:OUTREACH_API_PORT (127.0.0.1:8080)
+
+Reads come from the projections' read model, commands go to `outreach.commands`, tokens and channel settings
+live in `data_dir/api.db`. Interactive documentation at /docs, the OpenAPI document at /openapi.json.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from services.api import reads, settings_routes, writes
+from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
+from services.api.store import ApiStore, CredentialsUnreadable
+from services.common.settings import Settings, get_settings
+from services.projections.read_model import ReadModel
+
+log = logging.getLogger("outreach.api")
+
+DESCRIPTION = """Campaigns, messages, export, live progress and commands of Outreach.
+
+Authenticate with `Authorization: Bearer <token>` (tokens: `outreach token create NAME --role ROLE`).
+Roles: org_admin, admin and campaigner use campaigns; channel settings are org_admin only; operations has no
+access. Missing or unknown token: 401; wrong role: 403.
+
+Commands are published to `outreach.commands` and answered 202 with their `command_id`; the command
+handler's answer (accepted, or `CommandRejected` with the contract's reason) is at `GET /commands/{command_id}`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, read_model: Any = None, store: ApiStore | None = None,
+               publisher: CommandPublisher | None = None) -> FastAPI:
+    """The app; what is not given is opened from the settings when the app starts (and closed when it stops)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        owned: list[Any] = []
+        app.state.settings = settings
+        app.state.read_model = read_model
+        if app.state.read_model is None:
+            app.state.read_model = ReadModel.open(settings)
+            owned.append(app.state.read_model)
+        app.state.store = store
+        if app.state.store is None:
+            app.state.store = ApiStore.open(settings)
+            owned.append(app.state.store)
+        app.state.publisher = publisher or CommandPublisher(settings)
+        try:
+            yield
+        finally:
+            if publisher is None:
+                await app.state.publisher.stop()
+            for resource in owned:
+                resource.close()
+
+    app = FastAPI(title="Outreach API", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  openapi_tags=[
+                      {"name": "campaigns", "description": "Campaigns and their live counts."},
+                      {"name": "messages", "description": "Messages: filters, search, pagination, CSV export."},
+                      {"name": "progress", "description": "Live progress (Server-Sent Events)."},
+                      {"name": "history", "description": "The ordered audit history."},
+                      {"name": "commands", "description": "Commands published to outreach.commands, and answers."},
+                      {"name": "settings", "description": "Channel settings (org_admin only)."},
+                  ])
+    app.include_router(reads.router)
+    app.include_router(writes.router)
+    app.include_router(settings_routes.router)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness (no authentication)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.exception_handler(InvalidCommand)
+    async def invalid_command(_: Request, exc: InvalidCommand) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(BrokerUnavailable)
+    async def broker_unavailable(_: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"the broker did not acknowledge the command: {exc}"},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.exception_handler(CredentialsUnreadable)
+    async def credentials_unreadable(_: Request, exc: CredentialsUnreadable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+    return app
+
+
+def uvicorn_config(settings: Settings, app: FastAPI | None = None, **overrides: Any) -> uvicorn.Config:
+    options: dict[str, Any] = dict(host=settings.api_host, port=settings.api_port, log_level="info",
+                                   access_log=False, timeout_graceful_shutdown=5, lifespan="on")
+    options.update(overrides)
+    return uvicorn.Config(app or create_app(settings), **options)
+
+
+def main() -> None:
+    """uvicorn's own server loop: it stops cleanly on SIGTERM / SIGINT (open SSE streams are closed)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    log.info("HTTP API on http://%s:%d (docs at /docs)", settings.api_host, settings.api_port)
+    uvicorn.Server(uvicorn_config(settings)).run()
+
+
+class BackgroundServer:
+    """The API served by uvicorn in a thread of this process (tests, embedding); `with` starts and stops it."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        from services.common.embedded_broker import free_port
+
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                                    access_log=False, lifespan="on", timeout_graceful_shutdown=2))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30) -> BackgroundServer:
+        self._thread = threading.Thread(target=self.server.run, name="outreach-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,54 @@
+"""Bearer-token authentication and the product's roles (shared/product-reference.md, Roles).
+
+org_admin, admin and campaigner use campaigns; channel settings are org_admin only; operations gets
+nothing. No or unknown token -> 401 (with `WWW-Authenticate: Bearer`), a known token of the wrong role -> 403.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.api.store import ApiStore, Principal
+
+CAMPAIGN_ROLES = frozenset({"org_admin", "admin", "campaigner"})
+SETTINGS_ROLES = frozenset({"org_admin"})
+
+# auto_error=False: we answer 401 ourselves (with the header RFC 6750 asks for), the same for every case.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>` (`outreach token create`).")
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def authenticated(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The principal of the request's bearer token (a sync dependency: FastAPI runs the lookup in a thread)."""
+    if credentials is None or not credentials.credentials:
+        raise _unauthorized("missing bearer token")
+    store: ApiStore = request.app.state.store
+    principal = store.authenticate(credentials.credentials)
+    if principal is None:
+        raise _unauthorized("unknown or revoked token")
+    return principal
+
+
+def _role_guard(allowed: frozenset[str], what: str):
+    def guard(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if principal.role not in allowed:
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                detail=f"role {principal.role!r} may not use {what}")
+        return principal
+
+    return guard
+
+
+campaign_user = _role_guard(CAMPAIGN_ROLES, "campaigns")
+org_admin = _role_guard(SETTINGS_ROLES, "channel settings")
+
+CampaignUser = Annotated[Principal, Depends(campaign_user)]
+OrgAdmin = Annotated[Principal, Depends(org_admin)]

@@ -1,0 +1,139 @@
+"""Publishing commands on `outreach.commands`, and reading their answers from the read model.
+
+A command is built with the token's principal as `issued_by`, validated by the contract's strict models
+(`schemas.commands.parse_command`: what would be `invalid_command` is a 422 here, nothing published), then
+published keyed by campaign_id and acknowledged by the broker (acks=all) before the API answers 202.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from outreach.client import make_command
+from schemas import topics
+from schemas.commands import parse_command
+from services.common import jsoncodec, kafka
+from services.common.settings import Settings
+
+log = logging.getLogger("outreach.api.commands")
+
+BROKER_TIMEOUT_S = 10.0
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not take the command (the API answers 503: nothing, or only a prefix, was published)."""
+
+
+class InvalidCommand(ValueError):
+    """The command breaks the contract's schema (the API answers 422, nothing published)."""
+
+    def __init__(self, error: ValidationError):
+        super().__init__(str(error))
+        self.errors = error.errors(include_url=False, include_context=False, include_input=False)
+
+
+def build_command(command_type: str, campaign_id: str, issued_by: str, **payload: Any) -> dict[str, Any]:
+    """A command envelope for `issued_by`, checked against the contract (InvalidCommand if it breaks it)."""
+    command = make_command(command_type, campaign_id, issued_by, **payload)
+    try:
+        parse_command(jsoncodec.dumps(command))
+    except ValidationError as exc:
+        raise InvalidCommand(exc) from None
+    return command
+
+
+class CommandPublisher:
+    """One producer for the process, started on first use (the API serves reads while the broker is down)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def _started(self) -> AIOKafkaProducer:
+        async with self._lock:
+            if self._producer is None:
+                producer = kafka.make_producer(self.settings, request_timeout_ms=int(BROKER_TIMEOUT_S * 1000))
+                try:
+                    # A missing topic would be auto-created with the wrong partition count on first send.
+                    await kafka.ensure_topics(self.settings, timeout_s=BROKER_TIMEOUT_S)
+                    await asyncio.wait_for(producer.start(), BROKER_TIMEOUT_S)
+                except Exception as exc:
+                    try:
+                        await producer.stop()
+                    except Exception:
+                        pass
+                    raise BrokerUnavailable(f"Kafka at {self.settings.kafka_bootstrap_servers}: {exc}") from exc
+                self._producer = producer
+            return self._producer
+
+    async def publish(self, commands: list[dict[str, Any]]) -> None:
+        """Publish in order, each acknowledged before the next (one key, so one partition, so one order)."""
+        producer = await self._started()
+        for command in commands:
+            try:
+                await asyncio.wait_for(
+                    producer.send_and_wait(topics.COMMANDS, value=jsoncodec.dumps(command),
+                                           key=command["campaign_id"].encode()),
+                    BROKER_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("publishing %s %s failed: %s", command["type"], command["command_id"], exc)
+                raise BrokerUnavailable(f"{command['type']} {command['command_id']} not acknowledged: {exc}") from exc
+
+    async def stop(self) -> None:
+        async with self._lock:
+            if self._producer is not None:
+                await self._producer.stop()
+                self._producer = None
+
+
+# ------------------------------------------------------------------ answers
+
+SETTLE_S = 0.5  # after the first answer event: how long to wait for trailing ones (a status change)
+POLL_S = 0.2
+
+
+def answer_complete(events: list[dict[str, Any]]) -> bool | None:
+    """True when the answer events are all there, None when that cannot be told from the events alone
+    (a Stop or Retry may or may not change the status; a ContactsAdded may or may not be the last chunk)."""
+    kinds = {e.get("type") for e in events}
+    if "CommandRejected" in kinds or kinds & {"CampaignCreated", "TemplateUpdated"}:
+        return True
+    if kinds & {"CampaignRunStarted", "CampaignDeleted", "CampaignReady"}:
+        return "CampaignStatusChanged" in kinds
+    return None
+
+
+def answer_state(events: list[dict[str, Any]]) -> str:
+    if not events:
+        return "pending"
+    return "rejected" if any(e.get("type") == "CommandRejected" for e in events) else "answered"
+
+
+async def wait_for_answer(read_answers, command_id: str, wait_s: float) -> list[dict[str, Any]]:
+    """The command's answer events from the read model, waiting up to `wait_s` for the first one, then
+    briefly (SETTLE_S) for trailing ones. `read_answers(command_id)` is the (blocking) read-model query."""
+    deadline = time.monotonic() + wait_s
+    events = await asyncio.to_thread(read_answers, command_id)
+    while not events and time.monotonic() < deadline:
+        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        events = await asyncio.to_thread(read_answers, command_id)
+    if not events or wait_s <= 0:
+        return events
+    settle_until = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        complete = answer_complete(events)
+        # Known incomplete: wait on (up to the deadline); unknown: wait until no new event for SETTLE_S.
+        if complete is True or (complete is None and time.monotonic() >= settle_until):
+            break
+        await asyncio.sleep(POLL_S)
+        more = await asyncio.to_thread(read_answers, command_id)
+        if len(more) != len(events):
+            events = more
+            settle_until = time.monotonic() + SETTLE_S
+    return events

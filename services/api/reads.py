@@ -1,0 +1,254 @@
+"""Read endpoints: campaigns, messages (filters, search, pagination), CSV export, live progress (SSE), history.
+
+Everything is read from the projections' read model (services/projections/read_model.py), whose methods
+are blocking: they run in worker threads so the event loop keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
+
+from services.api import export
+from services.api.auth import CampaignUser
+from services.api.models import (
+    Campaign,
+    CampaignPage,
+    CampaignStatusFilter,
+    Message,
+    MessagePage,
+    MessageStatusFilter,
+    Progress,
+    ReasonFilter,
+)
+from services.common.ids import UUID_PATTERN
+from services.common import jsoncodec
+
+router = APIRouter(tags=["campaigns"])
+
+PROGRESS_POLL_S = 0.5
+PROGRESS_PING_S = 15
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+
+CampaignId = Annotated[str, Path(pattern=UUID_PATTERN, description="The campaign's id (lowercase UUID).")]
+MessageId = Annotated[str, Path(pattern=UUID_PATTERN, description="The message's id (lowercase UUID).")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Page size (at most {MAX_LIMIT}).")]
+Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+StatusQuery = Annotated[MessageStatusFilter | None, Query(alias="status", description="Only messages with this status.")]
+ReasonQuery = Annotated[ReasonFilter | None, Query(description="Only failed messages with this reason.")]
+SearchQuery = Annotated[str | None, Query(
+    min_length=1, max_length=200, description="Case-insensitive substring of the destination or of any variable "
+                                              "value, or the exact row number or message id.")]
+AsOfQuery = Annotated[datetime | None, Query(
+    description="RFC 3339 time: show the state as it stood then (built only from records that occurred at or "
+                "before it). A time without an offset is taken as UTC.")]
+
+
+def _read_model(request: Request):
+    return request.app.state.read_model
+
+
+async def _call(request: Request, method: str, *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.to_thread(getattr(_read_model(request), method), *args, **kwargs)
+
+
+async def _campaign_or_404(request: Request, campaign_id: str) -> dict[str, Any]:
+    campaign = await _call(request, "campaign", campaign_id)
+    if campaign is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id}")
+    return campaign
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def _as_of_or_404(request: Request, campaign_id: str, moment: datetime) -> dict[str, Any]:
+    found = await _call(request, "as_of", campaign_id, moment)
+    if found is None or found.get("campaign") is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id} at {_rfc3339(moment)}")
+    return found
+
+
+def message_matches(message: dict[str, Any], status_: str | None, reason: str | None, search: str | None) -> bool:
+    """The read model's filter semantics, for messages already in memory (the `as_of` view)."""
+    if status_ is not None and message.get("status") != status_:
+        return False
+    if reason is not None and message.get("reason") != reason:
+        return False
+    if search is not None:
+        needle = search.lower()
+        values = [message.get("destination") or "", *(message.get("variables") or {}).values()]
+        if not (any(needle in str(v).lower() for v in values) or search == str(message.get("row"))
+                or needle == str(message.get("message_id"))):
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ campaigns
+
+@router.get("/campaigns", response_model=CampaignPage, summary="List campaigns, newest first")
+async def list_campaigns(
+    request: Request, _: CampaignUser,
+    status_: Annotated[CampaignStatusFilter | None, Query(alias="status", description="Only this status.")] = None,
+    limit: Limit = DEFAULT_LIMIT, offset: Offset = 0,
+) -> dict[str, Any]:
+    items = await _call(request, "campaigns", status=status_, limit=limit, offset=offset)
+    total = await _call(request, "count_campaigns", status=status_)
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+@router.get("/campaigns/{campaign_id}", response_model=Campaign, summary="One campaign with its live counts",
+            responses={404: {"description": "Unknown campaign (or not yet projected)."}})
+async def get_campaign(request: Request, _: CampaignUser, campaign_id: CampaignId,
+                       as_of: AsOfQuery = None) -> dict[str, Any]:
+    if as_of is not None:
+        return (await _as_of_or_404(request, campaign_id, _utc(as_of)))["campaign"]
+    return await _campaign_or_404(request, campaign_id)
+
+
+# ------------------------------------------------------------------ messages
+
+@router.get("/campaigns/{campaign_id}/messages", response_model=MessagePage, tags=["messages"],
+            summary="A campaign's messages in row order: filters, search, pagination",
+            responses={404: {"description": "Unknown campaign."}})
+async def list_messages(
+    request: Request, _: CampaignUser, campaign_id: CampaignId,
+    status_: StatusQuery = None, reason: ReasonQuery = None, q: SearchQuery = None,
+    limit: Limit = DEFAULT_LIMIT, offset: Offset = 0, as_of: AsOfQuery = None,
+) -> dict[str, Any]:
+    if as_of is not None:
+        moment = _utc(as_of)
+        found = await _as_of_or_404(request, campaign_id, moment)
+        matching = [m for m in found["messages"] if message_matches(m, status_, reason, q)]
+        matching.sort(key=lambda m: m.get("row") or 0)
+        return {"total": len(matching), "limit": limit, "offset": offset, "as_of": _rfc3339(moment),
+                "items": matching[offset:offset + limit]}
+    await _campaign_or_404(request, campaign_id)
+    filters = {"status": status_, "reason": reason, "search": q}
+    items = await _call(request, "messages", campaign_id, limit=limit, offset=offset, **filters)
+    total = await _call(request, "count_messages", campaign_id, **filters)
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+@router.get("/campaigns/{campaign_id}/messages.csv", tags=["messages"], response_class=StreamingResponse,
+            summary="Export all or filtered messages as CSV (streamed)",
+            description="Columns: " + ", ".join(export.FIXED_COLUMNS) + ", then one per template variable. Cells "
+                        "beginning with = + - @ are prefixed with a single quote (CSV injection), so SMS "
+                        "destinations appear as '+1...",
+            responses={200: {"content": {"text/csv": {}}, "description": "The CSV, streamed."},
+                       404: {"description": "Unknown campaign."}})
+async def export_messages(request: Request, _: CampaignUser, campaign_id: CampaignId,
+                          status_: StatusQuery = None, reason: ReasonQuery = None,
+                          q: SearchQuery = None) -> StreamingResponse:
+    campaign = await _campaign_or_404(request, campaign_id)
+    read_model = _read_model(request)
+
+    def messages():
+        return read_model.iter_messages(campaign_id, status=status_, reason=reason, search=q)
+
+    # A sync generator: Starlette pulls each block in a worker thread (iterate_in_threadpool).
+    filename = f"campaign-{campaign_id}-messages.csv"
+    return StreamingResponse(export.csv_blocks(messages), media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                      "X-Campaign-Status": str(campaign.get("status"))})
+
+
+@router.get("/campaigns/{campaign_id}/messages/{message_id}/history", tags=["history"],
+            response_model=list[dict[str, Any]], summary="One message's status records, in order",
+            responses={404: {"description": "Unknown message in this campaign."}})
+async def message_history(request: Request, _: CampaignUser, campaign_id: CampaignId,
+                          message_id: MessageId) -> list[dict[str, Any]]:
+    records = [r for r in await _call(request, "message_history", message_id) if r.get("campaign_id") == campaign_id]
+    if not records:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no message {message_id} in campaign {campaign_id}")
+    return records
+
+
+# ------------------------------------------------------------------ progress (SSE)
+
+def progress_snapshot(campaign: dict[str, Any]) -> dict[str, Any]:
+    return {"campaign_id": campaign["campaign_id"], "status": campaign["status"],
+            "stopped": bool(campaign.get("stopped")), "final": bool(campaign.get("final")),
+            "counts": campaign["counts"]}
+
+
+@router.get("/campaigns/{campaign_id}/progress", tags=["progress"], response_class=EventSourceResponse,
+            summary="Live progress as Server-Sent Events",
+            description="A `progress` event (data: JSON " + Progress.__name__ + ": status, stopped, final, counts) "
+                        "at once and whenever the status or a count changes (checked every "
+                        f"{PROGRESS_POLL_S} s); the stream ends after the event that shows a final status "
+                        "(complete, complete_with_errors, failed, deleted). Comment pings keep proxies open.",
+            responses={200: {"content": {"text/event-stream": {"schema": Progress.model_json_schema()}},
+                             "description": "The event stream."},
+                       404: {"description": "Unknown campaign."}})
+async def progress(request: Request, _: CampaignUser, campaign_id: CampaignId) -> EventSourceResponse:
+    first = await _campaign_or_404(request, campaign_id)
+
+    async def events():
+        campaign: dict[str, Any] | None = first
+        last = None
+        while campaign is not None:
+            snapshot = progress_snapshot(campaign)
+            if snapshot != last:
+                yield {"event": "progress", "data": jsoncodec.dumps(snapshot).decode()}
+                last = snapshot
+            if snapshot["final"]:
+                return
+            await asyncio.sleep(PROGRESS_POLL_S)
+            campaign = await _call(request, "campaign", campaign_id)
+
+    return EventSourceResponse(events(), ping=PROGRESS_PING_S)
+
+
+# ------------------------------------------------------------------ history
+
+HISTORY_BLOCK_RECORDS = 500
+
+
+def json_array_blocks(records, block_records: int = HISTORY_BLOCK_RECORDS):
+    """A JSON array of `records`, as text blocks (the history of a big campaign never sits in memory whole)."""
+    parts = ["["]
+    first = True
+    for count, record in enumerate(records, start=1):
+        parts.append(("" if first else ",") + jsoncodec.dumps(record).decode())
+        first = False
+        if count % block_records == 0:
+            yield "".join(parts)
+            parts = []
+    parts.append("]")
+    yield "".join(parts)
+
+
+@router.get("/campaigns/{campaign_id}/history", tags=["history"], response_class=StreamingResponse,
+            summary="The full ordered audit history of a campaign (streamed JSON array)",
+            description="Campaign events and message status records, merged in occurred_at order (ties: campaign "
+                        "events by sequence, then status records by row and sequence), each as published (`type` "
+                        "tells which). `as_of` keeps what occurred at or before that time; `limit` / `offset` page "
+                        "through it. The array is streamed: a campaign of 300,000 messages has well over a million "
+                        "records.",
+            responses={200: {"content": {"application/json": {"schema": {"type": "array", "items": {
+                "type": "object", "description": "A campaign event or a MessageStatusChanged record."}}}},
+                "description": "The records, in order."},
+                404: {"description": "Unknown campaign."}})
+async def history(request: Request, _: CampaignUser, campaign_id: CampaignId,
+                  include_messages: Annotated[bool, Query(description="Include message status records.")] = True,
+                  as_of: AsOfQuery = None,
+                  limit: Annotated[int | None, Query(ge=1, description="At most this many records.")] = None,
+                  offset: Offset = 0) -> StreamingResponse:
+    read_model = _read_model(request)
+    if await _call(request, "campaign", campaign_id) is None and not await _call(request, "events", campaign_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id}")
+    until = _utc(as_of) if as_of is not None else None
+    records = read_model.iter_history(campaign_id, include_messages=include_messages, until=until)
+    page = itertools.islice(records, offset, None if limit is None else offset + limit)
+    return StreamingResponse(json_array_blocks(page), media_type="application/json")

@@ -1,0 +1,43 @@
+"""Channel settings endpoints (org_admin only): provider choice and write-only credentials."""
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Request, status
+
+from services.api import channel_settings
+from services.api.auth import OrgAdmin
+from services.api.models import ChannelSettingsBody, ChannelSettingsView
+
+router = APIRouter(prefix="/settings", tags=["settings"])
+
+ChannelPath = Annotated[Literal["sms", "email"], Path(description="sms or email")]
+
+
+@router.get("/channels/{channel}", response_model=ChannelSettingsView, summary="A channel's provider settings "
+            "(credentials masked)")
+async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPath) -> dict[str, Any]:
+    stored = await asyncio.to_thread(request.app.state.store.channel_settings, channel)
+    if stored is None:
+        return channel_settings.environment_view(channel, request.app.state.settings)
+    return channel_settings.masked_view(stored)
+
+
+@router.put("/channels/{channel}", response_model=ChannelSettingsView, summary="Choose a channel's provider and "
+            "set its credentials (write-only, stored encrypted)",
+            description="Replaces the channel's provider and credentials as a whole. Providers and their credential "
+                        "fields (required; optional): " + "; ".join(
+                            f"{channel}/{provider}: {list(required)}; {list(optional)}"
+                            for channel, providers in channel_settings.PROVIDERS.items()
+                            for provider, (required, optional) in providers.items()),
+            responses={422: {"description": "Unknown provider, or credentials missing / not expected."}})
+async def put_channel_settings(request: Request, principal: OrgAdmin, channel: ChannelPath,
+                               body: ChannelSettingsBody) -> dict[str, Any]:
+    try:
+        credentials = channel_settings.check(channel, body.provider, body.credentials)
+    except channel_settings.SettingsError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    stored = await asyncio.to_thread(request.app.state.store.save_channel_settings, channel, body.provider,
+                                     credentials, principal.name)
+    return channel_settings.masked_view(stored)

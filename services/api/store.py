@@ -1,0 +1,242 @@
+"""The API's own small SQLite file (`data_dir/api.db`): bearer tokens and channel settings.
+
+Tokens are kept only as SHA-256 hashes: a leaked file lets no one in. A token is 32 random bytes, so a
+plain hash (no salt, no slow KDF) is enough: there is nothing to brute-force. Channel credentials are
+kept as one Fernet token (AES-128-CBC + HMAC-SHA256) of their JSON; the key comes from
+`OUTREACH_API_ENCRYPTION_KEY`, else from `data_dir/api-encryption.key`, generated once with mode 0600.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, get_args
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from services.common import jsoncodec
+from services.common.settings import Settings
+
+FILE_NAME = "api.db"
+KEY_FILE_NAME = "api-encryption.key"
+TOKEN_PREFIX = "otk_"
+
+Role = Literal["org_admin", "admin", "campaigner", "operations"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id    TEXT PRIMARY KEY,
+    token_hash  TEXT NOT NULL UNIQUE,
+    principal   TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+CREATE TABLE IF NOT EXISTS channel_settings (
+    channel     TEXT PRIMARY KEY,
+    provider    TEXT NOT NULL,
+    credentials BLOB NOT NULL,      -- Fernet token of the credentials' JSON
+    updated_by  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the name written in `issued_by`, and the role that decides access."""
+    name: str
+    role: Role
+    token_id: str
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: str
+    principal: str
+    role: str
+    created_at: str
+    revoked_at: str | None
+
+
+@dataclass(frozen=True)
+class StoredChannelSettings:
+    channel: str
+    provider: str
+    credentials: dict[str, str]
+    updated_by: str
+    updated_at: str
+
+
+class ApiStore:
+    """Tokens and channel settings in `data_dir/api.db`. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path | str, encryption_key: bytes | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(_SCHEMA)
+        self._fernet = Fernet(encryption_key) if encryption_key else None
+
+    @classmethod
+    def open(cls, settings: Settings, *, with_encryption: bool = True) -> ApiStore:
+        key = encryption_key(settings) if with_encryption else None
+        return cls(settings.data_dir / FILE_NAME, key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> ApiStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ tokens
+
+    def create_token(self, principal: str, role: str) -> tuple[str, TokenInfo]:
+        """A new token for `principal` with `role`: (the token, shown once; its stored info)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        principal = principal.strip()
+        if not principal:
+            raise ValueError("the principal name is empty")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        info = TokenInfo(token_id=secrets.token_hex(6), principal=principal, role=role, created_at=_now(),
+                         revoked_at=None)
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO tokens (token_id, token_hash, principal, role, created_at) VALUES (?, ?, ?, ?, ?)",
+                (info.token_id, hash_token(token), info.principal, info.role, info.created_at),
+            )
+        return token, info
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal of a live token, or None (unknown or revoked)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT token_id, principal, role FROM tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                (hash_token(token),),
+            ).fetchone()
+        if row is None or row[2] not in ROLES:
+            return None
+        return Principal(name=row[1], role=row[2], token_id=row[0])
+
+    def tokens(self, *, include_revoked: bool = False) -> list[TokenInfo]:
+        sql = "SELECT token_id, principal, role, created_at, revoked_at FROM tokens"
+        if not include_revoked:
+            sql += " WHERE revoked_at IS NULL"
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY created_at, token_id").fetchall()
+        return [TokenInfo(*row) for row in rows]
+
+    def revoke(self, token_id_or_principal: str) -> int:
+        """Revoke the token with this id, else every live token of this principal; returns how many."""
+        now = _now()
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND token_id = ?", (now, token_id_or_principal))
+            if cursor.rowcount:
+                return cursor.rowcount
+            cursor = self._conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND principal = ?",
+                (now, token_id_or_principal))
+            return cursor.rowcount
+
+    # ------------------------------------------------------------------ channel settings
+
+    def _cipher(self) -> Fernet:
+        if self._fernet is None:
+            raise RuntimeError("this store was opened without an encryption key")
+        return self._fernet
+
+    def save_channel_settings(self, channel: str, provider: str, credentials: dict[str, str],
+                              updated_by: str) -> StoredChannelSettings:
+        sealed = self._cipher().encrypt(jsoncodec.dumps(credentials))
+        now = _now()
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO channel_settings (channel, provider, credentials, updated_by, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET provider = excluded.provider, "
+                "credentials = excluded.credentials, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                (channel, provider, sealed, updated_by, now),
+            )
+        return StoredChannelSettings(channel, provider, dict(credentials), updated_by, now)
+
+    def channel_settings(self, channel: str) -> StoredChannelSettings | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT provider, credentials, updated_by, updated_at FROM channel_settings WHERE channel = ?",
+                (channel,),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            credentials = jsoncodec.loads(self._cipher().decrypt(row[1]))
+        except InvalidToken:
+            raise CredentialsUnreadable(
+                f"the stored {channel} credentials cannot be decrypted with the current key "
+                "(OUTREACH_API_ENCRYPTION_KEY or data_dir/api-encryption.key changed?)") from None
+        return StoredChannelSettings(channel, row[0], credentials, row[2], row[3])
+
+    def raw_credentials(self, channel: str) -> bytes | None:
+        """The stored (encrypted) bytes, for tests that check nothing is kept in clear."""
+        with self._lock:
+            row = self._conn.execute("SELECT credentials FROM channel_settings WHERE channel = ?",
+                                     (channel,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+
+class CredentialsUnreadable(RuntimeError):
+    """Stored credentials do not decrypt with the key in use."""
+
+
+def encryption_key(settings: Settings) -> bytes:
+    """The Fernet key: the setting, else the key file, created once (0600) if missing."""
+    if settings.api_encryption_key is not None:
+        key = settings.api_encryption_key.get_secret_value().encode()
+        Fernet(key)  # a malformed key fails here, at start, not at the first PUT
+        return key
+    path = settings.data_dir / KEY_FILE_NAME
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole to a private temporary file, then linked into place: link() fails if the key exists, so
+    # two processes starting together agree on one key, and no one ever reads a half-written file.
+    temporary = path.with_name(f".{KEY_FILE_NAME}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(Fernet.generate_key())
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path.read_bytes().strip()
+
+
+def token_store(settings: Settings) -> ApiStore:
+    """The store for token commands (no encryption key needed, none created)."""
+    return ApiStore.open(settings, with_encryption=False)

@@ -1,0 +1,190 @@
+"""Command endpoints: each publishes to `outreach.commands` and answers 202 with the command_id once the broker
+acknowledged it; `GET /commands/{command_id}` gives (or waits for) the answer.
+
+`issued_by` is always the token's principal: request bodies have no such field (one sent is ignored).
+The handler is the judge of every domain rule (state, confirmation, disclaimer, channel busy): its answer,
+accepted or `CommandRejected`, is what `GET /commands/{command_id}` returns. The API refuses (422, nothing
+published) only what the contract's schema refuses, and a create without the consent confirmation.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
+from fastapi.responses import JSONResponse
+
+from outreach.client import add_contacts_commands, new_id
+from outreach.importer import CsvError
+from services.api.auth import CampaignUser
+from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
+from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, decode_upload, map_contacts, \
+    parse_variable_mapping
+from services.api.models import (
+    CampaignCreateAccepted,
+    CommandAccepted,
+    CommandAnswer,
+    RetryBody,
+    RunBody,
+    StopBody,
+    UpdateTemplateBody,
+)
+from services.api.reads import CampaignId
+from services.api.store import Principal
+from services.common.ids import UUID_PATTERN
+
+router = APIRouter(tags=["commands"])
+
+MAX_WAIT_S = 60.0
+ACCEPTED = {202: {"description": "Published to outreach.commands and acknowledged by the broker."},
+            422: {"description": "Refused by the contract's schema: nothing published."},
+            503: {"description": "The broker did not acknowledge: publish again (the handler dedupes nothing "
+                                 "across command ids, so check GET /commands first if unsure)."}}
+
+
+def _publisher(request: Request) -> CommandPublisher:
+    return request.app.state.publisher
+
+
+async def _publish_one(request: Request, principal: Principal, command_type: str, campaign_id: str,
+                       **payload: Any) -> dict[str, Any]:
+    command = build_command(command_type, campaign_id, principal.name, **payload)
+    await _publisher(request).publish([command])
+    return {"command_id": command["command_id"], "campaign_id": campaign_id, "command_type": command_type}
+
+
+def _unprocessable(detail: Any) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
+
+
+# ------------------------------------------------------------------ create from a CSV upload
+
+@router.post(
+    "/campaigns", status_code=status.HTTP_202_ACCEPTED, response_model=CampaignCreateAccepted,
+    summary="Create a campaign from a CSV upload",
+    description="Publishes CreateCampaign, then the contacts as AddContacts chunks of at most 1,000 (row = the "
+                "physical line number in the CSV; the header, when present, is line 1). CSV rules: UTF-8, comma-"
+                "separated, header optional, at most 50 MB and 300,000 contacts. The campaign becomes Ready when "
+                "the last chunk is answered (CampaignReady): wait on the last of `contacts_command_ids`.",
+    responses={**ACCEPTED, 413: {"description": "The CSV is over 50 MB."}},
+)
+async def create_campaign(
+    request: Request, principal: CampaignUser,
+    contacts: Annotated[UploadFile, File(description="The contacts CSV.")],
+    name: Annotated[str, Form(min_length=1, description="Campaign name.")],
+    channel: Annotated[Literal["sms", "email"], Form(description="Fixed at creation.")],
+    template: Annotated[str, Form(description='JSON: SMS {"body": ...}; email {"subject", "html", "from_email", '
+                                              '"from_name", "reply_to"?, "attachments": [...]}.')],
+    consent_confirmed: Annotated[bool, Form(description="Required true: the contacts consented to be contacted.")],
+    description: Annotated[str | None, Form(description="Free text.")] = None,
+    destination_column: Annotated[str | None, Form(description="Header name or 1-based number of the destination "
+                                                               "column (default: found as the CLI does).")] = None,
+    variables: Annotated[str | None, Form(description="JSON: {column: variable name} or [column, ...]: only these "
+                                                      "columns become template variables (default: every other "
+                                                      "column, named by its header).")] = None,
+) -> dict[str, Any]:
+    if not consent_confirmed:
+        raise _unprocessable("consent_confirmed must be true: confirm the contacts consented to be contacted")
+    try:
+        template_value = json.loads(template)
+    except json.JSONDecodeError as exc:
+        raise _unprocessable(f"template is not JSON: {exc}") from None
+    try:
+        mapping = parse_variable_mapping(json.loads(variables) if variables else None)
+    except json.JSONDecodeError as exc:
+        raise _unprocessable(f"variables is not JSON: {exc}") from None
+    except MappingError as exc:
+        raise _unprocessable(str(exc)) from None
+    data = await contacts.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the CSV is over {MAX_UPLOAD_BYTES} bytes")
+    campaign_id = new_id()
+    payload: dict[str, Any] = {"name": name, "channel": channel, "template": template_value}
+    if description is not None:
+        payload["description"] = description
+    create = build_command("CreateCampaign", campaign_id, principal.name, **payload)
+
+    def parse() -> tuple[Any, list[dict[str, Any]]]:
+        mapped = map_contacts(decode_upload(data), destination_column, mapping)
+        return mapped, add_contacts_commands(campaign_id, mapped.contacts, principal.name)
+
+    try:
+        mapped, chunks = await asyncio.to_thread(parse)
+    except (CsvError, MappingError) as exc:
+        raise _unprocessable(f"cannot import the CSV: {exc}") from None
+    del data
+    await _publisher(request).publish([create, *chunks])
+    return {"command_id": create["command_id"], "campaign_id": campaign_id, "command_type": "CreateCampaign",
+            "contacts": len(mapped.contacts), "has_header": mapped.has_header,
+            "destination_column": mapped.destination_column, "variables": mapped.variables,
+            "contacts_command_ids": [c["command_id"] for c in chunks]}
+
+
+# ------------------------------------------------------------------ the other commands
+
+@router.put("/campaigns/{campaign_id}/template", status_code=status.HTTP_202_ACCEPTED,
+            response_model=CommandAccepted, responses=ACCEPTED, summary="Update the template (created or ready)")
+async def update_template(request: Request, principal: CampaignUser, campaign_id: CampaignId,
+                          body: UpdateTemplateBody) -> dict[str, Any]:
+    return await _publish_one(request, principal, "UpdateTemplate", campaign_id,
+                              template=body.template.model_dump(mode="json"))
+
+
+@router.post("/campaigns/{campaign_id}/run", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
+             responses=ACCEPTED, summary="Run the campaign, with the run disclaimer",
+             description="Show the run summary first (`GET /campaigns/{id}`: `summary`). The disclaimer must be "
+                         "accepted on every run (all four flags true), else the handler answers "
+                         "CommandRejected(disclaimer_not_accepted) and nothing is queued or sent.")
+async def run_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
+                       body: RunBody) -> dict[str, Any]:
+    return await _publish_one(request, principal, "RunCampaign", campaign_id,
+                              disclaimer=body.disclaimer.model_dump(mode="json"))
+
+
+@router.post("/campaigns/{campaign_id}/stop", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
+             responses=ACCEPTED, summary="Stop a running campaign (confirmed: true)",
+             description="Queued messages are cancelled; messages in flight carry on. Without `confirmed: true` "
+                         "the handler answers CommandRejected(stop_not_confirmed).")
+async def stop_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
+                        body: StopBody) -> dict[str, Any]:
+    return await _publish_one(request, principal, "StopCampaign", campaign_id, confirmed=body.confirmed)
+
+
+@router.post("/campaigns/{campaign_id}/retry", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
+             responses=ACCEPTED, summary="Retry failed messages (all but timed-out ones, or those named)")
+async def retry_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
+                         body: RetryBody | None = None) -> dict[str, Any]:
+    body = body or RetryBody()
+    payload: dict[str, Any] = {"include_cancelled": body.include_cancelled}
+    if body.message_ids:
+        payload["message_ids"] = list(body.message_ids)
+    return await _publish_one(request, principal, "RetryFailedMessages", campaign_id, **payload)
+
+
+@router.delete("/campaigns/{campaign_id}", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
+               responses=ACCEPTED, summary="Delete a campaign that is not running")
+async def delete_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId) -> dict[str, Any]:
+    return await _publish_one(request, principal, "DeleteCampaign", campaign_id)
+
+
+# ------------------------------------------------------------------ answers
+
+@router.get("/commands/{command_id}", response_model=CommandAnswer,
+            responses={202: {"model": CommandAnswer, "description": "No answer yet (state: pending)."}},
+            summary="A command's answer events (optionally waiting for them)",
+            description="`state` is answered or rejected (a CommandRejected is among the events) with 200, or "
+                        "pending with 202. With `wait`, waits up to that many seconds for the first answer event, "
+                        "then briefly for trailing ones (the status change that follows a run, say). Answers are "
+                        "read from the read model, so the projections must be running.")
+async def command_answer(
+    request: Request, _: CampaignUser,
+    command_id: Annotated[str, Path(pattern=UUID_PATTERN)],
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for the answer.")] = 0,
+):
+    events = await wait_for_answer(request.app.state.read_model.answers, command_id, wait)
+    state = answer_state(events)
+    body = {"command_id": command_id, "state": state, "events": events}
+    if state == "pending":
+        return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED)
+    return body

@@ -1,0 +1,689 @@
+"""The HTTP API over real HTTP (uvicorn on a free port): every endpoint and filter against a read model filled
+directly with records, the role matrix (401 / 403) on every route, and the command endpoints publishing to the
+session's broker (read back from `outreach.commands`)."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from typer.testing import CliRunner
+
+from outreach.cli import app as cli_app
+from schemas import topics
+from schemas.commands import parse_command
+from services.api.app import BackgroundServer, create_app
+from services.api.store import ApiStore
+from services.common import ids
+from services.common.settings import Settings
+from services.projections.read_model import ReadModel
+from tests.conftest import async_wait_until
+from tests.e2e_support import Tail
+
+BASE = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
+ROLES = ("org_admin", "admin", "campaigner", "operations")
+
+
+# ------------------------------------------------------------------ records (as the relay publishes them)
+
+def at(seconds: float) -> str:
+    return (BASE + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def campaign_event(campaign_id: str, sequence: int, type_: str, seconds: float, causation_id: str | None = None,
+                   **body) -> dict:
+    return {"type": type_, "event_id": str(uuid.uuid4()), "campaign_id": campaign_id, "sequence": sequence,
+            "occurred_at": at(seconds), "causation_id": causation_id or str(uuid.uuid4()), **body}
+
+
+def status_record(campaign_id: str, row: int, sequence: int, status: str, seconds: float, previous: str | None,
+                  *, channel: str = "sms", reason: str | None = None, provider_code: str | None = None,
+                  attempt: int | None = None, **extra) -> dict:
+    return {"type": "MessageStatusChanged", "event_id": str(uuid.uuid4()),
+            "message_id": ids.message_id(campaign_id, row), "campaign_id": campaign_id, "channel": channel,
+            "row": row, "run_no": None if status == "waiting" else 1, "status": status, "previous_status": previous,
+            "reason": reason, "provider_code": provider_code, "attempt": attempt, "occurred_at": at(seconds),
+            "causation_id": str(uuid.uuid4()), "sequence": sequence, **extra}
+
+
+def counts(**by_status: int) -> dict:
+    base = {s: 0 for s in ("waiting", "queued", "sending", "sent", "delivered", "assumed_delivered", "retrying",
+                           "failed", "opted_out", "cancelled")}
+    base.update(by_status)
+    return {"total": sum(by_status.values()), **base}
+
+
+def ready_campaign(campaign_id: str, contacts: list[tuple[int, str, dict]], *, name: str, channel: str = "sms",
+                   start: float = 0) -> tuple[list[dict], list[dict]]:
+    """Created, contacts added (waiting records with destination and variables), ready."""
+    template = {"body": "Hi {{first_name}}"} if channel == "sms" else {
+        "subject": "Hi", "html": "<p>Hi</p>", "from_email": "team@example.org", "from_name": "Team", "attachments": []}
+    events = [
+        campaign_event(campaign_id, 10, "CampaignCreated", start, name=name, description=None, channel=channel,
+                       template=template, created_by="alice"),
+        campaign_event(campaign_id, 20, "ContactsAdded", start + 1, chunk_no=0, valid=len(contacts), invalid=0,
+                       invalid_rows=[]),
+        campaign_event(campaign_id, 21, "CampaignReady", start + 1, message_count=len(contacts),
+                       summary={"name": name, "channel": channel, "message_count": len(contacts)}),
+        campaign_event(campaign_id, 22, "CampaignStatusChanged", start + 1, status="ready", previous_status="created",
+                       stopped=False, counts=counts(waiting=len(contacts))),
+    ]
+    statuses = [status_record(campaign_id, row, 10, "waiting", start + 1, None, channel=channel,
+                              destination=destination, variables=variables)
+                for row, destination, variables in contacts]
+    return events, statuses
+
+
+SMS_ID = "0a0a0a0a-0000-4000-8000-000000000001"
+EMAIL_ID = "0a0a0a0a-0000-4000-8000-000000000002"
+LIVE_ID = "0a0a0a0a-0000-4000-8000-000000000003"
+SMS_CONTACTS = [
+    (2, "+15555550100", {"first_name": "Ada", "city": "Paris"}),
+    (3, "+15555550101", {"first_name": "Bob", "city": "=HYPERLINK(\"http://evil\")"}),
+    (4, "+15555550102", {"first_name": "Cy", "city": "Lyon"}),
+    (5, "+15555550103", {"first_name": "-Dee", "city": "@home"}),
+    (6, "+15555550104", {"first_name": "Eve"}),
+]
+# row -> (final status, reason) after the run (which happens at +100 s)
+SMS_OUTCOMES = {2: ("delivered", None), 3: ("failed", "invalid_destination"), 4: ("failed", "undeliverable"),
+                5: ("opted_out", None), 6: ("queued", None)}
+RUN_AT = 100
+
+
+def sms_campaign_records() -> tuple[list[dict], list[dict]]:
+    events, statuses = ready_campaign(SMS_ID, SMS_CONTACTS, name="Spring SMS", start=0)
+    run_command = str(uuid.uuid4())
+    events += [
+        campaign_event(SMS_ID, 30, "CampaignRunStarted", RUN_AT, causation_id=run_command, run_no=1,
+                       accepted_by="bob", disclaimer={}, message_count=5, suppressed_count=0),
+        campaign_event(SMS_ID, 31, "CampaignStatusChanged", RUN_AT, causation_id=run_command, status="in_progress",
+                       previous_status="ready", stopped=False, counts=counts(queued=5)),
+    ]
+    for row, _, _ in SMS_CONTACTS:
+        statuses.append(status_record(SMS_ID, row, 20, "queued", RUN_AT, "waiting"))
+        final, reason = SMS_OUTCOMES[row]
+        if final == "queued":
+            continue
+        statuses.append(status_record(SMS_ID, row, 30, "sending", RUN_AT + 10 + row, "queued", attempt=1))
+        code = {"invalid_destination": "21211", "undeliverable": "30005"}.get(reason)
+        statuses.append(status_record(SMS_ID, row, 40, final, RUN_AT + 20 + row, "sending", reason=reason,
+                                      provider_code=code, attempt=1))
+    return events, statuses
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, kafka_bootstrap) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("api-data"), kafka_bootstrap_servers=kafka_bootstrap)
+
+
+@pytest.fixture(scope="module")
+def read_model(settings):
+    with ReadModel.open(settings) as model:
+        events, statuses = sms_campaign_records()
+        model.apply_batch(events, statuses)
+        model.apply_batch(*ready_campaign(EMAIL_ID, [(2, "ann@example.org", {"first_name": "Ann"}),
+                                                     (3, "ben@example.org", {})], name="Autumn email",
+                                          channel="email", start=500))
+        yield model
+
+
+@pytest.fixture(scope="module")
+def tokens(settings) -> dict[str, str]:
+    with ApiStore.open(settings) as store:
+        return {role: store.create_token(f"{role}-user", role)[0] for role in ROLES}
+
+
+@pytest.fixture(scope="module")
+def server(settings, read_model, tokens):
+    app = create_app(settings)
+    with BackgroundServer(app) as running:
+        running.app = app
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server, tokens):
+    """A client acting as a campaigner."""
+    with httpx.Client(base_url=server.url, timeout=30,
+                      headers={"Authorization": f"Bearer {tokens['campaigner']}"}) as client:
+        yield client
+
+
+def as_role(tokens: dict, role: str) -> dict:
+    return {"Authorization": f"Bearer {tokens[role]}"}
+
+
+# ------------------------------------------------------------------ OpenAPI
+
+def test_openapi_documents_every_endpoint_with_tags(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert set(spec["paths"]) == {
+        "/campaigns", "/campaigns/{campaign_id}", "/campaigns/{campaign_id}/messages",
+        "/campaigns/{campaign_id}/messages.csv", "/campaigns/{campaign_id}/messages/{message_id}/history",
+        "/campaigns/{campaign_id}/progress", "/campaigns/{campaign_id}/history", "/campaigns/{campaign_id}/template",
+        "/campaigns/{campaign_id}/run", "/campaigns/{campaign_id}/stop", "/campaigns/{campaign_id}/retry",
+        "/commands/{command_id}", "/settings/channels/{channel}", "/healthz",
+    }
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("tags"), (method, path)
+            assert operation.get("summary"), (method, path)
+            assert "200" in operation["responses"] or "202" in operation["responses"], (method, path)
+    listed = spec["paths"]["/campaigns/{campaign_id}/messages"]["get"]
+    assert {p["name"] for p in listed["parameters"]} >= {"status", "reason", "q", "limit", "offset", "as_of"}
+    page = listed["responses"]["200"]["content"]["application/json"]["schema"]
+    assert page["$ref"].endswith("/MessagePage")
+    assert "text/event-stream" in spec["paths"]["/campaigns/{campaign_id}/progress"]["get"]["responses"]["200"][
+        "content"]
+    assert "text/csv" in spec["paths"]["/campaigns/{campaign_id}/messages.csv"]["get"]["responses"]["200"]["content"]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# ------------------------------------------------------------------ the role matrix, every route
+
+def _route_calls() -> list[tuple[str, str, dict]]:
+    """(method, url, request kwargs) for every authenticated route of the app."""
+    command_id = str(uuid.uuid4())
+    message_id = ids.message_id(SMS_ID, 2)
+    upload = {"files": {"contacts": ("c.csv", b"phone,first_name\n+15555550100,Ada\n", "text/csv")},
+              "data": {"name": "M", "channel": "sms", "template": '{"body": "Hi"}', "consent_confirmed": "true"}}
+    return [
+        ("GET", "/campaigns", {}),
+        ("POST", "/campaigns", upload),
+        ("GET", f"/campaigns/{SMS_ID}", {}),
+        ("DELETE", f"/campaigns/{str(uuid.uuid4())}", {}),
+        ("GET", f"/campaigns/{SMS_ID}/messages", {}),
+        ("GET", f"/campaigns/{SMS_ID}/messages.csv", {}),
+        ("GET", f"/campaigns/{SMS_ID}/messages/{message_id}/history", {}),
+        ("GET", f"/campaigns/{EMAIL_ID}/history", {}),
+        ("GET", f"/campaigns/{SMS_ID}/progress", {}),  # not final: the stream stays open (only its head is read)
+        ("PUT", f"/campaigns/{str(uuid.uuid4())}/template", {"json": {"template": {"body": "New"}}}),
+        ("POST", f"/campaigns/{str(uuid.uuid4())}/run", {"json": {"disclaimer": {"consent": True}}}),
+        ("POST", f"/campaigns/{str(uuid.uuid4())}/stop", {"json": {"confirmed": True}}),
+        ("POST", f"/campaigns/{str(uuid.uuid4())}/retry", {"json": {}}),
+        ("GET", f"/commands/{command_id}", {}),
+        ("GET", "/settings/channels/sms", {}),
+        ("PUT", "/settings/channels/email", {"json": {"provider": "inprocess", "credentials": {}}}),
+    ]
+
+
+def _status_of(client: httpx.Client, method: str, url: str, headers: dict, kwargs: dict) -> httpx.Response:
+    with client.stream(method, url, headers=headers, **kwargs) as response:
+        return response  # the head is enough (a progress stream would not end)
+
+
+def test_role_matrix_covers_every_route(server):
+    routes = {(method, route.path) for route in server.app.routes if isinstance(route, APIRoute)
+              for method in route.methods if route.path != "/healthz"}
+    called = set()
+    for method, url, _ in _route_calls():
+        for route in server.app.routes:
+            if isinstance(route, APIRoute) and method in route.methods and route.path_regex.match(url):
+                called.add((method, route.path))
+    assert called == routes
+
+
+def test_no_or_unknown_token_is_401_everywhere(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for method, url, kwargs in _route_calls():
+            for headers in ({}, {"Authorization": "Bearer otk_not-a-token"}, {"Authorization": "Basic eDp5"}):
+                response = _status_of(client, method, url, headers, kwargs)
+                assert response.status_code == 401, (method, url, headers, response.status_code)
+                assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_roles_get_403_where_they_have_no_access(server, tokens):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for method, url, kwargs in _route_calls():
+            settings_route = url.startswith("/settings")
+            for role in ROLES:
+                response = _status_of(client, method, url, as_role(tokens, role), kwargs)
+                allowed = role == "org_admin" if settings_route else role != "operations"
+                if allowed:
+                    assert response.status_code in (200, 202), (role, method, url, response.status_code)
+                else:
+                    assert response.status_code == 403, (role, method, url, response.status_code)
+
+
+def test_revoked_token_is_refused_at_once(server, settings):
+    with ApiStore.open(settings) as store:
+        token, info = store.create_token("temp", "admin")
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{server.url}/campaigns", headers=headers).status_code == 200
+        assert store.revoke(info.token_id) == 1
+    assert httpx.get(f"{server.url}/campaigns", headers=headers).status_code == 401
+
+
+def test_token_cli_creates_a_working_token_lists_and_revokes_it(server, settings, monkeypatch):
+    monkeypatch.setenv("OUTREACH_DATA_DIR", str(settings.data_dir))
+    runner = CliRunner()
+    created = runner.invoke(cli_app, ["token", "create", "carol", "--role", "admin", "--json"])
+    assert created.exit_code == 0, created.output
+    token = json.loads(created.output)
+    response = httpx.get(f"{server.url}/campaigns", headers={"Authorization": f"Bearer {token['token']}"})
+    assert response.status_code == 200
+    listed = runner.invoke(cli_app, ["token", "list", "--json"])
+    assert any(t["principal"] == "carol" and t["role"] == "admin" for t in json.loads(listed.output))
+    assert token["token"] not in listed.output
+    assert runner.invoke(cli_app, ["token", "revoke", "carol"]).exit_code == 0
+    response = httpx.get(f"{server.url}/campaigns", headers={"Authorization": f"Bearer {token['token']}"})
+    assert response.status_code == 401
+    assert runner.invoke(cli_app, ["token", "create", "x", "--role", "superuser"]).exit_code != 0
+
+
+def test_tokens_are_stored_only_as_hashes(settings, tokens):
+    raw = (settings.data_dir / "api.db").read_bytes()
+    for token in tokens.values():
+        assert token.encode() not in raw
+
+
+# ------------------------------------------------------------------ campaigns
+
+def test_campaigns_list_newest_first_with_counts_filter_and_pagination(http):
+    page = http.get("/campaigns").json()
+    ours = [c for c in page["items"] if c["campaign_id"] in (SMS_ID, EMAIL_ID)]
+    assert [c["campaign_id"] for c in ours] == [EMAIL_ID, SMS_ID]  # the email campaign was created later
+    sms = ours[1]
+    assert sms["status"] == "in_progress" and sms["name"] == "Spring SMS" and sms["channel"] == "sms"
+    assert sms["counts"]["total"] == 5 and sms["counts"]["failed"] == 2 and sms["counts"]["queued"] == 1
+    ready = http.get("/campaigns", params={"status": "ready"}).json()
+    assert EMAIL_ID in [c["campaign_id"] for c in ready["items"]]
+    assert all(c["status"] == "ready" for c in ready["items"]) and ready["total"] == len(ready["items"])
+    first = http.get("/campaigns", params={"limit": 1}).json()
+    second = http.get("/campaigns", params={"limit": 1, "offset": 1}).json()
+    assert first["total"] == second["total"] >= 2 and len(first["items"]) == len(second["items"]) == 1
+    assert first["items"][0]["campaign_id"] != second["items"][0]["campaign_id"]
+    assert http.get("/campaigns", params={"status": "nonsense"}).status_code == 422
+    assert http.get("/campaigns", params={"limit": 1001}).status_code == 422
+
+
+def test_campaign_detail_unknown_and_malformed_ids(http):
+    campaign = http.get(f"/campaigns/{SMS_ID}").json()
+    assert campaign["counts"] == {**counts(delivered=1, failed=2, opted_out=1, queued=1)}
+    assert campaign["summary"]["message_count"] == 5 and campaign["template"] == {"body": "Hi {{first_name}}"}
+    assert http.get(f"/campaigns/{uuid.uuid4()}").status_code == 404
+    assert http.get("/campaigns/NOT-A-UUID").status_code == 422
+
+
+# ------------------------------------------------------------------ messages: filters, search, pagination
+
+def rows_of(page: dict) -> list[int]:
+    return [m["row"] for m in page["items"]]
+
+
+def test_messages_filters_search_and_pagination(http):
+    url = f"/campaigns/{SMS_ID}/messages"
+    everything = http.get(url).json()
+    assert rows_of(everything) == [2, 3, 4, 5, 6] and everything["total"] == 5
+    first = everything["items"][0]
+    assert first["destination"] == "+15555550100" and first["variables"] == {"first_name": "Ada", "city": "Paris"}
+    assert first["status"] == "delivered" and first["message_id"] == ids.message_id(SMS_ID, 2)
+    assert rows_of(http.get(url, params={"status": "failed"}).json()) == [3, 4]
+    assert rows_of(http.get(url, params={"reason": "undeliverable"}).json()) == [4]
+    assert rows_of(http.get(url, params={"status": "failed", "reason": "invalid_destination"}).json()) == [3]
+    assert rows_of(http.get(url, params={"status": "sending"}).json()) == []
+    assert rows_of(http.get(url, params={"q": "lyon"}).json()) == [4]  # a variable, any case
+    assert rows_of(http.get(url, params={"q": "5550103"}).json()) == [5]  # part of the destination
+    assert rows_of(http.get(url, params={"q": "6"}).json()) == [6]  # the row number
+    assert rows_of(http.get(url, params={"q": ids.message_id(SMS_ID, 3)}).json()) == [3]
+    assert rows_of(http.get(url, params={"q": "a", "status": "delivered"}).json()) == [2]
+    page = http.get(url, params={"limit": 2, "offset": 2}).json()
+    assert rows_of(page) == [4, 5] and page["total"] == 5 and page["limit"] == 2 and page["offset"] == 2
+    filtered_page = http.get(url, params={"status": "failed", "limit": 1, "offset": 1}).json()
+    assert rows_of(filtered_page) == [4] and filtered_page["total"] == 2
+    assert http.get(url, params={"status": "lost"}).status_code == 422
+    assert http.get(url, params={"reason": "bad_luck"}).status_code == 422
+    assert http.get(url, params={"limit": 0}).status_code == 422
+    assert http.get(f"/campaigns/{uuid.uuid4()}/messages").status_code == 404
+
+
+def test_as_of_shows_the_campaign_and_messages_as_they_stood(http):
+    before_run = at(RUN_AT - 1)
+    campaign = http.get(f"/campaigns/{SMS_ID}", params={"as_of": before_run}).json()
+    assert campaign["status"] == "ready" and campaign["counts"]["waiting"] == 5
+    page = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": before_run}).json()
+    assert page["as_of"] == before_run and {m["status"] for m in page["items"]} == {"waiting"}
+    assert page["items"][0]["destination"] == "+15555550100"
+    mid_run = at(RUN_AT + 24)  # rows 2..4 have reached their outcome (at RUN_AT + 20 + row), row 5 is sending
+    page = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": mid_run}).json()
+    assert [m["status"] for m in page["items"]] == ["delivered", "failed", "failed", "sending", "queued"]
+    failed = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": mid_run, "status": "failed",
+                                                               "limit": 1, "offset": 1}).json()
+    assert rows_of(failed) == [4] and failed["total"] == 2
+    assert http.get(f"/campaigns/{SMS_ID}", params={"as_of": at(-10)}).status_code == 404  # not created yet
+
+
+# ------------------------------------------------------------------ export
+
+def parse_csv(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text)))
+
+
+def test_csv_export_all_and_filtered_with_neutralised_cells(http):
+    response = http.get(f"/campaigns/{SMS_ID}/messages.csv")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    assert f"campaign-{SMS_ID}-messages.csv" in response.headers["content-disposition"]
+    table = parse_csv(response.text)
+    assert table[0] == ["row", "message_id", "destination", "status", "reason", "provider_code", "attempt", "run_no",
+                        "updated_at", "first_name", "city"]
+    assert [r[0] for r in table[1:]] == ["2", "3", "4", "5", "6"]
+    row3 = dict(zip(table[0], table[2]))
+    assert row3["destination"] == "'+15555550101"  # begins with +: neutralised, as the issue asks
+    assert row3["city"] == "'=HYPERLINK(\"http://evil\")"
+    assert row3["status"] == "failed" and row3["reason"] == "invalid_destination" and row3["provider_code"] == "21211"
+    row5 = dict(zip(table[0], table[4]))
+    assert row5["first_name"] == "'-Dee" and row5["city"] == "'@home"
+    assert dict(zip(table[0], table[5]))["city"] == ""  # Eve has no city
+    failed = parse_csv(http.get(f"/campaigns/{SMS_ID}/messages.csv", params={"status": "failed"}).text)
+    assert [r[0] for r in failed[1:]] == ["3", "4"]
+    searched = parse_csv(http.get(f"/campaigns/{SMS_ID}/messages.csv",
+                                  params={"reason": "undeliverable", "q": "cy"}).text)
+    assert [r[0] for r in searched[1:]] == ["4"]
+    assert http.get(f"/campaigns/{uuid.uuid4()}/messages.csv").status_code == 404
+
+
+# ------------------------------------------------------------------ history
+
+def test_history_is_the_full_ordered_record_and_honours_as_of_and_paging(http):
+    records = http.get(f"/campaigns/{SMS_ID}/history").json()
+    events, statuses = sms_campaign_records()
+    assert len(records) == len(events) + len(statuses)
+    times = [r["occurred_at"] for r in records]
+    assert times == sorted(times)
+    assert records[0]["type"] == "CampaignCreated"
+    waiting = [r for r in records if r.get("status") == "waiting"]
+    assert waiting[0]["destination"] == "+15555550100"  # each record as published
+    only_events = http.get(f"/campaigns/{SMS_ID}/history", params={"include_messages": "false"}).json()
+    assert [e["type"] for e in only_events] == [e["type"] for e in events]
+    before_run = http.get(f"/campaigns/{SMS_ID}/history", params={"as_of": at(RUN_AT - 1)}).json()
+    assert all(r["occurred_at"] <= at(RUN_AT - 1) for r in before_run)
+    assert {r["type"] for r in before_run} >= {"CampaignReady", "MessageStatusChanged"}
+    assert "CampaignRunStarted" not in {r["type"] for r in before_run}
+    page = http.get(f"/campaigns/{SMS_ID}/history", params={"limit": 3, "offset": 2}).json()
+    assert page == records[2:5]
+    assert http.get(f"/campaigns/{uuid.uuid4()}/history").status_code == 404
+
+
+def test_message_history(http):
+    message_id = ids.message_id(SMS_ID, 3)
+    records = http.get(f"/campaigns/{SMS_ID}/messages/{message_id}/history").json()
+    assert [r["status"] for r in records] == ["waiting", "queued", "sending", "failed"]
+    assert records[-1]["reason"] == "invalid_destination"
+    assert http.get(f"/campaigns/{EMAIL_ID}/messages/{message_id}/history").status_code == 404
+
+
+# ------------------------------------------------------------------ live progress (SSE)
+
+def sse_events(lines):
+    """(event, data) pairs of an SSE stream (comments and pings skipped)."""
+    event, data = None, []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event or "message", json.loads("\n".join(data))
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+def test_progress_stream_emits_changes_and_ends_when_final(http, read_model):
+    contacts = [(2, "+15555550200", {}), (3, "+15555550201", {})]
+    events, statuses = ready_campaign(LIVE_ID, contacts, name="Live", start=1000)
+    events.append(campaign_event(LIVE_ID, 30, "CampaignStatusChanged", 1100, status="in_progress",
+                                 previous_status="ready", stopped=False, counts=counts(queued=2)))
+    statuses += [status_record(LIVE_ID, row, 20, "queued", 1100, "waiting") for row in (2, 3)]
+    read_model.apply_batch(events, statuses)
+    seen = []
+    with http.stream("GET", f"/campaigns/{LIVE_ID}/progress") as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        stream = sse_events(response.iter_lines())
+        kind, first = next(stream)
+        assert kind == "progress" and first["status"] == "in_progress" and first["counts"]["queued"] == 2
+        seen.append(first)
+        read_model.apply_batch([], [status_record(LIVE_ID, 2, 30, "delivered", 1110, "queued", attempt=1)])
+        _, second = next(stream)
+        assert second["counts"]["delivered"] == 1 and second["counts"]["queued"] == 1 and not second["final"]
+        seen.append(second)
+        read_model.apply_batch(
+            [campaign_event(LIVE_ID, 40, "CampaignStatusChanged", 1120, status="complete_with_errors",
+                            previous_status="in_progress", stopped=False, counts=counts(delivered=1, failed=1))],
+            [status_record(LIVE_ID, 3, 30, "failed", 1120, "queued", reason="blocked", attempt=1)])
+        rest = list(stream)  # the stream ends by itself after the final status
+    assert rest[-1][1]["final"] is True and rest[-1][1]["status"] == "complete_with_errors"
+    assert rest[-1][1]["counts"]["failed"] == 1
+    assert all(kind == "progress" for kind, _ in rest)
+    snapshots = seen + [data for _, data in rest]
+    assert all(a != b for a, b in zip(snapshots, snapshots[1:]))  # an event only when something changed
+    assert http.get(f"/campaigns/{uuid.uuid4()}/progress").status_code == 404
+
+
+# ------------------------------------------------------------------ commands
+
+@pytest.fixture(scope="module")
+async def commands_tail(settings):
+    tail = await Tail(settings, topics.COMMANDS).start()
+    yield tail
+    await tail.stop()
+
+
+async def published(tail: Tail, command_ids: list[str], timeout_s: float = 20) -> list[dict]:
+    wanted = set(command_ids)
+
+    def found():
+        records = [v for v in tail.values(topics.COMMANDS) if isinstance(v, dict) and v.get("command_id") in wanted]
+        return records if {r["command_id"] for r in records} == wanted else None
+
+    records = await async_wait_until(found, timeout_s, message=f"commands {wanted} not on {topics.COMMANDS}")
+    by_id = {r["command_id"]: r for r in records}
+    return [by_id[c] for c in command_ids]
+
+
+@pytest.fixture
+async def api(server, tokens):
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=as_role(tokens, "admin")) as client:
+        yield client
+
+
+def _keyed_records(tail: Tail, command_id: str):
+    return [r for r, v in tail.records[topics.COMMANDS] if isinstance(v, dict) and v.get("command_id") == command_id]
+
+
+async def test_each_command_endpoint_publishes_its_command_as_the_token_principal(api, commands_tail):
+    campaign_id = str(uuid.uuid4())
+    calls = [
+        ("PUT", f"/campaigns/{campaign_id}/template",
+         {"template": {"body": "Hello {{first_name}}"}, "issued_by": "mallory"}, "UpdateTemplate"),
+        ("POST", f"/campaigns/{campaign_id}/run",
+         {"disclaimer": {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True},
+          "issued_by": "mallory"}, "RunCampaign"),
+        ("POST", f"/campaigns/{campaign_id}/stop", {"confirmed": True}, "StopCampaign"),
+        ("POST", f"/campaigns/{campaign_id}/retry",
+         {"message_ids": [ids.message_id(campaign_id, 2)], "include_cancelled": True}, "RetryFailedMessages"),
+        ("DELETE", f"/campaigns/{campaign_id}", None, "DeleteCampaign"),
+    ]
+    accepted = []
+    for method, url, body, command_type in calls:
+        response = await api.request(method, url, json=body)
+        assert response.status_code == 202, response.text
+        answer = response.json()
+        assert answer["campaign_id"] == campaign_id and answer["command_type"] == command_type
+        accepted.append(answer["command_id"])
+    records = await published(commands_tail, accepted)
+    for record, (_, _, body, command_type) in zip(records, calls):
+        parse_command(json.dumps(record))  # valid by the contract
+        assert record["type"] == command_type and record["campaign_id"] == campaign_id
+        assert record["issued_by"] == "admin-user"  # from the token, never from the body
+    assert records[0]["template"] == {"body": "Hello {{first_name}}"}
+    assert records[1]["disclaimer"] == calls[1][2]["disclaimer"]
+    assert records[2]["confirmed"] is True
+    assert records[3]["message_ids"] == [ids.message_id(campaign_id, 2)] and records[3]["include_cancelled"] is True
+    for command_id in accepted:  # keyed by campaign_id
+        assert {r.key for r in _keyed_records(commands_tail, command_id)} == {campaign_id.encode()}
+
+
+async def test_commands_pass_confirmations_through_and_refuse_what_the_schema_refuses(api, commands_tail):
+    campaign_id = str(uuid.uuid4())
+    # false confirmations are published: the handler answers stop_not_confirmed / disclaimer_not_accepted
+    stop = await api.post(f"/campaigns/{campaign_id}/stop", json={"confirmed": False})
+    run = await api.post(f"/campaigns/{campaign_id}/run", json={"disclaimer": {"consent": True}})
+    assert stop.status_code == run.status_code == 202
+    stop_record, run_record = await published(commands_tail, [stop.json()["command_id"], run.json()["command_id"]])
+    assert stop_record["confirmed"] is False and run_record["disclaimer"]["opt_out"] is False
+    refused = [
+        await api.post(f"/campaigns/{campaign_id}/stop", json={}),  # confirmation must be stated
+        await api.post(f"/campaigns/{campaign_id}/stop", json={"confirmed": "yes"}),  # no coercion
+        await api.post(f"/campaigns/{campaign_id}/run", json={}),
+        await api.put(f"/campaigns/{campaign_id}/template", json={"template": {"body": ""}}),
+        await api.put(f"/campaigns/{campaign_id}/template", json={"template": {"subject": "x"}}),
+        await api.post(f"/campaigns/{campaign_id}/retry", json={"message_ids": ["NOT-AN-ID"]}),
+        await api.post("/campaigns/not-an-id/run", json={"disclaimer": {}}),
+    ]
+    assert [r.status_code for r in refused] == [422] * len(refused)
+
+
+CSV_HEADER = "first_name,phone,city,ignored\n"
+
+
+def contacts_csv(n: int) -> bytes:
+    lines = [CSV_HEADER]
+    for i in range(n):
+        lines.append(f"P{i},+1{200 + i % 800}{555 + i // 800:03d}{i % 10000:04d},C{i},x\n")
+        if i == 2:
+            lines.append("\n")  # a blank line: skipped, but it counts in the physical line numbers
+    return "".join(lines).encode()
+
+
+async def test_create_from_csv_publishes_create_then_chunks_with_mapping_and_line_numbers(api, commands_tail):
+    response = await api.post("/campaigns", files={"contacts": ("people.csv", contacts_csv(1500), "text/csv")}, data={
+        "name": "Upload", "channel": "sms", "template": json.dumps({"body": "Hi {{name}}"}), "description": "d",
+        "destination_column": "phone", "variables": json.dumps({"first_name": "name", "city": "town"}),
+        "consent_confirmed": "true", "issued_by": "mallory"})
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["contacts"] == 1500 and accepted["has_header"] is True
+    assert accepted["destination_column"] == "phone" and accepted["variables"] == {"first_name": "name",
+                                                                                    "city": "town"}
+    assert len(accepted["contacts_command_ids"]) == 2
+    create, *chunks = await published(commands_tail, [accepted["command_id"], *accepted["contacts_command_ids"]])
+    assert create["type"] == "CreateCampaign" and create["name"] == "Upload" and create["description"] == "d"
+    assert create["campaign_id"] == accepted["campaign_id"] and create["template"] == {"body": "Hi {{name}}"}
+    assert {c["issued_by"] for c in (create, *chunks)} == {"admin-user"}
+    assert [c["chunk_no"] for c in chunks] == [0, 1] and [c["last_chunk"] for c in chunks] == [False, True]
+    contacts = [contact for chunk in chunks for contact in chunk["contacts"]]
+    assert len(contacts) == 1500 and len(chunks[0]["contacts"]) == 1000
+    assert contacts[0] == {"row": 2, "destination": "+12005550000", "variables": {"name": "P0", "town": "C0"}}
+    assert contacts[3]["row"] == 6  # after the blank line 5
+    # the records were published in order on one partition: create, chunk 0, chunk 1
+    offsets = [_keyed_records(commands_tail, c)[0].offset for c in [accepted["command_id"],
+                                                                    *accepted["contacts_command_ids"]]]
+    assert offsets == sorted(offsets)
+
+
+async def test_create_refuses_without_consent_or_with_bad_input_and_publishes_nothing(api, commands_tail):
+    good = {"name": "N", "channel": "sms", "template": json.dumps({"body": "Hi"}), "consent_confirmed": "true"}
+    csv_file = {"contacts": ("c.csv", b"phone\n+15555550100\n", "text/csv")}
+    before = len(commands_tail.values(topics.COMMANDS))
+    cases = [
+        ({**good, "consent_confirmed": "false"}, csv_file, "consent_confirmed"),
+        ({k: v for k, v in good.items() if k != "consent_confirmed"}, csv_file, "consent_confirmed"),
+        ({**good, "template": "{not json"}, csv_file, "template"),
+        ({**good, "template": json.dumps({"subject": "email template on sms"})}, csv_file, "template"),
+        ({**good, "channel": "fax"}, csv_file, "channel"),
+        ({**good, "destination_column": "mobile"}, csv_file, "mobile"),
+        ({**good, "variables": json.dumps({"nope": "x"})}, csv_file, "nope"),
+        ({**good, "variables": "[1, 2]"}, csv_file, "variables"),
+        (good, {"contacts": ("c.csv", "phone\n+1555\u00e9\n".encode("latin-1"), "text/csv")}, "UTF-8"),
+        (good, None, "contacts"),
+    ]
+    for data, files, mentioned in cases:
+        response = await api.post("/campaigns", data=data, files=files)
+        assert response.status_code == 422, (data, response.text)
+        assert mentioned in response.text, response.text
+    await asyncio.sleep(1)  # anything wrongly published would have reached the tail by now
+    assert len(commands_tail.values(topics.COMMANDS)) == before
+
+
+async def test_command_answer_pending_then_answered_or_rejected_with_wait(api, read_model):
+    command_id = str(uuid.uuid4())
+    pending = await api.get(f"/commands/{command_id}")
+    assert pending.status_code == 202 and pending.json() == {"command_id": command_id, "state": "pending",
+                                                             "events": []}
+    started = time.monotonic()
+    assert (await api.get(f"/commands/{command_id}", params={"wait": 0.6})).status_code == 202
+    assert time.monotonic() - started >= 0.5
+
+    campaign_id = str(uuid.uuid4())
+    answer = [campaign_event(campaign_id, 10, "CampaignRunStarted", 2000, causation_id=command_id, run_no=1),
+              campaign_event(campaign_id, 11, "CampaignStatusChanged", 2000, causation_id=command_id,
+                             status="in_progress", previous_status="ready", stopped=False, counts=counts())]
+    # Applied while the request waits: the first event a little later, the trailing status change after it.
+    timer = threading.Timer(0.5, read_model.apply_batch, ([answer[0]], []))
+    later = threading.Timer(0.8, read_model.apply_batch, ([answer[1]], []))
+    timer.start(), later.start()
+    waited = await api.get(f"/commands/{command_id}", params={"wait": 20})
+    assert waited.status_code == 200
+    assert waited.json()["state"] == "answered"
+    assert [e["type"] for e in waited.json()["events"]] == ["CampaignRunStarted", "CampaignStatusChanged"]
+
+    rejected_id = str(uuid.uuid4())
+    read_model.apply_batch([campaign_event(campaign_id, 0, "CommandRejected", 2001, causation_id=rejected_id,
+                                           command_id=rejected_id, command_type="StopCampaign",
+                                           reason="stop_not_confirmed", detail="")], [])
+    rejected = (await api.get(f"/commands/{rejected_id}", params={"wait": 5})).json()
+    assert rejected["state"] == "rejected" and rejected["events"][0]["reason"] == "stop_not_confirmed"
+    assert (await api.get(f"/commands/{command_id}", params={"wait": 61})).status_code == 422
+    assert (await api.get("/commands/xyz")).status_code == 422
+
+
+# ------------------------------------------------------------------ channel settings
+
+def test_channel_settings_are_write_only_encrypted_and_masked(server, tokens, settings):
+    with httpx.Client(base_url=server.url, timeout=30, headers=as_role(tokens, "org_admin")) as client:
+        default = client.get("/settings/channels/sms").json()
+        assert default["source"] == "environment" and default["provider"] == settings.sms_provider
+        assert "simulator-auth-token" not in json.dumps(default)
+        secret = "tw-auth-token-0123456789abcdef"
+        body = {"provider": "twilio", "credentials": {"account_sid": "AC1234567890abcdef1234567890abcd",
+                                                      "auth_token": secret, "messaging_service_sid": "MG1"}}
+        saved = client.put("/settings/channels/sms", json=body)
+        assert saved.status_code == 200, saved.text
+        shown = client.get("/settings/channels/sms").json()
+        assert shown == saved.json()
+        assert shown["source"] == "stored" and shown["provider"] == "twilio" and shown["updated_by"] == "org_admin-user"
+        assert shown["credentials"] == {"account_sid": "****abcd", "auth_token": "****cdef", "messaging_service_sid":
+                                        "****"}
+        assert shown["applied_to_sender"] is False
+        assert secret not in json.dumps(shown)
+        with ApiStore.open(settings) as store:
+            raw = store.raw_credentials("sms")
+            assert secret.encode() not in raw and b"auth_token" not in raw
+            assert store.channel_settings("sms").credentials["auth_token"] == secret  # decrypts with the key
+        key_file = settings.data_dir / "api-encryption.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert client.put("/settings/channels/sms", json={"provider": "sendgrid", "credentials": {}}).status_code == 422
+        missing = client.put("/settings/channels/email", json={"provider": "sendgrid", "credentials": {}})
+        assert missing.status_code == 422 and "api_key" in missing.text
+        unexpected = client.put("/settings/channels/email", json={"provider": "sendgrid", "credentials": {
+            "api_key": "SG.x", "colour": "red"}})
+        assert unexpected.status_code == 422 and "colour" in unexpected.text
+        assert client.get("/settings/channels/fax").status_code == 422
+        smtp = client.put("/settings/channels/email", json={"provider": "smtp", "credentials": {
+            "host": "mail.example.org", "port": "587", "password": "correct horse battery"}}).json()
+        assert smtp["provider"] == "smtp" and smtp["credentials"]["password"] == "****tery"
+
+
+def test_healthz_needs_no_token(server):
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
