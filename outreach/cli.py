@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -32,7 +33,7 @@ from rich.text import Text
 
 from outreach import client as cmd
 from outreach.importer import CsvError, read_contacts_csv
-from outreach.tokens import app as token_app
+from outreach.replay import replay as replay_command
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from services.common.settings import get_settings
 from services.projections.read_model import FINAL_CAMPAIGN_STATUSES, ReadModel
@@ -40,7 +41,6 @@ from services.projections.read_model import FINAL_CAMPAIGN_STATUSES, ReadModel
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
 app.add_typer(campaign_app, name="campaign")
-app.add_typer(token_app, name="token")
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -550,28 +550,82 @@ def _watch(campaign_id: str, interval: float, as_json: bool) -> dict[str, Any]:
             model.close()
 
 
+def _parse_moment(text: str) -> datetime:
+    """An RFC 3339 time with its offset (`2024-05-01T12:00:00Z`, `...+02:00`)."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an RFC 3339 time (e.g. 2024-05-01T12:00:00Z)")
+    if moment.tzinfo is None:
+        raise typer.BadParameter(f"{text!r} has no time zone (add Z or an offset such as +02:00)")
+    return moment
+
+
+def _describe_status(record: dict[str, Any]) -> str:
+    change = f"{record.get('previous_status')} -> {record.get('status')}" if record.get("previous_status") \
+        else f"{record.get('status')}"
+    details = [f"{k} {record[k]}" for k in ("reason", "provider_code", "attempt", "run_no") if record.get(k)]
+    contact = f" {record['destination']}" if record.get("destination") else ""
+    return f"row {record.get('row')}{contact}: {change}" + (f" ({', '.join(details)})" if details else "")
+
+
 @campaign_app.command("events")
 def events(
     campaign_id: str = typer.Argument(..., metavar="ID"),
+    messages: bool = typer.Option(True, "--messages/--no-messages",
+                                  help="Include every message's status transitions (the full audit history)."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", metavar="TIME",
+                                        help="Show the campaign and its messages as they stood at TIME (RFC 3339)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """The campaign's event history (read model), in order."""
+    """The campaign's full ordered history from the read model: who created, ran, retried and stopped it, the
+    disclaimer accepted at each run, each message's transitions; or its state at a time (--as-of)."""
+    moment = _parse_moment(as_of) if as_of is not None else None
     model = _read_model()
-    history = model.events(campaign_id) if model else []
-    if model:
-        model.close()
-    if as_json:
-        _emit_json(history)
-        return
-    if not history:
+    if model is None:
+        _fail(f"no events of campaign {campaign_id} in the read model (is the projections service running?)",
+              as_json=as_json)
+    with model:
+        if moment is not None:
+            _print_as_of(model.as_of(campaign_id, moment), campaign_id, as_of, messages, as_json)
+            return
+        if as_json:
+            _emit_json(model.history(campaign_id, include_messages=messages))
+            return
+        shown = 0
+        for item in model.iter_history(campaign_id, include_messages=messages):
+            shown += 1
+            if item.get("type") == "MessageStatusChanged":
+                typer.echo(f"{item.get('occurred_at')}  {'message':<22} {_describe_status(item)}")
+            else:
+                what = _describe_event(item)
+                if item.get("type") == "CampaignRunStarted":
+                    accepted = [k for k, v in (item.get("disclaimer") or {}).items() if v]
+                    what += f"; disclaimer accepted: {', '.join(accepted) or 'none'}"
+                typer.echo(f"{item.get('occurred_at')}  {str(item.get('type')):<22} {what}")
+    if not shown:
         _fail(f"no events of campaign {campaign_id} in the read model")
+
+
+def _print_as_of(view: dict[str, Any] | None, campaign_id: str, as_of: str, messages: bool, as_json: bool) -> None:
+    if view is None:
+        _fail(f"campaign {campaign_id} had no event at {as_of} (or the read model has not seen it)", as_json=as_json)
+    if not messages:
+        view = {k: v for k, v in view.items() if k != "messages"}
+    if as_json:
+        _emit_json(view)
+        return
+    console.print(f"as of {view['as_of']}:")
+    console.print(_counts_table(view["campaign"]))
+    if not messages:
+        return
     table = Table()
-    for column in ("seq", "occurred at", "type"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("what", overflow="fold")
-    for event in history:
-        table.add_row(str(event.get("sequence")), str(event.get("occurred_at")), str(event.get("type")),
-                      _describe_event(event))
+    for column in ("row", "destination", "status", "reason", "code", "attempt", "run"):
+        table.add_column(column, no_wrap=column in ("row", "destination", "status"))
+    table.add_column("since", overflow="fold")
+    for m in view["messages"]:
+        table.add_row(str(m["row"]), str(m["destination"] or ""), m["status"], m["reason"] or "",
+                      m["provider_code"] or "", str(m["attempt"] or ""), str(m["run_no"] or ""), str(m["updated_at"]))
     console.print(table)
 
 
@@ -594,6 +648,9 @@ def list_campaigns(as_json: bool = JsonOpt) -> None:
                       c["status"] + (" (stopped)" if c.get("stopped") else ""), str(c["counts"]["total"]),
                       str(c["counts"]["delivered"]), str(c["counts"]["failed"]))
     console.print(table)
+
+
+app.command("replay")(replay_command)
 
 
 def main() -> None:  # python -m outreach.cli
