@@ -34,6 +34,7 @@ from rich.text import Text
 from outreach import client as cmd
 from outreach.importer import CsvError, read_contacts_csv
 from outreach.replay import replay as replay_command
+from outreach.tokens import app as token_app
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from services.common.settings import get_settings
 from services.projections.read_model import FINAL_CAMPAIGN_STATUSES, ReadModel
@@ -41,6 +42,7 @@ from services.projections.read_model import FINAL_CAMPAIGN_STATUSES, ReadModel
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(token_app, name="token")
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
