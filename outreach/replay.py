@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from services.projections.app import apply_isolating_poison, decode_batch
 from services.projections.read_model import TABLES, ReadModel
 
 BATCH_RECORDS = 20_000  # records applied per transaction
-NOTIFICATION_PAGE = 200  # stored events read per query
+NOTIFICATION_PAGE = 100  # stored events read per query (a block event stands for up to 1,000 records)
 KAFKA_IDLE_TIMEOUT_S = 30.0  # no record for this long before the end offsets: the broker is not delivering
 DIFFERENCES_SHOWN = 10
 
@@ -110,13 +111,16 @@ def _create_postgres_database(dsn: str) -> None:
 # ------------------------------------------------------------------ sources
 
 class _Batcher:
-    """Collects records and applies them in large transactions."""
+    """Collects records and applies them in large transactions, one batch being written while the next is
+    mapped (the database works while Python maps)."""
 
     def __init__(self, target: ReadModel):
         self.target = target
         self.campaign_events: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
         self.applied = 0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-writer")
+        self._writing: Future | None = None
 
     def add(self, topic: str, value: dict[str, Any]) -> None:
         if topic == topics.CAMPAIGN_EVENTS:
@@ -129,10 +133,26 @@ class _Batcher:
         return len(self.campaign_events) + len(self.statuses)
 
     def flush(self) -> None:
-        if self.pending:
-            apply_isolating_poison(self.target, self.campaign_events, self.statuses)
-            self.applied += self.pending
-            self.campaign_events, self.statuses = [], []
+        """Hand the collected records to the writer (after the batch it is writing)."""
+        if not self.pending:
+            return
+        self._wait()
+        self._writing = self._writer.submit(apply_isolating_poison, self.target, self.campaign_events, self.statuses)
+        self.applied += self.pending
+        self.campaign_events, self.statuses = [], []
+
+    def finish(self) -> None:
+        """Apply what is left and wait until everything is written."""
+        self.flush()
+        self._wait()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
 
 def replay_event_store(settings: Settings, target: ReadModel, progress: Progress | None = None) -> tuple[int, int]:
@@ -141,9 +161,9 @@ def replay_event_store(settings: Settings, target: ReadModel, progress: Progress
     from services.command_handler.application import open_app
 
     app = open_app(settings)
+    batcher = _Batcher(target)
     try:
         total = app.recorder.max_notification_id() or 0
-        batcher = _Batcher(target)
         position = read = 0
         while True:
             notifications = app.recorder.select_notifications(start=position + 1, limit=NOTIFICATION_PAGE)
@@ -152,17 +172,18 @@ def replay_event_store(settings: Settings, target: ReadModel, progress: Progress
             for notification in notifications:
                 for record in wire.to_records(app.mapper.to_domain_event(notification)):
                     batcher.add(record.topic, record.value)
-            position = notifications[-1].id
-            read += len(notifications)
-            if batcher.pending >= BATCH_RECORDS:
-                batcher.flush()
-                if progress:
-                    progress(min(position, max(total, position)), max(total, position), batcher.applied)
-        batcher.flush()
+                position = notification.id
+                read += 1
+                if batcher.pending >= BATCH_RECORDS:
+                    batcher.flush()
+                    if progress:
+                        progress(position, max(total, position), batcher.applied)
+        batcher.finish()
         if progress:
             progress(max(total, position), max(total, position), batcher.applied)
         return read, batcher.applied
     finally:
+        batcher.close()
         app.close()
 
 
@@ -177,6 +198,7 @@ async def replay_kafka(settings: Settings, target: ReadModel, progress: Progress
         auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
     )
     await consumer.start()
+    batcher = _Batcher(target)
     try:
         await consumer.topics()
         partitions = [TopicPartition(topic, p) for topic in (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
@@ -190,7 +212,6 @@ async def replay_kafka(settings: Settings, target: ReadModel, progress: Progress
         targets: dict[Any, int | None] = {tp: None for tp in partitions if ends[tp] > begins[tp]}
         total = sum(ends[tp] - begins[tp] for tp in targets)
         read = 0
-        batcher = _Batcher(target)
         last_record = time.monotonic()
 
         async def unfinished() -> bool:
@@ -225,11 +246,12 @@ async def replay_kafka(settings: Settings, target: ReadModel, progress: Progress
             for tp in targets:  # finished partitions: fetch them no more
                 if targets[tp] is not None and await consumer.position(tp) >= targets[tp]:
                     consumer.pause(tp)
-        await asyncio.to_thread(batcher.flush)
+        await asyncio.to_thread(batcher.finish)
         if progress:
             progress(read, read, batcher.applied)
         return read, batcher.applied
     finally:
+        await asyncio.to_thread(batcher.close)
         await consumer.stop()
 
 
