@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from datetime import datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -50,6 +51,23 @@ def _parse(value: bytes | None) -> tuple[dict, float] | None:
         return None
 
 
+async def fire_due(store: TimerStore, producer: Any, timeouts: TimeoutSettings, stop: asyncio.Event) -> None:
+    """Publishes an Expiry for every due timer until `stop`; polls the due index every TICK_S when idle.
+
+    Publish, flush, then forget: a crash in between fires the same expiry (same expiry_id) again, and the
+    handler's judgement makes the repeat change nothing."""
+    while not stop.is_set():
+        due = await asyncio.to_thread(store.due, time.time())
+        if due:
+            for timer in due:
+                await producer.send(topics.EXPIRIES, value=jsoncodec.dumps(expiry_record(timer)),
+                                    key=timer.campaign_id.encode())
+            await producer.flush()
+            await asyncio.to_thread(store.fired, due, timeouts)
+        else:
+            await asyncio.sleep(TICK_S)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await kafka.ensure_topics(settings)
     store = TimerStore(settings.data_dir / "timers.db")
@@ -72,22 +90,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 except KafkaError:  # e.g. a rebalance: the records come again, and handling them again changes nothing
                     log.warning("offset commit failed; the records will be redelivered", exc_info=True)
 
-    async def fire() -> None:
-        # Publish, flush, then forget: a crash in between fires the same expiry (same expiry_id) again, and
-        # the handler's judgement makes the repeat change nothing.
-        while not stop.is_set():
-            due = await asyncio.to_thread(store.due, time.time())
-            if due:
-                for timer in due:
-                    await producer.send(topics.EXPIRIES, value=jsoncodec.dumps(expiry_record(timer)),
-                                        key=timer.campaign_id.encode())
-                await producer.flush()
-                await asyncio.to_thread(store.fired, due, timeouts)
-            else:
-                await asyncio.sleep(TICK_S)
-
     try:
-        await asyncio.gather(follow(), fire())
+        await asyncio.gather(follow(), fire_due(store, producer, timeouts, stop))
     finally:
         await consumer.stop()
         await producer.stop()

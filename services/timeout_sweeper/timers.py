@@ -144,10 +144,6 @@ class TimerStore:
                                    (now, limit)).fetchall()
         return [Timer(*r) for r in rows]
 
-    def next_due(self) -> float | None:
-        with self._lock:
-            return self.db.execute("SELECT min(due) FROM timers").fetchone()[0]
-
     def fired(self, timers: list[Timer], timeouts: TimeoutSettings) -> None:
         """Fired timers are forgotten or re-armed (`after_firing`), each only if the message has not moved on
         since it was read (same since_sequence and kind)."""
