@@ -48,3 +48,51 @@ async def test_consumer_applies_records_skips_poison_and_stops(kafka_bootstrap, 
         stop.set()
         await asyncio.wait_for(task, 10)
         model.close()
+
+
+async def test_a_new_read_model_is_fed_from_the_beginning_whatever_the_group_committed(kafka_bootstrap, tmp_path):
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    await ensure_topics(settings)
+    cid = str(uuid.uuid4())
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for event in created_events(cid, 1):
+            await producer.send(topics.CAMPAIGN_EVENTS, jsoncodec.dumps(event), key=cid.encode())
+        for record in lifecycle(cid, 2):
+            await producer.send(topics.MESSAGE_STATUS, jsoncodec.dumps(record), key=record["message_id"].encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    group = f"test-projections-{uuid.uuid4().hex[:8]}"
+    for name in ("first.db", "second.db"):  # the second model is new; the group has committed past everything
+        model = ReadModel(tmp_path / name)
+        assert not model.fed_from_start
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(settings, stop, model, group_id=group))
+        try:
+            await async_wait_until(lambda: (model.campaign(cid) or {}).get("counts", {}).get("delivered") == 1,
+                                   timeout_s=30, message=f"{name} was not fed from the beginning")
+            assert model.fed_from_start
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            model.close()
+
+
+def test_a_read_model_of_an_older_schema_is_rebuilt(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "read-model.db"
+    with sqlite3.connect(path) as old:  # the first schema: no meta table, no destination column
+        old.execute("CREATE TABLE campaigns (campaign_id TEXT PRIMARY KEY, status TEXT)")
+        old.execute("INSERT INTO campaigns VALUES ('c', 'ready')")
+    with ReadModel(path) as model:
+        assert model.row_counts() == {"campaigns": 0, "campaign_events": 0, "messages": 0, "message_events": 0}
+        assert not model.fed_from_start
+        cid = str(uuid.uuid4())
+        model.apply_batch(created_events(cid, 1), lifecycle(cid, 2)[:1])
+        assert model.fed_from_start and model.campaign(cid)["counts"]["waiting"] == 1
+    with ReadModel(path) as reopened:  # same version: kept
+        assert reopened.fed_from_start and reopened.campaign(cid) is not None

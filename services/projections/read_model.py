@@ -466,19 +466,24 @@ class ReadModel:
     def _ensure_schema(self) -> None:
         """Create the tables; a read model of another schema version is dropped and built again (it is
         derived data: the projections then consume the topics from the beginning)."""
-        with self._backend.transaction() as s:
-            version = None
-            if self._backend.table_exists(s, "read_model_meta"):
-                row = s.one("SELECT value FROM read_model_meta WHERE key = 'schema_version'")
-                version = row["value"] if row else None
-            if version == SCHEMA_VERSION:
+        with self._backend.session() as s:  # the usual case, without waiting for the write lock
+            if self._schema_version(s) == SCHEMA_VERSION:
                 return
+        with self._backend.transaction() as s:
+            if self._schema_version(s) == SCHEMA_VERSION:
+                return  # another process made it meanwhile
             for table in ("read_model_meta", *TABLES):
                 s.run(f"DROP TABLE IF EXISTS {table}")
             for statement in _schema(self.dialect):
                 s.run(statement)
-            s.many(self.dialect.sql("INSERT INTO read_model_meta (key, value) VALUES (?, ?)"),
+            s.many("INSERT INTO read_model_meta (key, value) VALUES (?, ?)",
                    [("schema_version", SCHEMA_VERSION), ("fed_from_start", "0")])
+
+    def _schema_version(self, s: _Session) -> str | None:
+        if not self._backend.table_exists(s, "read_model_meta"):
+            return None
+        row = s.one("SELECT value FROM read_model_meta WHERE key = 'schema_version'")
+        return row["value"] if row else None
 
     @property
     def fed_from_start(self) -> bool:
