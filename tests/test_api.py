@@ -616,6 +616,59 @@ async def test_create_refuses_without_consent_or_with_bad_input_and_publishes_no
     assert len(commands_tail.values(topics.COMMANDS)) == before
 
 
+STREAMED_CSV_CASES = [
+    ("name,phone\nAnn,+15555550100\nBob,+15555550101\n", None),
+    ("+15555550100,Ann\n+15555550101,Bob,extra\n", None),
+    ("Ann,ann@example.com\n", None),
+    ("5555550100,Ann\n+15555550101,Bob\n", None),
+    ("First Name,Mobile,Email\nAnn,+15555550100,ann@example.com\n", "Email"),
+    ("First Name,Mobile,Email\nAnn,+15555550100,ann@example.com\n", "email"),
+    ("Ann,+15555550100\n", "2"),
+    ('name,phone,note\r\nAnn,+15555550100,hi\r\n\r\nBob,+15555550101,"two\r\nlines"\r\nCy,,\r\nDi,+15555550103\r\n', None),
+    ("\ufeffphone,name\n+15555550100,Ann\rold,mac\r\n,\n+15555550102,Cy,x,y\n", None),
+    ("phone, ,name\n+15555550100,a,b\n", None),
+    ("", None),
+    ("\n\n", None),
+]
+
+
+@pytest.mark.parametrize("text,destination_column", STREAMED_CSV_CASES)
+def test_streamed_upload_reads_the_same_contacts_as_the_cli_importer(text, destination_column):
+    from outreach.importer import parse_contacts_csv
+    from services.api.contacts_upload import StreamedCsv
+
+    expected = parse_contacts_csv(text, destination_column)
+    streamed = StreamedCsv(io.BytesIO(text.encode()), destination_column)
+    layout = streamed.inspect(envelope_bytes=300)
+    chunks = list(streamed.chunks(envelope_bytes=300))
+    assert [c for chunk in chunks for c in chunk] == expected.contacts
+    assert layout.contacts == len(expected.contacts) and layout.chunks == len(chunks) == 1
+    assert layout.has_header == expected.has_header and layout.destination_index == expected.destination_index
+    assert list(layout.variables) == [c for i, c in enumerate(expected.columns) if i != expected.destination_index]
+
+
+def test_streamed_upload_mapping_limits_and_chunks():
+    from outreach.importer import CsvError
+    from services.api.contacts_upload import MappingError, StreamedCsv
+
+    text = "phone,first,last\n" + "".join(f"+1555{i:07d},F{i},L{i}\n" for i in range(2500)) + "+15559999999,a,b,c\n"
+    streamed = StreamedCsv(io.BytesIO(text.encode()), None, {"first": " name ", "column_4": "extra"})
+    layout = streamed.inspect(envelope_bytes=300)
+    chunks = list(streamed.chunks(envelope_bytes=300))
+    assert layout.contacts == 2501 and layout.chunks == 3 and [len(c) for c in chunks] == [1000, 1000, 501]
+    assert chunks[0][0] == {"row": 2, "destination": "+15550000000", "variables": {"name": "F0"}}
+    assert chunks[-1][-1]["variables"] == {"name": "a", "extra": "c"}  # a column beyond the header
+    with pytest.raises(MappingError, match="nope"):
+        StreamedCsv(io.BytesIO(text.encode()), None, {"nope": "x"}).inspect(300)
+    with pytest.raises(MappingError, match="distinct"):
+        StreamedCsv(io.BytesIO(text.encode()), None, {"first": "x", "last": "x"}).inspect(300)
+    with pytest.raises(CsvError, match="UTF-8"):
+        StreamedCsv(io.BytesIO(b"phone\n+1555\xe9\n"), None).inspect(300)
+    with pytest.raises(CsvError, match="too large"):
+        StreamedCsv(io.BytesIO(("phone\n+15550000000" + ("," + "x" * 100_000) * 10 + "\n").encode()),
+                    None).inspect(300)
+
+
 async def test_command_answer_pending_then_answered_or_rejected_with_wait(api, read_model):
     command_id = str(uuid.uuid4())
     pending = await api.get(f"/commands/{command_id}")

@@ -15,12 +15,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import JSONResponse
 
-from outreach.client import add_contacts_commands, new_id
+from outreach.client import make_command, new_id
 from outreach.importer import CsvError
 from services.api.auth import CampaignUser
 from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
-from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, decode_upload, map_contacts, \
-    parse_variable_mapping
+from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, StreamedCsv, parse_variable_mapping, \
+    upload_size
 from services.api.models import (
     CampaignCreateAccepted,
     CommandAccepted,
@@ -32,6 +32,7 @@ from services.api.models import (
 )
 from services.api.reads import CampaignId
 from services.api.store import Principal
+from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
 
 router = APIRouter(tags=["commands"])
@@ -96,8 +97,7 @@ async def create_campaign(
         raise _unprocessable(f"variables is not JSON: {exc}") from None
     except MappingError as exc:
         raise _unprocessable(str(exc)) from None
-    data = await contacts.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
+    if upload_size(contacts.file) > MAX_UPLOAD_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the CSV is over {MAX_UPLOAD_BYTES} bytes")
     campaign_id = new_id()
     payload: dict[str, Any] = {"name": name, "channel": channel, "template": template_value}
@@ -105,20 +105,31 @@ async def create_campaign(
         payload["description"] = description
     create = build_command("CreateCampaign", campaign_id, principal.name, **payload)
 
-    def parse() -> tuple[Any, list[dict[str, Any]]]:
-        mapped = map_contacts(decode_upload(data), destination_column, mapping)
-        return mapped, add_contacts_commands(campaign_id, mapped.contacts, principal.name)
-
+    # The largest AddContacts envelope (a long chunk_no, `false`): what each chunk's contacts must fit beside.
+    probe = make_command("AddContacts", campaign_id, principal.name, chunk_no=10**9, contacts=[], last_chunk=False)
+    envelope = len(jsoncodec.dumps(probe))
+    upload = StreamedCsv(contacts.file, destination_column, mapping)
     try:
-        mapped, chunks = await asyncio.to_thread(parse)
+        layout = await asyncio.to_thread(upload.inspect, envelope)  # every line read before anything is published
     except (CsvError, MappingError) as exc:
         raise _unprocessable(f"cannot import the CSV: {exc}") from None
-    del data
-    await _publisher(request).publish([create, *chunks])
+    publisher = _publisher(request)
+    await publisher.publish([create])
+    chunk_ids = []
+    chunks = upload.chunks(envelope)
+    try:
+        for chunk_no in range(layout.chunks):
+            chunk = await asyncio.to_thread(next, chunks, None)  # one chunk in memory at a time
+            command = make_command("AddContacts", campaign_id, principal.name, chunk_no=chunk_no,
+                                   contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1)
+            await publisher.publish([command])
+            chunk_ids.append(command["command_id"])
+    finally:
+        chunks.close()
     return {"command_id": create["command_id"], "campaign_id": campaign_id, "command_type": "CreateCampaign",
-            "contacts": len(mapped.contacts), "has_header": mapped.has_header,
-            "destination_column": mapped.destination_column, "variables": mapped.variables,
-            "contacts_command_ids": [c["command_id"] for c in chunks]}
+            "contacts": layout.contacts, "has_header": layout.has_header,
+            "destination_column": layout.destination_column, "variables": layout.variables,
+            "contacts_command_ids": chunk_ids}
 
 
 # ------------------------------------------------------------------ the other commands
