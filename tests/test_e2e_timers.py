@@ -234,6 +234,7 @@ async def test_an_expiry_delivered_twice_changes_nothing(stack, env, tail, comma
               if isinstance(v, dict) and v.get("expiry_id") == expiry["expiry_id"]]
     tp = TopicPartition(topics.EXPIRIES, copies[-1].partition)
     assert {r.partition for r in copies} == {tp.partition}
+
     async def handler_got_past_the_copies() -> bool:
         return await handler_committed(env, tp) > copies[-1].offset
 
