@@ -177,6 +177,9 @@ def test_openapi_documents_every_endpoint_with_tags(server):
             assert operation.get("tags"), (method, path)
             assert operation.get("summary"), (method, path)
             assert "200" in operation["responses"] or "202" in operation["responses"], (method, path)
+            if path != "/healthz":
+                assert {"401", "403"} <= set(operation["responses"]), (method, path)
+                assert operation["security"] == [{"HTTPBearer": []}], (method, path)
     listed = spec["paths"]["/campaigns/{campaign_id}/messages"]["get"]
     assert {p["name"] for p in listed["parameters"]} >= {"status", "reason", "q", "limit", "offset", "as_of"}
     page = listed["responses"]["200"]["content"]["application/json"]["schema"]

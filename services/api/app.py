@@ -88,6 +88,16 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
         return JSONResponse({"detail": f"the broker did not acknowledge the command: {exc}"},
                             status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        read_model = getattr(request.app.state, "read_model", None)
+        if read_model is not None and hasattr(read_model, "is_unavailable") and read_model.is_unavailable(exc):
+            log.warning("read model unavailable: %s", exc)
+            return JSONResponse({"detail": "the read model is unavailable for now; retry"},
+                                status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
     @app.exception_handler(CredentialsUnreadable)
     async def credentials_unreadable(_: Request, exc: CredentialsUnreadable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)

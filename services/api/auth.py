@@ -52,3 +52,8 @@ org_admin = _role_guard(SETTINGS_ROLES, "channel settings")
 
 CampaignUser = Annotated[Principal, Depends(campaign_user)]
 OrgAdmin = Annotated[Principal, Depends(org_admin)]
+
+# Documented on every authenticated route (OpenAPI).
+_UNAUTHORIZED = {"description": "No bearer token, or an unknown or revoked one."}
+CAMPAIGN_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "The role has no access to campaigns (operations)."}}
+SETTINGS_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "Only org_admin may use channel settings."}}

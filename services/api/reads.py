@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
 
 from services.api import export
-from services.api.auth import CampaignUser
+from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.models import (
     Campaign,
     CampaignPage,
@@ -29,7 +29,7 @@ from services.api.models import (
 from services.common.ids import UUID_PATTERN
 from services.common import jsoncodec
 
-router = APIRouter(tags=["campaigns"])
+router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 
 PROGRESS_POLL_S = 0.5
 PROGRESS_PING_S = 15

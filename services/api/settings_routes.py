@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path, Request, status
 
 from services.api import channel_settings
-from services.api.auth import OrgAdmin
+from services.api.auth import SETTINGS_RESPONSES, OrgAdmin
 from services.api.models import ChannelSettingsBody, ChannelSettingsView
 
-router = APIRouter(prefix="/settings", tags=["settings"])
+router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES)
 
 ChannelPath = Annotated[Literal["sms", "email"], Path(description="sms or email")]
 

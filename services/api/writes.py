@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from outreach.client import make_command, new_id
 from outreach.importer import CsvError
-from services.api.auth import CampaignUser
+from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
 from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, StreamedCsv, parse_variable_mapping, \
     upload_size
@@ -35,7 +35,7 @@ from services.api.store import Principal
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
 
-router = APIRouter(tags=["commands"])
+router = APIRouter(tags=["commands"], responses=CAMPAIGN_RESPONSES)
 
 MAX_WAIT_S = 60.0
 ACCEPTED = {202: {"description": "Published to outreach.commands and acknowledged by the broker."},
