@@ -605,7 +605,7 @@ class ReadModel:
         if status is not None:
             sql += " WHERE status = ?"
             params.append(status)
-        sql += " ORDER BY created_at DESC, campaign_id" + self._page(params, limit, offset)
+        sql += " ORDER BY created_at DESC NULLS LAST, campaign_id" + self._page(params, limit, offset)
         result = [_campaign_dict(row) for row in self._rows(sql, params)]
         counts = self._counts_of([c["campaign_id"] for c in result] if limit is not None else None)
         for campaign in result:
