@@ -30,7 +30,8 @@ def _store() -> ApiStore:
 
 @app.command("create")
 def create(
-    name: str = typer.Argument(..., metavar="NAME", help="Principal name: written as issued_by on the commands this token sends."),
+    name: str = typer.Argument(..., metavar="NAME",
+                               help="Principal name: written as issued_by on the commands this token sends."),
     role: RoleChoice = typer.Option(..., "--role", help="org_admin, admin, campaigner or operations."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

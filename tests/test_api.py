@@ -338,6 +338,8 @@ def test_messages_filters_search_and_pagination(http):
     assert rows_of(http.get(url, params={"q": "6"}).json()) == [6]  # the row number
     assert rows_of(http.get(url, params={"q": ids.message_id(SMS_ID, 3)}).json()) == [3]
     assert rows_of(http.get(url, params={"q": "a", "status": "delivered"}).json()) == [2]
+    assert rows_of(http.get(url, params={"q": "  LYON "}).json()) == [4]  # trimmed
+    assert rows_of(http.get(url, params={"q": "   "}).json()) == [2, 3, 4, 5, 6]  # blank: no search
     page = http.get(url, params={"limit": 2, "offset": 2}).json()
     assert rows_of(page) == [4, 5] and page["total"] == 5 and page["limit"] == 2 and page["offset"] == 2
     filtered_page = http.get(url, params={"status": "failed", "limit": 1, "offset": 1}).json()
@@ -361,6 +363,10 @@ def test_as_of_shows_the_campaign_and_messages_as_they_stood(http):
     failed = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": mid_run, "status": "failed",
                                                                "limit": 1, "offset": 1}).json()
     assert rows_of(failed) == [4] and failed["total"] == 2
+    for q, rows in (("LYON", [4]), ("5550103", [5]), ("6", [6]), (ids.message_id(SMS_ID, 3), [3]), (" ", None)):
+        live = rows_of(http.get(f"/campaigns/{SMS_ID}/messages", params={"q": q}).json())
+        then = rows_of(http.get(f"/campaigns/{SMS_ID}/messages", params={"q": q, "as_of": mid_run}).json())
+        assert then == live == (rows or [2, 3, 4, 5, 6]), q  # the same search in memory as in SQL
     assert http.get(f"/campaigns/{SMS_ID}", params={"as_of": at(-10)}).status_code == 404  # not created yet
 
 
@@ -627,7 +633,8 @@ STREAMED_CSV_CASES = [
     ("First Name,Mobile,Email\nAnn,+15555550100,ann@example.com\n", "Email"),
     ("First Name,Mobile,Email\nAnn,+15555550100,ann@example.com\n", "email"),
     ("Ann,+15555550100\n", "2"),
-    ('name,phone,note\r\nAnn,+15555550100,hi\r\n\r\nBob,+15555550101,"two\r\nlines"\r\nCy,,\r\nDi,+15555550103\r\n', None),
+    ('name,phone,note\r\nAnn,+15555550100,hi\r\n\r\nBob,+15555550101,"two\r\nlines"\r\nCy,,\r\n'
+     'Di,+15555550103\r\n', None),
     ("\ufeffphone,name\n+15555550100,Ann\rold,mac\r\n,\n+15555550102,Cy,x,y\n", None),
     ("phone, ,name\n+15555550100,a,b\n", None),
     ("", None),

@@ -20,14 +20,13 @@ from services.api.models import (
     Campaign,
     CampaignPage,
     CampaignStatusFilter,
-    Message,
     MessagePage,
     MessageStatusFilter,
     Progress,
     ReasonFilter,
 )
-from services.common.ids import UUID_PATTERN
 from services.common import jsoncodec
+from services.common.ids import UUID_PATTERN
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 
@@ -39,7 +38,8 @@ CampaignId = Annotated[str, Path(pattern=UUID_PATTERN, description="The campaign
 MessageId = Annotated[str, Path(pattern=UUID_PATTERN, description="The message's id (lowercase UUID).")]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Page size (at most {MAX_LIMIT}).")]
 Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
-StatusQuery = Annotated[MessageStatusFilter | None, Query(alias="status", description="Only messages with this status.")]
+StatusQuery = Annotated[MessageStatusFilter | None, Query(alias="status",
+                                                          description="Only messages with this status.")]
 ReasonQuery = Annotated[ReasonFilter | None, Query(description="Only failed messages with this reason.")]
 SearchQuery = Annotated[str | None, Query(
     min_length=1, max_length=200, description="Case-insensitive substring of the destination or of any variable "
@@ -88,10 +88,16 @@ def message_matches(message: dict[str, Any], status_: str | None, reason: str | 
     if search is not None:
         needle = search.lower()
         values = [message.get("destination") or "", *(message.get("variables") or {}).values()]
-        if not (any(needle in str(v).lower() for v in values) or search == str(message.get("row"))
+        row_matches = search.isdigit() and int(search) == message.get("row")
+        if not (any(needle in str(v).lower() for v in values) or row_matches
                 or needle == str(message.get("message_id"))):
             return False
     return True
+
+
+def _search(q: str | None) -> str | None:
+    """The search term as the read model takes it (blank: no search)."""
+    return (q.strip() or None) if q is not None else None
 
 
 # ------------------------------------------------------------------ campaigns
@@ -126,6 +132,7 @@ async def list_messages(
     status_: StatusQuery = None, reason: ReasonQuery = None, q: SearchQuery = None,
     limit: Limit = DEFAULT_LIMIT, offset: Offset = 0, as_of: AsOfQuery = None,
 ) -> dict[str, Any]:
+    q = _search(q)
     if as_of is not None:
         moment = _utc(as_of)
         found = await _as_of_or_404(request, campaign_id, moment)
@@ -152,6 +159,7 @@ async def export_messages(request: Request, _: CampaignUser, campaign_id: Campai
                           q: SearchQuery = None) -> StreamingResponse:
     campaign = await _campaign_or_404(request, campaign_id)
     read_model = _read_model(request)
+    q = _search(q)
 
     def messages():
         return read_model.iter_messages(campaign_id, status=status_, reason=reason, search=q)

@@ -152,8 +152,8 @@ class ApiStore:
         """Revoke the token with this id, else every live token of this principal; returns how many."""
         now = _now()
         with self._lock:
-            cursor = self._conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND token_id = ?", (now, token_id_or_principal))
+            cursor = self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND token_id = ?",
+                                        (now, token_id_or_principal))
             if cursor.rowcount:
                 return cursor.rowcount
             cursor = self._conn.execute(
@@ -176,7 +176,8 @@ class ApiStore:
             self._conn.execute(
                 "INSERT INTO channel_settings (channel, provider, credentials, updated_by, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET provider = excluded.provider, "
-                "credentials = excluded.credentials, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                "credentials = excluded.credentials, updated_by = excluded.updated_by, "
+                "updated_at = excluded.updated_at",
                 (channel, provider, sealed, updated_by, now),
             )
         return StoredChannelSettings(channel, provider, dict(credentials), updated_by, now)
