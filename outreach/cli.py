@@ -4,7 +4,8 @@
     outreach campaign create CSV --name N --channel sms|email (--template-body T | --template-file F)
     outreach campaign run ID --accept-disclaimer
     outreach campaign stop ID --yes | retry ID | delete ID --yes
-    outreach campaign show ID [--watch] | events ID | list
+    outreach campaign show ID [--watch] | events ID [--no-messages] [--as-of TIME] | list
+    outreach replay [--source event-store|kafka] [--into URL]   rebuild the read model, compare with the live one
 
 Commands go to `outreach.commands`; answers are read from `outreach.campaign-events` (outreach/client.py).
 `show`, `events` and `list` read the projections' read model (`python -m services.projections`).
