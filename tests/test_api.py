@@ -711,6 +711,19 @@ async def test_command_answer_pending_then_answered_or_rejected_with_wait(api, r
     assert (await api.get("/commands/xyz")).status_code == 422
 
 
+def test_commands_answer_503_when_the_broker_does_not_acknowledge(settings, read_model, tokens):
+    from services.api.commands import CommandPublisher
+    from services.common.embedded_broker import free_port
+
+    nowhere = settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    app = create_app(settings, publisher=CommandPublisher(nowhere, timeout_s=1))
+    with BackgroundServer(app) as down, httpx.Client(base_url=down.url, timeout=30,
+                                                      headers=as_role(tokens, "admin")) as client:
+        response = client.post(f"/campaigns/{uuid.uuid4()}/stop", json={"confirmed": True})
+        assert response.status_code == 503 and "did not acknowledge" in response.json()["detail"]
+        assert client.get(f"/campaigns/{SMS_ID}").status_code == 200  # reads carry on without the broker
+
+
 # ------------------------------------------------------------------ channel settings
 
 def test_channel_settings_are_write_only_encrypted_and_masked(server, tokens, settings):

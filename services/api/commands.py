@@ -50,19 +50,20 @@ def build_command(command_type: str, campaign_id: str, issued_by: str, **payload
 class CommandPublisher:
     """One producer for the process, started on first use (the API serves reads while the broker is down)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, timeout_s: float = BROKER_TIMEOUT_S):
         self.settings = settings
+        self.timeout_s = timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
             if self._producer is None:
-                producer = kafka.make_producer(self.settings, request_timeout_ms=int(BROKER_TIMEOUT_S * 1000))
+                producer = kafka.make_producer(self.settings, request_timeout_ms=int(self.timeout_s * 1000))
                 try:
                     # A missing topic would be auto-created with the wrong partition count on first send.
-                    await kafka.ensure_topics(self.settings, timeout_s=BROKER_TIMEOUT_S)
-                    await asyncio.wait_for(producer.start(), BROKER_TIMEOUT_S)
+                    await kafka.ensure_topics(self.settings, timeout_s=self.timeout_s)
+                    await asyncio.wait_for(producer.start(), self.timeout_s)
                 except Exception as exc:
                     try:
                         await producer.stop()
@@ -80,7 +81,7 @@ class CommandPublisher:
                 await asyncio.wait_for(
                     producer.send_and_wait(topics.COMMANDS, value=jsoncodec.dumps(command),
                                            key=command["campaign_id"].encode()),
-                    BROKER_TIMEOUT_S)
+                    self.timeout_s)
             except Exception as exc:
                 log.warning("publishing %s %s failed: %s", command["type"], command["command_id"], exc)
                 raise BrokerUnavailable(f"{command['type']} {command['command_id']} not acknowledged: {exc}") from exc

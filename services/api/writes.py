@@ -40,8 +40,9 @@ router = APIRouter(tags=["commands"], responses=CAMPAIGN_RESPONSES)
 MAX_WAIT_S = 60.0
 ACCEPTED = {202: {"description": "Published to outreach.commands and acknowledged by the broker."},
             422: {"description": "Refused by the contract's schema: nothing published."},
-            503: {"description": "The broker did not acknowledge: publish again (the handler dedupes nothing "
-                                 "across command ids, so check GET /commands first if unsure)."}}
+            503: {"description": "The broker did not acknowledge the command (it may or may not have been "
+                                 "published). Sending the request again makes a new command: the handler judges "
+                                 "it on the campaign's state (a second run of a running campaign is refused)."}}
 
 
 def _publisher(request: Request) -> CommandPublisher:
