@@ -5,6 +5,7 @@ command is answered with byte-identical records.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -181,8 +182,8 @@ _CAMPAIGN_MAPPERS = {
 
 def _status_record(e: Any, *, sequence: int, campaign_id: str, channel: str, row: int, run_no: int,
                    status: str, previous_status: str | None, reason: str | None, provider_code: str | None,
-                   attempt: int) -> WireRecord:
-    mid = ids.message_id(campaign_id, row)
+                   attempt: int, occurred_at: str) -> WireRecord:
+    mid = _message_id(campaign_id, row)
     return WireRecord(topics.MESSAGE_STATUS, mid, {
         "type": "MessageStatusChanged",
         "event_id": ids.record_event_id(e.originator_id, e.originator_version, f"{row}.{sequence}"),
@@ -196,28 +197,34 @@ def _status_record(e: Any, *, sequence: int, campaign_id: str, channel: str, row
         "reason": reason,
         "provider_code": provider_code,
         "attempt": attempt or None,
-        "occurred_at": rfc3339(e.timestamp),
+        "occurred_at": occurred_at,
         "causation_id": e.causation_id,
         "sequence": sequence,
     })
 
 
+# A message moves about five times: its id (a uuid5) is worth remembering between the events of a run.
+_message_id = functools.lru_cache(maxsize=1 << 16)(ids.message_id)
+
+
 def _waiting_records(e: Any) -> list[WireRecord]:
+    occurred_at = rfc3339(e.timestamp)  # once per stored event, not per record
     records = []
     for row, destination, variables in zip(e.rows, e.destinations, e.variables):
         record = _status_record(e, sequence=e.originator_version * SEQUENCE_STEP, campaign_id=e.campaign_id,
                                 channel=e.channel, row=row, run_no=0, status="waiting", previous_status=None,
-                                reason=None, provider_code=None, attempt=0)
+                                reason=None, provider_code=None, attempt=0, occurred_at=occurred_at)
         record.value.update(destination=destination, variables=variables)  # the contact, for read models
         records.append(record)
     return records
 
 
 def _moved_records(e: Any) -> list[WireRecord]:
+    occurred_at = rfc3339(e.timestamp)
     return [
         _status_record(e, sequence=sequence, campaign_id=e.campaign_id, channel=e.channel, row=row,
                        run_no=run_no, status=status, previous_status=previous, reason=reason, provider_code=code,
-                       attempt=attempt)
+                       attempt=attempt, occurred_at=occurred_at)
         for (_index, row, previous, status, reason, code, attempt, run_no, _accepted, record), sequence
         in zip(e.changes, message_sequences(e.originator_version, e.changes))
         if record
