@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from services.api.store import ApiStore
-from services.common.embedded_broker import free_port
+from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.settings import Settings
 from services.projections.read_model import ReadModel
 from tests.conftest import wait_until
@@ -61,11 +61,19 @@ def fill(data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory, kafka_bootstrap):
+def broker():
+    """A broker of this module's own: the 300,000 contacts it publishes must not reach the session's broker,
+    where the next stack's command handler would import them."""
+    with EmbeddedBroker("127.0.0.1", free_port()) as own:
+        yield own.bootstrap
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, broker):
     data_dir = tmp_path_factory.mktemp("export-data")
     port = free_port()
     env = dict(os.environ, OUTREACH_DATA_DIR=str(data_dir), OUTREACH_API_PORT=str(port),
-               KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)
+               KAFKA_BOOTSTRAP_SERVERS=broker)
     env.pop("OUTREACH_READ_MODEL_URL", None)  # the default: SQLite in data_dir
     log = open(data_dir / "api.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "services.api"], env=env, cwd=ROOT, stdout=log,

@@ -126,7 +126,7 @@ async def test_campaign_over_http_from_upload_to_history(api):
     assert updates[0]["status"] == "ready"
     final = updates[-1]
     assert final["final"] and final["status"] == "complete_with_errors"
-    assert final["counts"]["delivered"] == SIZE and final["counts"]["failed"] == 1
+    assert final["counts"]["delivered"] == SIZE and final["counts"]["failed"] == 1, final
     during = [u for u in updates if u["status"] == "in_progress"]
     assert len(during) >= 2, updates  # several updates while messages were being sent
     finished = [u["counts"]["delivered"] + u["counts"]["failed"] for u in during]

@@ -76,7 +76,7 @@ class Progress(BaseModel):
     campaign_id: str
     status: str
     stopped: bool
-    final: bool
+    final: bool = Field(description="The status is final and every message is counted final: the last event.")
     counts: Counts
 
 
