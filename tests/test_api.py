@@ -283,9 +283,15 @@ def test_token_cli_creates_a_working_token_lists_and_revokes_it(server, settings
 
 
 def test_tokens_are_stored_only_as_hashes(settings, tokens):
-    raw = (settings.data_dir / "api.db").read_bytes()
+    from services.api.store import hash_token
+
+    database = settings.data_dir / "api.db"
+    assert database.stat().st_mode & 0o777 == 0o600
+    wal = database.with_name("api.db-wal")
+    raw = database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
     for token in tokens.values():
         assert token.encode() not in raw
+        assert hash_token(token).encode() in raw  # what is stored (so `raw` holds the rows)
 
 
 # ------------------------------------------------------------------ campaigns
