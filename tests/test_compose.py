@@ -15,7 +15,9 @@ SERVICES = {
     "sender": "python -m services.sender",
     "timeout-sweeper": "python -m services.timeout_sweeper",
     "projections": "python -m services.projections",
+    "webhooks": "python -m services.sender.webhooks",
     "simulator": "outreach simulator",
+    "api": "python -m services.api",
 }
 needs_compose = pytest.mark.skipif(
     shutil.which("docker-compose") is None,
@@ -72,3 +74,11 @@ def test_services_share_one_image_and_configuration():
         assert service["environment"]["OUTREACH_EVENT_STORE"] == "postgres"
         assert service["environment"]["OUTREACH_DATA_DIR"] == "/data"
         assert any(volume.endswith(":/data") for volume in service["volumes"])
+        # The read model is shared between containers, so it cannot be a file in one of their volumes.
+        assert service["environment"]["OUTREACH_READ_MODEL_URL"].startswith("postgresql://")
+        assert service["environment"]["OUTREACH_TWILIO_BASE_URL"] == "http://simulator:8930"
+        assert service["environment"]["OUTREACH_WEBHOOK_PUBLIC_URL"] == "http://webhooks:8931"
+    # Services other containers call listen on every interface, not only on their own loopback.
+    assert services["simulator"]["environment"]["OUTREACH_SIMULATOR_HOST"] == "0.0.0.0"
+    assert services["webhooks"]["environment"]["OUTREACH_WEBHOOK_HOST"] == "0.0.0.0"
+    assert services["api"]["environment"]["OUTREACH_API_HOST"] == "0.0.0.0"
