@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -308,42 +307,6 @@ async def test_a_sender_restarted_during_an_outage_still_tells_its_held_campaign
         await wait_for(lambda: holds_of(holds, claim["campaign_id"]) == [("twilio", False, RESUMED_AFTER_RESTART)])
         await wait_for(lambda: Journal(tmp_path / "sender-journal.db").held_campaigns() == [])
         assert dispatcher.resume_holds_of_earlier_run() == 0  # told once, not at every start
-
-
-def claimed_at(seconds_ago: float) -> str:
-    moment = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-async def test_a_claim_past_its_sending_limit_is_not_submitted(tmp_path):
-    async with dispatcher_for(tmp_path, sending_timeout_s=5) as (dispatcher, sms, _, published, _holds):
-        stale = {**work("sms", ["+12025550100", "+12025550101"]), "occurred_at": claimed_at(6)}
-        fresh = {**work("sms", ["+12025550102"]), "occurred_at": claimed_at(1)}
-        freed = []
-        report = await asyncio.wait_for(dispatcher.process(stale, on_submitted=lambda: freed.append(1)), 5)
-        assert freed == [1]  # the claim loop's slot is given back
-        assert sum(sms.submitted.values()) == 0 and per_message(published) == {}
-        # Journalled done with nothing to say: a redelivered claim sends nothing either.
-        again = await asyncio.wait_for(dispatcher.process(stale), 5)
-        assert again.replayed == report.submitted == 2 and sum(sms.submitted.values()) == 0
-        await asyncio.wait_for(dispatcher.process(fresh), 5)
-        assert sms.submitted == {fresh["items"][0]["message_id"]: 1}
-
-
-async def test_messages_held_past_their_sending_limit_are_not_sent_after_the_outage(tmp_path):
-    # The sweeper fails them timed_out at the limit: sending them afterwards would reach recipients the
-    # campaign already reports as failed.
-    async with dispatcher_for(tmp_path, sending_timeout_s=1) as (dispatcher, sms, _, published, holds):
-        sms.down = True
-        claim = {**work("sms", [f"+1202555{1000 + n:04d}" for n in range(12)]), "occurred_at": claimed_at(0)}
-        task = asyncio.create_task(dispatcher.process(claim))
-        await wait_for(lambda: sms.breaker.is_open)
-        tried = dict(sms.submitted)
-        await asyncio.sleep(1.2)  # the outage outlasts the claim's Sending limit
-        sms.down = False
-        await asyncio.wait_for(task, 10)
-        assert sms.submitted == tried  # nothing more after the limit
-        assert not any(r["outcome"] in ("accepted", "sent") for rs in per_message(published).values() for r in rs)
 
 
 async def test_one_destination_that_always_fails_never_opens_the_breaker(tmp_path):

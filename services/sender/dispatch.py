@@ -16,10 +16,6 @@ Order of effects for each message (at least once, never sent twice):
    results also go to the breaker (a pre-send error counts towards opening it, an answer resets it);
 4. the claim counts as finished (its offset may be committed) once all of its results are published.
 
-A submission is not made once the claim's Sending limit (`OUTREACH_SENDING_TIMEOUT_S` from the claim) has
-passed, e.g. after a long breaker hold: the sweeper fails those messages `timed_out`, and a message the
-campaign reports failed must not then reach the recipient.
-
 When a provider's breaker opens or closes, each campaign with a claim in hand on that provider gets a
 `SendingHold {held: true|false}` record (same topic and key as its results); a campaign whose claim
 arrives while the breaker is open gets its `held: true` then.
@@ -28,14 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from services.common.settings import Settings
@@ -43,15 +36,6 @@ from services.sender.breaker import HELD_REASON, ProviderBreaker
 from services.sender.journal import Journal
 from services.sender.providers import ProviderAdapter, make_result, provider_name, utc_now
 from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
-
-
-def sending_deadline(work: Mapping[str, Any], sending_timeout_s: float) -> float:
-    """When the claim's messages time out in Sending (epoch seconds): the claim's time + the limit."""
-    claimed_at = work.get("occurred_at")
-    if not claimed_at:
-        return math.inf
-    return datetime.fromisoformat(claimed_at).timestamp() + sending_timeout_s
-
 
 RESUMED_AFTER_RESTART = "sender_restarted"  # SendingHold.reason when a restarted sender lifts an old hold
 
@@ -364,23 +348,16 @@ class Dispatcher:
         costs = {item["message_id"]: item_cost(channel, work["template"], item) for item in items}
         bucket = self._limiters[channel]
         breaker = self.breaker(channel)
-        deadline = sending_deadline(work, self._settings.sending_timeout_s)
         futures = []
         pending = items
         submission = 0
         while pending:
-            if time.time() >= deadline:
-                futures.append(self._give_up_after_deadline(work, pending, history, submission))
-                if submission == 0:
-                    first_submission_done()
-                break
             submission += 1
             # `attempt` = submissions known before this one; the adapter reports attempt + 1. Waits for
             # the breaker below do not count: only a call made is a submission.
             batch = [{**item, "campaign_id": campaign_id, "attempt": item["attempt"] + submission - 1}
                      for item in pending]
             cost = sum(costs[item["message_id"]] for item in pending)
-            called = False
             while True:
                 await breaker.wait_closed()  # held: no slot, no tokens
                 async with self._slots[channel]:
@@ -392,19 +369,13 @@ class Dispatcher:
                     await bucket.acquire(cost)
                     if not breaker.allows():
                         continue  # opened while this one paid: held again
-                    if time.time() >= deadline:
-                        break  # waited past the Sending limit (held, or a backlog): see below
                     if submission == 1:
                         # Durable before the call (one small synchronous commit, ~0.4 ms: no await, so
                         # nothing runs between paying and submitting).
                         self._journal.mark_handed_off((mid, claim_id) for mid in history)
                     started.update(history)
                     results = await self._submit(adapter, channel, batch, work["template"])
-                    called = True
                     break
-            if not called:
-                submission -= 1  # past the Sending limit before the call: the loop's head gives up
-                continue
             breaker.record([item["message_id"] for item in pending], results)
             if submission == 1:
                 first_submission_done()
@@ -428,16 +399,6 @@ class Dispatcher:
             if pending:
                 await self._sleep(backoff_delay(submission, self._backoff_s, self._rand))
         return futures
-
-    def _give_up_after_deadline(self, work: Mapping[str, Any], pending: list[dict],
-                                history: dict[str, list[dict]], submissions: int) -> asyncio.Future:
-        """The claim's Sending limit has passed: the sweeper fails these messages `timed_out`, so submitting
-        them now would send a message the campaign already reports failed. Journalled as done with what
-        they had (a redelivered claim sends nothing); nothing new is published."""
-        log.warning("claim %s: %d %s messages not submitted: their Sending limit passed after %d submissions",
-                    work["claim_id"], len(pending), work["channel"], submissions)
-        done = [(item["message_id"], work["claim_id"], history[item["message_id"]]) for item in pending]
-        return self._results.add(work["campaign_id"], [], done)
 
     @staticmethod
     async def _submit(adapter: ProviderAdapter, channel: str, batch: list[dict], template: Any) -> list[dict]:
