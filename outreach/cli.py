@@ -38,7 +38,7 @@ from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from services.common.settings import get_settings
-from services.projections.read_model import FINAL_CAMPAIGN_STATUSES, ReadModel
+from services.projections.read_model import ReadModel, settled
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
@@ -518,7 +518,6 @@ def _watch(campaign_id: str, interval: float, as_json: bool) -> dict[str, Any]:
     model: ReadModel | None = None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn())
     task = progress.add_task("final", total=None)
-    previous: tuple | None = None
     campaign: dict[str, Any] | None = None
     live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=False) if not as_json else None
     try:
@@ -537,10 +536,8 @@ def _watch(campaign_id: str, interval: float, as_json: bool) -> dict[str, Any]:
                                 description=f"{campaign['status']}: final")
                 if live:
                     live.update(Group(_counts_table(campaign), progress), refresh=True)
-                state = (campaign["status"], tuple(sorted(counts.items())))
-                if campaign["status"] in FINAL_CAMPAIGN_STATUSES and state == previous:
+                if settled(campaign):
                     return campaign
-                previous = state
             time.sleep(interval)
     except KeyboardInterrupt:
         raise typer.Exit(130)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from outreach import client
 from services.common.settings import Settings
-from services.projections.read_model import ReadModel
+from services.projections.read_model import ReadModel, settled
 
 FINAL = {"complete", "complete_with_errors", "failed"}
 SHOWN_STATUSES = ("queued", "sending", "sent", "delivered", "failed", "opted_out")
@@ -88,7 +88,7 @@ async def _run(settings: Settings, size: int) -> bool:
             while time.monotonic() < deadline:
                 live.update(progress_table(read_model, campaigns))
                 rows = [read_model.campaign(c) for c in campaigns]
-                if all(r and r["status"] in FINAL and r["counts"]["total"] > 0 for r in rows):
+                if all(r and settled(r) and r["counts"]["total"] > 0 for r in rows):
                     break
                 await asyncio.sleep(0.25)
         rows = {c: read_model.campaign(c) for c in campaigns}

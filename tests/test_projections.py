@@ -9,7 +9,7 @@ from schemas import topics
 from schemas.events import MESSAGE_STATUSES
 from services.common import ids, jsoncodec
 from services.projections.app import decode_batch
-from services.projections.read_model import ReadModel
+from services.projections.read_model import ReadModel, settled
 
 T0 = "2024-05-01T12:00:00.000000Z"
 
@@ -218,3 +218,28 @@ def test_a_record_sqlite_cannot_store_is_skipped_alone(model):
     bad = {**status_record(cid, 2, 100, "waiting"), "row": {"not": "an int"}}
     assert apply_isolating_poison(model, created_events(cid, 2), [good, bad]) == 1
     assert model.campaign(cid)["counts"]["waiting"] == 1 and model.campaign(cid)["status"] == "ready"
+
+
+def test_a_campaign_is_settled_only_once_its_counts_have_caught_up_with_its_final_status(model):
+    # Campaign events and message statuses come from two topics: the final status may be read first.
+    cid = str(uuid.uuid4())
+    model.apply_batch(created_events(cid, 2), [r for row in (2, 3) for r in lifecycle(cid, row)[:3]])
+    completed = campaign_event(cid, 40, "CampaignStatusChanged", status="complete", previous_status="in_progress",
+                               stopped=False, counts={"total": 2, "delivered": 2})
+    model.apply_batch([completed], [])
+    campaign = model.campaign(cid)
+    assert campaign["status"] == "complete" and campaign["final"] and not settled(campaign)
+    model.apply_batch([], lifecycle(cid, 2)[3:])
+    assert not settled(model.campaign(cid))  # one message still sending
+    model.apply_batch([], lifecycle(cid, 3)[3:])
+    assert settled(model.campaign(cid))
+
+
+def test_an_unknown_total_is_not_settled_before_every_message_is_known(model):
+    cid = str(uuid.uuid4())
+    completed = campaign_event(cid, 40, "CampaignStatusChanged", status="complete", previous_status="in_progress",
+                               stopped=False, counts={"total": 3, "delivered": 3})
+    model.apply_batch(created_events(cid, 3) + [completed], [r for row in (2, 3) for r in lifecycle(cid, row)])
+    assert not settled(model.campaign(cid))  # two of three messages seen, both final
+    model.apply_batch([], lifecycle(cid, 4))
+    assert settled(model.campaign(cid))

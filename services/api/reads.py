@@ -27,7 +27,7 @@ from services.api.models import (
 )
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
-from services.projections.read_model import FINAL_CAMPAIGN_STATUSES
+from services.projections.read_model import settled
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 
@@ -184,23 +184,6 @@ async def message_history(request: Request, _: CampaignUser, campaign_id: Campai
 
 
 # ------------------------------------------------------------------ progress (SSE)
-
-UNSETTLED_MESSAGE_STATUSES = ("waiting", "queued", "sending", "sent", "retrying")
-
-
-def settled(campaign: dict[str, Any]) -> bool:
-    """The campaign is final and its counts have caught up with that: the read model applies campaign events
-    and message statuses from two topics, so a final status can be read before its last message changes.
-    A complete (or failed) campaign has every message final, and as many as its last status change counted."""
-    if campaign["status"] not in FINAL_CAMPAIGN_STATUSES:
-        return False
-    if campaign["status"] == "deleted":
-        return True  # a deleted campaign's messages may stay waiting for ever
-    counts = campaign["counts"]
-    reported = campaign.get("reported_counts") or {}
-    return (not any(counts.get(s) for s in UNSETTLED_MESSAGE_STATUSES)
-            and counts.get("total", 0) >= reported.get("total", 0))
-
 
 def progress_snapshot(campaign: dict[str, Any]) -> dict[str, Any]:
     return {"campaign_id": campaign["campaign_id"], "status": campaign["status"],

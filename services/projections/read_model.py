@@ -105,6 +105,25 @@ def check_message_status(value: Any) -> dict[str, Any]:
     return value
 
 
+UNSETTLED_MESSAGE_STATUSES = ("waiting", "queued", "sending", "sent", "retrying")
+
+
+def settled(campaign: dict[str, Any]) -> bool:
+    """The campaign (a `ReadModel.campaign()` dict) is final and its counts have caught up with that.
+
+    Campaign events and message statuses come from two topics, so a final status can be read before its
+    last messages change: a complete (or failed) campaign has every message final, and at least as many
+    as its last status change counted. A deleted campaign's messages may stay waiting for ever."""
+    if campaign["status"] not in FINAL_CAMPAIGN_STATUSES:
+        return False
+    if campaign["status"] == "deleted":
+        return True
+    counts = campaign["counts"]
+    reported = campaign.get("reported_counts") or {}
+    return (not any(counts.get(s) for s in UNSETTLED_MESSAGE_STATUSES)
+            and counts.get("total", 0) >= reported.get("total", 0))
+
+
 def empty_counts() -> dict[str, int]:
     return {"total": 0, **{status: 0 for status in MESSAGE_STATUSES}}
 
