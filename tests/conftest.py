@@ -19,6 +19,8 @@ import pytest
 
 from services.common.embedded_broker import EmbeddedBroker, free_port
 
+pytest_plugins = ["tests.e2e_fixtures"]  # stack, settings, tail, commands for the whole-stack modules
+
 # Small group timeouts: on tansu every group join costs session_timeout/2. Set at import so that
 # Settings() in tests and every subprocess they start see them; an explicit environment wins.
 os.environ.setdefault("OUTREACH_KAFKA_SESSION_TIMEOUT_MS", "2000")

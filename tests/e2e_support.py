@@ -78,6 +78,14 @@ class Tail:
         return [v for v in self.values(topics.MESSAGE_STATUS)
                 if campaign_id is None or v.get("campaign_id") == campaign_id]
 
+    def latest_per_message(self, campaign_id: str) -> dict[str, dict]:
+        """Each message's record with the highest sequence seen (the stream is at least once)."""
+        latest: dict[str, dict] = {}
+        for r in self.statuses(campaign_id):
+            if r["message_id"] not in latest or r["sequence"] > latest[r["message_id"]]["sequence"]:
+                latest[r["message_id"]] = r
+        return latest
+
     def latest_status(self, campaign_id: str) -> str | None:
         changes = [e for e in self.campaign_events(campaign_id) if e["type"] == "CampaignStatusChanged"]
         return changes[-1]["status"] if changes else None

@@ -12,7 +12,7 @@ import json
 import httpx
 import pytest
 
-from outreach.up import Stack
+from outreach.up import SERVICES
 from services.api.store import ApiStore
 from services.common.embedded_broker import free_port
 from services.common.settings import Settings
@@ -32,10 +32,7 @@ def env(kafka_bootstrap, tmp_path_factory):
                              OUTREACH_API_PORT=str(free_port("127.0.0.1")))
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("api-e2e-logs")) as running:
-        yield running
+STACK_SERVICES = tuple(SERVICES)  # the API too
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,9 @@ from aiokafka.partitioner import DefaultPartitioner
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
 from services.common import jsoncodec
-from services.common.settings import Settings
-from outreach.up import Stack
-from services.common.embedded_broker import free_port
-from tests.conftest import async_wait_until, fresh_postgres_database
-from tests.e2e_support import ALL_TRUE, Commands, Tail, command, email_contacts, sms_contacts
+from tests.conftest import async_wait_until
+from tests.e2e_stack import stack_environment
+from tests.e2e_support import ALL_TRUE, Tail, command, email_contacts, sms_contacts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -33,50 +31,15 @@ SMS_SIZE = int(os.environ.get("OUTREACH_E2E_SMS_SIZE", "1000"))
 FINAL = {"complete", "complete_with_errors", "failed"}
 
 
-@pytest.fixture(scope="module")
-def stack_env(kafka_bootstrap, tmp_path_factory):
-    env = dict(os.environ)
-    env.update({
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "OUTREACH_EXTERNAL_KAFKA": "true",
-        "OUTREACH_EVENT_STORE": "postgres",
-        "OUTREACH_POSTGRES_DSN": fresh_postgres_database("outreach_e2e"),
-        "OUTREACH_DATA_DIR": str(tmp_path_factory.mktemp("e2e-data")),
-        "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
-        "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
-        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
-        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
-        # A campaign of SMS_SIZE lasts several seconds: Stop and channel_busy land mid-run.
-        "OUTREACH_SMS_RATE": "100",  # the default rate: claims of 200, two in flight
-        "OUTREACH_EMAIL_RATE": "250",
-        "OUTREACH_PRESEND_BACKOFF_S": "0.05",
-    })
-    return env
+TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ)
 
 
 @pytest.fixture(scope="module")
-def stack(stack_env, tmp_path_factory):
-    with Stack(env=stack_env, log_dir=tmp_path_factory.mktemp("e2e-logs")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def settings(stack_env) -> Settings:
-    return Settings(kafka_bootstrap_servers=stack_env["KAFKA_BOOTSTRAP_SERVERS"])
-
-
-@pytest.fixture
-async def tail(settings, stack):
-    t = await Tail(settings, topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ).start()
-    yield t
-    await t.stop()
-
-
-@pytest.fixture
-async def commands(settings, tail):
-    c = await Commands(settings, tail).start()
-    yield c
-    await c.stop()
+def env(kafka_bootstrap, tmp_path_factory):
+    # A campaign of SMS_SIZE lasts several seconds: Stop and channel_busy land mid-run.
+    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("core-data"),
+                             OUTREACH_SMS_RATE="100",  # the default rate: claims of 200, two in flight
+                             OUTREACH_EMAIL_RATE="250", OUTREACH_PRESEND_BACKOFF_S="0.05")
 
 
 def with_invalid_rows(contacts: list[dict]) -> tuple[list[dict], int]:
@@ -109,7 +72,7 @@ async def wait_final(tail: Tail, campaign_id: str, timeout_s: float = 90) -> dic
     return [e for e in tail.campaign_events(campaign_id) if e["type"] == "CampaignStatusChanged"][-1]
 
 
-def create_from_csv_with_cli(stack_env: dict, path, contacts: list[dict]) -> dict:
+def create_from_csv_with_cli(env: dict, path, contacts: list[dict]) -> dict:
     """`outreach campaign create` on a CSV file (header + one line per contact), as a user would."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -118,15 +81,15 @@ def create_from_csv_with_cli(stack_env: dict, path, contacts: list[dict]) -> dic
             writer.writerow([c["destination"], c["variables"]["name"]])
     done = subprocess.run([sys.executable, "-m", "outreach.cli", "campaign", "create", str(path), "--name", "csv",
                            "--channel", "sms", "--template-body", "Hello {{name}}", "--json"],
-                          env=stack_env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
 
 
-async def test_sms_and_email_run_together_busy_disclaimer_and_all_delivered(stack, stack_env, tail, commands,
+async def test_sms_and_email_run_together_busy_disclaimer_and_all_delivered(stack, env, tail, commands,
                                                                           tmp_path):
     contacts, invalid = with_invalid_rows(sms_contacts(SMS_SIZE))
-    imported = await asyncio.to_thread(create_from_csv_with_cli, stack_env, tmp_path / "contacts.csv", contacts)
+    imported = await asyncio.to_thread(create_from_csv_with_cli, env, tmp_path / "contacts.csv", contacts)
     campaign = imported["campaign_id"]
     assert (imported["valid"], imported["invalid"]) == (SMS_SIZE - invalid, invalid)
     assert imported["invalid_reasons"]["duplicate_destination"]["count"] == 2
@@ -295,7 +258,7 @@ async def test_two_handlers_racing_runs_exactly_one_wins(stack, tail, commands, 
         stack.start_service("sender")
 
 
-async def test_relay_killed_mid_campaign_loses_and_reorders_nothing(stack, tail, commands, stack_env):
+async def test_relay_killed_mid_campaign_loses_and_reorders_nothing(stack, tail, commands, env):
     campaign = await commands.create_ready_campaign("sms", sms_contacts(SMS_SIZE, last_digit=0))
     await commands.send("RunCampaign", campaign, disclaimer=ALL_TRUE)
     await async_wait_until(lambda: sum(s["status"] == "delivered" for s in tail.statuses(campaign)) >= SMS_SIZE // 5,
@@ -310,7 +273,7 @@ async def test_relay_killed_mid_campaign_loses_and_reorders_nothing(stack, tail,
     for history in histories.values():
         assert [h["status"] for h in history] == ["waiting", "queued", "sending", "sent", "delivered"]
         assert [h["sequence"] for h in history] == sorted(h["sequence"] for h in history)
-    journal = sqlite3.connect(os.path.join(stack_env["OUTREACH_DATA_DIR"], "sender-journal.db"))
+    journal = sqlite3.connect(os.path.join(env["OUTREACH_DATA_DIR"], "sender-journal.db"))
     sent_per_message = Counter(mid for (mid,) in journal.execute(
         "SELECT message_id FROM handoffs WHERE campaign_id = ?", (campaign,)))
     assert len(sent_per_message) == SMS_SIZE and set(sent_per_message.values()) == {1}  # none sent twice

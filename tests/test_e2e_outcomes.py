@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from outreach.up import Stack
 from schemas import topics
 from services.common import ids
 from services.common.settings import Settings
@@ -57,10 +56,6 @@ def env(kafka_bootstrap, tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("outcomes-logs")) as running:
-        yield running
 
 
 async def run_campaign(env, channel: str, destinations: list[str]) -> tuple[str, Tail]:
@@ -81,21 +76,13 @@ async def run_campaign(env, channel: str, destinations: list[str]) -> tuple[str,
 
 
 def _all_final(tail: Tail, campaign: str, count: int) -> bool:
-    last = _last_per_message(tail, campaign)
+    last = tail.latest_per_message(campaign)
     return len(last) == count and all(
         r["status"] in ("delivered", "assumed_delivered", "failed", "opted_out", "cancelled") for r in last.values())
 
 
-def _last_per_message(tail: Tail, campaign: str) -> dict[str, dict]:
-    last: dict[str, dict] = {}
-    for r in tail.statuses(campaign):
-        if r["message_id"] not in last or r["sequence"] > last[r["message_id"]]["sequence"]:
-            last[r["message_id"]] = r
-    return last
-
-
 def check_outcomes(tail: Tail, campaign: str, table: dict) -> None:
-    last = _last_per_message(tail, campaign)
+    last = tail.latest_per_message(campaign)
     for row, (destination, (status, reason, attempt, through)) in enumerate(table.items(), start=2):
         mid = ids.message_id(campaign, row)
         final = last[mid]
@@ -111,7 +98,7 @@ async def test_every_sms_outcome_of_the_simulator_table(stack, env):
     try:
         # The late receipt (digit 7) may land after the campaign first looked complete: wait for it.
         late = ids.message_id(campaign, 2 + list(SMS_OUTCOMES).index("+12025550107"))
-        await async_wait_until(lambda: _last_per_message(tail, campaign)[late]["status"] == "delivered", 30,
+        await async_wait_until(lambda: tail.latest_per_message(campaign)[late]["status"] == "delivered", 30,
                                message="the late receipt never turned assumed_delivered into delivered")
         check_outcomes(tail, campaign, SMS_OUTCOMES)
         assert tail.latest_status(campaign) == "complete_with_errors"

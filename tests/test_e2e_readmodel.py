@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from outreach.cli import app as cli
 from outreach.replay import compare_dumps, run_replay
-from outreach.up import SERVICES, Stack
+from outreach.up import Stack
 from schemas import topics
 from services.common.settings import Settings
 from services.projections.read_model import ReadModel, rfc3339
@@ -56,11 +56,6 @@ def env(kafka_bootstrap, tmp_path_factory):
                              OUTREACH_SMS_RATE="300")
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    names = tuple(name for name in SERVICES if name != "api")  # the HTTP API has its own e2e
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("readmodel-logs"), names=names) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

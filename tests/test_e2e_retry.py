@@ -7,15 +7,11 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-import aiohttp
 import pytest
 
-from outreach.up import Stack
-from schemas import topics
 from services.common import ids
-from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_stack import simulator_url, stack_environment
+from tests.e2e_stack import simulator_submissions, stack_environment
 from tests.e2e_support import ALL_TRUE, Commands, Tail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -30,46 +26,17 @@ def env(kafka_bootstrap, tmp_path_factory):
                              OUTREACH_RETRY_WINDOW_S="2")
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("retry-logs")) as running:
-        yield running
-
-
-@pytest.fixture
-async def tail(env, stack):
-    t = await Tail(Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"]),
-                   topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS).start()
-    yield t
-    await t.stop()
-
-
-@pytest.fixture
-async def commands(env, tail):
-    c = await Commands(Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"]), tail).start()
-    yield c
-    await c.stop()
 
 
 async def submissions(env) -> dict[str, int]:
     """Provider calls per message id, from the simulator's log."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{simulator_url(env)}/_simulator/submissions") as response:
-            return {mid: len(entries) for mid, entries in (await response.json()).items()}
-
-
-def last_status(tail: Tail, campaign: str) -> dict[str, dict]:
-    last: dict[str, dict] = {}
-    for r in tail.statuses(campaign):
-        if r["message_id"] not in last or r["sequence"] > last[r["message_id"]]["sequence"]:
-            last[r["message_id"]] = r
-    return last
+    return {mid: len(entries) for mid, entries in (await simulator_submissions(env)).items()}
 
 
 async def finished(tail: Tail, campaign: str, total: int, run_no: int, timeout_s: float = 60) -> dict[str, dict]:
     """Waits until every message is final and the campaign's status says so after run `run_no`."""
     def done() -> bool:
-        last = last_status(tail, campaign)
+        last = tail.latest_per_message(campaign)
         changes = [e for e in tail.campaign_events(campaign) if e["type"] == "CampaignStatusChanged"]
         runs = [e for e in tail.campaign_events(campaign) if e["type"] in ("CampaignRunStarted", "RetryStarted")]
         return (len(last) == total and all(r["status"] in FINAL for r in last.values())
@@ -77,7 +44,7 @@ async def finished(tail: Tail, campaign: str, total: int, run_no: int, timeout_s
                 and changes[-1]["status"] in ("complete", "complete_with_errors"))
 
     await async_wait_until(done, timeout_s, message=f"not finished: {tail.latest_status(campaign)}")
-    return last_status(tail, campaign)
+    return tail.latest_per_message(campaign)
 
 
 def contact(row: int, destination: str) -> dict:

@@ -11,12 +11,9 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from outreach.up import Stack
-from schemas import topics
-from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_stack import simulator_url, stack_environment
-from tests.e2e_support import ALL_TRUE, Commands, Tail, email_contacts
+from tests.e2e_stack import simulator_submissions, simulator_url, stack_environment
+from tests.e2e_support import ALL_TRUE, Tail, email_contacts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -38,39 +35,6 @@ def env(kafka_bootstrap, tmp_path_factory):
                              OUTREACH_SENDING_TIMEOUT_S="30")
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("sending-logs")) as running:
-        yield running
-
-
-@pytest.fixture
-async def tail(env, stack):
-    t = await Tail(Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"]),
-                   topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS).start()
-    yield t
-    await t.stop()
-
-
-@pytest.fixture
-async def commands(env, tail):
-    c = await Commands(Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"]), tail).start()
-    yield c
-    await c.stop()
-
-
-async def simulator_log(env) -> dict[str, list[dict]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{simulator_url(env)}/_simulator/submissions") as response:
-            return await response.json()
-
-
-def last_status(tail: Tail, campaign: str) -> dict[str, dict]:
-    last: dict[str, dict] = {}
-    for r in tail.statuses(campaign):
-        if r["message_id"] not in last or r["sequence"] > last[r["message_id"]]["sequence"]:
-            last[r["message_id"]] = r
-    return last
 
 
 def handed_off(entries: list[dict]) -> int:
@@ -80,10 +44,10 @@ def handed_off(entries: list[dict]) -> int:
 
 async def finished(tail: Tail, campaign: str, total: int, timeout_s: float) -> dict[str, dict]:
     await async_wait_until(lambda: tail.latest_status(campaign) in ("complete", "complete_with_errors")
-                           and len(last_status(tail, campaign)) == total
-                           and all(r["status"] in FINAL_MESSAGE for r in last_status(tail, campaign).values()),
+                           and len(tail.latest_per_message(campaign)) == total
+                           and all(r["status"] in FINAL_MESSAGE for r in tail.latest_per_message(campaign).values()),
                            timeout_s, message=f"not finished: {tail.latest_status(campaign)}")
-    return last_status(tail, campaign)
+    return tail.latest_per_message(campaign)
 
 
 async def test_stop_in_a_large_campaign_sends_no_cancelled_message(stack, env, tail, commands):
@@ -97,7 +61,7 @@ async def test_stop_in_a_large_campaign_sends_no_cancelled_message(stack, env, t
     last = await finished(tail, campaign, SIZE, 60)
     cancelled = {m for m, r in last.items() if r["status"] == "cancelled"}
     assert len(cancelled) == stopped["cancelled_count"]
-    log = await simulator_log(env)
+    log = await simulator_submissions(env)
     assert not cancelled & set(log), "a cancelled message reached the provider"
     claimed = {m for m, r in last.items() if r["status"] != "cancelled"}
     assert claimed <= set(log) and all(last[m]["status"] == "delivered" for m in claimed)
@@ -112,7 +76,7 @@ async def test_sender_killed_three_times_sends_nothing_twice(stack, env, tail, c
             message=f"no progress before kill {kill + 1}")
         stack.restart("sender")  # SIGKILL, then a new process
     last = await finished(tail, campaign, SIZE, 120)
-    log = await simulator_log(env)
+    log = await simulator_submissions(env)
     per_message = Counter({m: handed_off(entries) for m, entries in log.items()
                            if entries and entries[0].get("campaign_id") == campaign})
     assert per_message and max(per_message.values()) == 1, "a message reached the provider twice"
@@ -150,7 +114,7 @@ async def test_default_rates_are_honoured(stack, env, tail, commands):
     await commands.send("RunCampaign", sms, disclaimer=ALL_TRUE)
     await commands.send("RunCampaign", email, disclaimer=ALL_TRUE)
     await asyncio.gather(finished(tail, sms, 300, 60), finished(tail, email, 2000, 60))
-    log = await simulator_log(env)
+    log = await simulator_submissions(env)
     sms_times = sorted(e["at"] for entries in log.values() for e in entries if e.get("campaign_id") == sms)
     assert len(sms_times) == 300
     # 300 one-segment messages at 100/s after a burst of a quarter second's worth (25): at least 2.75 s.

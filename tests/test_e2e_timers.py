@@ -19,7 +19,6 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from outreach.up import Stack
 from schemas import topics
 from services.command_handler.app import GROUP_ID as HANDLER_GROUP
 from services.common import ids, jsoncodec
@@ -29,8 +28,8 @@ from services.simulator.signing import TWILIO_SIGNATURE_HEADER, twilio_signature
 from services.timeout_sweeper.app import expiry_record
 from services.timeout_sweeper.timers import Timer
 from tests.conftest import async_wait_until
-from tests.e2e_stack import simulator_url, stack_environment
-from tests.e2e_support import ALL_TRUE, Commands, Tail
+from tests.e2e_stack import simulator_submissions, simulator_url, stack_environment
+from tests.e2e_support import ALL_TRUE, Tail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -49,25 +48,7 @@ def env(kafka_bootstrap, tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("timers-logs")) as running:
-        yield running
-
-
-@pytest.fixture
-async def tail(env, stack):
-    t = await Tail(Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"]),
-                   topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.EXPIRIES).start()
-    yield t
-    await t.stop()
-
-
-@pytest.fixture
-async def commands(env, tail):
-    c = await Commands(Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"]), tail).start()
-    yield c
-    await c.stop()
+TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.EXPIRIES)
 
 
 # ---------------------------------------------------------------- reading the streams
@@ -286,9 +267,7 @@ async def test_an_accepted_email_with_no_outcome_fails_expired(stack, env, tail,
         await async_wait_until(lambda: final(tail, mid), 30, message="the accepted email never expired")
     finally:
         stack.start_service("webhooks")
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{simulator_url(env)}/_simulator/submissions") as response:
-            [submission] = (await response.json())[mid]
+    [submission] = (await simulator_submissions(env))[mid]
     assert (submission["outcome"], submission["http_status"]) == ("accepted", 202)
     records = history(tail, mid)
     assert [(r["status"], r["reason"]) for r in records] == [
