@@ -492,7 +492,7 @@ def _finished(counts: dict[str, int]) -> int:
 def show(
     campaign_id: str = typer.Argument(..., metavar="ID"),
     watch: bool = typer.Option(False, "--watch", "-w",
-                               help="Refresh until the status is final and the counts stop changing."),
+                               help="Refresh until the campaign is final and its counts have caught up."),
     interval: float = typer.Option(0.5, "--interval", min=0.1, help="Refresh interval of --watch, seconds."),
     as_json: bool = JsonOpt,
 ) -> None:
