@@ -17,11 +17,14 @@ import uvicorn
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
+from schemas.topics import MAX_RECORD_BYTES
 from services.api import reads, settings_routes, writes
 from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
 from services.api.store import ApiStore, CredentialsUnreadable
 from services.common.settings import Settings, get_settings
 from services.projections.read_model import ReadModel
+
+MAX_JSON_BODY_BYTES = MAX_RECORD_BYTES
 
 log = logging.getLogger("outreach.api")
 
@@ -62,7 +65,11 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
             for resource in owned:
                 resource.close()
 
+    # Bodies are capped before they are read (FastAPI reads a body before its auth dependency runs, so an
+    # uncapped body would let anyone fill memory or disk): a command cannot exceed a Kafka record anyway;
+    # the CSV upload route sets its own, larger cap.
     app = FastAPI(title="Outreach API", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  max_body_size=MAX_JSON_BODY_BYTES,
                   openapi_tags=[
                       {"name": "campaigns", "description": "Campaigns and their live counts."},
                       {"name": "messages", "description": "Messages: filters, search, pagination, CSV export."},

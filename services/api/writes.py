@@ -35,6 +35,7 @@ from services.api.store import Principal
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
 
+UPLOAD_FORM_OVERHEAD_BYTES = 1024 * 1024  # the template and the other form fields beside the CSV
 router = APIRouter(tags=["commands"], responses=CAMPAIGN_RESPONSES)
 
 MAX_WAIT_S = 60.0
@@ -64,6 +65,7 @@ def _unprocessable(detail: Any) -> HTTPException:
 
 @router.post(
     "/campaigns", status_code=status.HTTP_202_ACCEPTED, response_model=CampaignCreateAccepted,
+    max_body_size=MAX_UPLOAD_BYTES + UPLOAD_FORM_OVERHEAD_BYTES,
     summary="Create a campaign from a CSV upload",
     description="Publishes CreateCampaign, then the contacts as AddContacts chunks of at most 1,000 (row = the "
                 "physical line number in the CSV; the header, when present, is line 1). CSV rules: UTF-8, comma-"
