@@ -309,6 +309,22 @@ async def test_a_sender_restarted_during_an_outage_still_tells_its_held_campaign
         assert dispatcher.resume_holds_of_earlier_run() == 0  # told once, not at every start
 
 
+async def test_a_hold_renewed_before_its_release_was_flushed_is_still_journalled(tmp_path):
+    # held: true, held: false queued, the breaker reopens (held: true again) before the flush: when the
+    # `held: false` goes out, the newer hold must stay journalled for a restart to release it.
+    async with dispatcher_for(tmp_path) as (dispatcher, sms, _, _published, _holds):
+        campaign_id, key = str(uuid.uuid4()), id(sms)
+        breaker = dispatcher.breaker("sms")
+        dispatcher._hold_record(key, breaker, campaign_id, True, HELD_REASON)
+        released = dispatcher._hold_announcement(campaign_id, breaker.name, False, RESUMED_REASON)
+        await asyncio.wait_for(released, 5)
+        dispatcher._forget_hold(released, breaker.name, campaign_id)
+        assert dispatcher._journal.held_campaigns() == [(breaker.name, campaign_id)]  # still held in memory
+        dispatcher._held[key].discard(campaign_id)
+        dispatcher._forget_hold(released, breaker.name, campaign_id)
+        assert dispatcher._journal.held_campaigns() == []
+
+
 async def test_one_destination_that_always_fails_never_opens_the_breaker(tmp_path):
     async with dispatcher_for(tmp_path) as (dispatcher, sms, _, published, holds):
         alone = work("sms", [ALWAYS_503])

@@ -232,8 +232,7 @@ class Dispatcher:
             self._journal.remember_held(breaker.name, campaign_id)
         published = self._hold_announcement(campaign_id, breaker.name, held, reason)
         if not held:
-            published.add_done_callback(
-                lambda f: f.cancelled() or f.exception() or self._journal.forget_held(breaker.name, campaign_id))
+            published.add_done_callback(lambda f: self._forget_hold(f, breaker.name, campaign_id))
 
     def _hold_announcement(self, campaign_id: str, provider: str, held: bool, reason: str) -> asyncio.Future:
         return self._results.add_record(campaign_id, {
@@ -246,9 +245,18 @@ class Dispatcher:
         held = self._journal.held_campaigns()
         for provider, campaign_id in held:
             published = self._hold_announcement(campaign_id, provider, False, RESUMED_AFTER_RESTART)
-            published.add_done_callback(
-                lambda f, p=provider, c=campaign_id: f.cancelled() or f.exception() or self._journal.forget_held(p, c))
+            published.add_done_callback(lambda f, p=provider, c=campaign_id: self._forget_hold(f, p, c))
         return len(held)
+
+    def _forget_hold(self, published: asyncio.Future, provider: str, campaign_id: str) -> None:
+        """Once a `held: false` is out, forget the journalled hold, unless the campaign was held again
+        meanwhile (a breaker that reopened before the flush): that newer hold must survive a restart."""
+        if published.cancelled() or published.exception() is not None:
+            return
+        held_again = any(breaker.name == provider and campaign_id in self._held[key]
+                         for key, breaker in self._breakers.items())
+        if not held_again:
+            self._journal.forget_held(provider, campaign_id)
 
     def _claim_started(self, channel: str, campaign_id: str) -> None:
         breaker = self.breaker(channel)
