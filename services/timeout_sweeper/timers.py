@@ -65,7 +65,9 @@ def after_firing(timer: Timer, timeouts: TimeoutSettings) -> Timer | None:
     deadline if nothing else will come. An email's `sending` timer becomes its accepted-without-outcome
     window, counted from the Sending deadline (by then the provider had accepted it, or the expiry fails it
     `timed_out` and that record lapses the window): so the window never closes before it ran in full."""
-    if timer.kind == "sending" and timer.channel == "email":
+    # "" is a row from before timers knew their channel: re-armed too (the handler ignores a window for an
+    # SMS, which its Sending expiry has failed already).
+    if timer.kind == "sending" and timer.channel in ("email", ""):
         return Timer(timer.message_id, timer.campaign_id, "retry_window", timer.since_sequence,
                      timer.due + timeouts.retry_window_s, timer.channel)
     return None
