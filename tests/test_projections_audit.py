@@ -140,6 +140,9 @@ def test_message_queries_filter_search_page_and_stream(model):
     assert rows(search=ids.message_id(cid, 5)) == [5]
     assert rows(search="_%") == [5]  # LIKE wildcards are taken literally
     assert rows(search="first_name") == []  # variable names are not values
+    # Unicode digits are not row numbers ('²'.isdigit() is True, int('²') raises); too long a number is no row.
+    assert rows(search="²") == [] and rows(search="٣") == [] and model.count_messages(cid, search="²") == 0
+    assert rows(search="3" * 18) == []
     assert rows(limit=2) == [2, 3] and rows(limit=2, offset=2) == [4, 5] and rows(offset=3) == [5]
     assert model.count_messages(cid) == 4 and model.count_messages(cid, status="delivered") == 3
     assert model.count_messages(cid, search="oslo") == 1

@@ -27,7 +27,7 @@ from services.api.models import (
 )
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
-from services.projections.read_model import settled
+from services.projections.read_model import _row_number, settled
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 
@@ -89,7 +89,7 @@ def message_matches(message: dict[str, Any], status_: str | None, reason: str | 
     if search is not None:
         needle = search.lower()
         values = [message.get("destination") or "", *(message.get("variables") or {}).values()]
-        row_matches = search.isdigit() and int(search) == message.get("row")
+        row_matches = _row_number(search) == message.get("row")
         if not (any(needle in str(v).lower() for v in values) or row_matches
                 or needle == str(message.get("message_id"))):
             return False

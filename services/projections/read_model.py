@@ -689,7 +689,7 @@ class ReadModel:
                 f"OR EXISTS ({self.dialect.variable_values.replace('SELECT value', 'SELECT 1')} "
                 f"WHERE {lower}(value) LIKE ? ESCAPE '\\') "
                 "OR row = ? OR message_id = ?)")
-            params.extend((pattern, pattern, int(term) if term.isdigit() and len(term) < 18 else -1, term.lower()))
+            params.extend((pattern, pattern, _row_number(term), term.lower()))
         return " AND ".join(where), params
 
     def messages(self, campaign_id: str, *, status: str | None = None, reason: str | None = None,
@@ -830,6 +830,12 @@ class ReadModel:
 def location_of(settings: Settings) -> str:
     """Where the read model lives: `read_model_url`, or the SQLite file in data_dir."""
     return getattr(settings, "read_model_url", None) or str(settings.data_dir / FILE_NAME)
+
+
+def _row_number(term: str) -> int:
+    """The row a search term names, or -1: ASCII digits only ('²'.isdigit() is True but int('²') raises, and
+    int('٣') is 3), at most 17 of them so the number fits a 64-bit column."""
+    return int(term) if re.fullmatch(r"[0-9]{1,17}", term, re.ASCII) else -1
 
 
 def _moment(moment: datetime | str | None) -> str | None:
