@@ -377,6 +377,14 @@ def test_as_of_shows_the_campaign_and_messages_as_they_stood(http):
         assert then == live == (rows or [2, 3, 4, 5, 6]), q  # the same search as of a time as live
     assert rows_of(http.get(f"/campaigns/{SMS_ID}/messages", params={"q": "²", "as_of": mid_run}).json()) == []
     assert http.get(f"/campaigns/{SMS_ID}", params={"as_of": at(-10)}).status_code == 404  # not created yet
+    for ancient in ("0999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"):  # zero-padded: before 2026, not after
+        assert http.get(f"/campaigns/{SMS_ID}", params={"as_of": ancient}).status_code == 404
+        assert http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": ancient}).status_code == 404
+        assert http.get(f"/campaigns/{SMS_ID}/history", params={"as_of": ancient}).json() == []
+    # Before 0001-01-01 in UTC (or after 9999): a clear 422, not a 500 from the conversion to UTC.
+    for out_of_range in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-02:00"):
+        response = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": out_of_range})
+        assert response.status_code == 422 and "as_of" in response.text, response.text
 
 
 # ------------------------------------------------------------------ export

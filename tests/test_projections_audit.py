@@ -199,6 +199,11 @@ def test_as_of_shows_the_campaign_and_messages_as_they_stood(model):
     events, statuses = campaign_records(cid)
     apply_shuffled(model, events, statuses, seed=2)
     assert model.as_of(cid, START - timedelta(seconds=1)) is None  # nothing had happened yet
+    # Years before 1000 too: the time text is zero-padded ("0999-..."), so it sorts before "2024-...".
+    ancient = datetime(999, 12, 31, 23, 59, tzinfo=timezone.utc)
+    assert rfc3339(ancient) == "0999-12-31T23:59:00.000000Z" and rfc3339(datetime(1, 1, 1)) == \
+        "0001-01-01T00:00:00.000000Z"
+    assert model.as_of(cid, ancient) is None and list(model.iter_history(cid, until=ancient)) == []
 
     ready = model.as_of(cid, START + timedelta(seconds=5))
     assert ready["campaign"]["status"] == "ready" and ready["campaign"]["run_no"] is None

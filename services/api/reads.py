@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
@@ -27,7 +27,7 @@ from services.api.models import (
 )
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
-from services.projections.read_model import _row_number, settled
+from services.projections.read_model import _row_number, rfc3339, settled
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 
@@ -65,18 +65,19 @@ async def _campaign_or_404(request: Request, campaign_id: str) -> dict[str, Any]
     return campaign
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+def _as_of_text(as_of: datetime) -> str:
+    """`as_of` as the read model's time text (UTC, zero-padded year); 422 when it has no UTC equivalent."""
+    try:
+        return rfc3339(as_of)
+    except OverflowError:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            detail=f"as_of {as_of.isoformat()} is out of range in UTC") from None
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-async def _as_of_or_404(request: Request, campaign_id: str, moment: datetime) -> dict[str, Any]:
+async def _as_of_or_404(request: Request, campaign_id: str, moment: str) -> dict[str, Any]:
     found = await _call(request, "as_of", campaign_id, moment)
     if found is None or found.get("campaign") is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id} at {_rfc3339(moment)}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id} at {moment}")
     return found
 
 
@@ -119,7 +120,7 @@ async def list_campaigns(
 async def get_campaign(request: Request, _: CampaignUser, campaign_id: CampaignId,
                        as_of: AsOfQuery = None) -> dict[str, Any]:
     if as_of is not None:
-        return (await _as_of_or_404(request, campaign_id, _utc(as_of)))["campaign"]
+        return (await _as_of_or_404(request, campaign_id, _as_of_text(as_of)))["campaign"]
     return await _campaign_or_404(request, campaign_id)
 
 
@@ -135,11 +136,11 @@ async def list_messages(
 ) -> dict[str, Any]:
     q = _search(q)
     if as_of is not None:
-        moment = _utc(as_of)
+        moment = _as_of_text(as_of)
         found = await _as_of_or_404(request, campaign_id, moment)
         matching = [m for m in found["messages"] if message_matches(m, status_, reason, q)]
         matching.sort(key=lambda m: m.get("row") or 0)
-        return {"total": len(matching), "limit": limit, "offset": offset, "as_of": _rfc3339(moment),
+        return {"total": len(matching), "limit": limit, "offset": offset, "as_of": moment,
                 "items": matching[offset:offset + limit]}
     await _campaign_or_404(request, campaign_id)
     filters = {"status": status_, "reason": reason, "search": q}
@@ -257,7 +258,7 @@ async def history(request: Request, _: CampaignUser, campaign_id: CampaignId,
     read_model = _read_model(request)
     if await _call(request, "campaign", campaign_id) is None and not await _call(request, "events", campaign_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id}")
-    until = _utc(as_of) if as_of is not None else None
+    until = _as_of_text(as_of) if as_of is not None else None
     records = read_model.iter_history(campaign_id, include_messages=include_messages, until=until)
     page = itertools.islice(records, offset, None if limit is None else offset + limit)
     return StreamingResponse(json_array_blocks(page), media_type="application/json")

@@ -129,10 +129,14 @@ def empty_counts() -> dict[str, int]:
 
 
 def rfc3339(moment: datetime) -> str:
-    """The wire's time format (fixed width, so text order is time order); a naive moment is taken as UTC."""
+    """The wire's time format (fixed width, so text order is time order); a naive moment is taken as UTC.
+    The year is zero-padded by hand: strftime's %Y gives "999" for the year 999, which sorts after "2026".
+    OverflowError if the moment in UTC is out of datetime's range (before 0001-01-01 or after 9999)."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    m = moment.astimezone(timezone.utc)
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+            f".{m.microsecond:06d}Z")
 
 
 # ------------------------------------------------------------------ dialects and connections
