@@ -9,7 +9,7 @@ from schemas import topics
 from schemas.events import MESSAGE_STATUSES
 from services.common import ids, jsoncodec
 from services.projections.app import decode_batch
-from services.projections.read_model import ReadModel, settled
+from services.projections.read_model import ReadModel, masked_dsn, settled
 
 T0 = "2024-05-01T12:00:00.000000Z"
 
@@ -187,6 +187,29 @@ def test_failed_batch_is_rolled_back(model):
     with pytest.raises(KeyError):
         model.apply_batch(created_events(cid, 1), [status_record(cid, 1, 100, "waiting"), bad])
     assert model.campaign(cid) is None and model.events(cid) == [] and model.messages(cid) == []
+
+
+@pytest.mark.parametrize("dsn, secrets", [
+    ("postgresql://outreach:s3cret@db.internal:5432/outreach", ["s3cret"]),
+    ("postgresql://db.internal/outreach?password=hunter2", ["hunter2"]),  # in the query: was logged as is
+    ("postgres://me:first@db/outreach?sslmode=require&password=second", ["first", "second"]),
+    ("postgresql://me:p%40ss@db/outreach", ["p@ss", "p%40ss"]),
+    ("postgresql://db/outreach?sslpassword=keypass", ["keypass"]),
+    ("host=db dbname=outreach password=plain", ["plain"]),
+    ("postgresql://bad host:x:y/db?password=broken", ["broken"]),  # unparsable: nothing of it is shown
+])
+def test_the_read_model_location_never_shows_a_password(dsn, secrets):
+    shown = masked_dsn(dsn)
+    assert not any(secret in shown for secret in secrets), shown
+    assert "***" in shown
+
+
+def test_the_masked_location_keeps_what_tells_the_database_apart():
+    shown = masked_dsn("postgresql://outreach:s3cret@db.internal:6432/reads?sslmode=require&password=x")
+    assert {"user=outreach", "host=db.internal", "port=6432", "dbname=reads", "sslmode=require"} <= \
+        set(shown.split()), shown
+    assert masked_dsn("postgresql://postgres@127.0.0.1:5432/x") == \
+        "user=postgres dbname=x host=127.0.0.1 port=5432"  # no password: nothing masked
 
 
 Record = namedtuple("Record", "topic partition offset value")

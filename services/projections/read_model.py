@@ -446,7 +446,7 @@ class ReadModel:
         if text.startswith(("postgresql://", "postgres://")):
             self._backend: _SqliteBackend | _PostgresBackend = _PostgresBackend(text, pool_size)
             self.path: Path | None = None
-            self.location = re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", text)  # never log a password
+            self.location = masked_dsn(text)  # logged: never with a password
         else:
             if text.startswith("sqlite:///"):
                 text = text[len("sqlite:///"):]
@@ -834,6 +834,26 @@ class ReadModel:
 def location_of(settings: Settings) -> str:
     """Where the read model lives: `read_model_url`, or the SQLite file in data_dir."""
     return getattr(settings, "read_model_url", None) or str(settings.data_dir / FILE_NAME)
+
+
+_SECRET_DSN_KEYS = ("password", "sslpassword")
+
+
+def masked_dsn(dsn: str) -> str:
+    """A PostgreSQL DSN (URL or key=value) fit for logs: libpq's own parser finds the password wherever it is
+    (user info, query parameter, keyword), and the result is key=value text with it masked. A DSN libpq cannot
+    parse is shown as nothing but its scheme."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError:
+        return "postgresql://***"
+    for key in _SECRET_DSN_KEYS:
+        if params.get(key) is not None:
+            params[key] = "***"
+    return make_conninfo("", **params)
 
 
 def _row_number(term: str) -> int:
