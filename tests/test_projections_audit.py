@@ -9,6 +9,7 @@ import pytest
 
 from schemas.events import MESSAGE_STATUSES
 from services.common import ids
+from services.projections import read_model
 from services.projections.read_model import ReadModel, rfc3339
 from tests.conftest import fresh_postgres_database
 
@@ -192,6 +193,36 @@ def test_history_merges_campaign_events_and_transitions_in_time_order(model):
     assert [(r["status"], r["reason"], r["attempt"]) for r in model.message_history(message_id)] == [
         ("waiting", None, None), ("queued", None, None), ("sending", None, None),
         ("failed", "invalid_destination", 1)]
+
+
+def test_history_pages_return_every_record_once_even_with_equal_keys_and_missing_fields(model, monkeypatch):
+    monkeypatch.setattr(read_model, "PAGE_ROWS", 3)  # many page boundaries
+    cid = str(uuid.uuid4())
+    events, statuses = campaign_records(cid)
+    # Records the contract would not publish, still kept and shown as published: no time, no row, and
+    # several with the same (time, row, sequence), which only their event ids tell apart.
+    odd = [{**status(cid, 9, 100, "waiting", None, 0), "event_id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"{cid}{n}")),
+            "message_id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"{cid}m{n}")), "occurred_at": None, "row": None}
+           for n in range(5)]
+    apply_shuffled(model, events, statuses + odd, seed=4)
+    history = model.history(cid)
+    assert sorted(h["event_id"] for h in history) == sorted(r["event_id"] for r in events + statuses + odd)
+    by_id = {r["event_id"]: r for r in events + statuses + odd}
+    assert all(h == by_id[h["event_id"]] for h in history)  # None stays None
+    assert [h["event_id"] for h in history[:5]] == sorted(r["event_id"] for r in odd)  # no time: first
+    bounded = list(model.iter_history(cid, until=at(10)))
+    assert bounded == [h for h in history if (h["occurred_at"] or "") <= at(10)]
+
+
+def test_history_pages_are_index_range_scans_on_sqlite(tmp_path):
+    # A page ordered on expressions (COALESCE) re-sorted all of the campaign's records for each page.
+    with ReadModel(tmp_path / "read-model.db") as model:
+        for until in (None, at(10)):
+            for after in (None, (at(1), 2, 100, str(uuid.uuid4()))):
+                sql, params = model._status_page(str(uuid.uuid4()), until, after)
+                plan = model.explain(sql, params)
+                assert any("USING INDEX message_events_by_time" in line for line in plan), plan
+                assert not any("TEMP B-TREE" in line for line in plan), plan
 
 
 def test_as_of_shows_the_campaign_and_messages_as_they_stood(model):

@@ -45,7 +45,7 @@ from services.common.settings import Settings, get_settings
 
 FILE_NAME = "read-model.db"
 FINAL_CAMPAIGN_STATUSES = frozenset({"complete", "complete_with_errors", "failed", "deleted"})
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: message_events.occurred_at and row NOT NULL, history index ends in event_id
 TABLES = ("campaigns", "campaign_events", "messages", "message_events")
 PAGE_ROWS = 5000  # keyset page of the big scans (canonical dump, history)
 _WRITE_LOCK_KEY = 7_402_113_911  # PostgreSQL advisory lock id: one writer at a time
@@ -359,7 +359,7 @@ def _schema(d: _Dialect) -> list[str]:
             event_id        {k} PRIMARY KEY,
             message_id      {k} NOT NULL,
             campaign_id     {k} NOT NULL,
-            row             {i},
+            row             {i} NOT NULL,
             channel         TEXT,
             run_no          {i},
             status          TEXT NOT NULL,
@@ -367,13 +367,15 @@ def _schema(d: _Dialect) -> list[str]:
             reason          TEXT,
             provider_code   TEXT,
             attempt         {i},
-            occurred_at     {k},
+            occurred_at     {k} NOT NULL,
             causation_id    {k},
             sequence        {i} NOT NULL,
             extra           TEXT
-        )""",  # extra: the record's other fields (JSON), e.g. destination and variables of a `waiting` record
+        )""",  # extra: the record's other fields (JSON), e.g. destination and variables of a `waiting` record;
+        # a record without occurred_at or row is stored with '' or 0 (and a null for it in extra, so it reads
+        # back as published): the history's keyset pages then order and compare raw indexed columns.
         "CREATE INDEX message_events_by_message ON message_events (message_id, sequence)",
-        "CREATE INDEX message_events_by_time ON message_events (campaign_id, occurred_at, row, sequence)",
+        "CREATE INDEX message_events_by_time ON message_events (campaign_id, occurred_at, row, sequence, event_id)",
     ]
 
 
@@ -579,9 +581,9 @@ class ReadModel:
 
     def _apply_statuses(self, s: _Session, records: list[dict[str, Any]]) -> None:
         s.many(_INSERT_STATUS, [
-            (r["event_id"], r["message_id"], r["campaign_id"], r.get("row"), r.get("channel"), r.get("run_no"),
+            (r["event_id"], r["message_id"], r["campaign_id"], _or_zero(r.get("row")), r.get("channel"), r.get("run_no"),
              r["status"], r.get("previous_status"), r.get("reason"), r.get("provider_code"), r.get("attempt"),
-             r.get("occurred_at"), r.get("causation_id"), r["sequence"],
+             r.get("occurred_at") or "", r.get("causation_id"), r["sequence"],
              _json_text(_extra_fields(r)))
             for r in records
         ])
@@ -755,20 +757,39 @@ class ReadModel:
             yield item
 
     def _iter_statuses(self, campaign_id: str, until: str | None) -> Iterator[dict[str, Any]]:
-        bound, params = ("", []) if until is None else (" AND occurred_at <= ?", [until])
-        after: tuple[str, int, int] = ("", -1, -1)
+        after: tuple[str, int, int, str] | None = None
         while True:
-            page = self._rows(
-                "SELECT * FROM message_events WHERE campaign_id = ?" + bound
-                + " AND (COALESCE(occurred_at, ''), COALESCE(row, 0), sequence) > (?, ?, ?)"
-                " ORDER BY COALESCE(occurred_at, ''), COALESCE(row, 0), sequence LIMIT ?",
-                [campaign_id, *params, *after, PAGE_ROWS])
+            page = self._rows(*self._status_page(campaign_id, until, after))
             for row in page:
                 yield _status_record(row)
             if len(page) < PAGE_ROWS:
                 return
             last = page[-1]
-            after = (last["occurred_at"] or "", last["row"] or 0, last["sequence"])
+            after = (last["occurred_at"], last["row"], last["sequence"], last["event_id"])
+
+    def _status_page(self, campaign_id: str, until: str | None,
+                     after: tuple[str, int, int, str] | None) -> tuple[str, list[Any]]:
+        """The query of one page of the campaign's status records after the key `after`: a range scan of the
+        (campaign_id, occurred_at, row, sequence, event_id) index, raw columns only (an ORDER BY on expressions
+        sorted all of the campaign's records again for each page). event_id makes the key unique, so a page
+        boundary between equal (time, row, sequence) keys loses nothing."""
+        sql, params = "SELECT * FROM message_events WHERE campaign_id = ?", [campaign_id]
+        if until is not None:
+            sql += " AND occurred_at <= ?"
+            params.append(until)
+        if after is not None:
+            sql += " AND (occurred_at, row, sequence, event_id) > (?, ?, ?, ?)"
+            params.extend(after)
+        sql += " ORDER BY occurred_at, row, sequence, event_id LIMIT ?"
+        params.append(PAGE_ROWS)
+        return sql, params
+
+    def explain(self, sql: str, params: Iterable[Any] = ()) -> list[str]:
+        """The database's plan for a query, one line a step (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on
+        PostgreSQL): to check that a query uses the index it was written for."""
+        if self.dialect.name == "sqlite":
+            return [row["detail"] for row in self._rows("EXPLAIN QUERY PLAN " + sql, params)]
+        return [row["QUERY PLAN"] for row in self._rows("EXPLAIN " + sql, params)]
 
     def as_of(self, campaign_id: str, moment: datetime | str) -> dict[str, Any] | None:
         """The campaign and its messages as they stood at `moment`, built only from records that occurred at or
@@ -958,9 +979,15 @@ def _message_rows(records: list[dict[str, Any]]) -> list[tuple]:
 
 
 def _extra_fields(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The fields of a status record beyond the standard ones (e.g. a `waiting` record's destination)."""
+    """The fields of a status record beyond the standard ones (e.g. a `waiting` record's destination), and a
+    null for each NOT NULL column the record left out (stored as '' or 0): it reads back as published."""
     extra = {k: v for k, v in record.items() if k not in _STATUS_RECORD_FIELDS}
+    extra.update((k, None) for k in ("occurred_at", "row") if record.get(k) is None)
     return extra or None
+
+
+def _or_zero(row: Any) -> Any:
+    return 0 if row is None else row
 
 
 def _campaign_dict(row: Mapping[str, Any]) -> dict[str, Any]:
