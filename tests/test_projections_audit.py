@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -255,6 +256,81 @@ def test_as_of_shows_the_campaign_and_messages_as_they_stood(model):
     live = model.campaign(cid)
     assert after["campaign"] == live and after["messages"] == model.messages(cid)
     assert model.as_of(str(uuid.uuid4()), START + timedelta(hours=1)) is None
+
+
+def test_as_of_pages_filters_and_counts_in_sql_as_the_live_queries_do(model):
+    cid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    for c in (cid, other):
+        events, statuses = campaign_records(c)
+        apply_shuffled(model, events, statuses, seed=5)
+    mid_run = at(12)  # rows 2, 3, 5 sent, row 4 failed
+
+    def rows(moment=mid_run, **kw):
+        return [m["row"] for m in model.as_of_messages(cid, moment, **kw)]
+
+    assert rows(status="sent") == [2, 3, 5] and rows(reason="invalid_destination") == [4]
+    assert rows(status="failed", reason="invalid_destination") == [4] and rows(status="delivered") == []
+    assert rows(search="ANN") == [2] and rows(search="zürich") == [2] and rows(search="5550101") == [3]
+    assert rows(search="4") == [4] and rows(search=ids.message_id(cid, 5)) == [5] and rows(search="_%") == [5]
+    assert rows(search="²") == [] and rows(search="  ") == [2, 3, 4, 5]
+    assert rows(limit=2) == [2, 3] and rows(limit=2, offset=2) == [4, 5] and rows(offset=3) == [5]
+    assert rows(status="sent", limit=1, offset=1) == [3] and rows(at(10.5), status="queued") == [2, 3, 4, 5]
+    assert model.count_as_of_messages(cid, mid_run) == 4
+    assert model.count_as_of_messages(cid, mid_run, status="sent") == 3
+    assert model.count_as_of_messages(cid, mid_run, search="oslo") == 1
+    assert model.count_as_of_messages(cid, at(0.5)) == 0 and rows(at(0.5)) == []  # before the contacts
+    [sent] = model.as_of_messages(cid, START + timedelta(seconds=12), search="ann")  # a datetime works too
+    assert (sent["status"], sent["updated_at"], sent["last_sequence"], sent["variables"]) == \
+        ("sent", at(12), 400, CONTACTS[2][1])
+
+    campaign = model.as_of_campaign(cid, mid_run)
+    assert campaign["status"] == "in_progress" and campaign["run_no"] == 1
+    assert campaign["counts"] == {**{s: 0 for s in MESSAGE_STATUSES}, "total": 4, "sent": 3, "failed": 1}
+    assert model.as_of_campaign(cid, mid_run, with_counts=False) == \
+        {k: v for k, v in campaign.items() if k != "counts"}
+    assert model.as_of_campaign(cid, START - timedelta(seconds=1)) is None
+    assert model.as_of_campaign(str(uuid.uuid4()), mid_run) is None
+
+    # After everything, every filter gives what the live queries give.
+    after = at(3600)
+    assert model.as_of_campaign(cid, after) == model.campaign(cid)
+    for filters in ({}, {"status": "delivered"}, {"reason": "invalid_destination"}, {"search": "o"},
+                    {"search": "3"}, {"status": "delivered", "search": "+1202", "limit": 1, "offset": 1},
+                    {"offset": 2}, {"limit": 3}):
+        assert model.as_of_messages(cid, after, **filters) == model.messages(cid, **filters), filters
+        counted = {k: v for k, v in filters.items() if k not in ("limit", "offset")}
+        assert model.count_as_of_messages(cid, after, **counted) == model.count_messages(cid, **counted), filters
+
+
+def test_as_of_on_a_large_campaign_keeps_memory_bounded(tmp_path):
+    """50,000 messages: the counts, a page, its total and a search are computed by the database; one dict per
+    message (what as_of used to build for every request) would take tens of MiB."""
+    cid = str(uuid.uuid4())
+    n = 50_000
+    with ReadModel(tmp_path / "read-model.db") as model:
+        events, _ = campaign_records(cid)
+        model.apply_batch(events, [])
+        for start in range(2, n + 2, 10_000):
+            batch = []
+            for row in range(start, min(start + 10_000, n + 2)):
+                batch.append(waiting(cid, row, 1, f"+1202555{row:07d}", {"first_name": f"name{row}"}))
+                if row % 2 == 0:
+                    batch.append(status(cid, row, 200, "queued", "waiting", 10))
+            model.apply_batch([], batch)
+
+        tracemalloc.start()
+        try:
+            campaign = model.as_of_campaign(cid, at(11))
+            page = model.as_of_messages(cid, at(11), status="queued", limit=100, offset=20_000)
+            total = model.count_as_of_messages(cid, at(11), status="queued")
+            found = model.as_of_messages(cid, at(11), search="NAME4999", limit=100)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert campaign["counts"]["total"] == n and campaign["counts"]["queued"] == n // 2
+        assert [m["row"] for m in page] == list(range(40_002, 40_202, 2)) and total == n // 2
+        assert [m["row"] for m in found] == [4999, *range(49_990, 49_999 + 1)]
+        assert peak < 4 * 2**20, f"as_of peak {peak / 2**20:.1f} MiB"
 
 
 def test_out_of_order_campaign_events_give_the_same_row(model):

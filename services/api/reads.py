@@ -27,7 +27,7 @@ from services.api.models import (
 )
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
-from services.projections.read_model import _row_number, rfc3339, settled
+from services.projections.read_model import rfc3339, settled
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 
@@ -74,27 +74,12 @@ def _as_of_text(as_of: datetime) -> str:
                             detail=f"as_of {as_of.isoformat()} is out of range in UTC") from None
 
 
-async def _as_of_or_404(request: Request, campaign_id: str, moment: str) -> dict[str, Any]:
-    found = await _call(request, "as_of", campaign_id, moment)
-    if found is None or found.get("campaign") is None:
+async def _as_of_campaign_or_404(request: Request, campaign_id: str, moment: str,
+                                  with_counts: bool = True) -> dict[str, Any]:
+    campaign = await _call(request, "as_of_campaign", campaign_id, moment, with_counts=with_counts)
+    if campaign is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id} at {moment}")
-    return found
-
-
-def message_matches(message: dict[str, Any], status_: str | None, reason: str | None, search: str | None) -> bool:
-    """The read model's filter semantics, for messages already in memory (the `as_of` view)."""
-    if status_ is not None and message.get("status") != status_:
-        return False
-    if reason is not None and message.get("reason") != reason:
-        return False
-    if search is not None:
-        needle = search.lower()
-        values = [message.get("destination") or "", *(message.get("variables") or {}).values()]
-        row_matches = _row_number(search) == message.get("row")
-        if not (any(needle in str(v).lower() for v in values) or row_matches
-                or needle == str(message.get("message_id"))):
-            return False
-    return True
+    return campaign
 
 
 def _search(q: str | None) -> str | None:
@@ -120,7 +105,7 @@ async def list_campaigns(
 async def get_campaign(request: Request, _: CampaignUser, campaign_id: CampaignId,
                        as_of: AsOfQuery = None) -> dict[str, Any]:
     if as_of is not None:
-        return (await _as_of_or_404(request, campaign_id, _as_of_text(as_of)))["campaign"]
+        return await _as_of_campaign_or_404(request, campaign_id, _as_of_text(as_of))
     return await _campaign_or_404(request, campaign_id)
 
 
@@ -134,16 +119,14 @@ async def list_messages(
     status_: StatusQuery = None, reason: ReasonQuery = None, q: SearchQuery = None,
     limit: Limit = DEFAULT_LIMIT, offset: Offset = 0, as_of: AsOfQuery = None,
 ) -> dict[str, Any]:
-    q = _search(q)
-    if as_of is not None:
+    filters = {"status": status_, "reason": reason, "search": _search(q)}
+    if as_of is not None:  # filtered, counted and paged by the database, as the live view
         moment = _as_of_text(as_of)
-        found = await _as_of_or_404(request, campaign_id, moment)
-        matching = [m for m in found["messages"] if message_matches(m, status_, reason, q)]
-        matching.sort(key=lambda m: m.get("row") or 0)
-        return {"total": len(matching), "limit": limit, "offset": offset, "as_of": moment,
-                "items": matching[offset:offset + limit]}
+        await _as_of_campaign_or_404(request, campaign_id, moment, with_counts=False)
+        items = await _call(request, "as_of_messages", campaign_id, moment, limit=limit, offset=offset, **filters)
+        total = await _call(request, "count_as_of_messages", campaign_id, moment, **filters)
+        return {"total": total, "limit": limit, "offset": offset, "as_of": moment, "items": items}
     await _campaign_or_404(request, campaign_id)
-    filters = {"status": status_, "reason": reason, "search": q}
     items = await _call(request, "messages", campaign_id, limit=limit, offset=offset, **filters)
     total = await _call(request, "count_messages", campaign_id, **filters)
     return {"total": total, "limit": limit, "offset": offset, "items": items}

@@ -20,6 +20,8 @@ A `CommandRejected` for an unknown campaign (sequence 0) has no campaign row: it
 only, so `events(campaign_id)` shows it.
 
 Counts are computed from `messages` (GROUP BY over the (campaign_id, status) index), so they always add up.
+As of a time, the database picks each message's latest record then (an index probe per message) and filters,
+counts and pages those: no request holds a campaign's messages in memory.
 A SQLite file is opened in WAL mode: the projections process writes while CLI and API processes read.
 """
 from __future__ import annotations
@@ -149,15 +151,24 @@ class _Dialect:
     lower: str  # a Unicode-aware lower()
     variable_values: str  # the text values of a message's variables (a subquery over JSON)
     offset_without_limit: str
+    # Joins `messages m` to `e`, the message's record with the highest sequence among those that occurred at or
+    # before a time (the one parameter): an index probe per message, no sort of the campaign's records.
+    latest_record_as_of: str
 
     def sql(self, statement: str) -> str:
         return statement if self.name == "sqlite" else statement.replace("?", "%s")
 
 
 SQLITE = _Dialect("sqlite", "TEXT", "INTEGER", "py_lower", "SELECT value FROM json_each(messages.variables)",
-                  " LIMIT -1 OFFSET ?")
+                  " LIMIT -1 OFFSET ?",
+                  "JOIN message_events e ON e.rowid = (SELECT x.rowid FROM message_events x"
+                  " WHERE x.message_id = m.message_id AND x.occurred_at <= ? ORDER BY x.sequence DESC LIMIT 1)")
 POSTGRES = _Dialect("postgres", 'TEXT COLLATE "C"', "BIGINT", "lower",
-                    "SELECT value FROM json_each_text(messages.variables::json)", " OFFSET ?")
+                    "SELECT value FROM json_each_text(messages.variables::json)", " OFFSET ?",
+                    # A correlated subquery in the join condition made PostgreSQL hash the whole table: LATERAL
+                    # keeps it a nested loop of index probes.
+                    "CROSS JOIN LATERAL (SELECT * FROM message_events x"
+                    " WHERE x.message_id = m.message_id AND x.occurred_at <= ? ORDER BY x.sequence DESC LIMIT 1) e")
 
 
 class _Session:
@@ -392,6 +403,9 @@ _MESSAGE_COLUMNS = (
     "message_id", "campaign_id", "row", "channel", "destination", "variables", "status", "previous_status", "reason",
     "provider_code", "attempt", "run_no", "created_at", "updated_at", "last_sequence",
 )
+# Of a message as of a time, these come from its latest record then; the others (contact, row) from `messages`.
+_AS_OF_RECORD_COLUMNS = frozenset({"channel", "status", "previous_status", "reason", "provider_code", "attempt",
+                                   "run_no", "updated_at", "last_sequence"})
 _MESSAGE_STATE_COLUMNS = (
     "status", "previous_status", "reason", "provider_code", "attempt", "run_no", "updated_at", "last_sequence",
 )
@@ -581,9 +595,9 @@ class ReadModel:
 
     def _apply_statuses(self, s: _Session, records: list[dict[str, Any]]) -> None:
         s.many(_INSERT_STATUS, [
-            (r["event_id"], r["message_id"], r["campaign_id"], _or_zero(r.get("row")), r.get("channel"), r.get("run_no"),
-             r["status"], r.get("previous_status"), r.get("reason"), r.get("provider_code"), r.get("attempt"),
-             r.get("occurred_at") or "", r.get("causation_id"), r["sequence"],
+            (r["event_id"], r["message_id"], r["campaign_id"], _or_zero(r.get("row")), r.get("channel"),
+             r.get("run_no"), r["status"], r.get("previous_status"), r.get("reason"), r.get("provider_code"),
+             r.get("attempt"), r.get("occurred_at") or "", r.get("causation_id"), r["sequence"],
              _json_text(_extra_fields(r)))
             for r in records
         ])
@@ -791,39 +805,67 @@ class ReadModel:
             return [row["detail"] for row in self._rows("EXPLAIN QUERY PLAN " + sql, params)]
         return [row["QUERY PLAN"] for row in self._rows("EXPLAIN " + sql, params)]
 
-    def as_of(self, campaign_id: str, moment: datetime | str) -> dict[str, Any] | None:
-        """The campaign and its messages as they stood at `moment`, built only from records that occurred at or
-        before it; None if the campaign is unknown or had no event by then."""
+    # ------------------------------------------------------------------ as of a time
+    #
+    # Built only from records that occurred at or before the time (a record without a time counts as the
+    # earliest). The database folds the messages: a campaign of 300,000 messages is never in memory.
+
+    def as_of_campaign(self, campaign_id: str, moment: datetime | str, *,
+                       with_counts: bool = True) -> dict[str, Any] | None:
+        """The campaign as it stood at `moment`, with its `counts` then (unless `with_counts` is False); None if
+        the campaign is unknown or had no event by then."""
         limit = _moment(moment)
-        events = [e for e in self.events(campaign_id)
-                  if e.get("sequence", 0) > 0 and (e.get("occurred_at") or "") <= limit]
+        events = [jsoncodec.loads(row["body"]) for row in self._rows(
+            "SELECT body FROM campaign_events WHERE campaign_id = ? AND sequence > 0"
+            " AND (occurred_at IS NULL OR occurred_at <= ?) ORDER BY sequence, event_id", (campaign_id, limit))]
         if not events:
             return None
-        state = _fold(campaign_id, sorted(events, key=lambda e: (e["sequence"], e["event_id"])))
-        rows = self._rows(
-            "SELECT e.*, m.destination AS m_destination, m.variables AS m_variables, m.created_at AS m_created_at "
-            "FROM message_events e JOIN ("
-            "  SELECT message_id, MAX(sequence) AS latest FROM message_events"
-            "  WHERE campaign_id = ? AND occurred_at <= ? GROUP BY message_id"
-            ") l ON e.message_id = l.message_id AND e.sequence = l.latest "
-            "LEFT JOIN messages m ON m.message_id = e.message_id "
-            "ORDER BY e.row, e.message_id", (campaign_id, limit))
-        messages = []
-        counts = empty_counts()
-        for row in rows:
-            messages.append({
-                "message_id": row["message_id"], "campaign_id": row["campaign_id"], "row": row["row"],
-                "channel": row["channel"], "destination": row["m_destination"],
-                "variables": jsoncodec.loads(row["m_variables"]) if row["m_variables"] else {},
-                "status": row["status"], "previous_status": row["previous_status"], "reason": row["reason"],
-                "provider_code": row["provider_code"], "attempt": row["attempt"], "run_no": row["run_no"],
-                "created_at": row["m_created_at"], "updated_at": row["occurred_at"], "last_sequence": row["sequence"],
-            })
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-            counts["total"] += 1
-        campaign = _campaign_dict(state)
-        campaign["counts"] = counts
-        return {"as_of": limit, "campaign": campaign, "messages": messages}
+        campaign = _campaign_dict(_fold(campaign_id, events))
+        if with_counts:
+            counts = empty_counts()
+            source, params = self._as_of_source(campaign_id, limit)
+            for row in self._rows(f"SELECT status, COUNT(*) AS n FROM {source} GROUP BY status", params):
+                counts[row["status"]] = counts.get(row["status"], 0) + row["n"]
+                counts["total"] += row["n"]
+            campaign["counts"] = counts
+        return campaign
+
+    def as_of_messages(self, campaign_id: str, moment: datetime | str, *, status: str | None = None,
+                       reason: str | None = None, search: str | None = None, limit: int | None = None,
+                       offset: int = 0) -> list[dict[str, Any]]:
+        """The campaign's messages as they stood at `moment`, in row order, with the filters and pages of
+        `messages()` (status and reason of that time; the contact as imported)."""
+        source, params = self._as_of_source(campaign_id, _moment(moment))
+        where, filter_params = self._message_filter(campaign_id, status, reason, search)
+        params += filter_params
+        sql = f"SELECT * FROM {source} WHERE {where} ORDER BY row, message_id" + self._page(params, limit, offset)
+        return [_message_dict(row) for row in self._rows(sql, params)]
+
+    def count_as_of_messages(self, campaign_id: str, moment: datetime | str, *, status: str | None = None,
+                             reason: str | None = None, search: str | None = None) -> int:
+        source, params = self._as_of_source(campaign_id, _moment(moment))
+        where, filter_params = self._message_filter(campaign_id, status, reason, search)
+        return self._rows(f"SELECT COUNT(*) AS n FROM {source} WHERE {where}", params + filter_params)[0]["n"]
+
+    def as_of(self, campaign_id: str, moment: datetime | str) -> dict[str, Any] | None:
+        """{as_of, campaign, messages}: the campaign and all its messages as they stood at `moment` (for the CLI's
+        whole view; pages: `as_of_messages`); None if the campaign is unknown or had no event by then."""
+        limit = _moment(moment)
+        campaign = self.as_of_campaign(campaign_id, limit)
+        if campaign is None:
+            return None
+        return {"as_of": limit, "campaign": campaign, "messages": self.as_of_messages(campaign_id, limit)}
+
+    def _as_of_source(self, campaign_id: str, moment: str) -> tuple[str, list[Any]]:
+        """A FROM item named `messages`, with the messages table's columns, of the campaign's messages as they
+        stood at `moment`, and its parameters: `_message_filter` applies to it unchanged."""
+        state = ", ".join(
+            "NULLIF(e.occurred_at, '') AS updated_at" if c == "updated_at"
+            else "e.sequence AS last_sequence" if c == "last_sequence"
+            else f"e.{c}" if c in _AS_OF_RECORD_COLUMNS else f"m.{c}"
+            for c in _MESSAGE_COLUMNS)
+        return (f"(SELECT {state} FROM messages m {self.dialect.latest_record_as_of} WHERE m.campaign_id = ?) messages",
+                [moment, campaign_id])
 
     # ------------------------------------------------------------------ replay support
 
