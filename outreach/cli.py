@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -558,7 +558,10 @@ def _parse_moment(text: str) -> datetime:
         raise typer.BadParameter(f"{text!r} is not an RFC 3339 time (e.g. 2024-05-01T12:00:00Z)")
     if moment.tzinfo is None:
         raise typer.BadParameter(f"{text!r} has no time zone (add Z or an offset such as +02:00)")
-    return moment
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before the first UTC time there is
+        raise typer.BadParameter(f"{text!r} is out of range")
 
 
 def _describe_status(record: dict[str, Any]) -> str:

@@ -209,6 +209,8 @@ def test_campaign_events_command_shows_history_and_as_of(store, env, tmp_path, m
     assert table.exit_code == 0 and f"as of {moment}" in table.stdout and "+12025550002" in table.stdout
     assert runner.invoke(cli, ["campaign", "events", cid, "--as-of", "yesterday"]).exit_code == 2
     assert runner.invoke(cli, ["campaign", "events", cid, "--as-of", "2024-05-01T12:00:00"]).exit_code == 2
+    out_of_range = runner.invoke(cli, ["campaign", "events", cid, "--as-of", "0001-01-01T00:00:00+01:00"])
+    assert out_of_range.exit_code == 2 and "out of range" in out_of_range.output
     before = runner.invoke(cli, ["campaign", "events", cid, "--as-of", "2000-01-01T00:00:00Z"])
     assert before.exit_code == 1
 
