@@ -36,6 +36,8 @@ access. Missing or unknown token: 401; wrong role: 403.
 
 Commands are published to `outreach.commands` and answered 202 with their `command_id`; the command
 handler's answer (accepted, or `CommandRejected` with the contract's reason) is at `GET /commands/{command_id}`.
+Send a command with an `Idempotency-Key` header to make retrying it safe: the same key publishes the same
+command_id, which the handler acts on once.
 """
 
 

@@ -37,9 +37,13 @@ class InvalidCommand(ValueError):
         self.errors = error.errors(include_url=False, include_context=False, include_input=False)
 
 
-def build_command(command_type: str, campaign_id: str, issued_by: str, **payload: Any) -> dict[str, Any]:
-    """A command envelope for `issued_by`, checked against the contract (InvalidCommand if it breaks it)."""
+def build_command(command_type: str, campaign_id: str, issued_by: str, *, command_id: str | None = None,
+                  **payload: Any) -> dict[str, Any]:
+    """A command envelope for `issued_by`, checked against the contract (InvalidCommand if it breaks it);
+    `command_id` is given for an Idempotency-Key (services.api.idempotency), else it is a fresh random one."""
     command = make_command(command_type, campaign_id, issued_by, **payload)
+    if command_id is not None:
+        command["command_id"] = command_id
     try:
         parse_command(jsoncodec.dumps(command))
     except ValidationError as exc:

@@ -2,6 +2,8 @@
 acknowledged it; `GET /commands/{command_id}` gives (or waits for) the answer.
 
 `issued_by` is always the token's principal: request bodies have no such field (one sent is ignored).
+With an `Idempotency-Key` header the ids are derived from it (services/api/idempotency.py), so a retried request
+publishes the same command_id and the handler answers it with its stored answer instead of acting twice.
 The handler is the judge of every domain rule (state, confirmation, disclaimer, channel busy): its answer,
 accepted or `CommandRejected`, is what `GET /commands/{command_id}` returns. The API refuses (422, nothing
 published) only what the contract's schema refuses, and a create without the consent confirmation.
@@ -17,10 +19,12 @@ from fastapi.responses import JSONResponse
 
 from outreach.client import make_command, new_id
 from outreach.importer import CsvError
+from services.api import idempotency
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
 from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, StreamedCsv, parse_variable_mapping, \
     upload_size
+from services.api.idempotency import IdempotencyKey
 from services.api.models import (
     CampaignCreateAccepted,
     CommandAccepted,
@@ -40,10 +44,12 @@ router = APIRouter(tags=["commands"], responses=CAMPAIGN_RESPONSES)
 
 MAX_WAIT_S = 60.0
 ACCEPTED = {202: {"description": "Published to outreach.commands and acknowledged by the broker."},
-            422: {"description": "Refused by the contract's schema: nothing published."},
+            422: {"description": "Refused by the contract's schema, or an invalid Idempotency-Key: nothing "
+                                 "published."},
             503: {"description": "The broker did not acknowledge the command (it may or may not have been "
-                                 "published). Sending the request again makes a new command: the handler judges "
-                                 "it on the campaign's state (a second run of a running campaign is refused)."}}
+                                 "published). Send the request again with the same Idempotency-Key: it publishes "
+                                 "the same command_id, which the handler acts on at most once. Without the header "
+                                 "the request makes a new command, judged on the campaign's state then."}}
 
 
 def _publisher(request: Request) -> CommandPublisher:
@@ -51,8 +57,10 @@ def _publisher(request: Request) -> CommandPublisher:
 
 
 async def _publish_one(request: Request, principal: Principal, command_type: str, campaign_id: str,
-                       **payload: Any) -> dict[str, Any]:
-    command = build_command(command_type, campaign_id, principal.name, **payload)
+                       idempotency_key: str | None, **payload: Any) -> dict[str, Any]:
+    command = build_command(command_type, campaign_id, principal.name, **payload,
+                            command_id=idempotency.command_id(principal.name, command_type, campaign_id,
+                                                              idempotency_key))
     await _publisher(request).publish([command])
     return {"command_id": command["command_id"], "campaign_id": campaign_id, "command_type": command_type}
 
@@ -87,6 +95,7 @@ async def create_campaign(
     variables: Annotated[str | None, Form(description="JSON: {column: variable name} or [column, ...]: only these "
                                                       "columns become template variables (default: every other "
                                                       "column, named by its header).")] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     if not consent_confirmed:
         raise _unprocessable("consent_confirmed must be true: confirm the contacts consented to be contacted")
@@ -102,11 +111,18 @@ async def create_campaign(
         raise _unprocessable(str(exc)) from None
     if upload_size(contacts.file) > MAX_UPLOAD_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the CSV is over {MAX_UPLOAD_BYTES} bytes")
-    campaign_id = new_id()
+    # With a key, the campaign and every chunk get ids derived from it: the same upload sent again publishes
+    # the same CreateCampaign and AddContacts, and the handler repeats its stored answers (not campaign_exists).
+    if idempotency_key is None:
+        campaign_id = new_id()
+    else:
+        campaign_id = idempotency.created_campaign_id(principal.name, idempotency_key)
     payload: dict[str, Any] = {"name": name, "channel": channel, "template": template_value}
     if description is not None:
         payload["description"] = description
-    create = build_command("CreateCampaign", campaign_id, principal.name, **payload)
+    create = build_command("CreateCampaign", campaign_id, principal.name, **payload,
+                           command_id=idempotency.command_id(principal.name, "CreateCampaign", campaign_id,
+                                                             idempotency_key))
 
     # The largest AddContacts envelope (a long chunk_no, `false`): what each chunk's contacts must fit beside.
     probe = make_command("AddContacts", campaign_id, principal.name, chunk_no=10**9, contacts=[], last_chunk=False)
@@ -125,6 +141,9 @@ async def create_campaign(
             chunk = await asyncio.to_thread(next, chunks, None)  # one chunk in memory at a time
             command = make_command("AddContacts", campaign_id, principal.name, chunk_no=chunk_no,
                                    contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1)
+            if idempotency_key is not None:
+                command["command_id"] = idempotency.contacts_command_id(principal.name, campaign_id,
+                                                                        idempotency_key, chunk_no)
             await publisher.publish([command])
             chunk_ids.append(command["command_id"])
     finally:
@@ -140,8 +159,8 @@ async def create_campaign(
 @router.put("/campaigns/{campaign_id}/template", status_code=status.HTTP_202_ACCEPTED,
             response_model=CommandAccepted, responses=ACCEPTED, summary="Update the template (created or ready)")
 async def update_template(request: Request, principal: CampaignUser, campaign_id: CampaignId,
-                          body: UpdateTemplateBody) -> dict[str, Any]:
-    return await _publish_one(request, principal, "UpdateTemplate", campaign_id,
+                          body: UpdateTemplateBody, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    return await _publish_one(request, principal, "UpdateTemplate", campaign_id, idempotency_key,
                               template=body.template.model_dump(mode="json"))
 
 
@@ -151,8 +170,8 @@ async def update_template(request: Request, principal: CampaignUser, campaign_id
                          "accepted on every run (all four flags true), else the handler answers "
                          "CommandRejected(disclaimer_not_accepted) and nothing is queued or sent.")
 async def run_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
-                       body: RunBody) -> dict[str, Any]:
-    return await _publish_one(request, principal, "RunCampaign", campaign_id,
+                       body: RunBody, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    return await _publish_one(request, principal, "RunCampaign", campaign_id, idempotency_key,
                               disclaimer=body.disclaimer.model_dump(mode="json"))
 
 
@@ -161,25 +180,27 @@ async def run_campaign(request: Request, principal: CampaignUser, campaign_id: C
              description="Queued messages are cancelled; messages in flight carry on. Without `confirmed: true` "
                          "the handler answers CommandRejected(stop_not_confirmed).")
 async def stop_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
-                        body: StopBody) -> dict[str, Any]:
-    return await _publish_one(request, principal, "StopCampaign", campaign_id, confirmed=body.confirmed)
+                        body: StopBody, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    return await _publish_one(request, principal, "StopCampaign", campaign_id, idempotency_key,
+                              confirmed=body.confirmed)
 
 
 @router.post("/campaigns/{campaign_id}/retry", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
              responses=ACCEPTED, summary="Retry failed messages (all but timed-out ones, or those named)")
 async def retry_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
-                         body: RetryBody | None = None) -> dict[str, Any]:
+                         body: RetryBody | None = None, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     body = body or RetryBody()
     payload: dict[str, Any] = {"include_cancelled": body.include_cancelled}
     if body.message_ids:
         payload["message_ids"] = list(body.message_ids)
-    return await _publish_one(request, principal, "RetryFailedMessages", campaign_id, **payload)
+    return await _publish_one(request, principal, "RetryFailedMessages", campaign_id, idempotency_key, **payload)
 
 
 @router.delete("/campaigns/{campaign_id}", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
                responses=ACCEPTED, summary="Delete a campaign that is not running")
-async def delete_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId) -> dict[str, Any]:
-    return await _publish_one(request, principal, "DeleteCampaign", campaign_id)
+async def delete_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
+                          idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    return await _publish_one(request, principal, "DeleteCampaign", campaign_id, idempotency_key)
 
 
 # ------------------------------------------------------------------ answers
