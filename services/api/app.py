@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
 from schemas.topics import MAX_RECORD_BYTES
-from services.api import reads, settings_routes, writes
+from services.api import reads, settings_routes, tokens_routes, writes
 from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
 from services.api.store import ApiStore, CredentialsUnreadable
 from services.common.settings import Settings, get_settings
@@ -30,9 +30,10 @@ log = logging.getLogger("outreach.api")
 
 DESCRIPTION = """Campaigns, messages, export, live progress and commands of Outreach.
 
-Authenticate with `Authorization: Bearer <token>` (tokens: `outreach token create NAME --role ROLE`).
-Roles: org_admin, admin and campaigner use campaigns; channel settings are org_admin only; operations has no
-access. Missing or unknown token: 401; wrong role: 403.
+Authenticate with `Authorization: Bearer <token>` (tokens: `outreach token create NAME --role ROLE`, or
+`POST /tokens`). Roles: org_admin, admin and campaigner use campaigns; channel settings are org_admin only;
+tokens: org_admin manages every role's, admin campaigner tokens only; operations has no access. Missing or
+unknown token: 401; wrong role: 403.
 
 Commands are published to `outreach.commands` and answered 202 with their `command_id`; the command
 handler's answer (accepted, or `CommandRejected` with the contract's reason) is at `GET /commands/{command_id}`.
@@ -79,10 +80,13 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
                       {"name": "history", "description": "The ordered audit history."},
                       {"name": "commands", "description": "Commands published to outreach.commands, and answers."},
                       {"name": "settings", "description": "Channel settings (org_admin only)."},
+                      {"name": "tokens", "description": "API tokens (org_admin: every role; admin: campaigner "
+                                                        "tokens)."},
                   ])
     app.include_router(reads.router)
     app.include_router(writes.router)
     app.include_router(settings_routes.router)
+    app.include_router(tokens_routes.router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness (no authentication)")
     async def healthz() -> dict[str, str]:

@@ -1,7 +1,9 @@
 """Bearer-token authentication and the product's roles (shared/product-reference.md, Roles).
 
 org_admin, admin and campaigner use campaigns; channel settings are org_admin only; operations gets
-nothing. No or unknown token -> 401 (with `WWW-Authenticate: Bearer`), a known token of the wrong role -> 403.
+nothing. API tokens: org_admin manages every role's, admin only campaigner tokens ("Admin: campaigns and
+Campaigner users"). No or unknown token -> 401 (with `WWW-Authenticate: Bearer`), a known token of the wrong
+role -> 403.
 """
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.api.store import ApiStore, Principal
+from services.api.store import ROLES, ApiStore, Principal
 
 CAMPAIGN_ROLES = frozenset({"org_admin", "admin", "campaigner"})
 SETTINGS_ROLES = frozenset({"org_admin"})
+# Which roles' tokens each role may create, list and revoke (a role not listed manages none).
+MANAGED_TOKEN_ROLES: dict[str, frozenset[str]] = {"org_admin": frozenset(ROLES), "admin": frozenset({"campaigner"})}
+TOKEN_ROLES = frozenset(MANAGED_TOKEN_ROLES)
 
 # auto_error=False: we answer 401 ourselves (with the header RFC 6750 asks for), the same for every case.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>` (`outreach token create`).")
@@ -47,13 +52,22 @@ def _role_guard(allowed: frozenset[str], what: str):
     return guard
 
 
+def may_manage_token(principal: Principal, token_role: str) -> bool:
+    """May this principal create, see or revoke a token of `token_role`?"""
+    return token_role in MANAGED_TOKEN_ROLES.get(principal.role, frozenset())
+
+
 campaign_user = _role_guard(CAMPAIGN_ROLES, "campaigns")
 org_admin = _role_guard(SETTINGS_ROLES, "channel settings")
+token_manager = _role_guard(TOKEN_ROLES, "API tokens")
 
 CampaignUser = Annotated[Principal, Depends(campaign_user)]
 OrgAdmin = Annotated[Principal, Depends(org_admin)]
+TokenManager = Annotated[Principal, Depends(token_manager)]
 
 # Documented on every authenticated route (OpenAPI).
 _UNAUTHORIZED = {"description": "No bearer token, or an unknown or revoked one."}
 CAMPAIGN_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "The role has no access to campaigns (operations)."}}
 SETTINGS_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "Only org_admin may use channel settings."}}
+TOKENS_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "Only org_admin (every role) and admin (campaigner "
+                                                             "tokens only) may manage API tokens."}}

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.commands import Disclaimer, Template, WireId
 from schemas.events import CampaignStatus, FailureReason, MessageStatus
+from services.api.store import Role
 
 # ------------------------------------------------------------------ reads
 
@@ -157,6 +158,30 @@ class ChannelSettingsView(BaseModel):
     updated_at: str | None = None
     applied_to_sender: bool = Field(False, description="The running sender reads its provider settings from the "
                                                        "environment at start; stored settings are not applied yet.")
+
+
+# ------------------------------------------------------------------ API tokens
+
+
+class TokenCreateBody(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                      description="The principal: written as `issued_by` on the commands sent with the token.")
+    role: Role = Field(description="org_admin may create any role; admin only campaigner.")
+
+
+class TokenView(BaseModel):
+    """A token's stored facts: never the token itself (only its SHA-256 hash is kept)."""
+    token_id: str
+    principal: str
+    role: str = Field(description="org_admin, admin, campaigner or operations.")
+    created_at: str
+    revoked_at: str | None = None
+
+
+class TokenCreated(TokenView):
+    token: str = Field(description="The bearer token: shown in this answer only, it cannot be read back.")
 
 
 # Filters, as documented enums.

@@ -12,6 +12,7 @@ import os
 import secrets
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -142,13 +143,35 @@ class ApiStore:
             return None
         return Principal(name=row[1], role=row[2], token_id=row[0])
 
-    def tokens(self, *, include_revoked: bool = False) -> list[TokenInfo]:
-        sql = "SELECT token_id, principal, role, created_at, revoked_at FROM tokens"
+    def tokens(self, *, include_revoked: bool = False, roles: Iterable[str] | None = None) -> list[TokenInfo]:
+        """Tokens, oldest first: live ones (or all), of every role (or of `roles` only)."""
+        sql = "SELECT token_id, principal, role, created_at, revoked_at FROM tokens WHERE 1 = 1"
+        params: list[str] = []
         if not include_revoked:
-            sql += " WHERE revoked_at IS NULL"
+            sql += " AND revoked_at IS NULL"
+        if roles is not None:
+            wanted = sorted(set(roles))
+            sql += f" AND role IN ({', '.join('?' * len(wanted))})" if wanted else " AND 0 = 1"
+            params += wanted
         with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY created_at, token_id").fetchall()
+            rows = self._conn.execute(sql + " ORDER BY created_at, token_id", params).fetchall()
         return [TokenInfo(*row) for row in rows]
+
+    def token(self, token_id: str) -> TokenInfo | None:
+        """One token's info (live or revoked), or None."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT token_id, principal, role, created_at, revoked_at FROM tokens WHERE token_id = ?",
+                (token_id,)).fetchone()
+        return None if row is None else TokenInfo(*row)
+
+    def revoke_token(self, token_id: str) -> TokenInfo | None:
+        """Revoke the token with this id only (never by principal name); a revoked one keeps its first
+        revocation time. Its info afterwards, or None if there is no such token."""
+        with self._lock:
+            self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                               (_now(), token_id))
+        return self.token(token_id)
 
     def revoke(self, token_id_or_principal: str) -> int:
         """Revoke the token with this id, else every live token of this principal; returns how many."""
