@@ -38,7 +38,7 @@ from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from services.common.settings import get_settings
-from services.projections.read_model import ReadModel, settled
+from services.projections.read_model import ReadModel, rfc3339, settled
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
@@ -590,7 +590,7 @@ def events(
               as_json=as_json)
     with model:
         if moment is not None:
-            _print_as_of(model.as_of(campaign_id, moment), campaign_id, as_of, messages, as_json)
+            _print_as_of(model, campaign_id, moment, as_of, messages, as_json)
             return
         if as_json:
             _emit_json(model.history(campaign_id, include_messages=messages))
@@ -610,26 +610,32 @@ def events(
         _fail(f"no events of campaign {campaign_id} in the read model")
 
 
-def _print_as_of(view: dict[str, Any] | None, campaign_id: str, as_of: str, messages: bool, as_json: bool) -> None:
-    if view is None:
+def _print_as_of(model: ReadModel, campaign_id: str, moment: datetime, as_of: str, messages: bool,
+                 as_json: bool) -> None:
+    """The campaign and its messages as they stood; the messages are streamed page by page, so a campaign of
+    300,000 is printed in bounded memory."""
+    campaign = model.as_of_campaign(campaign_id, moment)
+    if campaign is None:
         _fail(f"campaign {campaign_id} had no event at {as_of} (or the read model has not seen it)", as_json=as_json)
-    if not messages:
-        view = {k: v for k, v in view.items() if k != "messages"}
+    stamp = rfc3339(moment)
+    rows = model.iter_as_of_messages(campaign_id, moment) if messages else None
     if as_json:
-        _emit_json(view)
+        head = json.dumps({"as_of": stamp, "campaign": campaign}, indent=2, ensure_ascii=False, default=str)
+        if rows is None:
+            typer.echo(head)
+            return
+        typer.echo(head[:-2] + ',\n  "messages": [')  # the same object, with its messages streamed in
+        for n, message in enumerate(rows):
+            typer.echo(("    " if n == 0 else "    ,") + json.dumps(message, ensure_ascii=False, default=str))
+        typer.echo("  ]\n}")
         return
-    console.print(f"as of {view['as_of']}:")
-    console.print(_counts_table(view["campaign"]))
-    if not messages:
-        return
-    table = Table()
-    for column in ("row", "destination", "status", "reason", "code", "attempt", "run"):
-        table.add_column(column, no_wrap=column in ("row", "destination", "status"))
-    table.add_column("since", overflow="fold")
-    for m in view["messages"]:
-        table.add_row(str(m["row"]), str(m["destination"] or ""), m["status"], m["reason"] or "",
-                      m["provider_code"] or "", str(m["attempt"] or ""), str(m["run_no"] or ""), str(m["updated_at"]))
-    console.print(table)
+    console.print(f"as of {stamp}:")
+    console.print(_counts_table(campaign))
+    for m in rows or ():
+        details = [f"{label} {m[key]}" for label, key in (("reason", "reason"), ("code", "provider_code"),
+                                                           ("attempt", "attempt"), ("run", "run_no")) if m[key]]
+        typer.echo(f"row {m['row']} {m['destination'] or ''}: {m['status']}"
+                   + (f" ({', '.join(details)})" if details else "") + f", since {m['updated_at']}")
 
 
 @campaign_app.command("list")

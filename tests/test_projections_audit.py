@@ -279,6 +279,10 @@ def test_as_of_pages_filters_and_counts_in_sql_as_the_live_queries_do(model):
     assert model.count_as_of_messages(cid, mid_run, status="sent") == 3
     assert model.count_as_of_messages(cid, mid_run, search="oslo") == 1
     assert model.count_as_of_messages(cid, at(0.5)) == 0 and rows(at(0.5)) == []  # before the contacts
+    for batch_size in (1, 3, 1000):  # streamed in keyset pages: the same messages, each once
+        assert list(model.iter_as_of_messages(cid, mid_run, batch_size=batch_size)) == \
+            model.as_of_messages(cid, mid_run)
+    assert list(model.iter_as_of_messages(cid, at(0.5))) == []
     [sent] = model.as_of_messages(cid, START + timedelta(seconds=12), search="ann")  # a datetime works too
     assert (sent["status"], sent["updated_at"], sent["last_sequence"], sent["variables"]) == \
         ("sent", at(12), 400, CONTACTS[2][1])

@@ -841,6 +841,21 @@ class ReadModel:
         sql = f"SELECT * FROM {source} WHERE {where} ORDER BY row, message_id" + self._page(params, limit, offset)
         return [_message_dict(row) for row in self._rows(sql, params)]
 
+    def iter_as_of_messages(self, campaign_id: str, moment: datetime | str, *,
+                            batch_size: int = 2000) -> Iterator[dict[str, Any]]:
+        """Every message as it stood at `moment`, in row order, fetched in keyset pages (bounded memory)."""
+        source, params = self._as_of_source(campaign_id, _moment(moment))
+        where, filter_params = self._message_filter(campaign_id, None, None, None)
+        last_row = -1
+        while True:
+            page = self._rows(f"SELECT * FROM {source} WHERE {where} AND row > ? ORDER BY row LIMIT ?",
+                              [*params, *filter_params, last_row, batch_size])
+            for row in page:
+                yield _message_dict(row)
+            if len(page) < batch_size:
+                return
+            last_row = page[-1]["row"]
+
     def count_as_of_messages(self, campaign_id: str, moment: datetime | str, *, status: str | None = None,
                              reason: str | None = None, search: str | None = None) -> int:
         source, params = self._as_of_source(campaign_id, _moment(moment))
