@@ -592,8 +592,11 @@ def events(
         if moment is not None:
             _print_as_of(model, campaign_id, moment, as_of, messages, as_json)
             return
-        if as_json:
-            _emit_json(model.history(campaign_id, include_messages=messages))
+        if as_json:  # a JSON array, streamed item by item (a 300,000-message campaign has 1.5M records)
+            typer.echo("[")
+            for n, item in enumerate(model.iter_history(campaign_id, include_messages=messages)):
+                typer.echo(("  " if n == 0 else "  ,") + json.dumps(item, ensure_ascii=False, default=str))
+            typer.echo("]")
             return
         shown = 0
         for item in model.iter_history(campaign_id, include_messages=messages):
