@@ -29,6 +29,7 @@ import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -471,9 +472,10 @@ def delete(
 
 def _counts_table(campaign: dict[str, Any]) -> Group:
     counts = campaign["counts"]
-    heading = (f"[bold]{campaign.get('name') or campaign['campaign_id']}[/bold] ({campaign.get('channel') or '?'}) "
+    heading = (f"[bold]{escape(str(campaign.get('name') or campaign['campaign_id']))}[/bold] "
+               f"({campaign.get('channel') or '?'}) "
                f"{campaign['campaign_id']}: [bold]{campaign['status']}[/bold]"
-               f"{' (stopped)' if campaign.get('stopped') else ''}")
+               + _stopped_note(campaign))
     table = Table()
     table.add_column("status")
     table.add_column("messages", justify="right")
@@ -482,6 +484,14 @@ def _counts_table(campaign: dict[str, Any]) -> Group:
             table.add_row(status, str(counts.get(status, 0)))
     table.add_row("[bold]total[/bold]", f"[bold]{counts['total']}[/bold]")
     return Group(Text.from_markup(heading), table)
+
+
+def _stopped_note(campaign: dict[str, Any]) -> str:
+    if not campaign.get("stopped"):
+        return ""
+    who = f" by {campaign['stopped_by']}" if campaign.get("stopped_by") else ""
+    when = f" at {campaign['stopped_at']}" if campaign.get("stopped_at") else ""
+    return escape(f" (stopped{who}{when})")  # a principal's name is text, not markup
 
 
 def _finished(counts: dict[str, int]) -> int:

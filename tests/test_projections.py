@@ -155,6 +155,7 @@ def test_campaign_event_older_than_the_applied_position_is_kept_in_history_only(
     ], [])
     c = model.campaign(cid)
     assert (c["status"], c["stopped"], c["stopped_by"], c["last_sequence"]) == ("complete", True, "bob", 50)
+    assert c["stopped_at"] == T0  # who stopped it and when (product: Stopping)
 
 
 def test_rejection_of_an_unknown_campaign_is_stored(model):

@@ -28,6 +28,7 @@ class Campaign(BaseModel):
     previous_status: str | None = None
     stopped: bool = False
     stopped_by: str | None = None
+    stopped_at: str | None = Field(None, description="When the stop was accepted (the CampaignStopped event's time).")
     created_by: str | None = None
     created_at: str | None = None
     updated_at: str | None = None

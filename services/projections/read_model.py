@@ -47,7 +47,7 @@ from services.common.settings import Settings, get_settings
 
 FILE_NAME = "read-model.db"
 FINAL_CAMPAIGN_STATUSES = frozenset({"complete", "complete_with_errors", "failed", "deleted"})
-SCHEMA_VERSION = "3"  # 3: message_events.occurred_at and row NOT NULL, history index ends in event_id
+SCHEMA_VERSION = "4"  # 3: message_events.occurred_at and row NOT NULL, history index ends in event_id; 4: stopped_at
 TABLES = ("campaigns", "campaign_events", "messages", "message_events")
 PAGE_ROWS = 5000  # keyset page of the big scans (canonical dump, history)
 _WRITE_LOCK_KEY = 7_402_113_911  # PostgreSQL advisory lock id: one writer at a time
@@ -326,6 +326,7 @@ def _schema(d: _Dialect) -> list[str]:
             previous_status TEXT,
             stopped         {i} NOT NULL DEFAULT 0,
             stopped_by      TEXT,
+            stopped_at      {k},
             created_by      TEXT,
             created_at      {k},
             updated_at      {k},
@@ -394,7 +395,7 @@ def _schema(d: _Dialect) -> list[str]:
 
 _CAMPAIGN_COLUMNS = (
     "campaign_id", "name", "description", "channel", "status", "previous_status", "stopped", "stopped_by",
-    "created_by", "created_at", "updated_at", "template", "summary", "reported_counts", "message_count", "run_no",
+    "stopped_at", "created_by", "created_at", "updated_at", "template", "summary", "reported_counts", "message_count", "run_no",
     "last_sequence",
 )
 _JSON_CAMPAIGN_COLUMNS = ("template", "summary", "reported_counts")
@@ -1002,6 +1003,7 @@ def _evolve(state: dict[str, Any], event: dict[str, Any]) -> None:
     elif kind == "CampaignStopped":
         state["stopped"] = 1
         state["stopped_by"] = event.get("stopped_by")
+        state["stopped_at"] = event.get("occurred_at")
     elif kind == "CampaignDeleted":
         state["previous_status"], state["status"] = state["status"], "deleted"
     elif kind == "CampaignStatusChanged":
