@@ -19,7 +19,15 @@ from pydantic.json_schema import JsonSchemaMode
 from schemas import topics
 from schemas.commands import COMMAND_ADAPTER
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
-from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold, WorkClaimed
+from schemas.internal import (
+    ChannelSettingsChanged,
+    ClaimRequest,
+    Expiry,
+    OptOutChanged,
+    SenderResults,
+    SendingHold,
+    WorkClaimed,
+)
 
 JSON_DIR = Path(__file__).parent / "json"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -61,6 +69,12 @@ _EXPORTS: dict[str, tuple[str, str, TypeAdapter[Any], JsonSchemaMode]] = {
     "internal-expiry.json": ("Expiry", topics.EXPIRIES, TypeAdapter(Expiry), "validation"),
     "internal-sending-hold.json": ("SendingHold", topics.SENDER_RESULTS, TypeAdapter(SendingHold), "validation"),
     "internal-opt-out.json": ("OptOutChanged", topics.OPT_OUTS, TypeAdapter(OptOutChanged), "validation"),
+    "internal-channel-settings.json": (
+        "ChannelSettingsChanged",
+        topics.CHANNEL_SETTINGS,
+        TypeAdapter(ChannelSettingsChanged),
+        "validation",
+    ),
 }
 
 

@@ -169,3 +169,21 @@ class OptOutChanged(BaseModel):
     opted_out: bool
     source: OptOutSource
     occurred_at: UtcDatetime
+
+
+class ChannelSettingsChanged(BaseModel):
+    """API -> sender and webhook receiver (`outreach.internal.channel-settings`, key channel): the provider a
+    channel uses now and its credentials, as the API stored them. The latest record of a channel wins.
+
+    `credentials` is the Fernet token (OUTREACH_API_ENCRYPTION_KEY, else data_dir/api-encryption.key) of
+    the credentials' JSON object: never plaintext on the broker.
+    """
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["ChannelSettingsChanged"] = "ChannelSettingsChanged"
+    settings_id: WireId
+    channel: Literal["sms", "email"]
+    provider: Annotated[str, Field(min_length=1, max_length=64)]
+    credentials: Annotated[str, Field(min_length=1)]
+    occurred_at: UtcDatetime

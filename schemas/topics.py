@@ -10,9 +10,10 @@ SENDER_WORK = "outreach.internal.sender-work"
 SENDER_RESULTS = "outreach.internal.sender-results"
 EXPIRIES = "outreach.internal.expiries"
 OPT_OUTS = "outreach.internal.opt-outs"
+CHANNEL_SETTINGS = "outreach.internal.channel-settings"
 
 PUBLIC_TOPICS = (COMMANDS, CAMPAIGN_EVENTS, MESSAGE_STATUS, COMMANDS_DLQ)
-INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES, OPT_OUTS)
+INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES, OPT_OUTS, CHANNEL_SETTINGS)
 ALL_TOPICS = PUBLIC_TOPICS + INTERNAL_TOPICS
 # Topics that carry a single stream of operator records: one partition keeps them in arrival order.
 SINGLE_PARTITION_TOPICS = (COMMANDS_DLQ,)

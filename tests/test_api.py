@@ -796,7 +796,7 @@ def test_channel_settings_are_write_only_encrypted_and_masked(server, tokens, se
         assert shown["source"] == "stored" and shown["provider"] == "twilio" and shown["updated_by"] == "org_admin-user"
         assert shown["credentials"] == {"account_sid": "****abcd", "auth_token": "****cdef", "messaging_service_sid":
                                         "****"}
-        assert shown["applied_to_sender"] is False
+        assert shown["applied_to_sender"] is True  # published on the broker
         assert secret not in json.dumps(shown)
         with ApiStore.open(settings) as store:
             raw = store.raw_credentials("sms")

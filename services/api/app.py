@@ -7,6 +7,7 @@ live in `data_dir/api.db`. Interactive documentation at /docs, the OpenAPI docum
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from schemas.topics import MAX_RECORD_BYTES
 from services.api import reads, settings_routes, tokens_routes, writes
 from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
+from services.api.settings_publisher import SettingsPublisher
 from services.api.store import ApiStore, CredentialsUnreadable
 from services.common.settings import Settings, get_settings
 from services.projections.read_model import ReadModel
@@ -60,9 +62,14 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
             app.state.store = ApiStore.open(settings)
             owned.append(app.state.store)
         app.state.publisher = publisher or CommandPublisher(settings)
+        app.state.settings_publisher = SettingsPublisher(app.state.store, app.state.publisher)
+        # In the background: the API serves reads while the broker is away.
+        republish = asyncio.create_task(app.state.settings_publisher.republish_stored())
         try:
             yield
         finally:
+            republish.cancel()
+            await asyncio.gather(republish, return_exceptions=True)
             if publisher is None:
                 await app.state.publisher.stop()
             for resource in owned:

@@ -3,53 +3,22 @@
 Credentials are write-only: a PUT stores them encrypted (services/api/store.py), a GET shows them masked.
 Without stored settings a GET shows what the environment configures (the sender's actual settings).
 
-The running sender reads its provider settings from the environment when it starts; applying stored
-settings to it (a reload, or the sender reading api.db) is not done yet: `applied_to_sender` says so.
+A PUT is published as `ChannelSettingsChanged` on `outreach.internal.channel-settings` (the credentials
+sealed with the same key); the sender and the webhook receiver follow that topic and apply the latest
+settings of each channel (services/common/channel_settings.py). `applied_to_sender` is true once the
+broker acknowledged the record.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from services.api.store import StoredChannelSettings
+from services.common.channel_settings import PROVIDERS, SettingsError, check  # noqa: F401 (the API's own)
 from services.common.settings import Settings
 
-# channel -> provider -> (required credential fields, optional ones)
-PROVIDERS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
-    "sms": {
-        "twilio": (("account_sid", "auth_token", "messaging_service_sid"), ("base_url",)),
-        "inprocess": ((), ()),
-    },
-    "email": {
-        "sendgrid": (("api_key",), ("base_url", "webhook_public_key")),
-        "smtp": (("host", "port"), ("username", "password", "starttls")),
-        "inprocess": ((), ()),
-    },
-}
 MASK = "****"
 SHOWN_TAIL = 4
 MIN_LENGTH_FOR_TAIL = 12  # a shorter value would give away too much of itself
-
-
-class SettingsError(ValueError):
-    """A provider unknown for the channel, or credentials missing / not expected."""
-
-
-def check(channel: str, provider: str, credentials: dict[str, str]) -> dict[str, str]:
-    providers = PROVIDERS[channel]
-    if provider not in providers:
-        raise SettingsError(f"provider {provider!r} is not one of {sorted(providers)} for {channel}")
-    required, optional = providers[provider]
-    missing = [f for f in required if not credentials.get(f)]
-    unexpected = [f for f in credentials if f not in required and f not in optional]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if unexpected:
-            parts.append(f"not expected {unexpected}")
-        raise SettingsError(f"{provider} credentials: {'; '.join(parts)} (required {list(required)}, "
-                            f"optional {list(optional)})")
-    return {k: v for k, v in credentials.items() if v != ""}
 
 
 def mask(value: str | None) -> str:
@@ -60,11 +29,11 @@ def mask(value: str | None) -> str:
     return MASK + value[-SHOWN_TAIL:]
 
 
-def masked_view(stored: StoredChannelSettings) -> dict[str, Any]:
+def masked_view(stored: StoredChannelSettings, applied: bool = True) -> dict[str, Any]:
     return {"channel": stored.channel, "provider": stored.provider,
             "credentials": {k: mask(v) for k, v in stored.credentials.items()},
             "source": "stored", "updated_by": stored.updated_by, "updated_at": stored.updated_at,
-            "applied_to_sender": False}
+            "applied_to_sender": applied}
 
 
 def environment_view(channel: str, settings: Settings) -> dict[str, Any]:

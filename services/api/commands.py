@@ -90,6 +90,16 @@ class CommandPublisher:
                 log.warning("publishing %s %s failed: %s", command["type"], command["command_id"], exc)
                 raise BrokerUnavailable(f"{command['type']} {command['command_id']} not acknowledged: {exc}") from exc
 
+    async def publish_record(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        """One internal record, acknowledged by the broker (BrokerUnavailable if not)."""
+        producer = await self._started()
+        try:
+            await asyncio.wait_for(producer.send_and_wait(topic, value=jsoncodec.dumps(value), key=key.encode()),
+                                   self.timeout_s)
+        except Exception as exc:
+            log.warning("publishing %s on %s failed: %s", value.get("type"), topic, exc)
+            raise BrokerUnavailable(f"{value.get('type')} on {topic} not acknowledged: {exc}") from exc
+
     async def stop(self) -> None:
         async with self._lock:
             if self._producer is not None:

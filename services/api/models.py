@@ -157,8 +157,9 @@ class ChannelSettingsView(BaseModel):
     source: Literal["stored", "environment"]
     updated_by: str | None = None
     updated_at: str | None = None
-    applied_to_sender: bool = Field(False, description="The running sender reads its provider settings from the "
-                                                       "environment at start; stored settings are not applied yet.")
+    applied_to_sender: bool = Field(False, description="True once the broker acknowledged the settings for the "
+                                                       "sender and the webhook receiver (they switch to them "
+                                                       "within a moment); false while they are stored only.")
 
 
 # ------------------------------------------------------------------ API tokens

@@ -8,7 +8,9 @@ from fastapi import APIRouter, HTTPException, Path, Request, status
 
 from services.api import channel_settings
 from services.api.auth import SETTINGS_RESPONSES, OrgAdmin
+from services.api.commands import BrokerUnavailable
 from services.api.models import ChannelSettingsBody, ChannelSettingsView
+from services.common.channel_settings import overrides
 
 router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES)
 
@@ -21,7 +23,7 @@ async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPa
     stored = await asyncio.to_thread(request.app.state.store.channel_settings, channel)
     if stored is None:
         return channel_settings.environment_view(channel, request.app.state.settings)
-    return channel_settings.masked_view(stored)
+    return channel_settings.masked_view(stored, stored.settings_id in request.app.state.settings_publisher.published)
 
 
 @router.put("/channels/{channel}", response_model=ChannelSettingsView, summary="Choose a channel's provider and "
@@ -31,13 +33,20 @@ async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPa
                             f"{channel}/{provider}: {list(required)}; {list(optional)}"
                             for channel, providers in channel_settings.PROVIDERS.items()
                             for provider, (required, optional) in providers.items()),
-            responses={422: {"description": "Unknown provider, or credentials missing / not expected."}})
+            responses={422: {"description": "Unknown provider, or credentials missing / not expected."},
+                       503: {"description": "The broker did not acknowledge the change: the settings are stored "
+                                            "and published when the API next starts (or with the next PUT)."}})
 async def put_channel_settings(request: Request, principal: OrgAdmin, channel: ChannelPath,
                                body: ChannelSettingsBody) -> dict[str, Any]:
     try:
         credentials = channel_settings.check(channel, body.provider, body.credentials)
+        overrides(channel, body.provider, credentials)  # what the sender would refuse (a port that is no number)
     except channel_settings.SettingsError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
-    stored = await asyncio.to_thread(request.app.state.store.save_channel_settings, channel, body.provider,
-                                     credentials, principal.name)
-    return channel_settings.masked_view(stored)
+    try:
+        stored = await request.app.state.settings_publisher.save_and_publish(channel, body.provider, credentials,
+                                                                             principal.name)
+    except BrokerUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            detail=f"the settings are stored but the broker did not acknowledge them: {exc}") from None
+    return channel_settings.masked_view(stored, applied=True)

@@ -3,7 +3,8 @@
 Tokens are kept only as SHA-256 hashes: a leaked file lets no one in. A token is 32 random bytes, so a
 plain hash (no salt, no slow KDF) is enough: there is nothing to brute-force. Channel credentials are
 kept as one Fernet token (AES-128-CBC + HMAC-SHA256) of their JSON; the key comes from
-`OUTREACH_API_ENCRYPTION_KEY`, else from `data_dir/api-encryption.key`, generated once with mode 0600.
+`OUTREACH_API_ENCRYPTION_KEY`, else from `data_dir/api-encryption.key`, generated once with mode 0600
+(services/common/secrets.py: the sender and the webhook receiver decrypt with it too).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,10 +23,10 @@ from typing import Literal, get_args
 from cryptography.fernet import Fernet, InvalidToken
 
 from services.common import jsoncodec
+from services.common.secrets import KEY_FILE_NAME, encryption_key  # noqa: F401 (re-exported)
 from services.common.settings import Settings
 
 FILE_NAME = "api.db"
-KEY_FILE_NAME = "api-encryption.key"
 TOKEN_PREFIX = "otk_"
 
 Role = Literal["org_admin", "admin", "campaigner", "operations"]
@@ -44,7 +46,8 @@ CREATE TABLE IF NOT EXISTS channel_settings (
     provider    TEXT NOT NULL,
     credentials BLOB NOT NULL,      -- Fernet token of the credentials' JSON
     updated_by  TEXT NOT NULL,
-    updated_at  TEXT NOT NULL
+    updated_at  TEXT NOT NULL,
+    settings_id TEXT                -- the ChannelSettingsChanged record's id (outreach.internal.channel-settings)
 );
 """
 
@@ -81,6 +84,17 @@ class StoredChannelSettings:
     credentials: dict[str, str]
     updated_by: str
     updated_at: str
+    settings_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SealedChannelSettings:
+    """Stored settings as kept (credentials still sealed): what the API republishes on the broker."""
+    channel: str
+    provider: str
+    sealed_credentials: str  # the Fernet token of the credentials' JSON
+    settings_id: str
+    updated_at: str
 
 
 class ApiStore:
@@ -96,6 +110,9 @@ class ApiStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(channel_settings)")}
+        if "settings_id" not in columns:  # an api.db from before the settings were published
+            self._conn.execute("ALTER TABLE channel_settings ADD COLUMN settings_id TEXT")
         self._fernet = Fernet(encryption_key) if encryption_key else None
 
     @classmethod
@@ -197,20 +214,34 @@ class ApiStore:
                               updated_by: str) -> StoredChannelSettings:
         sealed = self._cipher().encrypt(jsoncodec.dumps(credentials))
         now = _now()
+        settings_id = str(uuid.uuid4())
         with self._lock:
             self._conn.execute(
-                "INSERT INTO channel_settings (channel, provider, credentials, updated_by, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET provider = excluded.provider, "
+                "INSERT INTO channel_settings (channel, provider, credentials, updated_by, updated_at, settings_id) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET provider = excluded.provider, "
                 "credentials = excluded.credentials, updated_by = excluded.updated_by, "
-                "updated_at = excluded.updated_at",
-                (channel, provider, sealed, updated_by, now),
+                "updated_at = excluded.updated_at, settings_id = excluded.settings_id",
+                (channel, provider, sealed, updated_by, now, settings_id),
             )
-        return StoredChannelSettings(channel, provider, dict(credentials), updated_by, now)
+        return StoredChannelSettings(channel, provider, dict(credentials), updated_by, now, settings_id)
+
+    def sealed_channel_settings(self) -> list[SealedChannelSettings]:
+        """Every channel's stored settings, credentials still sealed (nothing is decrypted)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT channel, provider, credentials, settings_id, updated_at FROM channel_settings "
+                "ORDER BY channel").fetchall()
+        # A row from before settings_id existed gets a stable one (the same on every start).
+        return [SealedChannelSettings(channel, provider, bytes(sealed).decode("ascii"),
+                                      settings_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"{channel}@{updated_at}")),
+                                      updated_at)
+                for channel, provider, sealed, settings_id, updated_at in rows]
 
     def channel_settings(self, channel: str) -> StoredChannelSettings | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT provider, credentials, updated_by, updated_at FROM channel_settings WHERE channel = ?",
+                "SELECT provider, credentials, updated_by, updated_at, settings_id FROM channel_settings "
+                "WHERE channel = ?",
                 (channel,),
             ).fetchone()
         if row is None:
@@ -221,7 +252,7 @@ class ApiStore:
             raise CredentialsUnreadable(
                 f"the stored {channel} credentials cannot be decrypted with the current key "
                 "(OUTREACH_API_ENCRYPTION_KEY or data_dir/api-encryption.key changed?)") from None
-        return StoredChannelSettings(channel, row[0], credentials, row[2], row[3])
+        return StoredChannelSettings(channel, row[0], credentials, row[2], row[3], row[4])
 
     def raw_credentials(self, channel: str) -> bytes | None:
         """The stored (encrypted) bytes, for tests that check nothing is kept in clear."""
@@ -233,34 +264,6 @@ class ApiStore:
 
 class CredentialsUnreadable(RuntimeError):
     """Stored credentials do not decrypt with the key in use."""
-
-
-def encryption_key(settings: Settings) -> bytes:
-    """The Fernet key: the setting, else the key file, created once (0600) if missing."""
-    if settings.api_encryption_key is not None:
-        key = settings.api_encryption_key.get_secret_value().encode()
-        Fernet(key)  # a malformed key fails here, at start, not at the first PUT
-        return key
-    path = settings.data_dir / KEY_FILE_NAME
-    if path.exists():
-        return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole to a private temporary file, then linked into place: link() fails if the key exists, so
-    # two processes starting together agree on one key, and no one ever reads a half-written file.
-    temporary = path.with_name(f".{KEY_FILE_NAME}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(Fernet.generate_key())
-            out.flush()
-            os.fsync(out.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path.read_bytes().strip()
 
 
 def token_store(settings: Settings) -> ApiStore:
