@@ -380,10 +380,11 @@ async def test_sender_publishes_hold_records_and_runs_the_adapters_background_wo
     producer = FakeProducer()
     simulator = InProcessSimulator(settings)
     sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator})
-    flush_stop, background_stop = asyncio.Event(), asyncio.Event()
+    flush_stop = asyncio.Event()
     flusher = asyncio.create_task(sender.results.run(flush_stop))
-    background = sender._start_background(background_stop)
-    assert len(background) == 1  # one simulator serves both channels: it runs once
+    for channel, adapter in sender.adapters.items():
+        sender._start_background(adapter, channel)
+    assert len(sender._background) == 1  # one simulator serves both channels: it runs once
     try:
         cid = str(uuid.uuid4())
         hold = {"type": "SendingHold", "hold_id": str(uuid.uuid4()), "campaign_id": cid, "provider": "inprocess",
@@ -403,8 +404,7 @@ async def test_sender_publishes_hold_records_and_runs_the_adapters_background_wo
         assert outcomes_sent() == ["accepted", "sent"]
         await wait_for(lambda: outcomes_sent() == ["accepted", "sent", "delivered"], 5)
     finally:
-        background_stop.set()
-        await asyncio.gather(*background)
+        await sender._stop_background()
         flush_stop.set()
         await flusher
         journal.close()

@@ -209,7 +209,7 @@ class ChannelSettingsFeed:
         ends = await kafka._fetched_high_watermarks(consumer, await consumer.end_offsets(tps))
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        while any(await consumer.position(tp) < end for tp, end in ends.items()):
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batches = await consumer.getmany(timeout_ms=self._poll_ms)
             for records in batches.values():
                 for record in records:

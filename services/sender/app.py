@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -33,16 +33,19 @@ from pydantic import ValidationError
 
 from schemas import topics
 from schemas.internal import WorkClaimed
-from services.common import ids, jsoncodec, kafka
+from services.common import channel_settings, ids, jsoncodec, kafka
+from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.sender.claims import CLAIM_TIMEOUT_S, ClaimBook, claim_size
 from services.sender.dispatch import Dispatcher, ResultsBatcher
 from services.sender.journal import Journal
-from services.sender.providers import ProviderAdapter, adapters_for, utc_now
+from services.sender.providers import ProviderAdapter, adapter_for, adapters_for, utc_now
 from services.sender.ratelimit import mean_segments, sms_cost
 
 log = logging.getLogger("outreach.sender")
+
+AdapterFactory = Callable[[Settings, str], ProviderAdapter]  # (settings, channel) -> that channel's adapter
 
 EVENTS_GROUP = "outreach-sender-campaigns"
 WORK_GROUP = "outreach-sender-work"
@@ -100,17 +103,28 @@ class _Rebalance(ConsumerRebalanceListener):
 
 class Sender:
     def __init__(self, settings: Settings, journal: Journal, producer, adapters: Mapping[str, ProviderAdapter],
-                 claim_timeout_s: float = CLAIM_TIMEOUT_S):
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S, *, feed: ChannelSettingsFeed | None = None,
+                 adapter_factory: AdapterFactory = adapter_for, environment: Settings | None = None):
         self.settings = settings
         self.journal = journal
         self.producer = producer
         self.book = ClaimBook(timeout_s=claim_timeout_s)
         self.tracker = OffsetTracker()
-        self.adapters = adapters
+        self.adapters = dict(adapters)  # the dispatcher's too: a channel's entry is replaced on a settings change
         self.results = ResultsBatcher(journal, self.publish_results, publish_records=self.publish_records)
-        self.dispatcher = Dispatcher(settings, journal, adapters, self.results)
+        self.dispatcher = Dispatcher(settings, journal, self.adapters, self.results)
+        # Channel settings set over the API: followed on `feed`, applied over `environment` (the settings the
+        # process started with); None: the adapters given stay.
+        self.feed = feed
+        self.environment = environment or settings
+        self.adapter_factory = adapter_factory
+        self.retiring: dict[int, ProviderAdapter] = {}  # replaced adapters finishing their claims
+        self._retirements: set[asyncio.Task] = set()
+        self._background: dict[int, tuple[asyncio.Event, asyncio.Task]] = {}
         self.jobs: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # the claim loop has something to do
+        self._running = False
+        self.configs: dict[str, ChannelConfig] = dict(feed.current) if feed is not None else {}
         for campaign in journal.active_campaigns():  # resume after a restart
             self.book.activate(campaign.campaign_id, campaign.channel, campaign.run_no, campaign.segments)
             log.info("resuming claims for campaign %s (run %d)", campaign.campaign_id, campaign.run_no)
@@ -278,36 +292,99 @@ class Sender:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _start_background(self, stop: asyncio.Event) -> list[asyncio.Task]:
-        """Each adapter's `run_retries(stop, publish)` (an adapter serving both channels runs once)."""
-        tasks, seen = [], set()
-        for channel, adapter in self.adapters.items():
-            run_retries = getattr(adapter, "run_retries", None)
-            if run_retries is None or id(adapter) in seen:
-                continue
-            seen.add(id(adapter))
+    def _start_background(self, adapter: ProviderAdapter, channel: str) -> None:
+        """The adapter's `run_retries(stop, publish)`, if it has one, once per adapter object (an adapter
+        serving both channels runs once), until `_stop_background(adapter)`."""
+        run_retries = getattr(adapter, "run_retries", None)
+        if run_retries is None or id(adapter) in self._background:
+            return
+        stop = asyncio.Event()
 
-            async def background(run_retries=run_retries, channel=channel) -> None:
-                try:
-                    await run_retries(stop, self.publish_later)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("%s adapter's background work failed", channel)
+        async def background() -> None:
+            try:
+                await run_retries(stop, self.publish_later)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s adapter's background work failed", channel)
 
-            tasks.append(asyncio.create_task(background()))
-        return tasks
+        self._background[id(adapter)] = (stop, asyncio.create_task(background()))
+
+    async def _stop_background(self, adapters: list[ProviderAdapter] | None = None) -> None:
+        keys = list(self._background) if adapters is None else [id(a) for a in adapters]
+        stopping = [self._background.pop(key) for key in keys if key in self._background]
+        for stop, _ in stopping:
+            stop.set()
+        tasks = [task for _, task in stopping]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ channel settings
+
+    async def apply_channel_settings(self, config: ChannelConfig) -> None:
+        """A channel's settings changed (the API published them): new claims of the channel go to a new
+        adapter (a fresh circuit breaker with it); the old one finishes its claims in flight and is closed."""
+        channel = config.channel
+        self.configs[channel] = config
+        settings = channel_settings.apply(self.environment, self.configs)
+        adapter = self.adapter_factory(settings, channel)
+        self.settings = settings
+        old = self.dispatcher.replace_adapter(channel, adapter, settings)
+        if self._running:
+            self._start_background(adapter, channel)
+        log.info("%s now sends through %s (settings %s)", channel, adapter, config.settings_id)
+        # An adapter the other channel still sends through (one in-process simulator for both) stays.
+        if old is not adapter and id(old) not in self.retiring and not any(a is old for a in self.adapters.values()):
+            self._retire_soon(old)
+
+    def _retire_soon(self, adapter: ProviderAdapter) -> None:
+        self.retiring[id(adapter)] = adapter
+        task = asyncio.create_task(self._retire(adapter))
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    async def _retire(self, adapter: ProviderAdapter) -> None:
+        try:
+            await self.dispatcher.idle(adapter)
+            await self._stop_background([adapter])
+            await self.dispatcher.retire(adapter)
+            await _close_adapters({"retired": adapter})
+            log.info("replaced adapter %s closed", adapter)
+        finally:
+            self.retiring.pop(id(adapter), None)
+
+    async def _follow_settings(self, stop: asyncio.Event) -> None:
+        try:
+            await self.feed.follow(stop, self.apply_channel_settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the sender goes on with the settings in hand
+            log.exception("following %s stopped", topics.CHANNEL_SETTINGS)
+
+    async def close_adapters(self) -> None:
+        """Shutdown: the adapters in use and those still retiring, each closed once."""
+        for task in list(self._retirements):
+            task.cancel()
+        await asyncio.gather(*self._retirements, return_exceptions=True)
+        adapters = {**{f"retiring-{key}": a for key, a in self.retiring.items()}, **self.adapters}
+        self.retiring.clear()
+        await _close_adapters(adapters)
 
     async def run(self, stop: asyncio.Event, events: AIOKafkaConsumer, work: AIOKafkaConsumer) -> None:
         results_stop = asyncio.Event()  # set last: results flush until every claim in hand is done
         flusher = asyncio.create_task(self.results.run(results_stop))
         if resumed := self.dispatcher.resume_holds_of_earlier_run():
             log.info("told %d campaigns held by an earlier run that sending resumes", resumed)
-        background_stop = asyncio.Event()  # adapters' background work: stopped once the claims are done
-        background = self._start_background(background_stop)
+        self._running = True
+        for channel, adapter in self.adapters.items():  # adapters' background work: stopped once claims are done
+            self._start_background(adapter, channel)
         loops = [asyncio.create_task(self.events_loop(events, stop)),
                  asyncio.create_task(self.work_loop(work, stop)),
                  asyncio.create_task(self.claim_loop(stop))]
+        follower = asyncio.create_task(self._follow_settings(stop)) if self.feed is not None else None
         try:
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*loops, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -325,12 +402,12 @@ class Sender:
         finally:
             for task in loops:
                 task.cancel()
-            background_stop.set()
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+            self._running = False
             await self.dispatcher.close()
-            _, late = await asyncio.wait(background, timeout=DRAIN_TIMEOUT_S) if background else (set(), set())
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await self._stop_background()
             results_stop.set()
             await asyncio.gather(flusher, return_exceptions=True)
             await self.commit_work(work)
@@ -338,17 +415,37 @@ class Sender:
 
 async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[str, ProviderAdapter] | None = None,
                 claim_timeout_s: float = CLAIM_TIMEOUT_S, events_group: str = EVENTS_GROUP,
-                work_group: str = WORK_GROUP) -> None:
-    """Run the sender until `stop` is set (groups and timeout overridable for tests)."""
+                work_group: str = WORK_GROUP, adapter_factory: AdapterFactory = adapter_for) -> None:
+    """Run the sender until `stop` is set (groups, timeout and adapters overridable for tests).
+
+    Without `adapters`, the channel settings set over the API apply: the channel-settings topic is read to
+    its end before the adapters are built (`adapter_factory(settings, channel)`), then followed."""
     await kafka.ensure_topics(settings)
+    own_adapters = adapters is None
+    feed = None
+    environment = settings
+    if own_adapters:
+        feed = ChannelSettingsFeed(settings)
+        try:
+            configs = await feed.load()
+        except BaseException:
+            await feed.close()
+            raise
+        settings = channel_settings.apply(environment, configs)
+        if configs:
+            log.info("channel settings from the API: %s",
+                     ", ".join(f"{c.channel} -> {c.provider}" for c in configs.values()))
+        if adapter_factory is adapter_for:
+            adapters = adapters_for(settings)  # `inprocess` channels share one simulator, as without the API
+        else:
+            adapters = {channel: adapter_factory(settings, channel) for channel in ("sms", "email")}
     journal = Journal.open(settings)
     producer = kafka.make_producer(settings)
     config = kafka.consumer_config(settings)
     events = AIOKafkaConsumer(topics.CAMPAIGN_EVENTS, group_id=events_group, **config)
     work = AIOKafkaConsumer(group_id=work_group, **config)
-    own_adapters = adapters is None
-    sender = Sender(settings, journal, producer, adapters_for(settings) if own_adapters else adapters,
-                    claim_timeout_s)
+    sender = Sender(settings, journal, producer, adapters, claim_timeout_s, feed=feed,
+                    adapter_factory=adapter_factory, environment=environment)
     work.subscribe([topics.SENDER_WORK], listener=_Rebalance(sender, work))
     await producer.start()
     try:
@@ -359,7 +456,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
         await asyncio.gather(events.stop(), work.stop(), return_exceptions=True)
         await producer.stop()
         if own_adapters:
-            await _close_adapters(sender.adapters)
+            await sender.close_adapters()
+        if feed is not None:
+            await feed.close()
         journal.close()
 
 

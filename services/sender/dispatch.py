@@ -197,12 +197,16 @@ class Dispatcher:
         self._claims_in_hand: dict[int, dict[str, int]] = defaultdict(dict)  # breaker -> campaign -> claims
         self._held: dict[int, set[str]] = defaultdict(set)  # breaker -> campaigns told `held: true`
         self._claims_working: set[str] = set()
+        self._using: dict[int, int] = {}  # adapter -> claims working on it (a replaced one finishes them)
+        self._idle = asyncio.Event()
 
     # ------------------------------------------------------------------ circuit breakers
 
     def breaker(self, channel: str) -> ProviderBreaker:
-        """The breaker of the provider `channel` sends through (made on first use)."""
-        adapter = self._adapters[channel]
+        """The breaker of the provider `channel` sends through now (made on first use)."""
+        return self._breaker_of(self._adapters[channel], channel)
+
+    def _breaker_of(self, adapter: ProviderAdapter, channel: str) -> ProviderBreaker:
         key = id(adapter)
         breaker = self._breakers.get(key)
         if breaker is None:
@@ -215,6 +219,32 @@ class Dispatcher:
                                       **self._breaker_options)
             self._breakers[key] = breaker
         return breaker
+
+    # ------------------------------------------------------------------ replacing an adapter
+
+    def replace_adapter(self, channel: str, adapter: ProviderAdapter, settings: Settings) -> ProviderAdapter:
+        """New claims of `channel` go to `adapter` (with a breaker of its own, named after `settings`);
+        claims in flight finish on the old one, which is returned (`idle` says when it is done)."""
+        old = self._adapters[channel]
+        self._settings = settings
+        self._adapters[channel] = adapter
+        return old
+
+    async def idle(self, adapter: ProviderAdapter) -> None:
+        """Return once no claim works on `adapter` (the channels may have left it already)."""
+        while self._using.get(id(adapter), 0) > 0:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def retire(self, adapter: ProviderAdapter) -> None:
+        """Forget a replaced adapter's breaker (stopping its probes) once nothing uses it."""
+        key = id(adapter)
+        breaker = self._breakers.pop(key, None)
+        self._claims_in_hand.pop(key, None)
+        self._held.pop(key, None)
+        self._using.pop(key, None)
+        if breaker is not None:
+            await breaker.close()
 
     def _on_breaker(self, key: int, held: bool, reason: str) -> None:
         breaker = self._breakers[key]
@@ -258,16 +288,16 @@ class Dispatcher:
         if not held_again:
             self._journal.forget_held(provider, campaign_id)
 
-    def _claim_started(self, channel: str, campaign_id: str) -> None:
-        breaker = self.breaker(channel)
-        key = id(self._adapters[channel])
+    def _claim_started(self, adapter: ProviderAdapter, channel: str, campaign_id: str) -> None:
+        breaker = self._breaker_of(adapter, channel)
+        key = id(adapter)
         in_hand = self._claims_in_hand[key]
         in_hand[campaign_id] = in_hand.get(campaign_id, 0) + 1
         if breaker.is_open and campaign_id not in self._held[key]:
             self._hold_record(key, breaker, campaign_id, True, HELD_REASON)
 
-    def _claim_finished(self, channel: str, campaign_id: str) -> None:
-        in_hand = self._claims_in_hand[id(self._adapters[channel])]
+    def _claim_finished(self, adapter: ProviderAdapter, campaign_id: str) -> None:
+        in_hand = self._claims_in_hand[id(adapter)]
         left = in_hand.get(campaign_id, 0) - 1
         if left > 0:
             in_hand[campaign_id] = left
@@ -330,7 +360,8 @@ class Dispatcher:
             if first_pass_left == 0:
                 on_submitted()
 
-        self._claim_started(channel, campaign_id)
+        self._using[id(adapter)] = self._using.get(id(adapter), 0) + 1
+        self._claim_started(adapter, channel, campaign_id)
         tasks = [asyncio.ensure_future(self._send_call(adapter, work, call, started, first_submission_done))
                  for call in calls]
         try:
@@ -345,7 +376,11 @@ class Dispatcher:
                                             if item["message_id"] not in started))
             raise
         finally:
-            self._claim_finished(channel, campaign_id)
+            self._claim_finished(adapter, campaign_id)
+            self._using[id(adapter)] = self._using.get(id(adapter), 1) - 1
+            if self._using[id(adapter)] <= 0:
+                self._using.pop(id(adapter), None)
+                self._idle.set()
         return report
 
     async def _send_call(self, adapter: ProviderAdapter, work: Mapping[str, Any], items: list[dict],
@@ -355,7 +390,7 @@ class Dispatcher:
         history: dict[str, list[dict]] = {item["message_id"]: [] for item in items}
         costs = {item["message_id"]: item_cost(channel, work["template"], item) for item in items}
         bucket = self._limiters[channel]
-        breaker = self.breaker(channel)
+        breaker = self._breaker_of(adapter, channel)  # the adapter's: a replacement has a breaker of its own
         futures = []
         pending = items
         submission = 0

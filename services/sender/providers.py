@@ -244,6 +244,12 @@ def adapters_for(settings: Settings) -> dict[str, ProviderAdapter]:
     return {"sms": sms, "email": email}
 
 
+def adapter_for(settings: Settings, channel: str) -> ProviderAdapter:
+    """A new adapter for one channel, as the settings choose (a channel's settings changed: app.py)."""
+    return adapters_for(settings.model_copy(update={"sms_provider": "inprocess"} if channel == "email"
+                                            else {"email_provider": "inprocess"}))[channel]
+
+
 def provider_name(settings: Settings, channel: str) -> str:
     """The provider a channel's submissions go to (SendingHold.provider)."""
     return settings.sms_provider if channel == "sms" else settings.email_provider
