@@ -23,6 +23,10 @@ destination and the provider's event id, so a provider's retry carries the same 
 
 A request is answered 200 only after the broker acknowledged every record it caused (acks=all); if
 publishing fails it is answered 503 and the provider retries. A bad signature is 403 and publishes nothing.
+
+Signatures are verified with the Twilio auth token and the SendGrid Event Webhook key of the channel
+settings in force: the environment's, replaced by those an org_admin sets over the API (followed on
+`outreach.internal.channel-settings`, services/common/channel_settings.py).
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import topics
 from schemas.commands import RFC3339_FORMAT
-from services.common import jsoncodec, kafka
+from services.common import channel_settings, jsoncodec, kafka
+from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
 from services.common.ids import OUTREACH_NS, is_wire_uuid
 from services.common.runtime import run_service
 from services.common.settings import Settings
@@ -342,12 +347,24 @@ class Receiver:
     def __init__(self, settings: Settings, outbox: Outbox, *, verify_unsubscribe: UnsubscribeVerifier | None = None,
                  sendgrid_public_key: Any = None, seen_events_max: int = SEEN_EVENTS_MAX):
         self.settings = settings
+        self.environment = settings  # what channel settings set over the API apply over
+        self.configs: dict[str, ChannelConfig] = {}
         self.outbox = outbox
         self._verify_unsubscribe = verify_unsubscribe
+        self._given_sendgrid_key = sendgrid_public_key
         self._sendgrid_key_source = sendgrid_public_key or settings.sendgrid_webhook_public_key
         self._sendgrid_key = None
         self.seen_events = SeenEvents(seen_events_max)
         self._auth_token = settings.twilio_auth_token.get_secret_value()
+
+    def apply_channel_settings(self, config: ChannelConfig) -> None:
+        """A channel's settings changed (published by the API): verify with its current secrets from now on."""
+        self.configs[config.channel] = config
+        self.settings = channel_settings.apply(self.environment, self.configs)
+        self._auth_token = self.settings.twilio_auth_token.get_secret_value()
+        self._sendgrid_key_source = self._given_sendgrid_key or self.settings.sendgrid_webhook_public_key
+        self._sendgrid_key = None  # loaded again from the new source on the next event batch
+        log.info("%s callbacks verified with settings %s (%s)", config.channel, config.settings_id, config.provider)
 
     # -- helpers
 
@@ -527,12 +544,25 @@ def create_app(settings: Settings, outbox: Outbox, **receiver_options: Any) -> w
 async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[web.Application]:
     """The receiver listening on webhook_host:webhook_port with its producer, until the block ends."""
     await kafka.ensure_topics(settings)
+    # Channel settings set over the API: read to the end before serving, then followed.
+    feed = ChannelSettingsFeed(settings)
+    try:
+        await feed.load()
+    except BaseException:
+        await feed.close()
+        raise
     producer = kafka.make_producer(settings)
     await producer.start()
     outbox = Outbox(producer)
     runner = None
+    following_stop = asyncio.Event()
+    following = None
     try:
         app = create_app(settings, outbox, **receiver_options)
+        receiver = app[RECEIVER]
+        for config in feed.current.values():
+            receiver.apply_channel_settings(config)
+        following = asyncio.create_task(feed.follow(following_stop, receiver.apply_channel_settings))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         await web.TCPSite(runner, settings.webhook_host, settings.webhook_port).start()
@@ -540,6 +570,10 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
                  settings.webhook_url)
         yield app
     finally:
+        following_stop.set()
+        if following is not None:
+            await asyncio.gather(following, return_exceptions=True)
+        await feed.close()
         if runner is not None:
             await runner.cleanup()  # stop accepting, let requests in hand finish (their records flush)
         await outbox.close()
