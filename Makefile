@@ -28,7 +28,7 @@ schemas: $(STAMP)
 	$(BIN)/python -m schemas.asyncapi
 
 compose-check:
-	docker-compose -f docker-compose.yml config -q
+	OUTREACH_API_ENCRYPTION_KEY=$${OUTREACH_API_ENCRYPTION_KEY:-compose-check-only} docker-compose -f docker-compose.yml config -q
 
 clean:
 	rm -rf var .pytest_cache

@@ -1,5 +1,6 @@
 """docker-compose.yml stays valid and declares every service (checked without a Docker engine)."""
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,9 +26,16 @@ needs_compose = pytest.mark.skipif(
 )
 
 
-def compose(*args: str) -> str:
+KEY = "Zm9yLXRlc3RzLW9ubHktZm9yLXRlc3RzLW9ubHktISE="  # a Fernet key (32 bytes, url-safe base64)
+
+
+def compose(*args: str, key: str | None = KEY) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "OUTREACH_API_ENCRYPTION_KEY"}
+    if key is not None:
+        env["OUTREACH_API_ENCRYPTION_KEY"] = key
     return subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), *args], check=True, capture_output=True, text=True, timeout=60
+        ["docker-compose", "-f", str(COMPOSE), *args], check=True, capture_output=True, text=True, timeout=60,
+        env=env,
     ).stdout
 
 
@@ -82,3 +90,23 @@ def test_services_share_one_image_and_configuration():
     assert services["simulator"]["environment"]["OUTREACH_SIMULATOR_HOST"] == "0.0.0.0"
     assert services["webhooks"]["environment"]["OUTREACH_WEBHOOK_HOST"] == "0.0.0.0"
     assert services["api"]["environment"]["OUTREACH_API_HOST"] == "0.0.0.0"
+
+
+def test_every_service_takes_the_one_encryption_key():
+    """Channel credentials are sealed by the API and opened by the sender and the webhook receiver; the
+    containers have separate volumes, so the key cannot be a file in one of them: compose requires it."""
+    services = load_compose()["services"]
+    for name, command in SERVICES.items():
+        if command is None:
+            continue
+        value = str(services[name]["environment"]["OUTREACH_API_ENCRYPTION_KEY"])
+        assert value.startswith("${OUTREACH_API_ENCRYPTION_KEY:?"), (name, value)
+
+
+@needs_compose
+def test_compose_refuses_to_start_without_the_encryption_key():
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        compose("config", "-q", key=None)
+    assert "OUTREACH_API_ENCRYPTION_KEY" in failed.value.stderr
+    resolved = compose("config")
+    assert resolved.count(KEY) == sum(1 for command in SERVICES.values() if command is not None)
