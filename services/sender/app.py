@@ -432,13 +432,13 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
             await feed.close()
             raise
         settings = channel_settings.apply(environment, configs)
-        if configs:
-            log.info("channel settings from the API: %s",
-                     ", ".join(f"{c.channel} -> {c.provider}" for c in configs.values()))
         if adapter_factory is adapter_for:
             adapters = adapters_for(settings)  # `inprocess` channels share one simulator, as without the API
         else:
             adapters = {channel: adapter_factory(settings, channel) for channel in ("sms", "email")}
+        for config in configs.values():
+            log.info("%s now sends through %s (settings %s)", config.channel, adapters[config.channel],
+                     config.settings_id)
     journal = Journal.open(settings)
     producer = kafka.make_producer(settings)
     config = kafka.consumer_config(settings)
