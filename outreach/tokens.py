@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from outreach.client import default_principal
 from services.api.store import ROLES, ApiStore, token_store
 from services.common.settings import get_settings
 
@@ -38,7 +39,7 @@ def create(
     """Create a token and print it (only now: it is stored hashed)."""
     with _store() as store:
         try:
-            token, info = store.create_token(name, role.value)
+            token, info = store.create_token(name, role.value, created_by=cli_actor())
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from None
@@ -61,10 +62,11 @@ def list_tokens(
         typer.echo(json.dumps([asdict(i) for i in infos], indent=2))
         return
     table = Table()
-    for column in ("id", "principal", "role", "created", "revoked"):
+    for column in ("id", "principal", "role", "created", "by", "revoked", "by"):
         table.add_column(column)
     for info in infos:
-        table.add_row(info.token_id, info.principal, info.role, info.created_at, info.revoked_at or "")
+        table.add_row(info.token_id, info.principal, info.role, info.created_at, info.created_by or "",
+                      info.revoked_at or "", info.revoked_by or "")
     console.print(table)
 
 
@@ -73,16 +75,21 @@ def revoke(target: str = typer.Argument(..., metavar="TOKEN_ID|NAME",
                                          help="A token id, or a principal name (all its tokens).")) -> None:
     """Revoke a token at once (the API checks every request)."""
     with _store() as store:
-        count = store.revoke(target)
+        count = store.revoke(target, revoked_by=cli_actor())
     if not count:
         console.print(f"[red]no live token with id or principal {target!r}[/red]")
         raise typer.Exit(1)
     console.print(f"revoked {count} token(s)")
 
 
+def cli_actor() -> str:
+    """Who is at the terminal, for the tokens' audit columns (the CLI has no token of its own)."""
+    return f"cli:{default_principal()}"
+
+
 def demo_token() -> str:
     """A fresh org_admin token for `outreach up --demo` (the previous demo tokens are revoked)."""
     with _store() as store:
-        store.revoke(DEMO_PRINCIPAL)
-        token, _ = store.create_token(DEMO_PRINCIPAL, "org_admin")
+        store.revoke(DEMO_PRINCIPAL, revoked_by="outreach up --demo")
+        token, _ = store.create_token(DEMO_PRINCIPAL, "org_admin", created_by="outreach up --demo")
     return token

@@ -4,6 +4,7 @@ as `outreach token create|list|revoke` (api.db), both ways."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import httpx
 import pytest
@@ -62,6 +63,7 @@ def test_org_admin_creates_lists_and_revokes_every_role(server, clients, setting
         assert response.headers["cache-control"] == "no-store"  # a secret: no cache keeps the answer
         body = response.json()
         assert body["role"] == role and body["principal"] == f"made-{role}" and body["revoked_at"] is None
+        assert body["created_by"] == "org_admin-user" and body["revoked_by"] is None  # who made it, for audit
         assert body["token"].startswith("otk_") and len(body["token"]) > 40
         made[role] = body
     # each token works as its role: operations has no access to campaigns
@@ -74,7 +76,8 @@ def test_org_admin_creates_lists_and_revokes_every_role(server, clients, setting
         assert by_id[body["token_id"]] == {k: v for k, v in body.items() if k != "token"}
         assert body["token"] not in listing.text and hash_token(body["token"]) not in listing.text
     assert {t["role"] for t in listing.json()} == set(ROLES)
-    assert all(set(t) == {"token_id", "principal", "role", "created_at", "revoked_at"} for t in listing.json())
+    assert all(set(t) == {"token_id", "principal", "role", "created_at", "revoked_at", "created_by", "revoked_by"}
+               for t in listing.json())
     # stored as a hash only
     database = settings.data_dir / "api.db"
     wal = database.with_name("api.db-wal")
@@ -85,6 +88,7 @@ def test_org_admin_creates_lists_and_revokes_every_role(server, clients, setting
     for role in ROLES:
         revoked = org_admin.delete(f"/tokens/{made[role]['token_id']}")
         assert revoked.status_code == 200 and revoked.json()["revoked_at"], revoked.text
+        assert revoked.json()["revoked_by"] == "org_admin-user"
         revoked_at[role] = revoked.json()["revoked_at"]
         assert can_read_campaigns(server, made[role]["token"]) == 401  # at once
     assert not set(listed_ids(org_admin)) & {b["token_id"] for b in made.values()}
@@ -158,8 +162,12 @@ def test_tokens_made_over_http_and_by_the_cli_are_the_same_tokens(server, client
     listed = runner.invoke(cli_app, ["token", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     assert {"token_id": over_http["token_id"], "principal": "http-made", "role": "admin",
-            "created_at": over_http["created_at"], "revoked_at": None} in json.loads(listed.output)
+            "created_at": over_http["created_at"], "revoked_at": None, "created_by": "org_admin-user",
+            "revoked_by": None} in json.loads(listed.output)
     assert runner.invoke(cli_app, ["token", "revoke", over_http["token_id"]]).exit_code == 0
+    [revoked_by_cli] = [t for t in org_admin.get("/tokens", params={"include_revoked": "true"}).json()
+                        if t["token_id"] == over_http["token_id"]]
+    assert revoked_by_cli["revoked_by"].startswith("cli:")  # the terminal's user: the CLI has no token
     assert can_read_campaigns(server, over_http["token"]) == 401
 
     created = runner.invoke(cli_app, ["token", "create", "cli-made", "--role", "campaigner", "--json"])
@@ -167,7 +175,25 @@ def test_tokens_made_over_http_and_by_the_cli_are_the_same_tokens(server, client
     by_cli = json.loads(created.output)
     assert by_cli["token_id"] in listed_ids(org_admin) and by_cli["token_id"] in listed_ids(clients["admin"])
     assert can_read_campaigns(server, by_cli["token"]) == 200
-    assert clients["admin"].delete(f"/tokens/{by_cli['token_id']}").status_code == 200
+    assert by_cli["created_by"].startswith("cli:")
+    revoked_by_admin = clients["admin"].delete(f"/tokens/{by_cli['token_id']}")
+    assert revoked_by_admin.status_code == 200 and revoked_by_admin.json()["revoked_by"] == "admin-user"
     assert can_read_campaigns(server, by_cli["token"]) == 401
     # HTTP revokes by id only: a principal's name is not an id (the CLI's `revoke NAME` stays the CLI's)
     assert org_admin.delete("/tokens/cli-made").status_code == 422
+
+
+def test_an_api_db_from_before_token_audit_opens_and_keeps_its_tokens(tmp_path):
+    path = tmp_path / "api.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE tokens (token_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, principal TEXT "
+                "NOT NULL, role TEXT NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT)")
+    old.execute("INSERT INTO tokens VALUES ('t1', ?, 'ada', 'admin', '2026-01-01T00:00:00.000000Z', NULL)",
+                (hash_token("otk_old"),))
+    old.commit()
+    old.close()
+    with ApiStore(path) as store:
+        assert store.authenticate("otk_old").name == "ada"
+        [info] = store.tokens()
+        assert (info.created_by, info.revoked_by) == (None, None)  # not known for tokens made before
+        assert store.revoke_token("t1", revoked_by="grace").revoked_by == "grace"

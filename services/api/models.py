@@ -180,6 +180,8 @@ class TokenView(BaseModel):
     role: str = Field(description="org_admin, admin, campaigner or operations.")
     created_at: str
     revoked_at: str | None = None
+    created_by: str | None = Field(None, description="Who made it: a principal, or cli:<OS user>.")
+    revoked_by: str | None = Field(None, description="Who revoked it: a principal, or cli:<OS user>.")
 
 
 class TokenCreated(TokenView):

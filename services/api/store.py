@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     principal   TEXT NOT NULL,
     role        TEXT NOT NULL,
     created_at  TEXT NOT NULL,
-    revoked_at  TEXT
+    revoked_at  TEXT,
+    created_by  TEXT,               -- who made it (a principal, or cli:<OS user>); null before it was kept
+    revoked_by  TEXT
 );
 CREATE TABLE IF NOT EXISTS channel_settings (
     channel     TEXT PRIMARY KEY,
@@ -75,6 +77,11 @@ class TokenInfo:
     role: str
     created_at: str
     revoked_at: str | None
+    created_by: str | None = None
+    revoked_by: str | None = None
+
+
+_TOKEN_COLUMNS = "token_id, principal, role, created_at, revoked_at, created_by, revoked_by"
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,10 @@ class ApiStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(_SCHEMA)
+        token_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(tokens)")}
+        for column in ("created_by", "revoked_by"):  # an api.db from before token audit
+            if column not in token_columns:
+                self._conn.execute(f"ALTER TABLE tokens ADD COLUMN {column} TEXT")
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(channel_settings)")}
         if "settings_id" not in columns:  # an api.db from before the settings were published
             self._conn.execute("ALTER TABLE channel_settings ADD COLUMN settings_id TEXT")
@@ -132,8 +143,8 @@ class ApiStore:
 
     # ------------------------------------------------------------------ tokens
 
-    def create_token(self, principal: str, role: str) -> tuple[str, TokenInfo]:
-        """A new token for `principal` with `role`: (the token, shown once; its stored info)."""
+    def create_token(self, principal: str, role: str, *, created_by: str | None = None) -> tuple[str, TokenInfo]:
+        """A new token for `principal` with `role`, made by `created_by`: (the token, shown once; its info)."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         principal = principal.strip()
@@ -141,11 +152,12 @@ class ApiStore:
             raise ValueError("the principal name is empty")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         info = TokenInfo(token_id=secrets.token_hex(6), principal=principal, role=role, created_at=_now(),
-                         revoked_at=None)
+                         revoked_at=None, created_by=created_by)
         with self._lock:
             self._conn.execute(
-                "INSERT INTO tokens (token_id, token_hash, principal, role, created_at) VALUES (?, ?, ?, ?, ?)",
-                (info.token_id, hash_token(token), info.principal, info.role, info.created_at),
+                "INSERT INTO tokens (token_id, token_hash, principal, role, created_at, created_by) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (info.token_id, hash_token(token), info.principal, info.role, info.created_at, created_by),
             )
         return token, info
 
@@ -162,7 +174,7 @@ class ApiStore:
 
     def tokens(self, *, include_revoked: bool = False, roles: Iterable[str] | None = None) -> list[TokenInfo]:
         """Tokens, oldest first: live ones (or all), of every role (or of `roles` only)."""
-        sql = "SELECT token_id, principal, role, created_at, revoked_at FROM tokens WHERE 1 = 1"
+        sql = f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE 1 = 1"
         params: list[str] = []
         if not include_revoked:
             sql += " AND revoked_at IS NULL"
@@ -177,30 +189,29 @@ class ApiStore:
     def token(self, token_id: str) -> TokenInfo | None:
         """One token's info (live or revoked), or None."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT token_id, principal, role, created_at, revoked_at FROM tokens WHERE token_id = ?",
-                (token_id,)).fetchone()
+            row = self._conn.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?",
+                                     (token_id,)).fetchone()
         return None if row is None else TokenInfo(*row)
 
-    def revoke_token(self, token_id: str) -> TokenInfo | None:
+    def revoke_token(self, token_id: str, *, revoked_by: str | None = None) -> TokenInfo | None:
         """Revoke the token with this id only (never by principal name); a revoked one keeps its first
-        revocation time. Its info afterwards, or None if there is no such token."""
+        revocation (time and who). Its info afterwards, or None if there is no such token."""
         with self._lock:
-            self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
-                               (_now(), token_id))
+            self._conn.execute("UPDATE tokens SET revoked_at = ?, revoked_by = ? WHERE token_id = ? "
+                               "AND revoked_at IS NULL", (_now(), revoked_by, token_id))
         return self.token(token_id)
 
-    def revoke(self, token_id_or_principal: str) -> int:
+    def revoke(self, token_id_or_principal: str, *, revoked_by: str | None = None) -> int:
         """Revoke the token with this id, else every live token of this principal; returns how many."""
         now = _now()
         with self._lock:
-            cursor = self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND token_id = ?",
-                                        (now, token_id_or_principal))
+            cursor = self._conn.execute("UPDATE tokens SET revoked_at = ?, revoked_by = ? WHERE revoked_at IS NULL "
+                                        "AND token_id = ?", (now, revoked_by, token_id_or_principal))
             if cursor.rowcount:
                 return cursor.rowcount
             cursor = self._conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND principal = ?",
-                (now, token_id_or_principal))
+                "UPDATE tokens SET revoked_at = ?, revoked_by = ? WHERE revoked_at IS NULL AND principal = ?",
+                (now, revoked_by, token_id_or_principal))
             return cursor.rowcount
 
     # ------------------------------------------------------------------ channel settings

@@ -40,7 +40,8 @@ async def create_token(request: Request, response: Response, principal: TokenMan
     if not may_manage_token(principal, body.role):
         raise _forbidden(principal.role, body.role, "create")
     try:
-        token, info = await asyncio.to_thread(_store(request).create_token, body.name, body.role)
+        token, info = await asyncio.to_thread(_store(request).create_token, body.name, body.role,
+                                              created_by=principal.name)
     except ValueError as exc:  # a name of blanks only
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
     response.headers["Cache-Control"] = "no-store"
@@ -70,5 +71,5 @@ async def revoke_token(request: Request, principal: TokenManager, token_id: Toke
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no token {token_id}")
     if not may_manage_token(principal, info.role):  # a token's role never changes: checked once
         raise _forbidden(principal.role, info.role, "revoke")
-    revoked = await asyncio.to_thread(store.revoke_token, token_id)
+    revoked = await asyncio.to_thread(store.revoke_token, token_id, revoked_by=principal.name)
     return asdict(revoked)
