@@ -75,8 +75,8 @@ class Tail:
         return sorted(seen.values(), key=lambda v: v["sequence"])
 
     def statuses(self, campaign_id: str | None = None) -> list[dict]:
-        return [v for v in self.values(topics.MESSAGE_STATUS)
-                if campaign_id is None or v.get("campaign_id") == campaign_id]
+        return [v for v in self.values(topics.MESSAGE_STATUS)  # other modules' poison records are not JSON objects
+                if isinstance(v, dict) and (campaign_id is None or v.get("campaign_id") == campaign_id)]
 
     def latest_per_message(self, campaign_id: str) -> dict[str, dict]:
         """Each message's record with the highest sequence seen (the stream is at least once)."""
