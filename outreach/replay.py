@@ -203,31 +203,24 @@ async def replay_kafka(settings: Settings, target: ReadModel, progress: Progress
         await consumer.topics()
         partitions = [TopicPartition(topic, p) for topic in (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
                       for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(partitions)
+        ends = await kafka.end_offsets(consumer, partitions)  # the ends at the start: what is replayed
         begins = await consumer.beginning_offsets(partitions)
-        ends = await consumer.end_offsets(partitions)
         await consumer.seek_to_beginning(*partitions)
-        # tansu answers ListOffsets(latest) early (the last batch's base offset + 1): the high watermark of the
-        # first fetch of each partition is the end that counts; an empty partition has nothing to read.
-        targets: dict[Any, int | None] = {tp: None for tp in partitions if ends[tp] > begins[tp]}
+        targets = {tp: ends[tp] for tp in partitions if ends[tp] > begins[tp]}  # an empty one: nothing to read
         total = sum(ends[tp] - begins[tp] for tp in targets)
         read = 0
         last_record = time.monotonic()
 
         async def unfinished() -> bool:
             for tp, end in targets.items():
-                if end is None or await consumer.position(tp) < end:
+                if await consumer.position(tp) < end:
                     return True
             return False
 
         while await unfinished():
             batches = await consumer.getmany(*targets, timeout_ms=500, max_records=BATCH_RECORDS)
-            for tp in targets:
-                if targets[tp] is None and (highwater := consumer.highwater(tp)) is not None:
-                    targets[tp] = max(ends[tp], highwater)
-                    total += targets[tp] - ends[tp]
             records = [r for tp, rs in batches.items() for r in rs
-                       if targets.get(tp) is None or r.offset < targets[tp]]  # not past the end at the start
+                       if r.offset < targets[tp]]  # not past the end at the start
             if records:
                 last_record = time.monotonic()
                 read += len(records)
@@ -244,7 +237,7 @@ async def replay_kafka(settings: Settings, target: ReadModel, progress: Progress
                 raise ReplayError(f"the broker delivered nothing for {KAFKA_IDLE_TIMEOUT_S:.0f} s before the end "
                                   f"offsets ({read} of {total} records read)")
             for tp in targets:  # finished partitions: fetch them no more
-                if targets[tp] is not None and await consumer.position(tp) >= targets[tp]:
+                if await consumer.position(tp) >= targets[tp]:
                     consumer.pause(tp)
         await asyncio.to_thread(batcher.finish)
         if progress:

@@ -206,8 +206,7 @@ class ChannelSettingsFeed:
                for p in sorted(consumer.partitions_for_topic(topics.CHANNEL_SETTINGS) or ())]
         if not tps:
             raise RuntimeError(f"topic {topics.CHANNEL_SETTINGS} does not exist (ensure_topics first)")
-        ends = await kafka._fetched_high_watermarks(consumer, await consumer.end_offsets(tps))
-        consumer.assign(tps)
+        ends = await kafka.end_offsets(consumer, tps)
         await consumer.seek_to_beginning(*tps)
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batches = await consumer.getmany(timeout_ms=self._poll_ms)

@@ -239,6 +239,12 @@ async def _fetched_high_watermarks(
     return result
 
 
+async def end_offsets(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The end offset of each partition, right on tansu too (see `_fetched_high_watermarks`). Leaves the
+    consumer assigned to `partitions`, at their ends."""
+    return await _fetched_high_watermarks(consumer, await consumer.end_offsets(partitions))
+
+
 async def end_offsets_total(settings: Settings | None, topic: str) -> int | None:
     """Sum of the end offsets of `topic` over its partitions; None if the topic does not exist.
 
@@ -256,8 +262,7 @@ async def end_offsets_total(settings: Settings | None, topic: str) -> int | None
             if topic not in await consumer.topics():
                 return None
             tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-            ends = await consumer.end_offsets(tps)
-            return sum((await _fetched_high_watermarks(consumer, ends)).values())
+            return sum((await end_offsets(consumer, tps)).values())
         finally:
             await consumer.stop()
 
