@@ -2,15 +2,22 @@
 that uses them defines its own `env` fixture (stack_environment with its overrides).
 
 Module attributes they read: `STACK_SERVICES` (names from outreach.up.SERVICES; default every service but
-the HTTP API, which has its own e2e) and `TAIL_TOPICS` (default campaign events and message status).
+the HTTP API, which has its own e2e), `STACK_SERVICE_ENV` (per-service environment overrides) and
+`TAIL_TOPICS` (default campaign events and message status). `api_client(env, token)` is the HTTP API of a
+stack that runs it, once it answers.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
 import pytest
 
 from outreach.up import SERVICES, Stack
 from schemas import topics
 from services.common.settings import Settings
+from tests.conftest import async_wait_until
 from tests.e2e_support import Commands, Tail
 
 DEFAULT_SERVICES = tuple(name for name in SERVICES if name != "api")
@@ -24,7 +31,9 @@ def _module_name(request) -> str:
 @pytest.fixture(scope="module")
 def stack(env, tmp_path_factory, request):
     names = getattr(request.module, "STACK_SERVICES", DEFAULT_SERVICES)
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp(f"{_module_name(request)}-logs"), names=names) as running:
+    service_env = getattr(request.module, "STACK_SERVICE_ENV", {})
+    with Stack(env=env, log_dir=tmp_path_factory.mktemp(f"{_module_name(request)}-logs"), names=names,
+               service_env=service_env) as running:
         yield running
 
 
@@ -46,3 +55,18 @@ async def commands(settings, tail):
     c = await Commands(settings, tail).start()
     yield c
     await c.stop()
+
+
+@contextlib.asynccontextmanager
+async def api_client(env: dict[str, str], token: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the stack's API acting with `token`, once the API answers its health check."""
+    async def healthy() -> bool:
+        try:
+            return (await client.get("/healthz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", timeout=60,
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        await async_wait_until(healthy, 60, 0.1, message="the API did not start")
+        yield client

@@ -225,15 +225,8 @@ async def test_a_put_the_broker_does_not_take_is_stored_and_answered_503(tmp_pat
 @pytest.fixture
 async def fake(kafka_bootstrap: str, tmp_path):
     settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "fake")
-    await ensure_topics(settings)
-    handler = FakeHandler(settings)
-    await handler.producer.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(handler.run(stop))
-    yield handler
-    stop.set()
-    await task
-    await handler.producer.stop()
+    async with FakeHandler.running(settings) as handler:
+        yield handler
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import pytest
 
 from outreach.up import SERVICES
 from services.api.store import ApiStore
-from services.common.embedded_broker import free_port
 from services.common.settings import Settings
 from tests.conftest import async_wait_until
+from tests.e2e_fixtures import api_client
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE, sms_contacts
 
@@ -28,8 +28,7 @@ REFUSED = "+15005550001"  # the simulator refuses it: failed, invalid_destinatio
 
 @pytest.fixture(scope="module")
 def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("api-e2e-data"),
-                             OUTREACH_API_PORT=str(free_port("127.0.0.1")))
+    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("api-e2e-data"))
 
 
 STACK_SERVICES = tuple(SERVICES)  # the API too
@@ -43,16 +42,7 @@ def token(env) -> str:
 
 @pytest.fixture
 async def api(env, stack, token):
-    url = f"http://127.0.0.1:{env['OUTREACH_API_PORT']}"
-
-    async def healthy() -> bool:
-        try:
-            return (await client.get("/healthz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    async with httpx.AsyncClient(base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
-        await async_wait_until(healthy, 60, 0.1, message="the API did not start")
+    async with api_client(env, token) as client:
         yield client
 
 

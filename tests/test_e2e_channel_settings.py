@@ -13,10 +13,10 @@ import pytest
 
 from outreach.up import SERVICES, Stack
 from services.api.store import ApiStore
-from services.common.embedded_broker import free_port
 from services.common.settings import Settings
 from services.sender.webhook_signatures import TWILIO_SIGNATURE_HEADER, twilio_signature
 from tests.conftest import async_wait_until
+from tests.e2e_fixtures import api_client
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE
 
@@ -30,20 +30,14 @@ WRONG = {**RIGHT, "auth_token": "e2e-wrong-auth-token-4567"}
 
 @pytest.fixture(scope="module")
 def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("channel-settings-e2e-data"),
-                             OUTREACH_API_PORT=str(free_port("127.0.0.1")))
+    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("channel-settings-e2e-data"))
 
 
-@pytest.fixture(scope="module")
-def stack(env, tmp_path_factory):
-    """The simulator (the provider) knows only RIGHT; every other service starts with the environment's
-    (default) Twilio credentials."""
-    simulator_env = {"OUTREACH_TWILIO_ACCOUNT_SID": RIGHT["account_sid"],
-                     "OUTREACH_TWILIO_AUTH_TOKEN": RIGHT["auth_token"],
-                     "OUTREACH_TWILIO_MESSAGING_SERVICE_SID": RIGHT["messaging_service_sid"]}
-    with Stack(env=env, log_dir=tmp_path_factory.mktemp("channel-settings-logs"), names=STACK_SERVICES,
-               service_env={"simulator": simulator_env}) as running:
-        yield running
+# The simulator (the provider) knows only RIGHT; every other service starts with the environment's (default)
+# Twilio credentials.
+STACK_SERVICE_ENV = {"simulator": {"OUTREACH_TWILIO_ACCOUNT_SID": RIGHT["account_sid"],
+                                   "OUTREACH_TWILIO_AUTH_TOKEN": RIGHT["auth_token"],
+                                   "OUTREACH_TWILIO_MESSAGING_SERVICE_SID": RIGHT["messaging_service_sid"]}}
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +48,7 @@ def token(env) -> str:
 
 @pytest.fixture
 async def api(env, stack, token):
-    async def healthy() -> bool:
-        try:
-            return (await client.get("/healthz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", timeout=60,
-                                 headers={"Authorization": f"Bearer {token}"}) as client:
-        await async_wait_until(healthy, 60, 0.1, message="the API did not start")
+    async with api_client(env, token) as client:
         yield client
 
 

@@ -63,6 +63,22 @@ class FakeHandler:
         self.lose: dict[str, int] = defaultdict(int)  # campaign_id -> how many more claims to lose
         self.producer = make_producer(settings)
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, settings: Settings):
+        """A FakeHandler answering on `settings`' broker until the block ends."""
+        await ensure_topics(settings)
+        handler = cls(settings)
+        await handler.producer.start()
+        stop = asyncio.Event()
+        task = asyncio.create_task(handler.run(stop))
+        try:
+            yield handler
+        finally:
+            stop.set()
+            await task
+            await handler.producer.stop()
+
     def queue(self, campaign_id: str, channel: str, items: list[dict], answer: bool = True) -> None:
         self.queued[campaign_id] = list(items)
         self.channels[campaign_id] = channel
@@ -116,15 +132,8 @@ class FakeHandler:
 @pytest.fixture
 async def fake(kafka_bootstrap: str, tmp_path):
     settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, sms_provider="inprocess", email_provider="inprocess")
-    await ensure_topics(settings)
-    handler = FakeHandler(settings)
-    await handler.producer.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(handler.run(stop))
-    yield handler
-    stop.set()
-    await task
-    await handler.producer.stop()
+    async with FakeHandler.running(settings) as handler:
+        yield handler
 
 
 @contextlib.asynccontextmanager
@@ -267,20 +276,12 @@ async def test_python_m_services_sender_stops_on_sigterm(tmp_path):
                                                         stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                                                         stderr=log_file)
         try:
-            handler = FakeHandler(settings)
             campaign_id = str(uuid.uuid4())
-            handler.queue(campaign_id, "sms", [], answer=False)
-            await handler.producer.start()
-            stop = asyncio.Event()
-            task = asyncio.create_task(handler.run(stop))
-            try:
+            async with FakeHandler.running(settings) as handler:
+                handler.queue(campaign_id, "sms", [], answer=False)
                 await handler.publish_event(campaign_id, "CampaignRunStarted", run_no=1, accepted_by="t",
                                             disclaimer={}, message_count=1, suppressed_count=0)
                 await async_wait_until(lambda: handler.claims[campaign_id], 30, message="no ClaimRequest")
-            finally:
-                stop.set()
-                await task
-                await handler.producer.stop()
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 20) == 0, log_path.read_text()
         finally:
