@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from services.api.store import StoredChannelSettings
-from services.common.channel_settings import PROVIDERS, SettingsError, check  # noqa: F401 (the API's own)
 from services.common.settings import Settings
 
 MASK = "****"

@@ -10,7 +10,7 @@ from services.api import channel_settings
 from services.api.auth import SETTINGS_RESPONSES, OrgAdmin
 from services.api.commands import BrokerUnavailable
 from services.api.models import ChannelSettingsBody, ChannelSettingsView
-from services.common.channel_settings import overrides
+from services.common.channel_settings import PROVIDERS, SettingsError, check, overrides
 
 router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES)
 
@@ -31,7 +31,7 @@ async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPa
             description="Replaces the channel's provider and credentials as a whole. Providers and their credential "
                         "fields (required; optional): " + "; ".join(
                             f"{channel}/{provider}: {list(required)}; {list(optional)}"
-                            for channel, providers in channel_settings.PROVIDERS.items()
+                            for channel, providers in PROVIDERS.items()
                             for provider, (required, optional) in providers.items()),
             responses={422: {"description": "Unknown provider, or credentials missing / not expected."},
                        503: {"description": "The broker did not acknowledge the change: the settings are stored "
@@ -39,9 +39,9 @@ async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPa
 async def put_channel_settings(request: Request, principal: OrgAdmin, channel: ChannelPath,
                                body: ChannelSettingsBody) -> dict[str, Any]:
     try:
-        credentials = channel_settings.check(channel, body.provider, body.credentials)
+        credentials = check(channel, body.provider, body.credentials)
         overrides(channel, body.provider, credentials)  # what the sender would refuse (a port that is no number)
-    except channel_settings.SettingsError as exc:
+    except SettingsError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
     try:
         stored = await request.app.state.settings_publisher.save_and_publish(channel, body.provider, credentials,

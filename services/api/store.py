@@ -23,7 +23,7 @@ from typing import Literal, get_args
 from cryptography.fernet import Fernet, InvalidToken
 
 from services.common import jsoncodec
-from services.common.secrets import KEY_FILE_NAME, encryption_key  # noqa: F401 (re-exported)
+from services.common.secrets import encryption_key
 from services.common.settings import Settings
 
 FILE_NAME = "api.db"
