@@ -29,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from services.common.ids import UUID_PATTERN
+from schemas.ids import UUID_PATTERN
+from schemas.times import RFC3339_FORMAT, rfc3339  # noqa: F401  (RFC3339_FORMAT re-exported)
 
 # --- Shared primitives -------------------------------------------------------------------------
 
@@ -38,15 +39,9 @@ WireId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
 """A UUID in the lowercase 8-4-4-4-12 form."""
 
 
-RFC3339_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def _to_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime(RFC3339_FORMAT)
 
 
 # RFC 3339 requires an offset, so naive times are rejected; every time is held in UTC and written
@@ -54,7 +49,7 @@ def _rfc3339(value: datetime) -> str:
 UtcDatetime = Annotated[
     AwareDatetime,
     AfterValidator(_to_utc),
-    PlainSerializer(_rfc3339, return_type=str, when_used="json"),
+    PlainSerializer(rfc3339, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 

@@ -6,8 +6,9 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.command_handler.domain import contacts
-from services.command_handler.domain.contacts import screen_chunk, validate_destination
+from schemas import destinations as contacts
+from schemas.destinations import validate_destination
+from services.command_handler.domain.contacts import screen_chunk
 
 E164 = r"\+[1-9][0-9]{1,14}"
 

@@ -1,15 +1,9 @@
 """Deterministic ids: every id derived from stored facts, so a republished record carries the same id."""
-import re
 import uuid
 
+from schemas.ids import UUID_PATTERN, is_wire_uuid  # noqa: F401  (the contract's form, re-exported for services)
+
 OUTREACH_NS = uuid.UUID("6f1d3c2e-8c4b-5d7a-9e0f-0a1b2c3d4e5f")
-UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_UUID_RE = re.compile(UUID_PATTERN)
-
-
-def is_wire_uuid(value: object) -> bool:
-    """True for a string in the lowercase 8-4-4-4-12 form the contract requires."""
-    return isinstance(value, str) and _UUID_RE.match(value) is not None
 
 
 def message_id(campaign_id: str, row: int) -> str:

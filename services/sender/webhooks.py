@@ -106,7 +106,7 @@ def _text(value: Any) -> str | None:
 
 def normalize_email(address: str) -> str:
     """The address in the form contacts are stored in (email-validator's), so opt-outs match it."""
-    from services.command_handler.domain.contacts import validate_destination
+    from schemas.destinations import validate_destination
 
     normalized, _ = validate_destination("email", address)
     return normalized or address.strip()

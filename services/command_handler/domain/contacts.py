@@ -1,121 +1,16 @@
-"""Contact screening: destination validity and duplicates (wire contract v1, "Contact validity").
+"""Contact screening for one chunk: validity (the contract's rule, ``schemas.destinations``) and duplicates.
 
-Pure, no I/O.
-
-- SMS: valid iff ``re.fullmatch(r"\\+[1-9][0-9]{1,14}", cell, re.ASCII)`` holds on the cell as given
-  (no stripping: ``" +15005550006"`` is ``invalid_e164``). Stored as given.
-- Email: valid iff email-validator 2.x accepts it with ``check_deliverability=False`` (its other options
-  at their defaults); compared and stored in its normalized form (``.normalized``: domain lowercased /
-  IDNA-decoded, local part NFC but case kept, so ``A@x.com`` and ``a@x.com`` are two destinations).
-- ``None``, empty or whitespace-only cell: ``missing_destination`` (either channel).
-- A destination already in the campaign, or earlier in the same chunk: ``duplicate_destination``
-  (the later row is the invalid one).
-
-Speed: email-validator costs ~90 us per address, ~75 % of it in the domain checks, so 1,000 emails
-would take ~90 ms. ``validate_destination`` therefore splits plain ASCII addresses itself and asks
-email-validator about each *domain* once (an LRU cache of its verdict on ``a@<domain>``); the local
-part is checked with email-validator's own dot-atom rule. This is exactly what the library does for
-such addresses (same split, independent local/domain checks, the same length limits), and anything
-else (non-ASCII, quotes, display names, RFC 2142 role names, ...) goes to the library whole.
-``tests/test_contacts.py`` checks the two paths agree. Measured on the dev machine (1,000 rows): emails
-over 50 new domains 4-9 ms, ~1.5 ms once the domains are cached; E.164 numbers <1 ms; the worst case,
-1,000 distinct never-seen domains, 45-85 ms (each domain is one full email-validator call).
+Pure, no I/O. A destination already in the campaign, or earlier in the same chunk, is
+``duplicate_destination`` (the later row is the invalid one).
 """
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
+from schemas.destinations import DUPLICATE_DESTINATION, validate_destination
 
-__all__ = [
-    "MISSING_DESTINATION",
-    "INVALID_E164",
-    "INVALID_EMAIL",
-    "DUPLICATE_DESTINATION",
-    "validate_destination",
-    "screen_chunk",
-]
-
-MISSING_DESTINATION = "missing_destination"
-INVALID_E164 = "invalid_e164"
-INVALID_EMAIL = "invalid_email"
-DUPLICATE_DESTINATION = "duplicate_destination"
-
-E164_RE = re.compile(r"\+[1-9][0-9]{1,14}", re.ASCII)
-
-# email-validator's RFC 5322 dot-atom local part (rfc_constants.DOT_ATOM_TEXT), ASCII only.
-_ATEXT = r"a-zA-Z0-9_!#\$%&'\*\+\-/=\?\^`\{\|\}~"
-_DOT_ATOM_LOCAL_RE = re.compile(f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*")
-# RFC 2142 role names: email-validator lowercases these, so they take the full path.
-_ROLE_MAILBOXES = frozenset({
-    "info", "marketing", "sales", "support", "abuse", "noc", "security", "postmaster", "hostmaster",
-    "usenet", "news", "webmaster", "www", "uucp", "ftp",
-})
-_EMAIL_MAX_OCTETS = 254
-
-
-def _email_full(cell: str) -> str | None:
-    try:
-        return validate_email(cell, check_deliverability=False).normalized
-    except EmailNotValidError:
-        return None
-
-
-@functools.lru_cache(maxsize=65536)
-def _domain_verdict(domain: str) -> tuple[str, int] | None:
-    """(normalized domain, longest length in octets of its forms) if email-validator accepts the
-    domain, else None. The probe local part "a" is always valid and shortest, so a domain it rejects
-    is rejected with any local part."""
-    try:
-        info = validate_email("a@" + domain, check_deliverability=False)
-    except EmailNotValidError:
-        return None
-    longest = max(len(domain), len(info.ascii_domain), len(info.domain.encode("utf-8")))
-    return info.domain, longest
-
-
-def _normalize_email(cell: str) -> str | None:
-    """email-validator's normalized form of `cell`, or None if it rejects it."""
-    local, at, domain = cell.partition("@")
-    if (
-        at
-        and cell.isascii()
-        and _DOT_ATOM_LOCAL_RE.fullmatch(local)  # also excludes '"', '<', '@', spaces, controls
-        and local.lower() not in _ROLE_MAILBOXES
-    ):
-        verdict = _domain_verdict(domain)
-        if verdict is None:
-            return None
-        normalized_domain, domain_octets = verdict
-        if len(local) + 1 + domain_octets > _EMAIL_MAX_OCTETS:
-            return None
-        return f"{local}@{normalized_domain}"
-    return _email_full(cell)
-
-
-def validate_destination(channel: str, cell: Any) -> tuple[str | None, str | None]:
-    """(normalized destination, None) when valid, else (None, reason).
-
-    `channel` is "sms" or "email" (anything else raises ValueError). A cell that is not a string
-    (and not None) is invalid for the channel.
-    """
-    if channel == "sms":
-        invalid = INVALID_E164
-    elif channel == "email":
-        invalid = INVALID_EMAIL
-    else:
-        raise ValueError(f"unknown channel {channel!r}")
-    if cell is None or (isinstance(cell, str) and not cell.strip()):
-        return None, MISSING_DESTINATION
-    if not isinstance(cell, str):
-        return None, invalid
-    if channel == "sms":
-        return (cell, None) if E164_RE.fullmatch(cell) else (None, invalid)
-    normalized = _normalize_email(cell)
-    return (normalized, None) if normalized is not None else (None, invalid)
+__all__ = ["screen_chunk"]
 
 
 def screen_chunk(
