@@ -29,7 +29,7 @@ import typer
 from schemas import topics
 from services.common import kafka
 from services.common.settings import Settings, get_settings
-from services.projections.app import apply_isolating_poison, decode_batch
+from services.projections.projector import apply_isolating_poison, decode_batch
 from services.projections.read_model import TABLES, ReadModel
 
 BATCH_RECORDS = 20_000  # records applied per transaction

@@ -8,7 +8,7 @@ import pytest
 from schemas import topics
 from schemas.events import MESSAGE_STATUSES
 from services.common import ids, jsoncodec
-from services.projections.app import decode_batch
+from services.projections.projector import decode_batch
 from services.projections.read_model import ReadModel, masked_dsn, settled
 
 T0 = "2024-05-01T12:00:00.000000Z"
@@ -235,7 +235,7 @@ def test_poison_records_are_skipped():
 
 
 def test_a_record_sqlite_cannot_store_is_skipped_alone(model):
-    from services.projections.app import apply_isolating_poison
+    from services.projections.projector import apply_isolating_poison
 
     cid = str(uuid.uuid4())
     good = status_record(cid, 1, 100, "waiting")

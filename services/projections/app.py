@@ -1,4 +1,4 @@
-"""The projections process: keeps the read model (services/projections/read_model.py) up to date.
+"""The projections process: keeps the read model (services/projections/projector.py) up to date.
 
 One aiokafka consumer (group `outreach-projections`) on the two public event topics. Each `getmany` batch
 is decoded, applied in one read-model transaction (SQLite or PostgreSQL), and only then are the offsets
@@ -18,10 +18,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from schemas import topics
-from services.common import jsoncodec, kafka
+from services.common import kafka
 from services.common.runtime import run_service
 from services.common.settings import Settings
-from services.projections.read_model import InvalidRecord, ReadModel, check_campaign_event, check_message_status
+from services.projections.projector import ReadModel, apply_isolating_poison, decode_batch
 
 log = logging.getLogger("outreach.projections")
 
@@ -30,60 +30,6 @@ INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
 MAX_RECORDS = 20_000
 POLL_MS = 200
 RETRY_S = 1.0
-
-_CHECKS = {topics.CAMPAIGN_EVENTS: check_campaign_event, topics.MESSAGE_STATUS: check_message_status}
-
-
-def decode_batch(records: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """(campaign events, message statuses, skipped) from aiokafka ConsumerRecords; poison records are logged."""
-    campaign_events: list[dict[str, Any]] = []
-    statuses: list[dict[str, Any]] = []
-    skipped = 0
-    for record in records:
-        check = _CHECKS.get(record.topic)
-        if check is None:
-            continue
-        try:
-            value = check(jsoncodec.loads(record.value or b""))
-        except (jsoncodec.JSONDecodeError, InvalidRecord) as exc:
-            skipped += 1
-            log.warning("skipping poison record %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
-            continue
-        (campaign_events if record.topic == topics.CAMPAIGN_EVENTS else statuses).append(value)
-    return campaign_events, statuses, skipped
-
-
-def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], statuses: list[dict]) -> int:
-    """Apply a batch in one transaction; if a record in it cannot be stored (a value the database cannot bind,
-    a number out of range), apply the records one by one and skip the bad ones. Returns the skipped count.
-    An unavailable database (locked, disk full, connection lost) is raised: the caller retries the batch."""
-    try:
-        model.apply_batch(campaign_events, statuses)
-        return 0
-    except Exception as exc:
-        if model.is_unavailable(exc):
-            raise
-        log.warning("batch of %d records failed; applying them one by one", len(campaign_events) + len(statuses),
-                    exc_info=True)
-    skipped = 0
-    for event in campaign_events:
-        try:
-            model.apply_batch([event], [])
-        except Exception as exc:
-            if model.is_unavailable(exc):
-                raise
-            skipped += 1
-            log.warning("skipping poison campaign event %s: %r", event.get("event_id"), exc)
-    for status in statuses:
-        try:
-            model.apply_batch([], [status])
-        except Exception as exc:
-            if model.is_unavailable(exc):
-                raise
-            skipped += 1
-            log.warning("skipping poison message-status record %s: %r", status.get("event_id"), exc)
-    return skipped
-
 
 async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel | None = None,
                 group_id: str = GROUP_ID) -> None:
