@@ -34,10 +34,11 @@ from rich.table import Table
 from rich.text import Text
 
 from outreach import client as cmd
-from outreach.importer import CsvError, read_contacts_csv
 from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
+from schemas.commands import new_id
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
+from services.common.contacts_csv import DESTINATION_NAMES, CsvError, read_contacts_csv
 from services.common.settings import get_settings
 from services.projections.read_model import ReadModel, rfc3339, settled
 
@@ -192,7 +193,7 @@ CREATE_HELP = "\n\n".join((
     "The CSV is UTF-8 and comma-separated. The header row is optional: the first line is taken as a header "
     "when its destination cell is not a plausible destination (contains neither '+' nor '@').",
     "The destination column is --destination-column (a header name or a 1-based number), else a header named "
-    "destination, phone, phone_number, mobile, msisdn, email, email_address or to, else the first column whose "
+    f"{', '.join(DESTINATION_NAMES[:-1])} or {DESTINATION_NAMES[-1]}, else the first column whose "
     "first cell has a '+' or '@', else column 1. Other columns become template variables named by the header "
     "(column_N without one). Each contact's row is its physical line number (the header is line 1).",
     "SMS: --template-body TEXT (or --template-file with JSON {\"body\": ...} or plain text). Email: "
@@ -272,7 +273,7 @@ def create(
         parsed = read_contacts_csv(csv_path, destination_column)
     except CsvError as exc:
         _fail(f"cannot import {csv_path}: {exc}", EXIT_REFUSED, as_json=as_json)
-    campaign_id = cmd.new_id()
+    campaign_id = new_id()
     if not as_json:
         header = f"header on line 1, destination column {parsed.destination_column!r}" if parsed.has_header \
             else f"no header, destination in column {parsed.destination_index + 1}"

@@ -20,17 +20,17 @@ import asyncio
 import getpass
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import topics
+from schemas.commands import MAX_CONTACTS_PER_CHUNK, new_id
+from schemas.commands import make_command as command_envelope
 from services.common import jsoncodec, kafka
+from services.common.contacts_csv import MAX_CHUNK_BYTES, add_contacts_envelope_bytes, chunk_contacts
 from services.common.settings import Settings, get_settings
-from outreach.importer import MAX_CHUNK_BYTES, MAX_CONTACTS_PER_CHUNK, chunk_contacts
 
 log = logging.getLogger("outreach.client")
 
@@ -75,14 +75,6 @@ class AnswerTimeout(TimeoutError):
         self.partial = partial
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def rfc3339_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def default_principal() -> str:
     """`OUTREACH_PRINCIPAL`, else the login name."""
     principal = os.environ.get("OUTREACH_PRINCIPAL")
@@ -95,15 +87,9 @@ def default_principal() -> str:
 
 
 def make_command(command_type: str, campaign_id: str, issued_by: str | None = None, **payload: Any) -> dict[str, Any]:
-    """A command envelope with a fresh command_id and the payload fields."""
-    return {
-        "type": command_type,
-        "command_id": new_id(),
-        "campaign_id": campaign_id,
-        "issued_by": issued_by or default_principal(),
-        "issued_at": rfc3339_now(),
-        **payload,
-    }
+    """A command (schemas.commands.make_command: a fresh command_id, the payload fields) issued by `issued_by`,
+    else by the default principal."""
+    return command_envelope(command_type, campaign_id, issued_by or default_principal(), **payload)
 
 
 def rejection(events: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -286,9 +272,7 @@ def add_contacts_commands(
     """AddContacts commands (chunk_no 0, 1, ...; `last_chunk` on the last) of at most `max_contacts` contacts
     and `max_bytes` encoded bytes each. Always at least one (an empty import still closes the contacts)."""
     issued_by = issued_by or default_principal()
-    # The largest envelope: a long chunk_no and `false` (longer than `true`).
-    probe = make_command("AddContacts", campaign_id, issued_by, chunk_no=10**9, contacts=[], last_chunk=False)
-    envelope = len(jsoncodec.dumps(probe))
+    envelope = add_contacts_envelope_bytes(campaign_id, issued_by)
     chunks = list(chunk_contacts(contacts, envelope, max_contacts, max_bytes))
     return [
         make_command("AddContacts", campaign_id, issued_by, chunk_no=n, contacts=chunk, last_chunk=n == len(chunks) - 1)

@@ -8,6 +8,7 @@ Unknown fields are ignored: the contract lets senders add fields.
 The primitives shared by every record (`WireId`, `UtcDatetime`, `Channel`, templates) live here too;
 events and internal records import them.
 """
+import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -30,7 +31,7 @@ from pydantic import (
 )
 
 from schemas.ids import UUID_PATTERN
-from schemas.times import RFC3339_FORMAT, rfc3339  # noqa: F401  (RFC3339_FORMAT re-exported)
+from schemas.times import RFC3339_FORMAT, rfc3339, utc_now  # noqa: F401  (RFC3339_FORMAT re-exported)
 
 # --- Shared primitives -------------------------------------------------------------------------
 
@@ -342,3 +343,24 @@ def validation_detail(error: ValidationError, limit: int = 5) -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
+
+
+# --- Building commands -------------------------------------------------------------------------
+
+def new_id() -> str:
+    """A fresh random id in the contract's form (a new campaign's, a new command's)."""
+    return str(uuid.uuid4())
+
+
+def make_command(command_type: str, campaign_id: str, issued_by: str, *, command_id: str | None = None,
+                 **payload: Any) -> dict[str, Any]:
+    """A command as it goes on `outreach.commands`: the envelope (`command_id` a fresh one unless given,
+    issued now by `issued_by`) and the payload fields. Not validated here: `parse_command` is the judge."""
+    return {
+        "type": command_type,
+        "command_id": command_id or new_id(),
+        "campaign_id": campaign_id,
+        "issued_by": issued_by,
+        "issued_at": utc_now(),
+        **payload,
+    }

@@ -698,8 +698,8 @@ STREAMED_CSV_CASES = [
 
 
 @pytest.mark.parametrize("text,destination_column", STREAMED_CSV_CASES)
-def test_streamed_upload_reads_the_same_contacts_as_the_cli_importer(text, destination_column):
-    from outreach.importer import parse_contacts_csv
+def test_streamed_upload_reads_the_same_contacts_as_the_cli(text, destination_column):
+    from services.common.contacts_csv import parse_contacts_csv
     from services.api.contacts_upload import StreamedCsv
 
     expected = parse_contacts_csv(text, destination_column)
@@ -713,7 +713,7 @@ def test_streamed_upload_reads_the_same_contacts_as_the_cli_importer(text, desti
 
 
 def test_streamed_upload_mapping_limits_and_chunks():
-    from outreach.importer import CsvError
+    from services.common.contacts_csv import CsvError
     from services.api.contacts_upload import MappingError, StreamedCsv
 
     text = "phone,first,last\n" + "".join(f"+1555{i:07d},F{i},L{i}\n" for i in range(2500)) + "+15559999999,a,b,c\n"

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from outreach.cli import app
 from outreach.client import add_contacts_commands
-from outreach.importer import MAX_CHUNK_BYTES, CsvError, chunk_contacts, parse_contacts_csv, read_contacts_csv
 from schemas import topics
 from schemas.commands import parse_command
 from services.common import jsoncodec
+from services.common.contacts_csv import MAX_CHUNK_BYTES, CsvError, chunk_contacts, parse_contacts_csv, read_contacts_csv
 from services.common.kafka import ensure_topics
 from services.common.settings import Settings
 from services.projections.read_model import ReadModel

@@ -14,9 +14,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from outreach.client import make_command
 from schemas import topics
-from schemas.commands import parse_command
+from schemas.commands import make_command, parse_command
 from services.common import jsoncodec, kafka
 from services.common.settings import Settings
 
@@ -41,9 +40,7 @@ def build_command(command_type: str, campaign_id: str, issued_by: str, *, comman
                   **payload: Any) -> dict[str, Any]:
     """A command envelope for `issued_by`, checked against the contract (InvalidCommand if it breaks it);
     `command_id` is given for an Idempotency-Key (services.api.idempotency), else it is a fresh random one."""
-    command = make_command(command_type, campaign_id, issued_by, **payload)
-    if command_id is not None:
-        command["command_id"] = command_id
+    command = make_command(command_type, campaign_id, issued_by, command_id=command_id, **payload)
     try:
         parse_command(jsoncodec.dumps(command))
     except ValidationError as exc:

@@ -17,8 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import JSONResponse
 
-from outreach.client import make_command, new_id
-from outreach.importer import CsvError
+from schemas.commands import make_command, new_id
 from services.api import idempotency
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
@@ -36,7 +35,7 @@ from services.api.models import (
 )
 from services.api.reads import CampaignId
 from services.api.store import Principal
-from services.common import jsoncodec
+from services.common.contacts_csv import CsvError, add_contacts_envelope_bytes
 from services.common.ids import UUID_PATTERN
 
 UPLOAD_FORM_OVERHEAD_BYTES = 1024 * 1024  # the template and the other form fields beside the CSV
@@ -124,9 +123,7 @@ async def create_campaign(
                            command_id=idempotency.command_id(principal.name, "CreateCampaign", campaign_id,
                                                              idempotency_key))
 
-    # The largest AddContacts envelope (a long chunk_no, `false`): what each chunk's contacts must fit beside.
-    probe = make_command("AddContacts", campaign_id, principal.name, chunk_no=10**9, contacts=[], last_chunk=False)
-    envelope = len(jsoncodec.dumps(probe))
+    envelope = add_contacts_envelope_bytes(campaign_id, principal.name)
     upload = StreamedCsv(contacts.file, destination_column, mapping)
     try:
         layout = await asyncio.to_thread(upload.inspect, envelope)  # every line read before anything is published
@@ -139,11 +136,10 @@ async def create_campaign(
     try:
         for chunk_no in range(layout.chunks):
             chunk = await asyncio.to_thread(next, chunks, None)  # one chunk in memory at a time
-            command = make_command("AddContacts", campaign_id, principal.name, chunk_no=chunk_no,
-                                   contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1)
-            if idempotency_key is not None:
-                command["command_id"] = idempotency.contacts_command_id(principal.name, campaign_id,
-                                                                        idempotency_key, chunk_no)
+            command_id = None if idempotency_key is None else idempotency.contacts_command_id(
+                principal.name, campaign_id, idempotency_key, chunk_no)
+            command = make_command("AddContacts", campaign_id, principal.name, command_id=command_id,
+                                   chunk_no=chunk_no, contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1)
             await publisher.publish([command])
             chunk_ids.append(command["command_id"])
     finally:

@@ -1,0 +1,229 @@
+"""The contacts CSV import rules, once for every door: the CLI's `campaign create` and the API's upload read a
+file into the same contacts, and cut them into the same AddContacts chunks.
+
+CSV rules (also in `outreach campaign create --help` and the API's create form):
+- UTF-8 (a BOM is ignored), comma-separated, quoted fields as in RFC 4180; blank lines are skipped.
+- The header is optional: the first line is taken as a header when its destination cell is not a plausible
+  destination, i.e. contains neither '+' (E.164) nor '@' (email).
+- The destination column: `destination_column` (a header name, or a 1-based column number); else the first
+  header named like a destination (destination, phone, phone_number, mobile, msisdn, email, email_address,
+  to); else the first column whose first-line cell contains '+' or '@'; else column 1.
+- The other columns become template variables, named by the header (or `column_N`, 1-based, without one).
+  Empty cells are left out (a variable with no value leaves its placeholder literal anyway).
+- `row` is the physical line number where the record starts (the header, when present, is line 1).
+- Chunks: at most 1,000 contacts per AddContacts, and at most 900 KiB per encoded command (the contract).
+
+Whether a destination is *valid* is not decided here: the command handler judges every row
+(schemas/destinations.py) and reports the invalid ones.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from schemas.commands import MAX_CONTACTS_PER_CHUNK, make_command
+from services.common import jsoncodec
+
+MAX_CHUNK_BYTES = 900 * 1024  # the contract's limit on one encoded AddContacts record
+DESTINATION_NAMES = ("destination", "phone", "phone_number", "mobile", "msisdn", "email", "email_address", "to")
+
+Record = tuple[int, list[str]]  # (the physical line it starts on, its cells)
+
+
+class CsvError(ValueError):
+    """The CSV cannot be imported (unknown destination column, undecodable bytes, a row too large, ...)."""
+
+
+def plausible_destination(cell: str) -> bool:
+    return "+" in cell or "@" in cell
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def destination_index(first: list[str], destination_column: str | None = None) -> tuple[int, bool | None]:
+    """The destination column of a CSV whose first record is `first`: (its 0-based index, whether the first
+    record is a header when the choice says so (a column named) or None when plausibility must decide)."""
+    if destination_column is not None:
+        wanted = destination_column.strip()
+        names = [cell.strip() for cell in first]
+        if wanted in names:
+            return names.index(wanted), True
+        lowered = [n.lower() for n in names]
+        if wanted.lower() in lowered:
+            return lowered.index(wanted.lower()), True
+        if wanted.isdigit() and int(wanted) >= 1:
+            return int(wanted) - 1, None
+        raise CsvError(f"destination column {destination_column!r} is not in the header {names}")
+    normalised = [_normalise_name(cell) for cell in first]
+    for name in DESTINATION_NAMES:
+        if name in normalised:
+            return normalised.index(name), None
+    for index, cell in enumerate(first):
+        if plausible_destination(cell):
+            return index, None
+    return 0, None
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """What the first record decides: whether it is a header, where the destination is, the column names."""
+    has_header: bool
+    destination_index: int  # 0-based
+    header: list[str] = field(default_factory=list)  # the header's column names ([] without a header)
+
+    def column_name(self, index: int) -> str:
+        if index < len(self.header):
+            return self.header[index]
+        return f"column_{index + 1}"
+
+    @property
+    def destination_column(self) -> str:
+        return self.column_name(self.destination_index)
+
+    def columns(self, width: int) -> list[str]:
+        """The name of every column (the destination's included) of a CSV whose widest record is `width`."""
+        return [self.column_name(i) for i in range(max(width, len(self.header)))]
+
+    def contact(self, row: int, cells: list[str], variables: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The contact of one data record. `variables` ({column: variable name}) keeps only the columns it
+        names, renamed; None keeps every other column under its own name."""
+        index = self.destination_index
+        named: dict[str, str] = {}
+        for i, value in enumerate(cells):
+            if i == index or value == "":
+                continue
+            column = self.column_name(i)
+            name = column if variables is None else variables.get(column)
+            if name is not None:
+                named[name] = value
+        return {"row": row, "destination": cells[index] if index < len(cells) else "", "variables": named}
+
+
+EMPTY_LAYOUT = CsvLayout(has_header=False, destination_index=0)  # a CSV without a record
+
+
+def detect_layout(first: list[str], destination_column: str | None = None) -> CsvLayout:
+    """The layout a CSV's first record decides (CsvError for a destination column it does not have)."""
+    index, by_name = destination_index(first, destination_column)
+    destination_cell = first[index] if index < len(first) else ""
+    has_header = by_name if by_name is not None else not plausible_destination(destination_cell)
+    header = [cell.strip() or f"column_{i + 1}" for i, cell in enumerate(first)] if has_header else []
+    return CsvLayout(has_header=has_header, destination_index=index, header=header)
+
+
+def csv_records(text: IO[str]) -> Iterator[Record]:
+    """(first physical line, cells) of every non-blank record of a text stream opened with newline=""."""
+    reader = csv.reader(text)
+    previous_end = 0
+    try:
+        for cells in reader:
+            start = previous_end + 1
+            previous_end = reader.line_num
+            if cells and any(c.strip() for c in cells):
+                yield start, cells
+    except csv.Error as exc:
+        raise CsvError(f"line {reader.line_num}: {exc}") from exc
+
+
+def file_records(file: IO[bytes]) -> Iterator[Record]:
+    """The records of a binary file object, read as a stream from its start (it must be seekable)."""
+    file.seek(0)
+    text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")
+    try:
+        yield from csv_records(text)
+    except UnicodeDecodeError as exc:
+        raise CsvError(f"not UTF-8 ({exc})") from None
+    finally:
+        try:
+            text.detach()  # a collected wrapper would close the file with it
+        except ValueError:
+            pass  # the file is closed already
+
+
+def contacts_of(layout: CsvLayout, records: Iterable[Record],
+                variables: Mapping[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """The contacts of the data records (the header, if any, already left out)."""
+    for row, cells in records:
+        yield layout.contact(row, cells, variables)
+
+
+@dataclass
+class CsvContacts:
+    """A whole CSV's contacts `{row, destination, variables}`, with the layout that read them."""
+    contacts: list[dict[str, Any]]
+    layout: CsvLayout
+    columns: list[str]  # every column's name (the destination's included)
+
+    @property
+    def has_header(self) -> bool:
+        return self.layout.has_header
+
+    @property
+    def destination_index(self) -> int:
+        return self.layout.destination_index
+
+    @property
+    def destination_column(self) -> str:
+        return self.layout.destination_column
+
+
+def parse_contacts_csv(text: str, destination_column: str | None = None) -> CsvContacts:
+    """The contacts of a CSV text (see the module docstring for the rules)."""
+    records = list(csv_records(io.StringIO(text, newline="")))
+    if not records:
+        return CsvContacts([], EMPTY_LAYOUT, columns=[])
+    layout = detect_layout(records[0][1], destination_column)
+    data = records[1:] if layout.has_header else records
+    width = max(len(cells) for _, cells in records)
+    return CsvContacts(list(contacts_of(layout, data)), layout, layout.columns(width))
+
+
+def read_contacts_csv(path: Path | str, destination_column: str | None = None) -> CsvContacts:
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CsvError(f"{path}: not UTF-8 ({exc})") from exc
+    return parse_contacts_csv(text, destination_column)
+
+
+# ------------------------------------------------------------------ chunks
+
+def add_contacts_envelope_bytes(campaign_id: str, issued_by: str) -> int:
+    """The encoded size of the largest AddContacts envelope without contacts (a long chunk_no, `false`):
+    what each chunk's contacts must fit beside."""
+    probe = make_command("AddContacts", campaign_id, issued_by, chunk_no=10**9, contacts=[], last_chunk=False)
+    return len(jsoncodec.dumps(probe))
+
+
+def chunk_contacts(
+    contacts: Iterable[dict[str, Any]],
+    envelope_bytes: int,
+    max_contacts: int = MAX_CONTACTS_PER_CHUNK,
+    max_bytes: int = MAX_CHUNK_BYTES,
+) -> Iterator[list[dict[str, Any]]]:
+    """Split contacts into chunks of at most `max_contacts` whose command (an envelope of `envelope_bytes`
+    with an empty contact list, plus the contacts and their commas) is at most `max_bytes` once encoded.
+    Always yields at least one (possibly empty) chunk: an empty import still closes the contacts."""
+    chunk: list[dict[str, Any]] = []
+    size = envelope_bytes
+    yielded = False
+    for contact in contacts:
+        encoded = len(jsoncodec.dumps(contact))
+        if envelope_bytes + encoded > max_bytes:
+            raise CsvError(f"row {contact.get('row')}: too large for one command ({max_bytes} bytes at most)")
+        cost = encoded + (1 if chunk else 0)
+        if chunk and (len(chunk) >= max_contacts or size + cost > max_bytes):
+            yield chunk
+            yielded = True
+            chunk, size = [], envelope_bytes
+            cost = encoded
+        chunk.append(contact)
+        size += cost
+    if chunk or not yielded:
+        yield chunk
