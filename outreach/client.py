@@ -30,12 +30,14 @@ from schemas.commands import MAX_CONTACTS_PER_CHUNK, new_id
 from schemas.commands import make_command as command_envelope
 from services.common import jsoncodec, kafka
 from services.common.contacts_csv import MAX_CHUNK_BYTES, add_contacts_envelope_bytes, chunk_contacts
+from services.common.retry import retrying
 from services.common.settings import Settings, get_settings
 
 log = logging.getLogger("outreach.client")
 
 DEFAULT_TIMEOUT_S = 30.0
 SETTLE_S = 0.25  # after the main answer event: how long to wait for trailing ones (status changes)
+FETCH_RETRY_FIRST_WAIT_S = 0.2
 
 ALL_DISCLAIMER_FLAGS = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 
@@ -195,14 +197,7 @@ class CommandClient:
         assert self._consumer is not None
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=100, max_records=5000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("reading answers failed; retrying", exc_info=True)
-                await asyncio.sleep(0.2)
-                continue
+            batches = await self._fetch_answers()
             now = loop.time()
             for records in batches.values():
                 for record in records:
@@ -217,6 +212,14 @@ class CommandClient:
                     waiter = self._waiters.get(event.get("causation_id"))  # type: ignore[arg-type]
                     if waiter is not None:
                         waiter.add(event, now)
+
+    async def _fetch_answers(self) -> dict:
+        """The next records; a failed fetch (a broker restarting) is retried until it works or the client stops."""
+        assert self._consumer is not None
+        async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=FETCH_RETRY_FIRST_WAIT_S):
+            with attempt:
+                return await self._consumer.getmany(timeout_ms=100, max_records=5000)
+        raise AssertionError("unreachable: retrying without limits gives up only by raising")
 
     async def publish(self, command: dict[str, Any]) -> None:
         """Publish one command, keyed by its campaign_id, and wait for the broker's ack."""

@@ -12,11 +12,11 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas import topics
 from schemas.commands import make_command, parse_command
-from services.common import jsoncodec, kafka
+from services.common import jsoncodec, kafka, records
 from services.common.settings import Settings
 
 log = logging.getLogger("outreach.api.commands")
@@ -87,15 +87,16 @@ class CommandPublisher:
                 log.warning("publishing %s %s failed: %s", command["type"], command["command_id"], exc)
                 raise BrokerUnavailable(f"{command['type']} {command['command_id']} not acknowledged: {exc}") from exc
 
-    async def publish_record(self, topic: str, key: str, value: dict[str, Any]) -> None:
-        """One internal record, acknowledged by the broker (BrokerUnavailable if not)."""
+    async def publish_record(self, topic: str, key: str, record: BaseModel) -> None:
+        """One internal record (a schemas.internal model), acknowledged by the broker (BrokerUnavailable if not)."""
+        value = records.encode(record)
         producer = await self._started()
+        kind = type(record).__name__
         try:
-            await asyncio.wait_for(producer.send_and_wait(topic, value=jsoncodec.dumps(value), key=key.encode()),
-                                   self.timeout_s)
+            await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key.encode()), self.timeout_s)
         except Exception as exc:
-            log.warning("publishing %s on %s failed: %s", value.get("type"), topic, exc)
-            raise BrokerUnavailable(f"{value.get('type')} on {topic} not acknowledged: {exc}") from exc
+            log.warning("publishing %s on %s failed: %s", kind, topic, exc)
+            raise BrokerUnavailable(f"{kind} on {topic} not acknowledged: {exc}") from exc
 
     async def stop(self) -> None:
         async with self._lock:

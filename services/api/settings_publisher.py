@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from datetime import datetime, timezone
 
 from schemas import topics
-from schemas.commands import RFC3339_FORMAT
-from services.api.commands import CommandPublisher
+from schemas.internal import ChannelSettingsChanged
+from services.api.commands import BrokerUnavailable, CommandPublisher
 from services.api.store import ApiStore, SealedChannelSettings
+from services.common.retry import retrying
 
 log = logging.getLogger("outreach.api.settings")
 
-REPUBLISH_BACKOFF_MAX_S = 10.0
+REPUBLISH_FIRST_WAIT_S = 0.5
+REPUBLISH_LONGEST_WAIT_S = 10.0
 
 
-def record(sealed: SealedChannelSettings) -> dict:
-    return {"type": "ChannelSettingsChanged", "settings_id": sealed.settings_id, "channel": sealed.channel,
-            "provider": sealed.provider, "credentials": sealed.sealed_credentials,
-            "occurred_at": datetime.now(timezone.utc).strftime(RFC3339_FORMAT)}
+def record(sealed: SealedChannelSettings) -> ChannelSettingsChanged:
+    """The record that publishes one channel's stored settings (validated here, where it is made)."""
+    return ChannelSettingsChanged(settings_id=sealed.settings_id, channel=sealed.channel, provider=sealed.provider,
+                                  credentials=sealed.sealed_credentials, occurred_at=datetime.now(timezone.utc))
 
 
 class SettingsPublisher:
@@ -55,20 +58,19 @@ class SettingsPublisher:
             return stored
 
     async def republish_stored(self) -> None:
-        """Every stored channel's settings, again; retried until the broker takes them (or cancelled)."""
-        delay = 0.5
-        while True:
-            try:
-                async with self.lock:
-                    stored = await self._stored()
-                    for sealed in stored:
-                        await self._publish(sealed)
-                if stored:
-                    log.info("published the stored settings of %s", ", ".join(s.channel for s in stored))
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("stored channel settings not published yet (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REPUBLISH_BACKOFF_MAX_S)
+        """Every stored channel's settings, again; retried while the broker or the store is unavailable, until
+        the broker takes them (or cancelled). Anything else (a stored row its record refuses) is a bug: logged
+        and raised, not retried."""
+        try:
+            async for attempt in retrying(on=(BrokerUnavailable, sqlite3.Error), timeout_s=None,
+                                          first_wait_s=REPUBLISH_FIRST_WAIT_S, longest_wait_s=REPUBLISH_LONGEST_WAIT_S):
+                with attempt:
+                    async with self.lock:
+                        stored = await self._stored()
+                        for sealed in stored:
+                            await self._publish(sealed)
+        except Exception:
+            log.exception("the stored channel settings cannot be published")
+            raise
+        if stored:
+            log.info("published the stored settings of %s", ", ".join(s.channel for s in stored))

@@ -11,19 +11,19 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import sqlite3
 import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, get_args
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from schemas.times import utc_now
 from services.common import jsoncodec
 from services.common.secrets import encryption_key
+from services.common.sqlite import open_sqlite
 from services.common.settings import Settings
 
 FILE_NAME = "api.db"
@@ -52,10 +52,6 @@ CREATE TABLE IF NOT EXISTS channel_settings (
     settings_id TEXT                -- the ChannelSettingsChanged record's id (outreach.internal.channel-settings)
 );
 """
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def hash_token(token: str) -> str:
@@ -113,9 +109,8 @@ class ApiStore:
         if not self.path.exists():  # private from the start (SQLite gives its -wal and -shm files the same mode)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
+        # FULL: a token is shown once and settings are answered 200 once stored, so a commit survives a power cut.
+        self._conn = open_sqlite(self.path, synchronous="FULL", busy_timeout_s=30)
         self._conn.executescript(_SCHEMA)
         token_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(tokens)")}
         for column in ("created_by", "revoked_by"):  # an api.db from before token audit
@@ -151,7 +146,7 @@ class ApiStore:
         if not principal:
             raise ValueError("the principal name is empty")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        info = TokenInfo(token_id=secrets.token_hex(6), principal=principal, role=role, created_at=_now(),
+        info = TokenInfo(token_id=secrets.token_hex(6), principal=principal, role=role, created_at=utc_now(),
                          revoked_at=None, created_by=created_by)
         with self._lock:
             self._conn.execute(
@@ -198,12 +193,12 @@ class ApiStore:
         revocation (time and who). Its info afterwards, or None if there is no such token."""
         with self._lock:
             self._conn.execute("UPDATE tokens SET revoked_at = ?, revoked_by = ? WHERE token_id = ? "
-                               "AND revoked_at IS NULL", (_now(), revoked_by, token_id))
+                               "AND revoked_at IS NULL", (utc_now(), revoked_by, token_id))
         return self.token(token_id)
 
     def revoke(self, token_id_or_principal: str, *, revoked_by: str | None = None) -> int:
         """Revoke the token with this id, else every live token of this principal; returns how many."""
-        now = _now()
+        now = utc_now()
         with self._lock:
             cursor = self._conn.execute("UPDATE tokens SET revoked_at = ?, revoked_by = ? WHERE revoked_at IS NULL "
                                         "AND token_id = ?", (now, revoked_by, token_id_or_principal))
@@ -224,7 +219,7 @@ class ApiStore:
     def save_channel_settings(self, channel: str, provider: str, credentials: dict[str, str],
                               updated_by: str) -> StoredChannelSettings:
         sealed = self._cipher().encrypt(jsoncodec.dumps(credentials))
-        now = _now()
+        now = utc_now()
         settings_id = str(uuid.uuid4())
         with self._lock:
             self._conn.execute(
