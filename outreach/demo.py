@@ -13,7 +13,6 @@ from outreach import client
 from services.common.settings import Settings
 from services.projections.read_model import ReadModel, settled
 
-FINAL = {"complete", "complete_with_errors", "failed"}
 SHOWN_STATUSES = ("queued", "sending", "sent", "delivered", "failed", "opted_out")
 console = Console()
 
@@ -102,11 +101,11 @@ async def _run(settings: Settings, size: int) -> bool:
             counts = {k: v for k, v in row["counts"].items() if v and k != "total"}
             console.print(f"  {label} ({campaign_id}): [bold]{row['status']}[/bold], {row['counts']['total']} messages "
                           f"{counts}" + (f"; failure reasons {reasons}" if reasons else ""))
-        return all(r and r["status"] in FINAL for r in rows.values())
+        return all(r and settled(r) for r in rows.values())
     finally:
         read_model.close()
 
 
 def run_demo(settings: Settings, size: int = 200) -> bool:
-    """Runs the demo campaigns to their end; True when both reached a final status."""
+    """Runs the demo campaigns to their end; True when both reached a final status (and their counts with it)."""
     return asyncio.run(_run(settings, size))

