@@ -30,7 +30,7 @@ from services.command_handler import wire  # noqa: E402
 from services.command_handler.application import open_app  # noqa: E402
 from services.command_handler.handlers import RecordHandler  # noqa: E402
 from services.projections.app import MAX_RECORDS  # noqa: E402
-from services.projections.read_model import ReadModel  # noqa: E402
+from services.projections.projector import ReadModel  # noqa: E402
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"

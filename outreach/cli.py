@@ -40,7 +40,7 @@ from schemas.commands import new_id
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from services.common.contacts_csv import DESTINATION_NAMES, CsvError, read_contacts_csv
 from services.common.settings import get_settings
-from services.projections.read_model import ReadModel, rfc3339, settled
+from services.projections.views import ReadViews, rfc3339, settled
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
@@ -90,9 +90,9 @@ def _run_async(coro, as_json: bool) -> Any:
         _fail(f"Kafka at {get_settings().kafka_bootstrap_servers} does not answer: {exc}", as_json=as_json)
 
 
-def _read_model() -> ReadModel | None:
+def _read_model() -> ReadViews | None:
     """The read model (OUTREACH_READ_MODEL_URL, or the SQLite file if the projections have written one)."""
-    return ReadModel.open_existing(get_settings())
+    return ReadViews.open_existing(get_settings())
 
 
 def _describe_event(event: dict[str, Any]) -> str:
@@ -526,7 +526,7 @@ def show(
 
 
 def _watch(campaign_id: str, interval: float, as_json: bool) -> dict[str, Any]:
-    model: ReadModel | None = None
+    model: ReadViews | None = None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn())
     task = progress.add_task("final", total=None)
     campaign: dict[str, Any] | None = None
@@ -624,7 +624,7 @@ def events(
         _fail(f"no events of campaign {campaign_id} in the read model")
 
 
-def _print_as_of(model: ReadModel, campaign_id: str, moment: datetime, as_of: str, messages: bool,
+def _print_as_of(model: ReadViews, campaign_id: str, moment: datetime, as_of: str, messages: bool,
                  as_json: bool) -> None:
     """The campaign and its messages as they stood; the messages are streamed page by page, so a campaign of
     300,000 is printed in bounded memory."""

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from outreach import client
 from services.common.settings import Settings
-from services.projections.read_model import ReadModel, settled
+from services.projections.views import ReadViews, settled
 
 SHOWN_STATUSES = ("queued", "sending", "sent", "delivered", "failed", "opted_out")
 console = Console()
@@ -35,7 +35,7 @@ def sample_email_contacts(size: int) -> list[dict]:
              "variables": {"first_name": f"Grace{i}"}} for i in range(size)]
 
 
-def progress_table(read_model: ReadModel, campaigns: dict[str, str]) -> Table:
+def progress_table(read_model: ReadViews, campaigns: dict[str, str]) -> Table:
     table = Table(title="Outreach demo: live progress")
     table.add_column("campaign", no_wrap=True)
     table.add_column("status", no_wrap=True)
@@ -80,7 +80,7 @@ async def _run(settings: Settings, size: int) -> bool:
                 return False
             console.print(f"{label}: run {answer[0]['run_no']} started with {answer[0]['message_count']} messages")
 
-    read_model = ReadModel.open(settings)
+    read_model = ReadViews.open(settings)
     try:
         deadline = time.monotonic() + 300
         with Live(progress_table(read_model, campaigns), console=console, refresh_per_second=4) as live:

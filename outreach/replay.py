@@ -29,8 +29,9 @@ import typer
 from schemas import topics
 from services.common import kafka
 from services.common.settings import Settings, get_settings
-from services.projections.projector import apply_isolating_poison, decode_batch
-from services.projections.read_model import TABLES, ReadModel
+from services.projections import storage
+from services.projections.projector import ReadModel, apply_isolating_poison, decode_batch
+from services.projections.schema import TABLES
 
 BATCH_RECORDS = 20_000  # records applied per transaction
 NOTIFICATION_PAGE = 100  # stored events read per query (a block event stands for up to 1,000 records)
@@ -84,7 +85,7 @@ def default_target(settings: Settings) -> str:
 
 def open_fresh(location: str) -> ReadModel:
     """The read model at `location`, which must be empty (a PostgreSQL database that does not exist is created)."""
-    if location.startswith(("postgresql://", "postgres://")):
+    if storage.is_postgres(location):
         _create_postgres_database(location)
     model = ReadModel(location)
     rows = model.row_counts()

@@ -24,7 +24,7 @@ from services.api.app import BackgroundServer, create_app
 from services.api.store import ApiStore
 from services.common import ids
 from services.common.settings import Settings
-from services.projections.read_model import ReadModel
+from services.projections.projector import ReadModel
 from tests.conftest import async_wait_until
 from tests.e2e_support import Tail
 

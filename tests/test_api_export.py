@@ -26,7 +26,7 @@ import pytest
 from services.api.store import ApiStore
 from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.settings import Settings
-from services.projections.read_model import ReadModel
+from services.projections.projector import ReadModel
 from tests.conftest import wait_until
 from tests.test_api import ready_campaign
 

@@ -15,7 +15,7 @@ from services.common import jsoncodec
 from services.common.contacts_csv import MAX_CHUNK_BYTES, CsvError, chunk_contacts, parse_contacts_csv, read_contacts_csv
 from services.common.kafka import ensure_topics
 from services.common.settings import Settings
-from services.projections.read_model import ReadModel
+from services.projections.projector import ReadModel
 
 runner = CliRunner()
 

@@ -23,8 +23,9 @@ from outreach.cli import app as cli
 from outreach.replay import compare_dumps, run_replay
 from outreach.up import Stack
 from schemas import topics
+from schemas.times import rfc3339
 from services.common.settings import Settings
-from services.projections.read_model import ReadModel, rfc3339
+from services.projections.projector import ReadModel
 from tests.conftest import async_wait_until, fresh_postgres_database
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE, Commands, Tail, sms_contacts

@@ -8,8 +8,9 @@ import pytest
 from schemas import topics
 from schemas.events import MESSAGE_STATUSES
 from services.common import ids, jsoncodec
-from services.projections.projector import decode_batch
-from services.projections.read_model import ReadModel, masked_dsn, settled
+from services.projections.projector import ReadModel, decode_batch
+from services.projections.storage import masked_dsn
+from services.projections.views import settled
 
 T0 = "2024-05-01T12:00:00.000000Z"
 

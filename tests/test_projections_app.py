@@ -7,7 +7,7 @@ from services.common import jsoncodec
 from services.common.kafka import ensure_topics, make_producer
 from services.common.settings import Settings
 from services.projections.app import serve
-from services.projections.read_model import ReadModel
+from services.projections.projector import ReadModel
 from tests.conftest import async_wait_until
 from tests.test_projections import created_events, lifecycle
 

@@ -9,9 +9,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from schemas.events import MESSAGE_STATUSES
+from schemas.times import rfc3339
 from services.common import ids
-from services.projections import read_model
-from services.projections.read_model import ReadModel, rfc3339
+from services.projections import views
+from services.projections.projector import ReadModel
 from tests.conftest import fresh_postgres_database
 
 START = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -197,7 +198,7 @@ def test_history_merges_campaign_events_and_transitions_in_time_order(model):
 
 
 def test_history_pages_return_every_record_once_even_with_equal_keys_and_missing_fields(model, monkeypatch):
-    monkeypatch.setattr(read_model, "PAGE_ROWS", 3)  # many page boundaries
+    monkeypatch.setattr(views, "PAGE_ROWS", 3)  # many page boundaries
     cid = str(uuid.uuid4())
     events, statuses = campaign_records(cid)
     # Records the contract would not publish, still kept and shown as published: no time, no row, and

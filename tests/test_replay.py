@@ -20,7 +20,7 @@ from services.common import ids, jsoncodec
 from services.common.kafka import ensure_topics, make_producer
 from services.common.settings import Settings, get_settings
 from services.command_handler.application import OutreachApp
-from services.projections.read_model import ReadModel
+from services.projections.projector import ReadModel
 from tests.conftest import fresh_postgres_database
 from tests.handler_driver import Driver
 

@@ -24,7 +24,7 @@ from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCo
 from services.api.settings_publisher import SettingsPublisher
 from services.api.store import ApiStore, CredentialsUnreadable
 from services.common.settings import Settings, get_settings
-from services.projections.read_model import ReadModel
+from services.projections.views import ReadViews
 
 MAX_JSON_BODY_BYTES = MAX_RECORD_BYTES
 
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
         app.state.settings = settings
         app.state.read_model = read_model
         if app.state.read_model is None:
-            app.state.read_model = ReadModel.open(settings)
+            app.state.read_model = ReadViews.open(settings)
             owned.append(app.state.read_model)
         app.state.store = store
         if app.state.store is None:

@@ -27,7 +27,7 @@ from services.api.models import (
 )
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
-from services.projections.read_model import rfc3339, settled
+from services.projections.views import rfc3339, settled
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 

@@ -1,19 +1,93 @@
-"""The projector: the fold of consumed records into the read model (decoding, checking, applying a batch).
+"""The projector: the fold of consumed records into the read model (checking, decoding, applying a batch).
 
-`decode_batch` turns a consumed batch into checked campaign events and message-status records (poison
-records logged and skipped); `apply_isolating_poison` applies them in one transaction, or one by one when a
-record cannot be stored. The consumer (`app.py`) and `outreach replay` share both.
+Idempotence comes from what the records carry, never from Kafka offsets, and is stored in the same
+transaction as the effect:
+- a campaign event is kept once in `campaign_events` (by `event_id`); the `campaigns` row is the fold of the
+  campaign's events in `sequence` order (`fold.py`; an event older than the row's `last_sequence` refolds the
+  row from the stored history, so even out-of-order delivery gives the same row);
+- a message-status record is kept once in `message_events` (by `event_id`); the `messages` row holds the
+  record with the highest `sequence` (the per-message position), plus the destination and variables of its
+  `waiting` record.
+So the tables are a function of the *set* of records applied: a batch may be applied again, whole or in part,
+in any order, with the same result, and a replay of the same events gives the same rows (`canonical_dump`).
+Every value comes from the records: the projection stamps nothing with its own clock.
+
+A `CommandRejected` for an unknown campaign (sequence 0) has no campaign row: it is kept in `campaign_events`
+only, so `events(campaign_id)` shows it.
+
+The consumer (`app.py`) and `outreach replay` use `ReadModel`, `decode_batch` and `apply_isolating_poison`.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas import topics
 from services.common import jsoncodec
-from services.projections.read_model import InvalidRecord, ReadModel, check_campaign_event, check_message_status
+from services.common.records import InvalidRecord
+from services.projections import schema
+from services.projections.fold import fold_campaign
+from services.projections.schema import (
+    CAMPAIGN_COLUMNS,
+    EVENT_COLUMNS,
+    JSON_CAMPAIGN_COLUMNS,
+    MESSAGE_COLUMNS,
+    MESSAGE_STATE_COLUMNS,
+    STATUS_COLUMNS,
+    STATUS_RECORD_FIELDS,
+)
+from services.projections.storage import ReadModelUnavailable, Session
+from services.projections.views import ReadViews
 
 log = logging.getLogger("outreach.projections")
+
+
+# ------------------------------------------------------------------ checking consumed records
+
+def _require(value: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    item = value.get(key)
+    if not isinstance(item, kind) or isinstance(item, bool):
+        raise InvalidRecord(f"{key!r} missing or not {getattr(kind, '__name__', kind)}")
+    return item
+
+
+def _optional(value: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> None:
+    item = value.get(key)
+    if item is not None and (not isinstance(item, kind) or isinstance(item, bool)):
+        raise InvalidRecord(f"{key!r} is not {getattr(kind, '__name__', kind)}")
+
+
+def check_campaign_event(value: Any) -> dict[str, Any]:
+    """The record if it has what a campaign event needs; InvalidRecord otherwise."""
+    if not isinstance(value, dict):
+        raise InvalidRecord("not a JSON object")
+    for key in ("type", "event_id", "campaign_id"):
+        _require(value, key, str)
+    if _require(value, "sequence", int) < 0:
+        raise InvalidRecord("negative sequence")
+    for key in ("occurred_at", "causation_id"):
+        _optional(value, key, str)
+    return value
+
+
+def check_message_status(value: Any) -> dict[str, Any]:
+    """The record if it has what a message-status record needs; InvalidRecord otherwise."""
+    if not isinstance(value, dict):
+        raise InvalidRecord("not a JSON object")
+    if value.get("type") != "MessageStatusChanged":
+        raise InvalidRecord(f"type {value.get('type')!r} is not MessageStatusChanged")
+    for key in ("event_id", "message_id", "campaign_id", "status"):
+        _require(value, key, str)
+    _require(value, "sequence", int)
+    for key in ("row", "run_no", "attempt"):
+        _optional(value, key, int)
+    for key in ("channel", "previous_status", "reason", "provider_code", "occurred_at", "causation_id",
+                "destination"):
+        _optional(value, key, str)
+    _optional(value, "variables", dict)
+    return value
+
 
 _CHECKS = {topics.CAMPAIGN_EVENTS: check_campaign_event, topics.MESSAGE_STATUS: check_message_status}
 
@@ -35,6 +109,53 @@ def decode_batch(records: list[Any]) -> tuple[list[dict[str, Any]], list[dict[st
             continue
         (campaign_events if record.topic == topics.CAMPAIGN_EVENTS else statuses).append(value)
     return campaign_events, statuses, skipped
+
+
+# ------------------------------------------------------------------ the read model, written
+
+class ReadModel(ReadViews):
+    """The read model the projections write (and every query of `ReadViews`). One instance per process;
+    thread-safe (a small pool of connections)."""
+
+    _fed_from_start: bool | None = None
+
+    @property
+    def fed_from_start(self) -> bool:
+        """False until a first batch is applied: a new (or rebuilt) read model must be fed every record from the
+        beginning of the topics, whatever offsets a consumer group committed for an earlier one."""
+        if not self._fed_from_start:
+            with self._backend.session() as s:
+                self._fed_from_start = schema.fed_from_start(s)
+        return self._fed_from_start
+
+    def apply(self, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Apply (topic, value) pairs of one consumed batch in one transaction."""
+        campaign_events: list[dict[str, Any]] = []
+        statuses: list[dict[str, Any]] = []
+        for topic, value in records:
+            if topic == topics.CAMPAIGN_EVENTS:
+                campaign_events.append(value)
+            elif topic == topics.MESSAGE_STATUS:
+                statuses.append(value)
+        self.apply_batch(campaign_events, statuses)
+
+    def apply_batch(self, campaign_events: list[dict[str, Any]], message_statuses: list[dict[str, Any]]) -> None:
+        """Apply checked campaign events and message-status records in one transaction (all or nothing)."""
+        try:
+            with self._backend.transaction() as s:
+                if campaign_events:
+                    _apply_campaign_events(s, campaign_events)
+                if message_statuses:
+                    _apply_statuses(s, message_statuses)
+                if not self._fed_from_start:
+                    schema.mark_fed_from_start(s)
+        except ReadModelUnavailable:
+            raise
+        except Exception as exc:
+            if self._backend.transient(exc):
+                raise ReadModelUnavailable(str(exc)) from exc
+            raise
+        self._fed_from_start = True
 
 
 def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], statuses: list[dict]) -> int:
@@ -69,5 +190,122 @@ def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], status
     return skipped
 
 
-__all__ = ["InvalidRecord", "ReadModel", "apply_isolating_poison", "check_campaign_event", "check_message_status",
-           "decode_batch"]
+# ------------------------------------------------------------------ the statements of a batch
+
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+_UPSERT_CAMPAIGN = (
+    _insert("campaigns", CAMPAIGN_COLUMNS) + " ON CONFLICT (campaign_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in CAMPAIGN_COLUMNS[1:])
+)
+_INSERT_EVENT = _insert("campaign_events", EVENT_COLUMNS) + " ON CONFLICT (event_id) DO NOTHING"
+_INSERT_STATUS = _insert("message_events", STATUS_COLUMNS) + " ON CONFLICT (event_id) DO NOTHING"
+# The state columns follow the record with the highest sequence; the `waiting` record's fields fill in
+# whenever it arrives (before or after later records).
+_UPSERT_MESSAGE = (
+    _insert("messages", MESSAGE_COLUMNS) + " ON CONFLICT (message_id) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = CASE WHEN excluded.last_sequence > messages.last_sequence THEN excluded.{c} ELSE messages.{c} END"
+        for c in MESSAGE_STATE_COLUMNS)
+    + ", " + ", ".join(f"{c} = COALESCE(messages.{c}, excluded.{c})" for c in ("destination", "variables",
+                                                                               "created_at"))
+)
+
+
+def _apply_campaign_events(s: Session, events: list[dict[str, Any]]) -> None:
+    s.many(_INSERT_EVENT, [
+        (e["event_id"], e["campaign_id"], e["sequence"], e["type"], e.get("occurred_at"), e.get("causation_id"),
+         _json_text(e))
+        for e in events
+    ])
+    by_campaign: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event["sequence"] > 0:  # 0: a rejection of an unknown campaign, history only
+            by_campaign.setdefault(event["campaign_id"], []).append(event)
+    rows = []
+    for campaign_id, new in by_campaign.items():
+        new.sort(key=lambda e: (e["sequence"], e["event_id"]))
+        state = _load_state(s, campaign_id)
+        if state is not None and new[0]["sequence"] <= state["last_sequence"]:
+            # A duplicate, or an event older than the row (delivered out of order): fold the row again
+            # from the campaign's stored history, which now holds every event applied.
+            state = fold_campaign(campaign_id, _stored_events(s, campaign_id))
+        else:
+            state = fold_campaign(campaign_id, new, state)
+        rows.append(tuple(_json_text(state[c]) if c in JSON_CAMPAIGN_COLUMNS else state[c]
+                          for c in CAMPAIGN_COLUMNS))
+    s.many(_UPSERT_CAMPAIGN, rows)
+
+
+def _apply_statuses(s: Session, records: list[dict[str, Any]]) -> None:
+    s.many(_INSERT_STATUS, [
+        (r["event_id"], r["message_id"], r["campaign_id"], _or_zero(r.get("row")), r.get("channel"),
+         r.get("run_no"), r["status"], r.get("previous_status"), r.get("reason"), r.get("provider_code"),
+         r.get("attempt"), r.get("occurred_at") or "", r.get("causation_id"), r["sequence"],
+         _json_text(_extra_fields(r)))
+        for r in records
+    ])
+    s.many(_UPSERT_MESSAGE, _message_rows(records))
+
+
+def _load_state(s: Session, campaign_id: str) -> dict[str, Any] | None:
+    row = s.one("SELECT * FROM campaigns WHERE campaign_id = ?", (campaign_id,))
+    if row is None:
+        return None
+    state = {c: row[c] for c in CAMPAIGN_COLUMNS}
+    for c in JSON_CAMPAIGN_COLUMNS:
+        if state[c] is not None:
+            state[c] = jsoncodec.loads(state[c])
+    return state
+
+
+def _stored_events(s: Session, campaign_id: str) -> list[dict[str, Any]]:
+    return [jsoncodec.loads(row["body"]) for row in s.rows(
+        "SELECT body FROM campaign_events WHERE campaign_id = ? AND sequence > 0 ORDER BY sequence, event_id",
+        (campaign_id,))]
+
+
+def _message_rows(records: list[dict[str, Any]]) -> list[tuple]:
+    """One row per message: its record with the highest sequence in the batch, and its `waiting` record's
+    destination, variables and time if the batch has it."""
+    latest: dict[str, dict[str, Any]] = {}
+    waiting: dict[str, dict[str, Any]] = {}
+    for record in records:
+        message_id = record["message_id"]
+        current = latest.get(message_id)
+        if current is None or record["sequence"] > current["sequence"]:
+            latest[message_id] = record
+        if record["status"] == "waiting" and record.get("previous_status") is None:
+            waiting[message_id] = record
+    rows = []
+    for message_id, r in latest.items():
+        w = waiting.get(message_id)
+        rows.append((
+            message_id, r["campaign_id"], r.get("row"), r.get("channel"),
+            w.get("destination") if w else None, _json_text(w.get("variables")) if w else None,
+            r["status"], r.get("previous_status"), r.get("reason"), r.get("provider_code"), r.get("attempt"),
+            r.get("run_no"), w.get("occurred_at") if w else None, r.get("occurred_at"), r["sequence"],
+        ))
+    return rows
+
+
+def _extra_fields(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields of a status record beyond the standard ones (e.g. a `waiting` record's destination), and a
+    null for each NOT NULL column the record left out (stored as '' or 0): it reads back as published."""
+    extra = {k: v for k, v in record.items() if k not in STATUS_RECORD_FIELDS}
+    extra.update((k, None) for k in ("occurred_at", "row") if record.get(k) is None)
+    return extra or None
+
+
+def _or_zero(row: Any) -> Any:
+    return 0 if row is None else row
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else jsoncodec.dumps(value).decode()
+
+
+__all__ = ["InvalidRecord", "ReadModel", "ReadModelUnavailable", "apply_isolating_poison", "check_campaign_event",
+           "check_message_status", "decode_batch"]
