@@ -64,6 +64,8 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instea
 AsOpt = typer.Option(None, "--as", metavar="PRINCIPAL",
                      help="Principal named in issued_by (default: $OUTREACH_PRINCIPAL or the login name).")
 TimeoutOpt = typer.Option(cmd.DEFAULT_TIMEOUT_S, "--timeout", min=0.1, help="Seconds to wait for each answer.")
+YesOpt = typer.Option(False, "--yes", "-y", help="Confirm without asking.")
+CampaignIdArg = typer.Argument(..., metavar="ID")
 
 
 # ------------------------------------------------------------------ helpers
@@ -146,6 +148,19 @@ def _confirm(question: str) -> bool:
         return typer.confirm(question, default=False)
     except typer.Abort:  # no terminal / end of input
         return False
+
+
+def _confirmed_or_exit(yes: bool, question: str, refusal: str, as_json: bool) -> None:
+    """Go on with --yes or a yes to `question`; else exit 2 saying `refusal` (nothing was published)."""
+    if not yes and not _confirm(question):
+        _fail(f"{refusal} (confirm with --yes); nothing was published", EXIT_REFUSED, as_json=as_json)
+
+
+def _send(use_case, campaign_id: str, *args: Any, principal: str | None, timeout: float,
+          as_json: bool) -> list[dict[str, Any]]:
+    """One of the client's use cases for the campaign, as `principal`; its answer events."""
+    return _run_async(use_case(campaign_id, *args, issued_by=principal, settings=get_settings(), timeout_s=timeout),
+                      as_json)
 
 
 # ------------------------------------------------------------------ broker
@@ -391,7 +406,7 @@ def _print_run_summary(found: dict[str, Any]) -> None:
 
 @campaign_app.command("run")
 def run(
-    campaign_id: str = typer.Argument(..., metavar="ID"),
+    campaign_id: str = CampaignIdArg,
     accept_disclaimer: bool = typer.Option(False, "--accept-disclaimer",
                                            help="Accept the run disclaimer (consent, content, opt-out, data)."),
     principal: Optional[str] = AsOpt,
@@ -413,8 +428,7 @@ def run(
         else:
             err.print(f"[yellow]{message}[/yellow]", soft_wrap=True)
         raise typer.Exit(EXIT_REFUSED)
-    events = _run_async(cmd.run_campaign(campaign_id, issued_by=principal, settings=get_settings(),
-                                         timeout_s=timeout), as_json)
+    events = _send(cmd.run_campaign, campaign_id, principal=principal, timeout=timeout, as_json=as_json)
     _print_answer(events, as_json, summary=found, run=cmd.rejection(events) is None)
 
 
@@ -422,23 +436,22 @@ def run(
 
 @campaign_app.command("stop")
 def stop(
-    campaign_id: str = typer.Argument(..., metavar="ID"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Confirm without asking."),
+    campaign_id: str = CampaignIdArg,
+    yes: bool = YesOpt,
     principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Stop a running campaign: queued messages are cancelled, in-flight ones carry on."""
-    if not yes and not _confirm(f"Stop campaign {campaign_id}? Its queued messages will be cancelled"):
-        _fail("not stopped (confirm with --yes); nothing was published", EXIT_REFUSED, as_json=as_json)
-    events = _run_async(cmd.stop_campaign(campaign_id, issued_by=principal, settings=get_settings(),
-                                          timeout_s=timeout), as_json)
-    _print_answer(events, as_json)
+    _confirmed_or_exit(yes, f"Stop campaign {campaign_id}? Its queued messages will be cancelled", "not stopped",
+                       as_json)
+    _print_answer(_send(cmd.stop_campaign, campaign_id, principal=principal, timeout=timeout, as_json=as_json),
+                  as_json)
 
 
 @campaign_app.command("retry")
 def retry(
-    campaign_id: str = typer.Argument(..., metavar="ID"),
+    campaign_id: str = CampaignIdArg,
     message_ids: Optional[list[str]] = typer.Option(None, "--message-id",
                                                     help="Retry only these messages (repeat the option)."),
     include_cancelled: bool = typer.Option(False, "--include-cancelled",
@@ -448,25 +461,22 @@ def retry(
     timeout: float = TimeoutOpt,
 ) -> None:
     """Re-queue failed messages (all but timed-out ones, unless named)."""
-    events = _run_async(cmd.retry_failed(campaign_id, message_ids or None, include_cancelled, issued_by=principal,
-                                         settings=get_settings(), timeout_s=timeout), as_json)
-    _print_answer(events, as_json)
+    _print_answer(_send(cmd.retry_failed, campaign_id, message_ids or None, include_cancelled, principal=principal,
+                        timeout=timeout, as_json=as_json), as_json)
 
 
 @campaign_app.command("delete")
 def delete(
-    campaign_id: str = typer.Argument(..., metavar="ID"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Confirm without asking."),
+    campaign_id: str = CampaignIdArg,
+    yes: bool = YesOpt,
     principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Delete a campaign that is not running (its id is never reused)."""
-    if not yes and not _confirm(f"Delete campaign {campaign_id}?"):
-        _fail("not deleted (confirm with --yes); nothing was published", EXIT_REFUSED, as_json=as_json)
-    events = _run_async(cmd.delete_campaign(campaign_id, issued_by=principal, settings=get_settings(),
-                                            timeout_s=timeout), as_json)
-    _print_answer(events, as_json)
+    _confirmed_or_exit(yes, f"Delete campaign {campaign_id}?", "not deleted", as_json)
+    _print_answer(_send(cmd.delete_campaign, campaign_id, principal=principal, timeout=timeout, as_json=as_json),
+                  as_json)
 
 
 # ------------------------------------------------------------------ show / events / list
@@ -501,7 +511,7 @@ def _finished(counts: dict[str, int]) -> int:
 
 @campaign_app.command("show")
 def show(
-    campaign_id: str = typer.Argument(..., metavar="ID"),
+    campaign_id: str = CampaignIdArg,
     watch: bool = typer.Option(False, "--watch", "-w",
                                help="Refresh until the campaign is final and its counts have caught up."),
     interval: float = typer.Option(0.5, "--interval", min=0.1, help="Refresh interval of --watch, seconds."),
@@ -585,7 +595,7 @@ def _describe_status(record: dict[str, Any]) -> str:
 
 @campaign_app.command("events")
 def events(
-    campaign_id: str = typer.Argument(..., metavar="ID"),
+    campaign_id: str = CampaignIdArg,
     messages: bool = typer.Option(True, "--messages/--no-messages",
                                   help="Include every message's status transitions (the full audit history)."),
     as_of: Optional[str] = typer.Option(None, "--as-of", metavar="TIME",

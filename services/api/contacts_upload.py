@@ -37,25 +37,12 @@ def parse_variable_mapping(value: Any) -> dict[str, str] | None:
     raise MappingError("variables must be a JSON object {column: variable name} or a list of column names")
 
 
-@dataclass
-class UploadLayout:
+@dataclass(frozen=True)
+class UploadLayout(CsvLayout):
     """What the first record decides (the kernel's CsvLayout), and what the first pass found."""
-    csv: CsvLayout
     contacts: int = 0
     chunks: int = 0
     variables: dict[str, str] = field(default_factory=dict)  # CSV column -> variable name
-
-    @property
-    def has_header(self) -> bool:
-        return self.csv.has_header
-
-    @property
-    def destination_index(self) -> int:
-        return self.csv.destination_index
-
-    @property
-    def destination_column(self) -> str:
-        return self.csv.destination_column
 
 
 class StreamedCsv:
@@ -73,10 +60,10 @@ class StreamedCsv:
         records = file_records(self.file)
         first = next(records, None)
         if first is None:
-            layout = UploadLayout(EMPTY_LAYOUT, chunks=1)  # an empty import still closes the contacts
-            layout.variables = self._mapping(EMPTY_LAYOUT, width=0)
-            self.layout = layout
-            return layout
+            self.layout = UploadLayout(EMPTY_LAYOUT.has_header, EMPTY_LAYOUT.destination_index,
+                                       chunks=1,  # an empty import still closes the contacts
+                                       variables=self._mapping(EMPTY_LAYOUT, width=0))
+            return self.layout
         csv_layout = detect_layout(first[1], self.destination_column)
         data = records if csv_layout.has_header else _prepend(first, records)
         width = len(first[1])
@@ -95,10 +82,9 @@ class StreamedCsv:
         # given (an unknown column simply matches nothing), so both passes build the very same contacts.
         chunks = sum(1 for _ in chunk_contacts(contacts_of(csv_layout, counting(), self._given_mapping()),
                                                envelope_bytes))
-        layout = UploadLayout(csv_layout, contacts=counted, chunks=chunks)
-        layout.variables = self._mapping(csv_layout, width)
-        self.layout = layout
-        return layout
+        self.layout = UploadLayout(csv_layout.has_header, csv_layout.destination_index, csv_layout.header,
+                                   contacts=counted, chunks=chunks, variables=self._mapping(csv_layout, width))
+        return self.layout
 
     def chunks(self, envelope_bytes: int) -> Iterator[list[dict[str, Any]]]:
         """Pass 2: the contacts in chunks (after `inspect`)."""
@@ -107,7 +93,7 @@ class StreamedCsv:
         records = file_records(self.file)
         if self.layout.has_header:
             next(records, None)
-        return chunk_contacts(contacts_of(self.layout.csv, records, self._given_mapping()), envelope_bytes)
+        return chunk_contacts(contacts_of(self.layout, records, self._given_mapping()), envelope_bytes)
 
     def _given_mapping(self) -> dict[str, str] | None:
         return None if self.mapping is None else {c: v.strip() for c, v in self.mapping.items()}
@@ -123,7 +109,7 @@ class StreamedCsv:
         targets = [v.strip() for v in self.mapping.values()]
         if any(not t for t in targets) or len(set(targets)) != len(targets):
             raise MappingError("variable names must be non-empty and distinct")
-        return {c: v.strip() for c, v in self.mapping.items()}
+        return self._given_mapping()
 
 
 def _prepend(first: Record, rest: Iterator[Record]) -> Iterator[Record]:

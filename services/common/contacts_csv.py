@@ -153,35 +153,23 @@ def contacts_of(layout: CsvLayout, records: Iterable[Record],
         yield layout.contact(row, cells, variables)
 
 
-@dataclass
-class CsvContacts:
+@dataclass(frozen=True)
+class CsvContacts(CsvLayout):
     """A whole CSV's contacts `{row, destination, variables}`, with the layout that read them."""
-    contacts: list[dict[str, Any]]
-    layout: CsvLayout
-    columns: list[str]  # every column's name (the destination's included)
-
-    @property
-    def has_header(self) -> bool:
-        return self.layout.has_header
-
-    @property
-    def destination_index(self) -> int:
-        return self.layout.destination_index
-
-    @property
-    def destination_column(self) -> str:
-        return self.layout.destination_column
+    contacts: list[dict[str, Any]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)  # every column's name (the destination's included)
 
 
 def parse_contacts_csv(text: str, destination_column: str | None = None) -> CsvContacts:
     """The contacts of a CSV text (see the module docstring for the rules)."""
     records = list(csv_records(io.StringIO(text, newline="")))
     if not records:
-        return CsvContacts([], EMPTY_LAYOUT, columns=[])
+        return CsvContacts(EMPTY_LAYOUT.has_header, EMPTY_LAYOUT.destination_index)
     layout = detect_layout(records[0][1], destination_column)
     data = records[1:] if layout.has_header else records
     width = max(len(cells) for _, cells in records)
-    return CsvContacts(list(contacts_of(layout, data)), layout, layout.columns(width))
+    return CsvContacts(layout.has_header, layout.destination_index, layout.header,
+                       contacts=list(contacts_of(layout, data)), columns=layout.columns(width))
 
 
 def read_contacts_csv(path: Path | str, destination_column: str | None = None) -> CsvContacts:
