@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.commands import Disclaimer, Template, WireId
+from schemas.commands import Channel, Disclaimer, Template, WireId
 from schemas.events import CampaignStatus, FailureReason, MessageStatus
 from services.api.store import Role
 
@@ -151,7 +151,7 @@ class ChannelSettingsBody(BaseModel):
 
 
 class ChannelSettingsView(BaseModel):
-    channel: Literal["sms", "email"]
+    channel: Channel
     provider: str
     credentials: dict[str, str] = Field(description="Masked: only the last 4 characters of long values.")
     source: Literal["stored", "environment"]

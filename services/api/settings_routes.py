@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request, status
 
+from schemas.commands import Channel
 from services.api import channel_settings
 from services.api.auth import SETTINGS_RESPONSES, OrgAdmin
 from services.api.commands import BrokerUnavailable
@@ -14,7 +15,7 @@ from services.common.channel_settings import PROVIDERS, SettingsError, check, ov
 
 router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES)
 
-ChannelPath = Annotated[Literal["sms", "email"], Path(description="sms or email")]
+ChannelPath = Annotated[Channel, Path(description="sms or email")]
 
 
 @router.get("/channels/{channel}", response_model=ChannelSettingsView, summary="A channel's provider settings "

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import JSONResponse
 
-from schemas.commands import make_command, new_id
+from schemas.commands import Channel, make_command, new_id
 from services.api import idempotency
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
@@ -84,7 +84,7 @@ async def create_campaign(
     request: Request, principal: CampaignUser,
     contacts: Annotated[UploadFile, File(description="The contacts CSV.")],
     name: Annotated[str, Form(min_length=1, description="Campaign name.")],
-    channel: Annotated[Literal["sms", "email"], Form(description="Fixed at creation.")],
+    channel: Annotated[Channel, Form(description="Fixed at creation.")],
     template: Annotated[str, Form(description='JSON: SMS {"body": ...}; email {"subject", "html", "from_email", '
                                               '"from_name", "reply_to"?, "attachments": [...]}.')],
     consent_confirmed: Annotated[bool, Form(description="Required true: the contacts consented to be contacted.")],
