@@ -19,7 +19,7 @@ SERVICES: dict[str, str] = {
     "command-handler": "services.command_handler",
     "relay": "services.command_handler.relay",
     "sender": "services.sender",
-    "webhooks": "services.sender.webhooks",
+    "webhooks": "services.webhook_receiver",
     "timeout-sweeper": "services.timeout_sweeper",
     "projections": "services.projections",
     "simulator": "services.simulator",

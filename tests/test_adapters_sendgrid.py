@@ -15,7 +15,7 @@ from services.common.embedded_broker import free_port
 from services.common.settings import Settings
 from services.common.templating import render_email
 from services.sender.sendgrid import SendGridAdapter
-from services.sender.unsubscribe import unsubscribe_url, verify_unsubscribe
+from services.common.unsubscribe import unsubscribe_url, verify_unsubscribe
 
 API_KEY = "SG.api-key-SECRET-9d41e"
 UNSUB_SECRET = "unsub-secret-SECRET-1c"

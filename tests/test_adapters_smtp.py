@@ -17,7 +17,7 @@ from services.common.embedded_broker import free_port
 from services.common.settings import Settings
 from services.common.templating import render_email
 from services.sender.smtp import SmtpAdapter, retries_path
-from services.sender.unsubscribe import verify_unsubscribe
+from services.common.unsubscribe import verify_unsubscribe
 
 PASSWORD = "smtp-password-SECRET-3b"
 HOOKS = "https://hooks.example.com/outreach"

@@ -16,7 +16,7 @@ SERVICES = {
     "sender": "python -m services.sender",
     "timeout-sweeper": "python -m services.timeout_sweeper",
     "projections": "python -m services.projections",
-    "webhooks": "python -m services.sender.webhooks",
+    "webhooks": "python -m services.webhook_receiver",
     "simulator": "outreach simulator",
     "api": "python -m services.api",
 }

@@ -14,7 +14,7 @@ import pytest
 from outreach.up import SERVICES, Stack
 from services.api.store import ApiStore
 from services.common.settings import Settings
-from services.sender.webhook_signatures import TWILIO_SIGNATURE_HEADER, twilio_signature
+from services.common.webhook_signatures import TWILIO_SIGNATURE_HEADER, twilio_signature
 from tests.conftest import async_wait_until
 from tests.e2e_fixtures import api_client
 from tests.e2e_stack import stack_environment

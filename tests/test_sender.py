@@ -7,30 +7,23 @@ import uuid
 
 import pytest
 from aiokafka import TopicPartition
+from pydantic import ValidationError
 
-from schemas.internal import SenderResult
+from schemas import topics
+from schemas.internal import SenderResult, SenderResults
+from services.common import jsoncodec, records
 from services.common.settings import Settings
-from services.sender.app import OffsetTracker
+from services.sender.app import OffsetTracker, Sender
 from services.sender.claims import ClaimBook, claim_size
-from services.sender.dispatch import Dispatcher, ResultsBatcher, backoff_delay
+from services.sender.dispatch import backoff_delay
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, _real_adapter, adapters_for
-
-SMS_TEMPLATE = {"body": "Hi {{name}}"}
-EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
-                  "from_name": "Team", "attachments": []}
+from tests.fakes import EMAIL_TEMPLATE, SMS_TEMPLATE, FakeProducer, RecordingAdapter, dispatcher_harness, work
 
 
 def item(destination: str, attempt: int = 0, row: int = 1) -> dict:
     return {"message_id": str(uuid.uuid4()), "row": row, "destination": destination,
             "variables": {"name": "Ada"}, "attempt": attempt}
-
-
-def work(channel: str, items: list[dict], claim_id: str | None = None, campaign_id: str | None = None) -> dict:
-    return {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": claim_id or str(uuid.uuid4()),
-            "campaign_id": campaign_id or str(uuid.uuid4()), "channel": channel, "run_no": 1,
-            "template": SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE, "items": items,
-            "remaining_queued": 0, "holds_channel": True}
 
 
 def outcomes(results: list[dict]) -> list[tuple]:
@@ -181,48 +174,18 @@ async def test_adapters_for_follows_the_provider_settings(tmp_path):
 
 # ---------------------------------------------------------------- dispatcher harness
 
-class CountingAdapter:
-    """The simulator, counting submissions per message id."""
-
-    def __init__(self, settings: Settings):
-        self.sim = InProcessSimulator(settings)
-        self.submitted: dict[str, int] = {}
-
-    def batch_size(self, channel: str) -> int:
-        return self.sim.batch_size(channel)
-
-    async def submit(self, channel, items, template):
-        for it in items:
-            self.submitted[it["message_id"]] = self.submitted.get(it["message_id"], 0) + 1
-        return await self.sim.submit(channel, items, template)
-
-
 @contextlib.asynccontextmanager
 async def harness(tmp_path, **settings_kw):
     settings = Settings(data_dir=tmp_path, **settings_kw)
-    journal = Journal.open(settings)
-    published: list[tuple[str, list[dict]]] = []
-
-    async def publish(records):
-        published.extend(records)
-
-    batcher = ResultsBatcher(journal, publish)
-    stop = asyncio.Event()
-    flusher = asyncio.create_task(batcher.run(stop))
-    adapter = CountingAdapter(settings)
+    adapter = RecordingAdapter(settings)
     sleeps: list[float] = []
 
     async def sleep(seconds):
         sleeps.append(seconds)
         await asyncio.sleep(seconds)
 
-    dispatcher = Dispatcher(settings, journal, {"sms": adapter, "email": adapter}, batcher, sleep=sleep)
-    try:
-        yield dispatcher, journal, adapter, published, sleeps
-    finally:
-        stop.set()
-        await flusher
-        journal.close()
+    async with dispatcher_harness(settings, {"sms": adapter, "email": adapter}, sleep=sleep) as h:
+        yield h.dispatcher, h.journal, adapter, h.published.results, sleeps
 
 
 def all_results(published, campaign_id=None) -> list[dict]:
@@ -471,3 +434,49 @@ async def test_many_concurrent_claims_report_every_message_once(tmp_path):
         await asyncio.gather(*(dispatcher.process(c) for c in claims))
         accepted = [r["message_id"] for r in all_results(published) if r["outcome"] == "accepted"]
         assert len(accepted) == len(set(accepted)) == total
+
+
+# ---------------------------------------------------------------- typed records only
+
+async def test_the_sender_sends_only_records_built_as_their_models(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    journal = Journal.open(settings)
+    producer = FakeProducer()  # decodes every record it is handed with its topic's model
+    sender = Sender(settings, journal, producer, {})
+    try:
+        hand_built = {"type": "ClaimRequest", "claim_id": str(uuid.uuid4()), "campaign_id": str(uuid.uuid4()),
+                      "max_messages": 1, "requested_at": "2026-01-01T00:00:00.000000Z"}
+        with pytest.raises(TypeError):
+            records.encode(hand_built)
+        with pytest.raises(TypeError):
+            await sender._send(topics.CLAIM_REQUESTS, [(hand_built["campaign_id"], hand_built)])
+        with pytest.raises(ValidationError):  # an invalid record fails where it is made
+            SenderResults(result_id=str(uuid.uuid4()), campaign_id="not-an-id", results=[])
+        with pytest.raises(ValidationError):
+            sender.results.add(str(uuid.uuid4()), [{"message_id": str(uuid.uuid4()), "outcome": "lost"}])
+        assert producer.sent == []
+
+        cid = str(uuid.uuid4())
+        sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": cid, "channel": "sms",
+                                  "template": SMS_TEMPLATE})
+        sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
+        await sender._request_claims(sender.book.due(0.0))
+        [(topic, key, request)] = producer.sent[:1]
+        assert (topic, key, request["type"], request["campaign_id"]) == (
+            topics.CLAIM_REQUESTS, cid.encode(), "ClaimRequest", cid)
+    finally:
+        journal.close()
+
+
+async def test_a_work_record_its_model_rejects_is_skipped_and_its_offset_committable(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    journal = Journal.open(settings)
+    sender = Sender(settings, journal, FakeProducer(), {})
+    tp = TopicPartition(topics.SENDER_WORK, 0)
+    try:
+        for offset, value in enumerate([b"not json", jsoncodec.dumps({"type": "WorkClaimed", "items": []})]):
+            sender.tracker.begin(tp, offset)
+            sender._start_job(tp, type("Record", (), {"value": value, "offset": offset})())
+        assert not sender.jobs and sender.tracker.committable() == {tp: 2}
+    finally:
+        journal.close()

@@ -10,32 +10,16 @@ from collections import defaultdict
 import pytest
 
 from schemas import internal, topics
-from services.common import jsoncodec
 from services.common.settings import Settings
 from services.sender.app import Sender
 from services.sender.breaker import (HELD_REASON, RESUMED_REASON, BreakerState, ProviderBreaker, classify)
-from services.sender.dispatch import RESUMED_AFTER_RESTART, Dispatcher, ResultsBatcher
+from services.sender.dispatch import RESUMED_AFTER_RESTART
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, make_result
+from tests import fakes
+from tests.fakes import FakeClock, FakeProducer, dispatcher_harness, wait_for
 
-SMS_TEMPLATE = {"body": "Hi {{name}}"}
-EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
-                  "from_name": "Team", "attachments": []}
 ALWAYS_503 = "+12025550105"  # the simulator answers 503 to every submission
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 def ids(n: int) -> list[str]:
@@ -186,39 +170,15 @@ class FlakyProvider:
 async def dispatcher_for(tmp_path, **settings_kw):
     settings = Settings(data_dir=tmp_path, sms_rate=1e6, email_rate=1e6, presend_backoff_s=0.05,
                         sms_provider="twilio", email_provider="sendgrid", **settings_kw)
-    journal = Journal.open(settings)
-    published: list[tuple[str, list[dict]]] = []
-    holds: list[dict] = []
-
-    async def publish(records):
-        published.extend(records)
-
-    async def publish_records(records):
-        holds.extend(record for _, record in records)
-
-    batcher = ResultsBatcher(journal, publish, publish_records=publish_records)
-    stop = asyncio.Event()
-    flusher = asyncio.create_task(batcher.run(stop))
     sms, email = FlakyProvider(settings), FlakyProvider(settings)
-    dispatcher = Dispatcher(settings, journal, {"sms": sms, "email": email}, batcher,
-                            breaker_options={"first_probe_s": 0.05, "max_probe_s": 0.2})
-    sms.breaker, email.breaker = dispatcher.breaker("sms"), dispatcher.breaker("email")
-    try:
-        yield dispatcher, sms, email, published, holds
-    finally:
-        await dispatcher.close()
-        stop.set()
-        await flusher
-        journal.close()
+    async with dispatcher_harness(settings, {"sms": sms, "email": email},
+                                  breaker_options={"first_probe_s": 0.05, "max_probe_s": 0.2}) as h:
+        sms.breaker, email.breaker = h.dispatcher.breaker("sms"), h.dispatcher.breaker("email")
+        yield h.dispatcher, sms, email, h.published.results, h.published.holds
 
 
 def work(channel: str, destinations: list[str], campaign_id: str | None = None) -> dict:
-    items = [{"message_id": str(uuid.uuid4()), "row": n + 1, "destination": d, "variables": {"name": "Ada"},
-              "attempt": 0} for n, d in enumerate(destinations)]
-    return {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": str(uuid.uuid4()),
-            "campaign_id": campaign_id or str(uuid.uuid4()), "channel": channel, "run_no": 1,
-            "template": SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE, "items": items,
-            "remaining_queued": 0, "holds_channel": True}
+    return fakes.work(channel, fakes.items(destinations), campaign_id=campaign_id)
 
 
 def per_message(published) -> dict[str, list[dict]]:
@@ -231,14 +191,6 @@ def per_message(published) -> dict[str, list[dict]]:
 
 def holds_of(holds: list[dict], campaign_id: str) -> list[tuple[str, bool, str]]:
     return [(h["provider"], h["held"], h["reason"]) for h in holds if h["campaign_id"] == campaign_id]
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def test_an_outage_holds_sending_and_every_message_is_delivered_after_it(tmp_path):
@@ -363,17 +315,6 @@ async def test_held_submissions_pay_no_tokens(tmp_path):
 
 # ---------------------------------------------------------------- the sender's wiring
 
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, dict]] = []
-
-    async def send(self, topic, value, key=None):
-        self.sent.append((topic, key, jsoncodec.loads(value)))
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 async def test_sender_publishes_hold_records_and_runs_the_adapters_background_work(tmp_path):
     settings = Settings(data_dir=tmp_path, sim_late_receipt_s=1.1, sms_provider="inprocess", email_provider="inprocess")
     journal = Journal.open(settings)
@@ -387,10 +328,10 @@ async def test_sender_publishes_hold_records_and_runs_the_adapters_background_wo
     assert len(sender._background) == 1  # one simulator serves both channels: it runs once
     try:
         cid = str(uuid.uuid4())
-        hold = {"type": "SendingHold", "hold_id": str(uuid.uuid4()), "campaign_id": cid, "provider": "inprocess",
-                "held": True, "reason": HELD_REASON, "occurred_at": "2026-01-01T00:00:00.000000Z"}
+        hold = internal.SendingHold(hold_id=str(uuid.uuid4()), campaign_id=cid, provider="inprocess", held=True,
+                                    reason=HELD_REASON, occurred_at="2026-01-01T00:00:00.000000Z")
         await asyncio.wait_for(sender.results.add_record(cid, hold), 5)
-        assert (topics.SENDER_RESULTS, cid.encode(), hold) in producer.sent
+        assert (topics.SENDER_RESULTS, cid.encode(), hold.model_dump(mode="json")) in producer.sent
 
         # Digit 7: `sent` now, the late `delivered` through run_retries -> the batcher -> SenderResults.
         claim = work("sms", ["+12025550107"], campaign_id=cid)

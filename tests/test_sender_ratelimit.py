@@ -11,36 +11,19 @@ import uuid
 import pytest
 from aiokafka import TopicPartition
 
+from schemas import topics
 from services.common import jsoncodec
 from services.common.settings import Settings
 from services.sender.app import Sender
 from services.sender.claims import ClaimBook, claim_size
-from services.sender.dispatch import Dispatcher, ResultsBatcher
 from services.sender.journal import Journal, journal_path
 from services.sender.providers import InProcessSimulator
 from services.sender.ratelimit import (TokenBucket, channel_limiters, item_cost, mean_segments, sms_cost,
                                        submission_cost)
+from tests.fakes import EMAIL_TEMPLATE, FakeClock, FakeProducer, RecordingAdapter, dispatcher_harness, items, work
 
-EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
-                  "from_name": "Team", "attachments": []}
 ONE_SEGMENT = {"body": "Hi {{name}}"}
 TWO_SEGMENTS = {"body": "x" * 200 + " {{name}}"}  # GSM-7, 161..306 septets
-
-
-class FakeClock:
-    """Virtual time: `sleep` advances it (and yields, so other tasks run as they would)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 def bucket(rate: float, capacity: float | None = None) -> tuple[TokenBucket, FakeClock]:
@@ -136,17 +119,22 @@ def test_bucket_rejects_nonsense():
 # ---------------------------------------------------------------- the bucket on the real clock
 
 async def test_real_clock_burst_then_rate():
-    b = TokenBucket(200)  # burst 50
+    # How fast on this machine (the burst's time, the total's upper side): bench/sender_timings.py.
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(seconds)
+
+    b = TokenBucket(200, sleep=sleep)  # burst 50
     started = time.monotonic()
     for _ in range(50):
         await b.acquire(1)
-    burst = time.monotonic() - started
+    assert waits == []  # the burst never waits
     for _ in range(100):
         await b.acquire(1)
     total = time.monotonic() - started
-    print(f"\nreal clock: burst of 50 in {burst * 1000:.1f} ms; 150 tokens at 200/s in {total:.3f} s (ideal 0.5)")
-    assert burst < 0.05
-    assert 0.48 <= total < 0.9
+    assert total >= 0.48
 
 
 # ---------------------------------------------------------------- costs and claim sizes
@@ -213,17 +201,6 @@ def test_journal_from_before_the_segments_column_is_migrated(tmp_path):
     journal.close()
 
 
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict]] = []
-
-    async def send(self, topic, value, key=None):
-        self.sent.append((topic, jsoncodec.loads(value)))
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_messages(tmp_path):
     settings = Settings(data_dir=tmp_path, sms_rate=100, email_rate=1e6)
     journal = Journal.open(settings)
@@ -240,7 +217,7 @@ async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_mess
         sender.on_campaign_event({**base, "type": "TemplateUpdated", "template": TWO_SEGMENTS})
         sender.on_campaign_event({**base, "type": "CampaignRunStarted", "run_no": 1})
         await sender._request_claims(sender.book.due(time.monotonic()))
-        sizes = [value["max_messages"] for _, value in producer.sent]
+        sizes = [value["max_messages"] for value in producer.values(topics.CLAIM_REQUESTS)]
         assert sizes == [100, 100]  # 2 s x 100 segments/s / 2 segments per message
 
         # The contacts' values make each message 3 segments: the next claims are smaller.
@@ -256,7 +233,7 @@ async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_mess
         assert sender.book.campaigns[cid].segments == 3
         producer.sent.clear()
         await sender._request_claims(sender.book.due(time.monotonic()))
-        assert [value["max_messages"] for _, value in producer.sent] == [66]
+        assert [value["max_messages"] for value in producer.values(topics.CLAIM_REQUESTS)] == [66]
     finally:
         stop.set()
         await flusher
@@ -265,57 +242,13 @@ async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_mess
 
 # ---------------------------------------------------------------- through the Dispatcher
 
-class TimedAdapter:
-    """The simulator, recording (when, items) for every provider call."""
-
-    def __init__(self, settings: Settings, clock=time.monotonic):
-        self.sim = InProcessSimulator(settings)
-        self.clock = clock
-        self.calls: list[tuple[float, int]] = []
-        self.submitted: dict[str, int] = {}
-
-    def batch_size(self, channel: str) -> int:
-        return self.sim.batch_size(channel)
-
-    async def submit(self, channel, items, template):
-        self.calls.append((self.clock(), len(items)))
-        for it in items:
-            self.submitted[it["message_id"]] = self.submitted.get(it["message_id"], 0) + 1
-        return await self.sim.submit(channel, items, template)
-
-
 @contextlib.asynccontextmanager
 async def dispatcher_for(tmp_path, clock: FakeClock | None = None, **settings_kw):
     settings = Settings(data_dir=tmp_path, **settings_kw)
-    journal = Journal.open(settings)
-    published: list[tuple[str, list[dict]]] = []
-
-    async def publish(records):
-        published.extend(records)
-
-    batcher = ResultsBatcher(journal, publish)
-    stop = asyncio.Event()
-    flusher = asyncio.create_task(batcher.run(stop))
-    adapter = TimedAdapter(settings, clock or time.monotonic)
+    adapter = RecordingAdapter(settings, clock or time.monotonic)
     limiters = channel_limiters(settings, clock=clock, sleep=clock.sleep) if clock else None
-    dispatcher = Dispatcher(settings, journal, {"sms": adapter, "email": adapter}, batcher, limiters=limiters)
-    try:
-        yield dispatcher, journal, adapter, published
-    finally:
-        stop.set()
-        await flusher
-        journal.close()
-
-
-def work(channel: str, items: list[dict], template: dict) -> dict:
-    return {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": str(uuid.uuid4()),
-            "campaign_id": str(uuid.uuid4()), "channel": channel, "run_no": 1, "template": template,
-            "items": items, "remaining_queued": 0, "holds_channel": True}
-
-
-def items(destinations: list[str], variables: dict | None = None) -> list[dict]:
-    return [{"message_id": str(uuid.uuid4()), "row": n + 1, "destination": d,
-             "variables": variables or {"name": "Ada"}, "attempt": 0} for n, d in enumerate(destinations)]
+    async with dispatcher_harness(settings, {"sms": adapter, "email": adapter}, limiters=limiters) as h:
+        yield h.dispatcher, h.journal, adapter, h.published.results
 
 
 def max_in_window(times: list[float], weights: list[int], window: float = 1.0) -> int:
@@ -335,7 +268,7 @@ async def test_500_one_segment_sms_at_50_per_second_take_about_ten_seconds(tmp_p
               f"busiest second {busiest} submissions; first 13 within {times[12] * 1000:.1f} ms")
         assert len(adapter.calls) == 500 and all(n == 1 for n in adapter.submitted.values())
         assert len({r["message_id"] for _, rs in published for r in rs}) == 500
-        assert 9.5 <= elapsed < 14
+        assert 9.5 <= elapsed  # the upper side is measured by bench/sender_timings.py
         assert busiest <= 50 + 12.5 + 1  # a second's worth plus the burst (and one for timer slack)
 
 
@@ -379,7 +312,7 @@ async def test_email_rate_on_the_real_clock(tmp_path):
         elapsed = time.monotonic() - started
         print(f"\n400 emails in calls of 50 at 200/s: {elapsed:.2f} s (ideal 1.75)")
         assert len(adapter.calls) == 8
-        assert 1.7 <= elapsed < 3.0
+        assert 1.7 <= elapsed  # the upper side is measured by bench/sender_timings.py
 
 
 async def test_presend_resubmissions_pay_tokens(tmp_path):

@@ -249,10 +249,8 @@ async def test_twilio_outcomes(sim, receiver, client, to, answers, receipts):
 
 
 async def test_twilio_no_answer_is_held_until_the_client_gives_up(sim, receiver, client):
-    started = time.monotonic()
-    with pytest.raises(asyncio.TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):  # held until then (how long after: bench/sender_timings.py)
         await twilio_create(client, sim, "+12125550106", receiver, timeout=0.4)
-    assert time.monotonic() - started < 2
     await wait_for(lambda: sim._held == set(), timeout=3)  # the handler ended with the client's connection
     stats = await (await client.get(f"{sim.url}/_simulator/stats")).json()
     assert stats["held_total"] == 1 and stats["held_now"] == 0 and stats["sms_no_answer"] == 1
@@ -437,9 +435,7 @@ async def test_stop_releases_held_requests(receiver):
     async with aiohttp.ClientSession() as session:
         pending = asyncio.ensure_future(twilio_create(session, simulator, "+12125550106", timeout=30))
         await wait_for(lambda: len(simulator._held) == 1)
-        started = time.monotonic()
-        await simulator.stop()
-        assert time.monotonic() - started < 3
+        await simulator.stop()  # how long it takes: bench/sender_timings.py
         with pytest.raises(aiohttp.ClientError):
             await asyncio.wait_for(pending, 3)
 

@@ -1,4 +1,4 @@
-"""The webhook receiver (services/sender/webhooks.py) over real HTTP against the session broker.
+"""The webhook receiver (services/webhook_receiver/) over real HTTP against the session broker.
 
 Signature checks are tested as pure functions with published vectors: Twilio's (its helper library's
 RequestValidator tests, the example of Twilio's security docs) and SendGrid's (sendgrid-python's EventWebhook
@@ -23,13 +23,17 @@ from multidict import MultiDict
 from yarl import URL
 
 from schemas import internal, topics
+from services.common import webhook_signatures as sigs
 from services.common.embedded_broker import free_port
+from services.common.ids import OUTREACH_NS
 from services.common.settings import Settings
-from services.sender import webhook_signatures as sigs
-from services.sender import webhooks
-from services.sender.webhooks import Outbox, Receiver, SeenEvents, create_app, running
+from services.webhook_receiver.app import build_broker, running
+from services.webhook_receiver.publishing import Outbox
+from services.webhook_receiver.routes import SeenEvents, create_app
+from services.webhook_receiver.signatures import CallbackSecrets
 from tests.conftest import async_wait_until
 from tests.e2e_support import Tail
+from tests.fakes import FakePublishers
 
 TOKEN = "test-auth-token-for-webhooks"
 PRIVATE_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -116,13 +120,20 @@ def test_seen_events_is_bounded_lru():
 
 
 def test_sendgrid_key_defaults_to_the_simulators():
-    receiver = Receiver(Settings(sendgrid_webhook_public_key=None), outbox=None)
-    simulator_key = webhooks._simulator_sendgrid_key()
-    key = receiver.sendgrid_key()
-    if simulator_key is None:
-        assert key is None  # no simulator installed: every SendGrid POST is refused (403), nothing breaks
-    else:
-        assert key.public_numbers() == sigs.load_sendgrid_public_key(simulator_key).public_numbers()
+    from services.simulator.signing import SIMULATOR_SENDGRID_PRIVATE_KEY_PEM
+
+    key = CallbackSecrets(Settings(sendgrid_webhook_public_key=None)).sendgrid_key()
+    simulator_private = serialization.load_pem_private_key(SIMULATOR_SENDGRID_PRIVATE_KEY_PEM, password=None)
+    assert key.public_numbers() == simulator_private.public_key().public_numbers()
+
+
+def test_the_receiver_publishes_through_faststream_publishers_of_its_two_topics():
+    from faststream.specification import AsyncAPI
+
+    document = json.loads(AsyncAPI(build_broker(Settings()), schema_version="3.0.0").to_specification().to_json())
+    assert {name: (channel["address"], document["operations"][name]["action"])
+            for name, channel in document["channels"].items()} == {
+        "senderResults": (topics.SENDER_RESULTS, "send"), "optOuts": (topics.OPT_OUTS, "send")}
 
 
 # ------------------------------------------------------------------ the receiver over HTTP
@@ -256,7 +267,8 @@ async def test_one_valid_callback_is_one_sender_results_record(client):
     assert uuid.UUID(record["result_id"]).version == 4
     [result] = record["results"]
     assert result == {"message_id": message_id, "outcome": "delivered", "attempt": None, "provider_code": None,
-                      "provider_message_id": form["MessageSid"], "occurred_at": result["occurred_at"]}
+                      "provider_message_id": form["MessageSid"], "occurred_at": result["occurred_at"],
+                      "final": False}
     [(kafka_record, _)] = [(r, v) for r, v in client.tail.records[topics.SENDER_RESULTS]
                            if isinstance(v, dict) and v.get("campaign_id") == campaign_id]
     assert kafka_record.key == campaign_id.encode()
@@ -289,7 +301,7 @@ async def test_twilio_statuses_map_to_outcomes_and_21610_opts_out(client):
     [optout] = client.opt_outs(opted_out)
     sid = calls[4][1]["MessageSid"]
     assert optout == {"type": "OptOutChanged", "opt_out_id": str(uuid.uuid5(
-        webhooks.OUTREACH_NS, f"opt-out:twilio_21610:{opted_out}:{sid}")), "channel": "sms",
+        OUTREACH_NS, f"opt-out:twilio_21610:{opted_out}:{sid}")), "channel": "sms",
         "destination": opted_out, "opted_out": True, "source": "twilio_21610", "occurred_at": optout["occurred_at"]}
     assert_valid_records(client, campaign_id, opted_out)
 
@@ -419,7 +431,7 @@ async def test_sendgrid_bad_signatures_are_403(client):
 
 
 async def test_unsubscribe_link_get_confirms_post_unsubscribes(client):
-    from services.sender.unsubscribe import unsubscribe_url
+    from services.common.unsubscribe import unsubscribe_url
 
     campaign_id, message_id = new_ids()
     email = f"reader-{uuid.uuid4().hex[:8]}@example.com"
@@ -452,27 +464,15 @@ async def test_unsubscribe_link_get_confirms_post_unsubscribes(client):
 
 # ------------------------------------------------------------------ a broker that fails: 503, nothing remembered
 
-class FailingProducer:
-    def __init__(self):
-        self.fail = True
-        self.sent: list[tuple[str, bytes, bytes]] = []
-
-    async def send(self, topic, value, key=None):
-        if self.fail:
-            raise ConnectionError("broker down")
-        self.sent.append((topic, key, value))
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 async def test_publishing_failure_answers_503_and_the_retry_publishes():
     from aiohttp import web
 
-    producer = FailingProducer()
+    producer = FakePublishers(topics.SENDER_RESULTS, topics.OPT_OUTS)  # checks each record with its model
+    producer.fail = True
     settings = Settings(webhook_host="127.0.0.1", webhook_port=free_port(), twilio_auth_token=TOKEN,
                         sendgrid_webhook_public_key=PUBLIC_KEY_B64)
     outbox = Outbox(producer)
+    outbox.start()
     runner = web.AppRunner(create_app(settings, outbox))
     await runner.setup()
     await web.TCPSite(runner, settings.webhook_host, settings.webhook_port).start()

@@ -24,23 +24,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from pydantic import ValidationError
+from pydantic import BaseModel
 
 from schemas import topics
-from schemas.internal import WorkClaimed
-from services.common import channel_settings, ids, jsoncodec, kafka
+from schemas.internal import ClaimRequest, WorkClaimed
+from schemas.times import utc_now
+from services.common import channel_settings, ids, jsoncodec, kafka, records
 from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
+from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.sender.claims import CLAIM_TIMEOUT_S, ClaimBook, claim_size
-from services.sender.dispatch import Dispatcher, ResultsBatcher
+from services.sender.dispatch import Dispatcher, results_batcher
 from services.sender.journal import Journal
-from services.sender.providers import ProviderAdapter, adapter_for, adapters_for, utc_now
+from services.sender.providers import ProviderAdapter, adapter_for, adapters_for
 from services.sender.ratelimit import mean_segments, sms_cost
 
 log = logging.getLogger("outreach.sender")
@@ -54,6 +55,7 @@ DRAIN_TIMEOUT_S = 15.0
 PRUNE_EVERY_S = 3600.0
 KEEP_HANDOFFS_S = 7 * 24 * 3600.0  # a claim is redelivered within minutes; a week is plenty
 ACTIVATING_EVENTS = ("CampaignRunStarted", "RetryStarted")
+JOB_FIRST_WAIT_S, JOB_LONGEST_WAIT_S = 0.5, 10.0  # a claim that failed is tried again after these
 
 
 class OffsetTracker:
@@ -111,7 +113,7 @@ class Sender:
         self.book = ClaimBook(timeout_s=claim_timeout_s)
         self.tracker = OffsetTracker()
         self.adapters = dict(adapters)  # the dispatcher's too: a channel's entry is replaced on a settings change
-        self.results = ResultsBatcher(journal, self.publish_results, publish_records=self.publish_records)
+        self.results = results_batcher(journal, self.publish)
         self.dispatcher = Dispatcher(settings, journal, self.adapters, self.results)
         # Channel settings set over the API: followed on `feed`, applied over `environment` (the settings the
         # process started with); None: the adapters given stay.
@@ -198,14 +200,12 @@ class Sender:
                 pass
 
     async def _request_claims(self, due) -> None:
-        sends = []
-        for campaign, claim_id in due:
-            request = {"type": "ClaimRequest", "claim_id": claim_id, "campaign_id": campaign.campaign_id,
-                       "max_messages": claim_size(self.settings, campaign.channel, campaign.segments),
-                       "requested_at": utc_now()}
-            sends.append(await self.producer.send(topics.CLAIM_REQUESTS, value=jsoncodec.dumps(request),
-                                                  key=campaign.campaign_id.encode()))
-        await asyncio.gather(*sends)
+        await self._send(topics.CLAIM_REQUESTS, [
+            (campaign.campaign_id, ClaimRequest(
+                claim_id=claim_id, campaign_id=campaign.campaign_id,
+                max_messages=claim_size(self.settings, campaign.channel, campaign.segments),
+                requested_at=utc_now()))
+            for campaign, claim_id in due])
 
     # ------------------------------------------------------------------ work
 
@@ -223,13 +223,13 @@ class Sender:
 
     def _start_job(self, tp: TopicPartition, record) -> None:
         try:
-            value = jsoncodec.loads(record.value or b"null")
-            WorkClaimed.model_validate(value)
-        except (jsoncodec.JSONDecodeError, ValidationError) as exc:
+            claimed = records.decode(WorkClaimed, record.value)
+        except records.InvalidRecord as exc:
             log.error("sender-work %s[%d]@%d is not a WorkClaimed; skipped: %s",
                       tp.topic, tp.partition, record.offset, exc)
             self.tracker.finish(tp, record.offset)
             return
+        value = claimed.model_dump(mode="json")  # the dispatcher and the adapters work on its plain form
         campaign_id, claim_id = value["campaign_id"], value["claim_id"]
         if self.journal.channel(campaign_id) != value["channel"]:
             self.journal.learn_channel(campaign_id, value["channel"])
@@ -248,15 +248,15 @@ class Sender:
         task.add_done_callback(self.jobs.discard)
 
     async def _job(self, tp: TopicPartition, offset: int, work: dict, submitted) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self.dispatcher.process(work, on_submitted=submitted)
-                break
-            except Exception:  # journal trouble or a bug: keep the offset uncommitted and try again
-                log.exception("claim %s failed; retrying in %.1f s", work["claim_id"], delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        # Journal trouble or a bug: keep the offset uncommitted and try again (a stop cancels the job).
+        async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=JOB_FIRST_WAIT_S,
+                                      longest_wait_s=JOB_LONGEST_WAIT_S):
+            with attempt:
+                try:
+                    await self.dispatcher.process(work, on_submitted=submitted)
+                except Exception:
+                    log.exception("claim %s failed; trying it again", work["claim_id"])
+                    raise
         self.tracker.finish(tp, offset)
 
     async def commit_work(self, consumer: AIOKafkaConsumer) -> None:
@@ -269,26 +269,20 @@ class Sender:
 
     # ------------------------------------------------------------------ results
 
-    async def publish_results(self, records: list[tuple[str, list[dict]]]) -> None:
-        sends = []
-        for campaign_id, results in records:
-            value = {"type": "SenderResults", "result_id": str(uuid.uuid4()), "campaign_id": campaign_id,
-                     "results": results}
-            sends.append(await self.producer.send(topics.SENDER_RESULTS, value=jsoncodec.dumps(value),
-                                                  key=campaign_id.encode()))
+    async def publish(self, keyed: list[tuple[str, BaseModel]]) -> None:
+        """The results batcher's records (SenderResults, SendingHold), keyed by campaign."""
+        await self._send(topics.SENDER_RESULTS, keyed)
+
+    async def _send(self, topic: str, keyed: list[tuple[str, BaseModel]]) -> None:
+        """Send typed records; return once the broker acknowledged all of them."""
+        sends = [await self.producer.send(topic, value=records.encode(record), key=key.encode())
+                 for key, record in keyed]
         await asyncio.gather(*sends)
 
     async def publish_later(self, records: list[tuple[str, list[dict]]]) -> None:
         """Results an adapter reports on its own (SMTP re-submissions, late receipts): through the batcher,
         returning once they are published."""
         await asyncio.gather(*(self.results.add(campaign_id, results) for campaign_id, results in records))
-
-    async def publish_records(self, records: list[tuple[str, dict]]) -> None:
-        """Whole records for the results topic (SendingHold), keyed by campaign."""
-        sends = [await self.producer.send(topics.SENDER_RESULTS, value=jsoncodec.dumps(value),
-                                          key=campaign_id.encode())
-                 for campaign_id, value in records]
-        await asyncio.gather(*sends)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,7 +1,7 @@
 """Working a claim: journal, submit through the channel's adapter, retry pre-send errors, report results.
 
-No Kafka here: results leave through a `ResultsBatcher` whose `publish` function the app provides, so this
-path is tested and measured on its own.
+No Kafka here: results leave through a `ResultsBatcher` (services/common/batching.py) whose `publish`
+function the app provides, so this path is tested and measured on its own.
 
 Order of effects for each message (at least once, never sent twice):
 1. the hand-off is journalled (one transaction per claim) before any provider call;
@@ -31,10 +31,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.internal import SendingHold
+from schemas.times import utc_now
+from services.common.batching import Publish, ResultsBatcher
 from services.common.settings import Settings
 from services.sender.breaker import HELD_REASON, ProviderBreaker
 from services.sender.journal import Journal
-from services.sender.providers import ProviderAdapter, make_result, provider_name, utc_now
+from services.sender.providers import ProviderAdapter, make_result, provider_name
 from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
 
 RESUMED_AFTER_RESTART = "sender_restarted"  # SendingHold.reason when a restarted sender lifts an old hold
@@ -42,8 +45,7 @@ RESUMED_AFTER_RESTART = "sender_restarted"  # SendingHold.reason when a restarte
 log = logging.getLogger("outreach.sender")
 
 MAX_IN_FLIGHT = 64  # provider calls at once per channel (its provider), over all claims
-FLUSH_INTERVAL_S = 0.05
-MAX_RESULTS_PER_RECORD = 1000  # ~250 bytes each: far below the 1 MiB record limit
+FLUSH_INTERVAL_S = 0.05  # results wait at most this long for others to share their record
 
 
 # ------------------------------------------------------------------ decisions (pure)
@@ -66,100 +68,10 @@ def should_retry(results: list[dict], submission: int, retries: int) -> bool:
 
 # ------------------------------------------------------------------ results out
 
-Publish = Callable[[list[tuple[str, list[dict]]]], Awaitable[None]]
-PublishRecords = Callable[[list[tuple[str, dict]]], Awaitable[None]]
-
-
-@dataclass
-class _Pending:
-    campaign_id: str
-    results: list[dict]
-    done: list[tuple[str, str, list[dict]]]
-    future: asyncio.Future
-    record: dict | None = None  # a whole record (SendingHold) instead of results
-
-
-class ResultsBatcher:
-    """Collects results per campaign; every `interval_s` (or at `max_results`) journals the finished
-    hand-offs, then publishes one record per campaign (up to `max_results` results each).
-
-    `publish([(campaign_id, results), ...])` returns once the broker has every record. The future of `add`
-    resolves after both steps; a failed flush is retried (journal writes are idempotent).
-    Other records of the same topic (SendingHold) go with the same flush through
-    `publish_records([(campaign_id, record), ...])`, after the results; without it they are dropped.
-    """
-
-    def __init__(self, journal: Journal, publish: Publish, interval_s: float = FLUSH_INTERVAL_S,
-                 max_results: int = MAX_RESULTS_PER_RECORD, publish_records: PublishRecords | None = None):
-        self._journal = journal
-        self._publish = publish
-        self._publish_records = publish_records
-        self._interval_s = interval_s
-        self._max_results = max_results
-        self._pending: list[_Pending] = []
-        self._pending_results = 0
-        self._full = asyncio.Event()
-
-    def add(self, campaign_id: str, results: list[dict],
-            done: list[tuple[str, str, list[dict]]] = ()) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(campaign_id, results, list(done), future))
-        self._pending_results += len(results)
-        if self._pending_results >= self._max_results:
-            self._full.set()
-        return future
-
-    def add_record(self, campaign_id: str, record: dict) -> asyncio.Future:
-        """A whole record keyed by `campaign_id` (SendingHold), published with the next flush."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(campaign_id, [], [], future, record))
-        return future
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Flush until `stop` is set, then flush what is left."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(self._full.wait(), self._interval_s)
-            except TimeoutError:
-                pass
-            await self.flush_safely()
-        await self.flush_safely()
-
-    async def flush_safely(self) -> None:
-        try:
-            await self.flush()
-        except Exception:
-            log.exception("results flush failed; retrying")
-            await asyncio.sleep(0.5)
-
-    async def flush(self) -> None:
-        batch, self._pending, self._pending_results = self._pending, [], 0
-        self._full.clear()
-        if not batch:
-            return
-        try:
-            self._journal.finish(row for p in batch for row in p.done)
-            per_campaign: dict[str, list[dict]] = defaultdict(list)  # insertion order = report order
-            for p in batch:
-                if p.record is None:
-                    per_campaign[p.campaign_id].extend(p.results)
-            records = [(cid, results[i:i + self._max_results])
-                       for cid, results in per_campaign.items() for i in range(0, len(results), self._max_results)]
-            if records:
-                await self._publish(records)
-            others = [(p.campaign_id, p.record) for p in batch if p.record is not None]
-            if others:
-                if self._publish_records is not None:
-                    await self._publish_records(others)
-                else:
-                    log.warning("no publisher for %d %s records; dropped", len(others), others[0][1].get("type"))
-        except BaseException:
-            self._pending[:0] = batch  # keep them first, in order, for the next flush
-            self._pending_results += sum(len(p.results) for p in batch)
-            raise
-        for p in batch:
-            if not p.future.done():
-                p.future.set_result(None)
+def results_batcher(journal: Journal, publish: Publish, interval_s: float = FLUSH_INTERVAL_S) -> ResultsBatcher:
+    """The sender's batcher (services/common/batching.py): journals the finished hand-offs of each flush
+    before publishing it, and retries a failed flush (journal writes are idempotent)."""
+    return ResultsBatcher(publish, interval_s=interval_s, before_publish=journal.finish)
 
 
 # ------------------------------------------------------------------ claims
@@ -265,9 +177,9 @@ class Dispatcher:
             published.add_done_callback(lambda f: self._forget_hold(f, breaker.name, campaign_id))
 
     def _hold_announcement(self, campaign_id: str, provider: str, held: bool, reason: str) -> asyncio.Future:
-        return self._results.add_record(campaign_id, {
-            "type": "SendingHold", "hold_id": str(uuid.uuid4()), "campaign_id": campaign_id,
-            "provider": provider, "held": held, "reason": reason, "occurred_at": utc_now()})
+        return self._results.add_record(campaign_id, SendingHold(
+            hold_id=str(uuid.uuid4()), campaign_id=campaign_id, provider=provider, held=held, reason=reason,
+            occurred_at=utc_now()))
 
     def resume_holds_of_earlier_run(self) -> int:
         """Tell every campaign a previous run of the sender left held that sending resumes (the breakers

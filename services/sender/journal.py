@@ -12,7 +12,7 @@
   started, so a redelivered CampaignRunStarted / RetryStarted does not restart claiming.
 
 Calls are short and batched (one transaction per claim and per results flush), so they run on the event
-loop's thread. WAL with `synchronous=NORMAL`: a committed hand-off survives any crash of the process (what
+loop's thread. Opened by `services.common.sqlite.open_sqlite` (WAL, `synchronous=NORMAL`): a committed hand-off survives any crash of the process (what
 every service must survive); only a power cut can lose the last few, at a tenth of FULL's cost per commit
 (one commit per provider call).
 """
@@ -26,8 +26,10 @@ from pathlib import Path
 
 from services.common import jsoncodec
 from services.common.settings import Settings
+from services.common.sqlite import open_sqlite
 
 JOURNAL_FILE = "sender-journal.db"
+BUSY_TIMEOUT_S = 5.0  # one process writes it: a lock held longer than this is a bug, not contention
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS handoffs (
@@ -82,11 +84,7 @@ def journal_path(settings: Settings) -> Path:
 
 class Journal:
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT below
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_sqlite(path, busy_timeout_s=BUSY_TIMEOUT_S)  # autocommit: explicit BEGIN/COMMIT below
         self._db.executescript(_SCHEMA)
         if "segments" not in {row[1] for row in self._db.execute("PRAGMA table_info(campaigns)")}:
             self._db.execute("ALTER TABLE campaigns ADD COLUMN segments REAL")  # a journal from before it

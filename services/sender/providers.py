@@ -12,8 +12,8 @@ An adapter may also have:
   (breaker.py) probes with it while the provider is held. Without one, a probe always succeeds.
 - `async run_retries(stop, publish)`: background work that reports results later (SMTP re-submissions
   of deferred emails; the in-process simulator's late receipts), with `async publish([(campaign_id,
-  results), ...])` (the `ResultsBatcher` publish shape; the sender's goes through its batcher). The
-  sender runs it beside the claim loop (app.py).
+  results), ...])` (the sender's `publish_later`: through its results batcher). The sender runs it
+  beside the claim loop (app.py).
 
 Rate limiting and circuit breaking are not the adapters' business: the dispatcher passes each submission
 through its provider's breaker and pays its tokens (ratelimit.py) before the call.
@@ -25,10 +25,9 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from schemas.commands import RFC3339_FORMAT
+from schemas.times import utc_now
 from services.common import simulation
 from services.common.settings import Settings
 from services.common.templating import render, render_email
@@ -47,10 +46,6 @@ class ProviderAdapter(Protocol):
 
 
 # ------------------------------------------------------------------ result helpers
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime(RFC3339_FORMAT)
-
 
 def make_result(message_id: str, outcome: str, attempt: int, *, provider_code: str | None = None,
                 provider_message_id: str | None = None, occurred_at: str | None = None) -> dict:

@@ -50,12 +50,13 @@ from typing import Any
 
 import aiohttp
 
+from schemas.times import utc_now
 from services.common import jsoncodec
 from services.common.settings import Settings
 from services.sender.http_session import ProviderSession
 from services.common.templating import _PLACEHOLDER_RE, render_email  # the one placeholder grammar
-from services.sender.providers import make_result, utc_now
-from services.sender.unsubscribe import list_unsubscribe_headers
+from services.sender.providers import make_result
+from services.common.unsubscribe import list_unsubscribe_headers
 
 log = logging.getLogger("outreach.sender.sendgrid")
 

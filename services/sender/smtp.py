@@ -40,8 +40,8 @@ transaction as the row's new state, so a failed `publish` loses nothing (it is r
 A crash between a re-submission and its bookkeeping re-sends that message at the next interval (the row
 is advanced before sending, so never in a tight loop).
 
-`publish` is `async publish([(campaign_id, [result, ...]), ...])`, the same shape as the dispatcher's
-`ResultsBatcher` publish, so the sender app can pass its own; nothing here knows about Kafka.
+`publish` is `async publish([(campaign_id, [result, ...]), ...])` (the sender's `publish_later`, through
+its results batcher); nothing here knows about Kafka.
 
 **Secrets.** The SMTP password is given to aiosmtplib for AUTH only; it is never logged nor put in
 results or exception text here.
@@ -57,7 +57,6 @@ import hashlib
 import logging
 import re
 import socket
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -69,10 +68,12 @@ from typing import Any
 import aiosmtplib
 import orjson
 
+from schemas.times import utc_now
 from services.common.settings import Settings
+from services.common.sqlite import open_sqlite
 from services.common.templating import render_email
-from services.sender.providers import make_result, utc_now
-from services.sender.unsubscribe import list_unsubscribe_headers
+from services.common.unsubscribe import list_unsubscribe_headers
+from services.sender.providers import make_result
 
 log = logging.getLogger("outreach.sender.smtp")
 
@@ -120,11 +121,9 @@ class RetryStore:
     """Deferred emails awaiting re-submission, and the outbox of re-submission results (SQLite, WAL)."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        # FULL, as before: a row here is the only trace that a deferred email must still be re-sent, and
+        # it is written per deferral and per re-submission (not per message sent), so the cost is small.
+        self._db = open_sqlite(path, synchronous="FULL", busy_timeout_s=5.0)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

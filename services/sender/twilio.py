@@ -45,11 +45,12 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from schemas.times import utc_now
 from services.common import jsoncodec
 from services.common.settings import Settings
 from services.sender.http_session import ProviderSession
 from services.common.templating import render
-from services.sender.providers import make_result, utc_now
+from services.sender.providers import make_result
 
 log = logging.getLogger("outreach.sender.twilio")
 

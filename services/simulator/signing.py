@@ -1,9 +1,10 @@
-"""How the simulator signs its callbacks, exactly as the providers do.
+"""How the simulator signs its callbacks, exactly as the providers do (services/common/webhook_signatures.py,
+the module the webhook receiver verifies with).
 
 Twilio (`X-Twilio-Signature`): base64(HMAC-SHA1(auth_token, url + name1 + value1 + name2 + value2 ...)) with
 `url` the full callback URL as given (query included) and the POST parameters sorted by name (a repeated
 name contributes each of its values, sorted), as Twilio's `RequestValidator.compute_signature` does. Written
-here rather than adding the `twilio` package (which brings requests, PyJWT, aiohttp-retry for 15 lines);
+by hand rather than adding the `twilio` package (which brings requests, PyJWT, aiohttp-retry for 15 lines);
 tests/test_simulator_http.py checks it against the vectors of Twilio's own validator tests.
 
 SendGrid Event Webhook (`X-Twilio-Email-Event-Webhook-Signature`, `X-Twilio-Email-Event-Webhook-Timestamp`):
@@ -12,20 +13,21 @@ base64 of the DER ECDSA P-256 / SHA-256 signature over `timestamp + raw body`.
 !!! TEST KEY PAIR — SIMULATOR ONLY !!!
 `SIMULATOR_SENDGRID_PRIVATE_KEY_PEM` is public (it is in this repository). It signs the simulator's
 SendGrid events and nothing else; `SIMULATOR_SENDGRID_PUBLIC_KEY` (base64 DER SubjectPublicKeyInfo, the
-form SendGrid's console shows) is what the webhook receiver verifies with when
+form SendGrid's console shows; kept in the kernel module) is what the webhook receiver verifies with when
 `OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY` is unset. Never configure a real SendGrid account with it.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-from collections.abc import Iterable, Mapping
 from functools import cache
 
-TWILIO_SIGNATURE_HEADER = "X-Twilio-Signature"
-SENDGRID_SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
-SENDGRID_TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
+from services.common import webhook_signatures
+from services.common.webhook_signatures import (  # noqa: F401  (re-exported: the simulator's signing vocabulary)
+    SENDGRID_SIGNATURE_HEADER,
+    SENDGRID_TIMESTAMP_HEADER,
+    SIMULATOR_SENDGRID_PUBLIC_KEY,
+    TWILIO_SIGNATURE_HEADER,
+    twilio_signature,
+)
 
 # TEST KEY PAIR, SIMULATOR ONLY (see the module docstring).
 SIMULATOR_SENDGRID_PRIVATE_KEY_PEM = b"""-----BEGIN PRIVATE KEY-----
@@ -34,20 +36,6 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgkBjy1ar0gXABejRK
 ahmcCka2wj0xMW+3Bxw74zHsmoDw/CbZd9rQEQMyHkKIGc9wJFQLgpbY
 -----END PRIVATE KEY-----
 """
-SIMULATOR_SENDGRID_PUBLIC_KEY = (
-    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEZGRRmAbGi+KFtkPcuA/784ehQhX+cWoZnApGtsI9MTFvtwccO+Mx7JqA8Pwm2Xfa0BEDMh5CiBnPcCRUC4KW2A=="
-)
-
-
-def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:
-    """The `X-Twilio-Signature` header of a POST of form `params` to `url`."""
-    items = params.items() if isinstance(params, Mapping) else params
-    by_name: dict[str, set[str]] = {}
-    for name, value in items:
-        by_name.setdefault(name, set()).add(value)
-    data = url + "".join(name + value for name in sorted(by_name) for value in sorted(by_name[name]))
-    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode("ascii")
 
 
 @cache
@@ -59,8 +47,4 @@ def _private_key():
 
 def sendgrid_signature(payload: bytes, timestamp: str) -> str:
     """The `X-Twilio-Email-Event-Webhook-Signature` header of an event POST with this body and timestamp."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    der = _private_key().sign(timestamp.encode() + payload, ec.ECDSA(hashes.SHA256()))
-    return base64.b64encode(der).decode("ascii")
+    return webhook_signatures.sendgrid_signature(_private_key(), payload, timestamp)

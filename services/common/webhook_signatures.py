@@ -1,4 +1,5 @@
-"""Provider webhook signatures: pure functions, no I/O (the receiver is services/sender/webhooks.py).
+"""Provider webhook signatures: pure functions, no I/O. The webhook receiver verifies with them
+(services/webhook_receiver/signatures.py), the provider simulator signs with them (services/simulator/).
 
 Twilio (`X-Twilio-Signature`): base64(HMAC-SHA1(auth_token, url + key1 + value1 + key2 + value2 ...)),
 where `url` is the full URL Twilio requested (scheme, host, port, path and query, exactly as configured)
@@ -25,6 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 TWILIO_SIGNATURE_HEADER = "X-Twilio-Signature"
 SENDGRID_SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
+
+# The public half of the simulator's TEST key pair (its private half is in services/simulator/signing.py):
+# what the receiver verifies SendGrid events with when OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY is unset.
+SIMULATOR_SENDGRID_PUBLIC_KEY = (
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEZGRRmAbGi+KFtkPcuA/784ehQhX+cWoZnApGtsI9MTFvtwccO+Mx7JqA8Pwm2Xfa0BEDMh5CiBnPcCRUC4KW2A=="
+)
 
 Params = Mapping[str, Any] | Iterable[tuple[str, str]]
 
@@ -95,6 +102,6 @@ def verify_sendgrid_signature(public_key: ec.EllipticCurvePublicKey, payload: by
 
 
 def sendgrid_signature(private_key: ec.EllipticCurvePrivateKey, payload: bytes, timestamp: str) -> str:
-    """The signature header SendGrid would send (for tests and the simulator)."""
+    """The signature header SendGrid would send (the simulator's, and tests')."""
     der = private_key.sign(timestamp.encode("utf-8") + payload, ec.ECDSA(hashes.SHA256()))
     return base64.b64encode(der).decode("ascii")

@@ -1,0 +1,1 @@
+"""The webhook receiver service: provider callbacks in, internal records out (app.py)."""

@@ -1,0 +1,3 @@
+from services.webhook_receiver.app import main
+
+main()

@@ -1,0 +1,150 @@
+"""Provider callbacks -> typed internal records (pure: no I/O).
+
+Each result is a `schemas.internal.SenderResult` (its campaign's `SenderResults` is made by the batcher),
+each opt-out an `OptOutChanged`: built as their models, so a record the contract rejects fails here, where
+it is made. `opt_out_id` = uuid5 of source, destination and the provider's event id, so a provider's
+retry carries the same id.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from xml.sax.saxutils import escape as xml_escape
+
+from schemas.destinations import validate_destination
+from schemas.internal import OptOutChanged, SenderResult
+from schemas.times import from_timestamp, utc_now
+from services.common.ids import OUTREACH_NS, is_wire_uuid
+
+
+def result(message_id: str, outcome: str, *, provider_code: str | None = None,
+           provider_message_id: str | None = None, occurred_at: str | None = None) -> SenderResult:
+    """One result; `attempt` is null: a callback does not say which submission it is about."""
+    return SenderResult(message_id=message_id, outcome=outcome, attempt=None, provider_code=provider_code,
+                        provider_message_id=provider_message_id, occurred_at=occurred_at or utc_now())
+
+
+def opt_out(channel: str, destination: str, opted_out: bool, source: str, event_id: str | None,
+            occurred_at: str | None = None) -> OptOutChanged:
+    """An opt-out (or opt-in); with the provider's event id its id is stable across provider retries."""
+    opt_out_id = (uuid.uuid5(OUTREACH_NS, f"opt-out:{source}:{destination}:{event_id}") if event_id
+                  else uuid.uuid4())
+    return OptOutChanged(opt_out_id=str(opt_out_id), channel=channel, destination=destination,
+                         opted_out=opted_out, source=source, occurred_at=occurred_at or utc_now())
+
+
+def text(value: Any) -> str | None:
+    """A form or JSON value as stripped text; None when absent or blank."""
+    if value is None:
+        return None
+    stripped = str(value).strip()
+    return stripped or None
+
+
+def _from_unix(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return from_timestamp(value)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def normalize_email(address: str) -> str:
+    """The address in the form contacts are stored in (the contract's validity rule), so opt-outs match it."""
+    normalized, _ = validate_destination("email", address)
+    return normalized or address.strip()
+
+
+# ------------------------------------------------------------------ Twilio
+
+TWILIO_OUTCOMES = {"sent": "sent", "delivered": "delivered", "undelivered": "undelivered", "failed": "failed"}
+TWILIO_CODED = {"undelivered", "failed"}
+TWILIO_OPTED_OUT_CODE = "21610"
+
+
+def twilio_status_records(form: Mapping[str, str], message_id: str | None
+                          ) -> tuple[SenderResult | None, OptOutChanged | None]:
+    """(result or None, opt-out or None) for one Twilio status callback."""
+    status = (text(form.get("MessageStatus")) or text(form.get("SmsStatus")) or "").lower()
+    outcome = TWILIO_OUTCOMES.get(status)
+    if outcome is None:  # queued / accepted / sending / scheduled / read ...: nothing changes
+        return None, None
+    sid = text(form.get("MessageSid")) or text(form.get("SmsSid"))
+    code = text(form.get("ErrorCode")) if outcome in TWILIO_CODED else None
+    record = result(message_id, outcome, provider_code=code, provider_message_id=sid) if message_id else None
+    to = text(form.get("To"))
+    optout = None
+    if code == TWILIO_OPTED_OUT_CODE and to:
+        optout = opt_out("sms", to, True, "twilio_21610", sid)
+    return record, optout
+
+
+STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
+START_WORDS = frozenset({"START", "YES", "UNSTOP"})
+HELP_WORDS = frozenset({"HELP", "INFO"})
+STOP_REPLY = "You have been unsubscribed and will receive no more messages. Reply START to resubscribe."
+START_REPLY = "You have been resubscribed and will receive messages again. Reply STOP to unsubscribe."
+HELP_REPLY = "Outreach messages. Reply STOP to unsubscribe, START to resubscribe. Msg & data rates may apply."
+
+
+def inbound_action(body: str | None) -> tuple[bool | None, str | None, str | None]:
+    """(opted_out or None, source, TwiML reply text or None) for an inbound SMS body."""
+    word = (body or "").strip().upper()
+    if word in STOP_WORDS:
+        return True, "sms_stop", STOP_REPLY
+    if word in START_WORDS:
+        return False, "sms_start", START_REPLY
+    if word in HELP_WORDS:
+        return None, None, HELP_REPLY
+    return None, None, None
+
+
+def twiml(message: str | None) -> str:
+    if message is None:
+        return '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response><Message>{xml_escape(message)}</Message></Response>'
+
+
+# ------------------------------------------------------------------ SendGrid
+
+def _sendgrid_code(event: Mapping[str, Any]) -> str | None:
+    return text(event.get("status")) or text(event.get("reason"))
+
+
+def sendgrid_records(event: Mapping[str, Any]) -> tuple[str, SenderResult, OptOutChanged | None] | None:
+    """(campaign_id, result, opt-out or None) for one SendGrid event; None when it is not ours or not mapped."""
+    campaign_id, message_id = event.get("campaign_id"), event.get("message_id")
+    if not (is_wire_uuid(campaign_id) and is_wire_uuid(message_id)):
+        return None
+    kind = str(event.get("event") or "").lower()
+    optout_source = None
+    code = None
+    if kind == "deferred":
+        outcome = "deferred"
+        response = text(event.get("response"))
+        code = response[:3] if response and response[:3].isdigit() else None
+    elif kind == "delivered":
+        outcome = "delivered"
+    elif kind == "bounce":
+        outcome = "blocked" if str(event.get("type") or "").lower() == "blocked" else "bounced"
+        code = _sendgrid_code(event)
+    elif kind == "dropped":
+        outcome = "dropped"
+        code = text(event.get("reason"))
+    elif kind == "spamreport":
+        outcome, optout_source = "spamreport", "email_spamreport"
+    elif kind in ("unsubscribe", "group_unsubscribe"):
+        outcome, optout_source = "unsubscribe", "email_unsubscribe"
+    else:  # processed, open, click, group_resubscribe, ...
+        return None
+    occurred_at = _from_unix(event.get("timestamp")) or utc_now()
+    record = result(message_id, outcome, provider_code=code, provider_message_id=text(event.get("sg_message_id")),
+                    occurred_at=occurred_at)
+    optout = None
+    email = text(event.get("email"))
+    if optout_source and email:
+        optout = opt_out("email", normalize_email(email), True, optout_source,
+                         text(event.get("sg_event_id")), occurred_at)
+    return campaign_id, record, optout
