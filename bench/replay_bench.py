@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from outreach.replay import run_replay  # noqa: E402
 from schemas import topics  # noqa: E402
+from schemas.internal import SenderResult  # noqa: E402
 from services.common import jsoncodec  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.command_handler import wire  # noqa: E402
@@ -84,7 +85,8 @@ def build_event_store(settings: Settings, messages: int) -> None:
                 for record in wire.to_records(app.mapper.to_domain_event(notification)):
                     if record.topic == topics.SENDER_WORK:
                         items += record.value["items"]
-            results = [{"message_id": item["message_id"], "outcome": outcome, "attempt": 1, "provider_code": None}
+            results = [SenderResult(message_id=item["message_id"], outcome=outcome, attempt=1,
+                                    occurred_at="2026-01-01T00:00:00Z")
                        for item in items for outcome in ("accepted", "sent", "delivered")]
             app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=results)
             position = app.recorder.max_notification_id() or position

@@ -5,6 +5,7 @@ import uuid
 from datetime import datetime, timezone
 
 from schemas import topics
+from schemas.internal import SenderResult
 from services.common import jsoncodec
 from services.command_handler import wire
 from services.command_handler.application import OutreachApp
@@ -36,3 +37,10 @@ class Driver:
             self.position = n.id
             out += [r.as_dict() for r in wire.to_records(self.app.mapper.to_domain_event(n))]
         return out
+
+
+def sender_result(message_id: str, outcome: str, attempt: int | None = 1, provider_code: str | None = None,
+                  **fields) -> SenderResult:
+    """One provider result as the sender reports it (schemas.internal.SenderResult), happening now."""
+    return SenderResult(message_id=message_id, outcome=outcome, attempt=attempt, provider_code=provider_code,
+                        occurred_at=datetime.now(timezone.utc), **fields)

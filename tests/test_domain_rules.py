@@ -9,20 +9,20 @@ import uuid
 import pytest
 
 from schemas import topics
+from schemas.commands import CHANNELS, SmsTemplate
+from schemas.events import FAILURE_REASONS, MESSAGE_STATUSES
 from services.common import ids
 from services.common.settings import get_settings
 from services.command_handler.application import OutreachApp
 from services.command_handler.domain import rules
 from services.command_handler.domain.model import Campaign, Rejected
 from services.command_handler.domain.rules import (
-    FINAL_STATUSES, MESSAGE_STATUSES, MessageState, Move, acceptance_move, derive_status, expiry_move,
-    is_retryable, presend_error_move, receipt_move,
+    FINAL_STATUSES, MessageState, Move, acceptance_move, derive_status, expiry_move, is_retryable,
+    presend_error_move, receipt_move,
 )
-from tests.handler_driver import Driver
+from tests.handler_driver import Driver, sender_result
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
-FAILURE_REASONS = ("timed_out", "invalid_destination", "carrier_rejected", "undeliverable", "bounced",
-                   "blocked", "expired", "provider_error", "setup_error", "unknown")
 
 
 def S(status: str, reason: str | None = None, attempt: int = 1, accepted: bool = False) -> MessageState:
@@ -189,23 +189,27 @@ def test_presend_error_only_while_sending(state):
 
 # ============================================================ expiry_move
 
-def expected_expiry(state: MessageState, kind: str, channel: str) -> Move | None:
+TIMED_OUT = Move(status="failed", reason="timed_out", accepted=False)
+ASSUMED_DELIVERED = Move(status="assumed_delivered")
+EXPIRED = Move(status="failed", reason="expired")
+BOTH = (False, True)
+# (status, accepted, timer kind, channel) -> the move; every other combination changes nothing.
+EXPIRY_FIRES = {
     # Sending runs from the claim until the provider accepts: SMS until `sent`, email until the 202/250.
-    if kind == "sending" and state.status == "sending" and (channel == "sms" or not state.accepted):
-        return Move(status="failed", reason="timed_out", accepted=False)
-    if kind == "sent" and state.status == "sent":
-        return Move(status="assumed_delivered")
+    **{("sending", accepted, "sending", "sms"): TIMED_OUT for accepted in BOTH},
+    ("sending", False, "sending", "email"): TIMED_OUT,
+    **{("sent", accepted, "sent", channel): ASSUMED_DELIVERED for accepted in BOTH for channel in CHANNELS},
     # An email retrying, or accepted with no outcome yet, fails `expired` when the window closes.
-    if kind == "retry_window" and (state.status == "retrying" or (state.status == "sending" and state.accepted)):
-        return Move(status="failed", reason="expired")
-    return None
+    **{("retrying", accepted, "retry_window", channel): EXPIRED for accepted in BOTH for channel in CHANNELS},
+    **{("sending", True, "retry_window", channel): EXPIRED for channel in CHANNELS},
+}
 
 
 @pytest.mark.parametrize("channel", ["sms", "email"])
 @pytest.mark.parametrize("kind", ["sending", "sent", "retry_window"])
 @pytest.mark.parametrize("state", all_states(), ids=lambda s: f"{s.status}/{s.reason}/acc={s.accepted}")
 def test_expiry_move_applies_only_in_the_state_the_timer_was_started_for(state, kind, channel):
-    assert expiry_move(state, kind, channel) == expected_expiry(state, kind, channel)
+    assert expiry_move(state, kind, channel) == EXPIRY_FIRES.get((state.status, state.accepted, kind, channel))
 
 
 def test_expiry_never_leaves_a_final_state():
@@ -307,7 +311,7 @@ def mids(cid: str, n: int = 3) -> list[str]:
 
 def results(app, cid, *items):
     app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=[
-        {"message_id": m, "outcome": o, "attempt": 1, "provider_code": code} for m, o, code in items])
+        sender_result(m, o, provider_code=code) for m, o, code in items])
 
 
 def _created(d):
@@ -523,22 +527,26 @@ def test_failed_campaign_is_deletable_not_editable_not_runnable_not_stoppable():
     campaign = Campaign(campaign_id=uuid.uuid4(), name="c", description=None, channel="sms",
                         template=SMS_TEMPLATE, created_by="alice", causation_id="x")
     campaign.add_contacts(chunk_no=0, valid_rows=[2, 3], destinations=["+12025550000", "+12025550001"],
-                          invalid_rows=[], last_chunk=True, summary=None, causation_id="x")
+                          invalid_rows=[], last_chunk=True, blocks=[], causation_id="x")
     campaign.start_run(accepted_by="alice", disclaimer=ALL_TRUE, queued=2, suppressed=0, causation_id="x")
     campaign.record_claim(claim_id="c", items=[{}, {}], suppressed=0, cursor=1, causation_id="c")
     released = campaign.record_progress(delta={"sending": -2, "failed": 2}, awaiting_delta=-2, causation_id="r",
                                         setup_failed=True)
     assert released and campaign.status == "failed" and not campaign.holds_channel
+    stored = len(campaign.pending_events)
     with pytest.raises(Rejected) as refused:
-        campaign.update_template({"body": "y"}, None, "x")
+        campaign.update_template(SmsTemplate(body="y"), [], "x")
     assert refused.value.reason == "not_editable"
     with pytest.raises(Rejected) as refused:
-        campaign.check_can_run(ALL_TRUE)
+        campaign.start_run(accepted_by="alice", disclaimer=ALL_TRUE, queued=0, suppressed=0, causation_id="x")
     assert refused.value.reason == "campaign_not_ready"
     with pytest.raises(Rejected) as refused:
-        campaign.check_can_stop(True)
+        campaign.stop(stopped_by="alice", confirmed=True, cancelled=0, causation_id="x")
     assert refused.value.reason == "campaign_not_running"
-    campaign.check_can_retry()  # it has run: a retry is possible
+    with pytest.raises(Rejected) as refused:
+        campaign.start_retry(moved_from={}, causation_id="x")
+    assert refused.value.reason == "nothing_to_retry"  # it has run: a retry is possible, of something
+    assert len(campaign.pending_events) == stored  # each method checked its guards before its event
     campaign.delete("x")
     assert campaign.status == "deleted"
 

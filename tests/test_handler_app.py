@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
-from services.common import ids
+from schemas.internal import ClaimRequest, SenderResults, SendingHold, WorkClaimed
+from services.common import ids, jsoncodec, records
 from services.common.settings import get_settings
+from services.command_handler import wire
 from services.command_handler.application import OutreachApp
-from tests.handler_driver import Driver
+from services.command_handler.domain.model import Campaign
+from services.command_handler.handlers import DeadLetter
+from tests.handler_driver import Driver, sender_result
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 
@@ -136,8 +141,7 @@ def test_claims_results_complete_and_release_channel(app):
     items = work[0]["items"] + [i for r in d.new_records() if r["topic"] == topics.SENDER_WORK
                                 for i in r["value"]["items"]]
     assert app.campaign_view(cid)["holds_channel"]
-    results = [{"message_id": i["message_id"], "outcome": o, "attempt": 1, "provider_code": None}
-               for i in items for o in ("accepted", "sent", "delivered")]
+    results = [sender_result(i["message_id"], o) for i in items for o in ("accepted", "sent", "delivered")]
     app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=results)
     app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=results)  # a duplicate changes nothing
     view = app.campaign_view(cid)
@@ -183,15 +187,13 @@ def test_retry_rules(app):
     app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10)
     mids = [ids.message_id(cid, row) for row in (2, 3, 4)]
     app.apply_results(result_id="r1", campaign_id=cid, results=[
-        {"message_id": mids[0], "outcome": "refused", "attempt": 1, "provider_code": "30003"},
-        {"message_id": mids[1], "outcome": "refused", "attempt": 1, "provider_code": "21610"},
+        sender_result(mids[0], "refused", provider_code="30003"),
+        sender_result(mids[1], "refused", provider_code="21610"),
     ])
     [busy] = d.send("RetryFailedMessages", cid)
     assert busy["reason"] == "channel_busy"  # itself still holds the channel: one message not yet accepted
     app.apply_results(result_id="r2", campaign_id=cid, results=[
-        {"message_id": mids[2], "outcome": "accepted", "attempt": 1},
-        {"message_id": mids[2], "outcome": "sent", "attempt": 1},
-        {"message_id": mids[2], "outcome": "delivered", "attempt": 1}])
+        sender_result(mids[2], "accepted"), sender_result(mids[2], "sent"), sender_result(mids[2], "delivered")])
     view = app.campaign_view(cid)
     assert view["status"] == "complete_with_errors"
     assert (view["counts"]["failed"], view["counts"]["opted_out"], view["counts"]["delivered"]) == (1, 1, 1)
@@ -293,7 +295,7 @@ def test_21610_and_spam_reports_add_to_the_opt_out_list(app):
     app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10)
     mid = ids.message_id(cid, 2)
     app.apply_results(result_id="r", campaign_id=cid,
-                      results=[{"message_id": mid, "outcome": "refused", "attempt": 1, "provider_code": "21610"}])
+                      results=[sender_result(mid, "refused", provider_code="21610")])
     assert sms_contacts(1)[0]["destination"] in app.suppressed("sms")
     assert app.campaign_view(cid)["counts"]["opted_out"] == 1
 
@@ -309,16 +311,16 @@ def test_email_outcomes_bounce_blocked_dropped_resubmitted_and_spam_report(app):
     d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
     app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=10)
     m = [ids.message_id(cid, r) for r in range(1, 6)]
-    accepted = [{"message_id": x, "outcome": "accepted", "attempt": 1} for x in m]
+    accepted = [sender_result(x, "accepted") for x in m]
     app.apply_results(result_id="a", campaign_id=cid, results=accepted + [
-        {"message_id": m[0], "outcome": "bounced", "provider_code": "5.1.1"},
-        {"message_id": m[1], "outcome": "blocked", "provider_code": None},
-        {"message_id": m[2], "outcome": "dropped", "provider_code": "Unsubscribed Address"},
-        {"message_id": m[3], "outcome": "deferred", "provider_code": "421"},
-        {"message_id": m[3], "outcome": "resubmitted", "attempt": 2, "provider_code": "421"},
-        {"message_id": m[4], "outcome": "delivered"},
-        {"message_id": m[4], "outcome": "spamreport"},
-        {"message_id": m[4], "outcome": "sent"},  # not an email outcome: ignored
+        sender_result(m[0], "bounced", None, "5.1.1"),
+        sender_result(m[1], "blocked", None),
+        sender_result(m[2], "dropped", None, "Unsubscribed Address"),
+        sender_result(m[3], "deferred", None, "421"),
+        sender_result(m[3], "resubmitted", 2, "421"),
+        sender_result(m[4], "delivered", None),
+        sender_result(m[4], "spamreport", None),
+        sender_result(m[4], "sent", None),  # not an email outcome: ignored
     ])
     d.new_records()
     view = app.campaign_view(cid)
@@ -339,3 +341,88 @@ def test_sending_hold_is_told_once_per_change(app):
         app.apply_hold(hold_id=str(uuid.uuid4()), campaign_id=cid, provider="twilio", held=held, reason="outage")
     events = [r["value"]["type"] for r in d.new_records() if r["topic"] == topics.CAMPAIGN_EVENTS]
     assert events == ["CampaignSendingHeld", "CampaignSendingResumed"]
+
+
+def stored_work(app, since: int) -> tuple[list, list]:
+    """The stored WorkClaimed events after notification `since`, and the records the relay makes of them."""
+    events, work = [], []
+    for n in app.recorder.select_notifications(start=since + 1, limit=10_000):
+        event = app.mapper.to_domain_event(n)
+        if isinstance(event, Campaign.WorkClaimed):
+            events.append(event)
+            work += [r for r in wire.to_records(event) if r.topic == topics.SENDER_WORK]
+    return events, work
+
+
+def test_every_work_claimed_the_relay_publishes_is_one_its_model_accepts(app):
+    """Each stored claim becomes exactly one WorkClaimed, built as the model and encoded by records.encode:
+    the sender decodes the very bytes the relay sends (SMS and email templates, full and empty claims)."""
+    d = Driver(app)
+    since = app.recorder.max_notification_id() or 0
+    sms = ready_sms_campaign(d, n=3)
+    email = str(uuid.uuid4())
+    d.send("CreateCampaign", email, name="e", channel="email",
+           template={"subject": "Hi {{name}}", "html": "<p>h</p>", "from_email": "a@example.com", "from_name": "A",
+                     "reply_to": "r@example.com",
+                     "attachments": [{"filename": "a.pdf", "content_type": "application/pdf", "size_bytes": 10,
+                                      "status": "complete"}]})
+    d.send("AddContacts", email, chunk_no=0, last_chunk=True,
+           contacts=[{"row": 1, "destination": "x@example.com", "variables": {"name": "X"}}])
+    for cid in (sms, email):
+        d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+        app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=2)
+        app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=5)
+        app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=5)  # nothing left: empty items
+    events, work = stored_work(app, since)
+    assert len(events) == 6 and len(work) == 6
+    assert sorted(len(w.model.items) for w in work) == [0, 0, 0, 1, 1, 2]
+    for record in work:
+        assert records.decode(WorkClaimed, record.encoded()) == record.model
+        assert record.key == record.model.campaign_id and record.value == jsoncodec.loads(record.encoded())
+
+
+def test_a_work_claimed_its_model_refuses_is_not_published(caplog):
+    """Caught where it is made: a stored claim that would make an invalid WorkClaimed (here an item whose
+    message id is not a wire id) publishes no sender-work record, and says why."""
+    campaign = Campaign(campaign_id=uuid.uuid4(), name="c", description=None, channel="sms",
+                        template={"body": "x"}, created_by="alice", causation_id="x")
+    campaign.add_contacts(chunk_no=0, valid_rows=[2], destinations=["+12025550000"], invalid_rows=[],
+                          last_chunk=True, blocks=[], causation_id="x")
+    campaign.start_run(accepted_by="alice", disclaimer=ALL_TRUE, queued=1, suppressed=0, causation_id="x")
+    item = {"message_id": "not-a-wire-id", "row": 2, "destination": "+12025550000", "variables": {}, "attempt": 0}
+    campaign.record_claim(claim_id=str(uuid.uuid4()), items=[item], suppressed=0, cursor=1, causation_id="c")
+    claimed = campaign.pending_events[-1]
+    assert isinstance(claimed, Campaign.WorkClaimed)
+    assert [r for r in wire.to_records(claimed) if r.topic == topics.SENDER_WORK] == []
+    assert "not publishing a WorkClaimed its model refuses" in caplog.text
+
+
+def test_internal_records_are_parsed_with_their_models_and_refused_with_the_reason(app):
+    d = Driver(app)
+    cid = ready_sms_campaign(d, n=1)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    request = ClaimRequest(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=5,
+                           requested_at=datetime.now(timezone.utc))
+    assert d.handler.handle(topics.CLAIM_REQUESTS, records.encode(request)) is None
+    assert app.campaign_view(cid)["counts"]["sending"] == 1
+    hold = SendingHold(hold_id=str(uuid.uuid4()), campaign_id=cid, provider="twilio", held=True, reason="outage",
+                       occurred_at=datetime.now(timezone.utc))
+    assert d.handler.handle(topics.SENDER_RESULTS, records.encode(hold)) is None  # same topic as the results
+    results = SenderResults(result_id=str(uuid.uuid4()), campaign_id=cid,
+                            results=[sender_result(ids.message_id(cid, 2), "accepted")])
+    assert d.handler.handle(topics.SENDER_RESULTS, records.encode(results)) is None
+    assert not app.campaign_view(cid)["holds_channel"]  # accepted: nothing queued or awaiting acceptance
+    assert [r["value"]["type"] for r in d.new_records() if r["topic"] == topics.CAMPAIGN_EVENTS][-1:] == [
+        "CampaignSendingHeld"]
+
+    refused = {
+        topics.CLAIM_REQUESTS: {"type": "ClaimRequest", "claim_id": "nope", "campaign_id": cid, "max_messages": 1},
+        topics.SENDER_RESULTS: {"type": "Something", "campaign_id": cid},
+        topics.EXPIRIES: {"type": "Expiry", "campaign_id": cid},
+        topics.OPT_OUTS: b"not json",
+    }
+    for topic, value in refused.items():
+        raw = value if isinstance(value, bytes) else jsoncodec.dumps(value)
+        dead = d.handler.handle(topic, raw)
+        assert isinstance(dead, DeadLetter) and dead.error.startswith(f"invalid record on {topic}: "), dead
+    assert d.handler.handle("outreach.unknown", b"{}") == DeadLetter("unexpected topic outreach.unknown")

@@ -4,10 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.events import FAILURE_REASONS, MESSAGE_STATUSES
 from services.command_handler.domain import provider_codes
 from services.command_handler.domain.provider_codes import (
-    FAILURE_REASONS,
-    MESSAGE_STATUSES,
     OUTCOMES,
     SENDGRID_DROP_REASONS,
     SENDGRID_TYPES,

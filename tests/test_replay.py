@@ -22,7 +22,7 @@ from services.common.settings import Settings, get_settings
 from services.command_handler.application import OutreachApp
 from services.projections.projector import ReadModel
 from tests.conftest import fresh_postgres_database
-from tests.handler_driver import Driver
+from tests.handler_driver import Driver, sender_result
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
 runner = CliRunner()
@@ -51,22 +51,19 @@ def run_campaign(d: Driver, app: OutreachApp) -> str:
     for n, item in enumerate(items):
         mid = item["message_id"]
         if n % 7 == 0:
-            results.append({"message_id": mid, "outcome": "refused", "attempt": 1, "provider_code": "21211"})
+            results.append(sender_result(mid, "refused", 1, "21211"))
         elif n % 7 == 1:
-            results += [{"message_id": mid, "outcome": "presend_error", "attempt": 1, "provider_code": "503"},
-                        *({"message_id": mid, "outcome": o, "attempt": 2, "provider_code": None}
-                          for o in ("accepted", "sent", "delivered"))]
+            results += [sender_result(mid, "presend_error", 1, "503"),
+                        *(sender_result(mid, o, 2) for o in ("accepted", "sent", "delivered"))]
         else:
-            results += [{"message_id": mid, "outcome": o, "attempt": 1, "provider_code": None}
-                        for o in ("accepted", "sent", "delivered")]
+            results += [sender_result(mid, o, 1) for o in ("accepted", "sent", "delivered")]
     app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=results)
     d.send("StopCampaign", cid, confirmed=True)
     d.send("RetryFailedMessages", cid, include_cancelled=True)
     app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=100)
     items = [i for r in d.new_records() if r["topic"] == topics.SENDER_WORK for i in r["value"]["items"]]
     app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid, results=[
-        {"message_id": i["message_id"], "outcome": o, "attempt": i["attempt"] + 1, "provider_code": None}
-        for i in items for o in ("accepted", "sent", "delivered")])
+        sender_result(i["message_id"], o, i["attempt"] + 1) for i in items for o in ("accepted", "sent", "delivered")])
     d.send("RunCampaign", str(uuid.uuid4()), disclaimer=ALL_TRUE)  # unknown campaign: a sequence-0 rejection
     return cid
 

@@ -6,23 +6,28 @@ loses on optimistic concurrency and the use case is decided again on fresh state
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, OperationalError, ProgrammingError
 
-from services.common import ids, templating
+from schemas.commands import (
+    AddContacts, Command, CommandHeader, CreateCampaign, DeleteCampaign, RetryFailedMessages, RunCampaign,
+    StopCampaign, UpdateTemplate,
+)
+from schemas.internal import SenderResult
+from services.common import ids
+from services.common.retry import retrying
 from services.common.settings import Settings
 from services.command_handler import wire
 from services.command_handler.domain import contacts as contact_rules
-from services.command_handler.domain import provider_codes, rules
+from services.command_handler.domain import rules
 from services.command_handler.domain.model import (
     Campaign, ChannelLock, CommandLog, MessageBlock, OptOutList, Rejected,
 )
@@ -33,7 +38,9 @@ log = logging.getLogger(__name__)
 CONFLICT_RETRIES = 20
 MAX_CHUNK_BYTES = 900 * 1024
 WORK_RECORD_BUDGET = 700 * 1024  # a claim's work record stays well under the 1 MiB record limit
-SUMMARY_ROWS_LISTED = 100
+OPEN_ATTEMPTS = 10
+
+T = TypeVar("T")
 
 
 def store_env(settings: Settings) -> dict[str, str]:
@@ -62,16 +69,13 @@ def store_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def open_app(settings: Settings, attempts: int = 10) -> "OutreachApp":
+def open_app(settings: Settings, attempts: int = OPEN_ATTEMPTS) -> "OutreachApp":
     """The application, retrying while another process creates the same tables in a fresh database
-    (PostgreSQL's CREATE TABLE IF NOT EXISTS races between processes)."""
-    for attempt in range(1, attempts + 1):
-        try:
+    (PostgreSQL's CREATE TABLE IF NOT EXISTS races between processes: e.g. DuplicateTable)."""
+    for attempt in retrying(on=(IntegrityError, OperationalError, ProgrammingError), timeout_s=None,
+                            attempts=attempts):
+        with attempt:
             return OutreachApp(settings)
-        except (IntegrityError, OperationalError, ProgrammingError):  # e.g. DuplicateTable from a racing creator
-            if attempt == attempts:
-                raise
-            time.sleep(0.1 * attempt)
     raise AssertionError("unreachable")
 
 
@@ -150,14 +154,13 @@ class OutreachApp(Application):
                 pass
 
     # ----- commands -----------------------------------------------------------------------------
-    def handle_command(self, command: Any | None, envelope: dict, invalid_detail: str | None = None) -> None:
+    def handle_command(self, command: Command | None, header: CommandHeader, invalid_detail: str | None = None) -> None:
         """Answers one command exactly once: a repeated command_id gets its stored answer again.
 
-        `command` is the parsed command model, or None with `invalid_detail` when it failed validation.
+        `command` is the parsed command, or None with `invalid_detail` when it failed validation (`header`
+        then still says what to answer).
         """
-        command_id = envelope["command_id"]
-        campaign_id = envelope["campaign_id"]
-        command_type = envelope["type"]
+        command_id, campaign_id, command_type = header.command_id, header.campaign_id, header.type
 
         def decide() -> list[Any]:
             previous = self._load(ids.command_log_id(command_id))
@@ -192,128 +195,93 @@ class OutreachApp(Application):
         return [campaign, CommandLog(command_id=command_id, campaign_id=campaign_id,
                                      records=[r.as_dict() for r in answer], publish=False)]
 
-    def _decide(self, command: Any) -> list[Any]:
-        handler = {
-            "CreateCampaign": self._create_campaign,
-            "AddContacts": self._add_contacts,
-            "UpdateTemplate": self._update_template,
-            "RunCampaign": self._run_campaign,
-            "StopCampaign": self._stop_campaign,
-            "RetryFailedMessages": self._retry_failed,
-            "DeleteCampaign": self._delete_campaign,
-        }[command.type]
-        return handler(command)
+    def _decide(self, command: Command) -> list[Any]:
+        """The use case of one command: every aggregate it changed (not saved yet)."""
+        return self._USE_CASES[type(command)](self, command)
 
-    def _create_campaign(self, cmd: Any) -> list[Any]:
+    def _create_campaign(self, cmd: CreateCampaign) -> list[Any]:
         if self._load(uuid.UUID(cmd.campaign_id)) is not None:
             raise Rejected("campaign_exists", "campaign ids are never reused")
         campaign = Campaign(campaign_id=uuid.UUID(cmd.campaign_id), name=cmd.name, description=cmd.description,
-                            channel=cmd.channel, template=_plain(cmd.template), created_by=cmd.issued_by,
-                            causation_id=cmd.command_id)
+                            channel=cmd.channel, template=cmd.template.model_dump(mode="json"),
+                            created_by=cmd.issued_by, causation_id=cmd.command_id)
         return [campaign]
 
-    def _add_contacts(self, cmd: Any) -> list[Any]:
+    def _add_contacts(self, cmd: AddContacts) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
-        stored_answer = campaign.check_contacts_accepted(cmd.chunk_no, len(cmd.contacts))
-        if stored_answer is not None:
+        if campaign.chunk_applied(cmd.chunk_no):
             campaign.repeat_contacts_answer(cmd.chunk_no, cmd.command_id)
             return [campaign]
-        rows = [c.row for c in cmd.contacts]
-        if len(set(rows)) != len(rows):
-            raise Rejected("invalid_command", "a row number appears twice in the chunk")
         valid, invalid_rows = contact_rules.screen_chunk(
             campaign.channel, [(c.row, c.destination, dict(c.variables)) for c in cmd.contacts],
             campaign.destinations)
         to_save: list[Any] = [campaign]
-        new_block = None
+        new_blocks = []
         if valid:
-            new_block = MessageBlock(
+            new_blocks.append(MessageBlock(
                 campaign_id=cmd.campaign_id, block_no=cmd.chunk_no, channel=campaign.channel,
                 rows=[r for r, _, _ in valid], destinations=[d for _, d, _ in valid],
-                variables=[v for _, _, v in valid], causation_id=cmd.command_id)
-            to_save.append(new_block)
-        summary = None
-        if cmd.last_chunk:
-            blocks = self._blocks(campaign) + ([new_block] if new_block else [])
-            summary = run_summary(campaign.name, campaign.channel, campaign.template, blocks)
+                variables=[v for _, _, v in valid], causation_id=cmd.command_id))
+            to_save += new_blocks
+        blocks = self._blocks(campaign) + new_blocks if cmd.last_chunk else []  # for the run summary
         campaign.add_contacts(chunk_no=cmd.chunk_no, valid_rows=[r for r, _, _ in valid],
                               destinations=[d for _, d, _ in valid],
                               invalid_rows=[[row, reason] for row, reason in invalid_rows],
-                              last_chunk=cmd.last_chunk, summary=summary, causation_id=cmd.command_id)
+                              last_chunk=cmd.last_chunk, blocks=blocks, causation_id=cmd.command_id)
         return to_save
 
-    def _update_template(self, cmd: Any) -> list[Any]:
-        from schemas.commands import template_matches_channel
-
+    def _update_template(self, cmd: UpdateTemplate) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
-        if campaign.status not in ("created", "ready"):
-            raise Rejected("not_editable", f"the campaign is {campaign.status}")
-        if not template_matches_channel(cmd.template, campaign.channel):
-            raise Rejected("invalid_command", f"the template is not a valid {campaign.channel} template")
-        template = _plain(cmd.template)
-        summary = None
-        if campaign.contacts_closed:
-            summary = run_summary(campaign.name, campaign.channel, template, self._blocks(campaign))
-        campaign.update_template(template, summary, cmd.command_id)
+        blocks = self._blocks(campaign) if campaign.contacts_closed else []  # for the run summary
+        campaign.update_template(cmd.template, blocks, cmd.command_id)
         return [campaign]
 
-    def _run_campaign(self, cmd: Any) -> list[Any]:
+    def _run_campaign(self, cmd: RunCampaign) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
-        disclaimer = _plain(cmd.disclaimer) if cmd.disclaimer is not None else {}
-        campaign.check_can_run(disclaimer)
         lock = self._lock(campaign.channel)
-        lock.check_free_for(cmd.campaign_id)
         blocks = self._blocks(campaign)
         suppressed_destinations = self.suppressed(campaign.channel)
-        run_no = campaign.run_no + 1
-        queued = suppressed = 0
-        for block in blocks:
-            moves = []
-            for index in block.indexes_in("waiting"):
-                if block.destinations[index] in suppressed_destinations:
-                    moves.append((index, Move(status="opted_out")))
-                    suppressed += 1
-                else:
-                    moves.append((index, Move(status="queued")))
-                    queued += 1
-            block.move(moves, run_no=run_no, causation_id=cmd.command_id)
-        campaign.start_run(accepted_by=cmd.issued_by, disclaimer=disclaimer, queued=queued,
-                           suppressed=suppressed, causation_id=cmd.command_id)
-        to_save: list[Any] = [campaign, *blocks]
-        if campaign.holds_channel:
-            lock.acquire(cmd.campaign_id)
-            to_save.append(lock)
-        return to_save
+        moves = {}  # each waiting message: queued, or opted out when its destination is
+        for position, block in enumerate(blocks):
+            moves[position] = [
+                (index, Move(status="opted_out" if block.destinations[index] in suppressed_destinations
+                             else "queued"))
+                for index in block.indexes_in("waiting")]
+        suppressed = sum(mv.status == "opted_out" for block_moves in moves.values() for _, mv in block_moves)
+        queued = sum(len(block_moves) for block_moves in moves.values()) - suppressed
+        campaign.start_run(accepted_by=cmd.issued_by, disclaimer=cmd.disclaimer.model_dump(mode="json"),
+                           queued=queued, suppressed=suppressed, causation_id=cmd.command_id)
+        lock.take(cmd.campaign_id, hold=campaign.holds_channel)
+        for position, block in enumerate(blocks):
+            block.move(moves[position], run_no=campaign.run_no, causation_id=cmd.command_id)
+        return [campaign, *blocks, *([lock] if lock.pending_events else [])]
 
-    def _stop_campaign(self, cmd: Any) -> list[Any]:
+    def _stop_campaign(self, cmd: StopCampaign) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
-        campaign.check_can_stop(cmd.confirmed)
         blocks = self._blocks(campaign)
-        cancelled = 0
-        for block in blocks:
-            moves = [(i, Move(status="cancelled")) for i in block.indexes_in("queued")]
-            cancelled += len(moves)
-            block.move(moves, run_no=None, causation_id=cmd.command_id)
-        campaign.stop(stopped_by=cmd.issued_by, cancelled=cancelled, causation_id=cmd.command_id)
+        queued = [block.indexes_in("queued") for block in blocks]
+        campaign.stop(stopped_by=cmd.issued_by, confirmed=cmd.confirmed, cancelled=sum(map(len, queued)),
+                      causation_id=cmd.command_id)
+        for block, indexes in zip(blocks, queued):
+            block.move([(i, Move(status="cancelled")) for i in indexes], run_no=None, causation_id=cmd.command_id)
         lock = self._lock(campaign.channel)
         lock.release(cmd.campaign_id)
         return [campaign, *blocks, lock]
 
-    def _retry_failed(self, cmd: Any) -> list[Any]:
+    def _retry_failed(self, cmd: RetryFailedMessages) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
-        campaign.check_can_retry()
         blocks = self._blocks(campaign)
         named = cmd.message_ids is not None
+        unknown: list[str] = []
         if named:
             refs = self._refs(campaign)
             unknown = [m for m in cmd.message_ids if m not in refs]
-            if unknown:
-                raise Rejected("invalid_command", f"not messages of this campaign: {', '.join(unknown[:5])}")
             wanted: dict[int, list[int]] = defaultdict(list)
             for m in dict.fromkeys(cmd.message_ids):
-                position, index = refs[m]
-                wanted[position].append(index)
-            candidates = wanted
+                if m in refs:
+                    position, index = refs[m]
+                    wanted[position].append(index)
+            candidates: dict[int, Any] = wanted
         else:
             candidates = {p: range(len(b.rows)) for p, b in enumerate(blocks)}
         selected: dict[int, list[int]] = {}
@@ -326,22 +294,25 @@ class OutreachApp(Application):
                 selected[position] = chosen
                 for i in chosen:
                     moved_from[block.status[i]] += 1
-        if not selected:
-            raise Rejected("nothing_to_retry", "no message of the campaign can be retried")
+        campaign.start_retry(moved_from=dict(moved_from), unknown_message_ids=unknown, causation_id=cmd.command_id)
         lock = self._lock(campaign.channel)
-        lock.check_free_for(cmd.campaign_id)
-        run_no = campaign.run_no + 1
+        lock.take(cmd.campaign_id, hold=True)
         for position, indexes in selected.items():
             blocks[position].move([(i, Move(status="queued", reason=None, accepted=False)) for i in indexes],
-                                  run_no=run_no, causation_id=cmd.command_id)
-        campaign.start_retry(moved_from=dict(moved_from), causation_id=cmd.command_id)
-        lock.acquire(cmd.campaign_id)
+                                  run_no=campaign.run_no, causation_id=cmd.command_id)
         return [campaign, *blocks, lock]
 
-    def _delete_campaign(self, cmd: Any) -> list[Any]:
+    def _delete_campaign(self, cmd: DeleteCampaign) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
         campaign.delete(cmd.command_id)
         return [campaign]
+
+    # Each command's use case.
+    _USE_CASES: dict[type, Callable[[Any, Any], list[Any]]] = {
+        CreateCampaign: _create_campaign, AddContacts: _add_contacts, UpdateTemplate: _update_template,
+        RunCampaign: _run_campaign, StopCampaign: _stop_campaign, RetryFailedMessages: _retry_failed,
+        DeleteCampaign: _delete_campaign,
+    }
 
     def suppressed(self, channel: str) -> set[str]:
         """Opted-out destinations of a channel: never sent to until they opt back in."""
@@ -383,7 +354,7 @@ class OutreachApp(Application):
         def decide() -> list[Any]:
             nonlocal claimed
             campaign = self._load(uuid.UUID(campaign_id))
-            if campaign is None or campaign.claim_seen(claim_id):
+            if campaign is None or not campaign.accepts_claim(claim_id):
                 return []
             block_count = len(campaign.block_nos) if campaign.holds_channel else 0
             suppressed_destinations = self.suppressed(campaign.channel)
@@ -433,7 +404,7 @@ class OutreachApp(Application):
         return claimed
 
     # ----- provider results and timers ----------------------------------------------------------
-    def apply_results(self, *, result_id: str, campaign_id: str, results: list[dict]) -> None:
+    def apply_results(self, *, result_id: str, campaign_id: str, results: Sequence[SenderResult]) -> None:
         """Provider outcomes for many messages of one campaign, applied in one save."""
 
         def decide() -> list[Any]:
@@ -441,25 +412,25 @@ class OutreachApp(Application):
             if campaign is None:
                 return []
             refs = self._refs(campaign)
-            per_block: dict[int, list[dict]] = defaultdict(list)
+            per_block: dict[int, list[tuple[int, SenderResult]]] = defaultdict(list)
             for result in results:
-                ref = refs.get(result["message_id"])
+                ref = refs.get(result.message_id)
                 if ref is None:
-                    log.warning("result for unknown message %s of campaign %s", result["message_id"], campaign_id)
+                    log.warning("result for unknown message %s of campaign %s", result.message_id, campaign_id)
                     continue
-                per_block[ref[0]].append({**result, "_index": ref[1]})
+                per_block[ref[0]].append((ref[1], result))
             to_save = self._move_messages(campaign, per_block, result_id,
-                                          lambda state, r: _result_move(state, r, campaign.channel))
-            opting_out = [(position, r) for position, block_results in per_block.items() for r in block_results
-                          if _opts_out(r, campaign.channel)]
+                                          lambda state, r: rules.result_move(state, r, campaign.channel))
+            opting_out = [(position, index, r) for position, block_results in per_block.items()
+                          for index, r in block_results if rules.opts_out_destination(r, campaign.channel)]
             if not opting_out:
                 return to_save
             opt_outs = self._opt_out_list(campaign.channel)
-            for position, r in opting_out:
+            for position, index, r in opting_out:
                 block = self._block_at(campaign, position)
                 # Only for a message the provider had: a result about one never claimed is not believed.
-                if block.status[r["_index"]] not in NEVER_HANDED_OFF:
-                    opt_outs.opt_out(block.destinations[r["_index"]], f"result:{r['outcome']}", result_id)
+                if block.status[index] not in rules.NEVER_HANDED_OFF:
+                    opt_outs.opt_out(block.destinations[index], f"result:{r.outcome}", result_id)
             return to_save + ([opt_outs] if opt_outs.pending_events else [])
 
         self._run(decide)
@@ -477,14 +448,16 @@ class OutreachApp(Application):
                 return []
             if self._block_at(campaign, ref[0]).changed_at[ref[1]] != since_sequence:
                 return []
-            per_block = {ref[0]: [{"_index": ref[1], "kind": kind}]}
+            per_block = {ref[0]: [(ref[1], kind)]}
             return self._move_messages(campaign, per_block, expiry_id,
-                                       lambda state, r: rules.expiry_move(state, r["kind"], campaign.channel))
+                                       lambda state, k: rules.expiry_move(state, k, campaign.channel))
 
         self._run(decide)
 
-    def _move_messages(self, campaign: Campaign, per_block: dict[int, list[dict]],
-                       causation_id: str, decide_move: Callable[[rules.MessageState, dict], Move | None]) -> list[Any]:
+    def _move_messages(self, campaign: Campaign, per_block: dict[int, list[tuple[int, T]]], causation_id: str,
+                       decide_move: Callable[[rules.MessageState, T], Move | None]) -> list[Any]:
+        """Applies to each (message index, what happened) of each block position the move `decide_move`
+        decides, then the campaign's progress, in one list of aggregates to save."""
         delta: dict[str, int] = defaultdict(int)
         awaiting_delta = 0
         accepted = setup_error = False
@@ -493,16 +466,15 @@ class OutreachApp(Application):
             block = self._block_at(campaign, position)
             states: dict[int, rules.MessageState] = {}
             moves = []
-            for result in block_results:
-                index = result["_index"]
+            for index, happened in block_results:
                 state = states.get(index) or block.state(index)
-                move = decide_move(state, result)
+                move = decide_move(state, happened)
                 if move is None:
                     continue
                 after = rules.MessageState(move.status, move.reason,
                                            move.attempt if move.attempt is not None else state.attempt,
                                            state.accepted if move.accepted is None else move.accepted)
-                awaiting_delta += _awaiting(after) - _awaiting(state)
+                awaiting_delta += rules.awaiting_acceptance(after) - rules.awaiting_acceptance(state)
                 accepted = accepted or (after.accepted and not state.accepted and move.reason != "setup_error")
                 setup_error = setup_error or move.reason == "setup_error"
                 states[index] = after
@@ -535,7 +507,7 @@ class OutreachApp(Application):
             block = self._block_at(campaign, position)
             moves = []
             for index, status in enumerate(block.status):
-                if status == "queued" or (status == "sending" and not block.accepted[index]):
+                if rules.fails_on_setup_error(status, block.accepted[index]):
                     awaiting_delta -= 1 if status == "sending" else 0
                     moves.append((index, Move(status="failed", reason="setup_error", accepted=False)))
             if moves:
@@ -554,103 +526,3 @@ class OutreachApp(Application):
                 "status": campaign.status, "stopped": campaign.stopped, "holds_channel": campaign.holds_channel,
                 "run_no": campaign.run_no, "counts": {"total": campaign.message_count, **campaign.counts}}
 
-
-def _awaiting(state: rules.MessageState) -> int:
-    return 1 if state.status == "sending" and not state.accepted else 0
-
-
-NEVER_HANDED_OFF = frozenset({"waiting", "queued", "cancelled"})
-# Outcomes that put the destination on the channel's opt-out list (the message keeps its own status rules).
-_OPT_OUT_OUTCOMES = frozenset({"spamreport", "unsubscribe", "opted_out"})
-
-
-def _opts_out(result: dict, channel: str) -> bool:
-    if result["outcome"] in _OPT_OUT_OUTCOMES:
-        return True
-    return channel == "sms" and result["outcome"] in ("refused", "failed", "undelivered") \
-        and str(result.get("provider_code")) == "21610"
-
-
-def _result_move(state: rules.MessageState, result: dict, channel: str) -> Move | None:
-    outcome = result["outcome"]
-    attempt = result.get("attempt") or 0
-    code = result.get("provider_code")
-    if outcome in ("spamreport", "unsubscribe"):
-        return None  # after delivery: only the opt-out list changes
-    if outcome == "resubmitted":
-        # Our own SMTP re-submission of a deferred email: recorded, status stays retrying.
-        if state.status != "retrying" or attempt <= state.attempt:
-            return None
-        return Move(status="retrying", provider_code=code, attempt=attempt)
-    if outcome == "blocked":
-        outcome, code = "bounced", "blocked"
-    elif outcome == "dropped":
-        outcome, code = "bounced", f"dropped: {code or ''}"
-    if outcome == "accepted":
-        return rules.acceptance_move(state, attempt)
-    if outcome == "presend_error":
-        return rules.presend_error_move(state, attempt, code, bool(result.get("final")))
-    if outcome == "no_answer":
-        return None
-    try:
-        status, reason = provider_codes.classify(outcome, code, channel)
-    except ValueError:  # e.g. `sent` for an email, `deferred` for an SMS
-        log.warning("ignoring outcome %r (code %r) that the %s channel does not have", outcome, code, channel)
-        return None
-    move = rules.receipt_move(state, status, reason, code, attempt)
-    if move is not None and outcome == "refused":
-        # Refused at submission: the provider did not accept it (acceptance = Twilio 201 / SendGrid 202 / SMTP 250).
-        move = dataclasses.replace(move, accepted=False)
-    return move
-
-
-def _plain(model: Any) -> Any:
-    return model.model_dump(mode="json") if hasattr(model, "model_dump") else model
-
-
-def run_summary(name: str, channel: str, template: dict, blocks: list[MessageBlock]) -> dict:
-    """What the run modal shows: counts, a preview, SMS encoding and segments, rows missing variables."""
-    message_count = sum(len(b.rows) for b in blocks)
-    missing_rows: list[int] = []
-    missing_count = 0
-    summary: dict[str, Any] = {"name": name, "channel": channel, "message_count": message_count,
-                               "from_email": None, "from_name": None, "attachments": [], "encoding": None,
-                               "segments": None, "segments_total": None}
-    if channel == "sms":
-        text = template["body"]
-        first = True
-        encoding = "GSM-7"
-        segments_max = segments_total = 0
-        for block in blocks:
-            for row, variables in zip(block.rows, block.variables):
-                rendered = templating.render(text, variables)
-                if first:
-                    summary["preview"] = rendered
-                    first = False
-                if templating.missing_variables(text, variables):
-                    missing_count += 1
-                    if len(missing_rows) < SUMMARY_ROWS_LISTED:
-                        missing_rows.append(row)
-                if encoding == "GSM-7" and templating.sms_encoding(rendered) == "UCS-2":
-                    encoding = "UCS-2"
-                segments = templating.sms_segments(rendered)
-                segments_max = max(segments_max, segments)
-                segments_total += segments
-        if first:
-            summary["preview"] = text
-        summary.update(encoding=encoding, segments=segments_max or templating.sms_segments(text),
-                       segments_total=segments_total)
-    else:
-        texts = template["subject"] + "\n" + template["html"]
-        for block in blocks:
-            for row, variables in zip(block.rows, block.variables):
-                if templating.missing_variables(texts, variables):
-                    missing_count += 1
-                    if len(missing_rows) < SUMMARY_ROWS_LISTED:
-                        missing_rows.append(row)
-        variables0 = blocks[0].variables[0] if blocks and blocks[0].rows else {}
-        summary.update(preview=templating.render(template["subject"], variables0),
-                       from_email=template.get("from_email"), from_name=template.get("from_name"),
-                       attachments=[a["filename"] for a in template.get("attachments", [])])
-    summary.update(rows_missing_variables=missing_rows, missing_variables_count=missing_count)
-    return summary

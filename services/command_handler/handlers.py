@@ -1,21 +1,28 @@
-"""Record -> use case. Decides what a raw record is (command, claim, result, expiry, poison) and answers it.
+"""Record -> use case. Decides what a record is (command, claim, results, hold, expiry, opt-out, poison),
+parses it with its `schemas/` model and hands the typed record to its use case.
 
-Kept free of Kafka: the consumer loop in `app.py` hands each record's topic, key and value here.
+Kept free of Kafka: the consumer in `app.py` hands each record's topic and value here.
 """
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any, Union
 
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas import topics
-from services.common import ids, jsoncodec
+from schemas.commands import COMMAND_TYPES, CommandHeader, parse_command, validation_detail
+from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
+from services.common import ids, jsoncodec, records
 from services.command_handler.application import MAX_CHUNK_BYTES, OutreachApp
 
-log = logging.getLogger(__name__)
 
 DLQ_VALUE_LIMIT = 64 * 1024
+
+# The sender's results and its circuit breakers' holds share a topic (same key, in order): told by `type`.
+SENDER_RESULTS_RECORD: TypeAdapter[SenderResults | SendingHold] = TypeAdapter(
+    Annotated[Union[SenderResults, SendingHold], Field(discriminator="type")])
 
 
 @dataclass(frozen=True)
@@ -36,46 +43,54 @@ def envelope_error(value: object) -> str | None:
     return None
 
 
-def validation_detail(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"][1:] or item["loc"])  # drop the union tag
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 class RecordHandler:
     def __init__(self, app: OutreachApp):
         self.app = app
+        # topic -> (the model its records are parsed with, the use case a parsed record goes to)
+        self._internal: dict[str, tuple[Any, Callable[[Any], None]]] = {
+            topics.CLAIM_REQUESTS: (ClaimRequest, self.claim),
+            topics.SENDER_RESULTS: (SENDER_RESULTS_RECORD, self.sender_record),
+            topics.EXPIRIES: (Expiry, self.expiry),
+            topics.OPT_OUTS: (OptOutChanged, self.opt_out),
+        }
 
     def handle(self, topic: str, raw: bytes | None) -> DeadLetter | None:
         if topic == topics.COMMANDS:
             return self.handle_command(raw)
-        value = jsoncodec.loads(raw or b"null")
-        if topic == topics.CLAIM_REQUESTS:
-            self.app.claim(claim_id=value["claim_id"], campaign_id=value["campaign_id"],
-                           max_messages=int(value["max_messages"]))
-        elif topic == topics.SENDER_RESULTS and value.get("type") == "SendingHold":
-            self.app.apply_hold(hold_id=value["hold_id"], campaign_id=value["campaign_id"],
-                                provider=value["provider"], held=bool(value["held"]), reason=value.get("reason", ""))
-        elif topic == topics.SENDER_RESULTS:
-            self.app.apply_results(result_id=value["result_id"], campaign_id=value["campaign_id"],
-                                   results=value["results"])
-        elif topic == topics.OPT_OUTS:
-            self.app.apply_opt_out(opt_out_id=value["opt_out_id"], channel=value["channel"],
-                                   destination=value["destination"], opted_out=bool(value["opted_out"]),
-                                   source=value.get("source", ""))
-        elif topic == topics.EXPIRIES:
-            self.app.apply_expiry(expiry_id=value["expiry_id"], campaign_id=value["campaign_id"],
-                                  message_id=value["message_id"], kind=value["kind"],
-                                  since_sequence=int(value["since_sequence"]))
-        else:
+        route = self._internal.get(topic)
+        if route is None:
             return DeadLetter(f"unexpected topic {topic}")
+        model, use_case = route
+        try:
+            record = records.decode(model, raw)
+        except records.InvalidRecord as exc:
+            return DeadLetter(f"invalid record on {topic}: {exc}")
+        use_case(record)
         return None
 
-    def handle_command(self, raw: bytes | None) -> DeadLetter | None:
-        from schemas.commands import COMMAND_TYPES, parse_command
+    # ----- internal records -----------------------------------------------------------------------
+    def claim(self, request: ClaimRequest) -> None:
+        self.app.claim(claim_id=request.claim_id, campaign_id=request.campaign_id,
+                       max_messages=request.max_messages)
 
+    def sender_record(self, record: SenderResults | SendingHold) -> None:
+        if isinstance(record, SendingHold):
+            self.app.apply_hold(hold_id=record.hold_id, campaign_id=record.campaign_id, provider=record.provider,
+                                held=record.held, reason=record.reason)
+        else:
+            self.app.apply_results(result_id=record.result_id, campaign_id=record.campaign_id,
+                                   results=record.results)
+
+    def expiry(self, expiry: Expiry) -> None:
+        self.app.apply_expiry(expiry_id=expiry.expiry_id, campaign_id=expiry.campaign_id,
+                              message_id=expiry.message_id, kind=expiry.kind, since_sequence=expiry.since_sequence)
+
+    def opt_out(self, change: OptOutChanged) -> None:
+        self.app.apply_opt_out(opt_out_id=change.opt_out_id, channel=change.channel, destination=change.destination,
+                               opted_out=change.opted_out, source=change.source)
+
+    # ----- commands -------------------------------------------------------------------------------
+    def handle_command(self, raw: bytes | None) -> DeadLetter | None:
         try:
             value = jsoncodec.loads(raw) if raw is not None else None
         except jsoncodec.JSONDecodeError as exc:
@@ -83,12 +98,15 @@ class RecordHandler:
         error = envelope_error(value)
         if error:
             return DeadLetter(error)
+        # Checked just above, as the contract words the DLQ's reasons: built without validating again.
+        header = CommandHeader.model_construct(type=value["type"], command_id=value["command_id"],
+                                               campaign_id=value["campaign_id"])
         command = None
         detail = None
         size = len(raw or b"")
-        if value["type"] not in COMMAND_TYPES:
-            detail = f"unknown command type {value['type']!r}"
-        elif value["type"] == "AddContacts" and size > MAX_CHUNK_BYTES:
+        if header.type not in COMMAND_TYPES:
+            detail = f"unknown command type {header.type!r}"
+        elif header.type == "AddContacts" and size > MAX_CHUNK_BYTES:
             detail = f"a contacts chunk is at most {MAX_CHUNK_BYTES // 1024} KiB ({size} bytes given)"
         elif size > topics.MAX_RECORD_BYTES:
             detail = f"a command is at most {topics.MAX_RECORD_BYTES} bytes ({size} given)"
@@ -97,5 +115,5 @@ class RecordHandler:
                 command = parse_command(raw)
             except ValidationError as exc:
                 detail = validation_detail(exc)
-        self.app.handle_command(command, value, invalid_detail=detail)
+        self.app.handle_command(command, header, invalid_detail=detail)
         return None

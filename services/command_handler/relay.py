@@ -12,7 +12,8 @@ import logging
 import time
 
 from schemas import topics
-from services.common import jsoncodec, kafka
+from services.common import kafka
+from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.command_handler import wire
@@ -24,6 +25,8 @@ log = logging.getLogger("outreach.relay")
 PAGE_SIZE = 500
 IDLE_POLL_S = 0.02
 BROKER_CHECK_S = 5.0  # an empty broker is noticed within seconds; checking costs new connections
+REWIND_FIRST_WAIT_S = 0.1  # after a failed page: 0.1 s, doubling up to 5 s (plus jitter) while it fails
+REWIND_LONGEST_WAIT_S = 5.0
 
 
 class Relay:
@@ -60,7 +63,7 @@ class Relay:
             self.checkpoint = Checkpoint()
             self.checkpoints.save(self.checkpoint)
 
-    def _read_page(self) -> tuple[int, list[wire.WireRecord]]:
+    def _read_page(self) -> tuple[int, list[wire.Record]]:
         notifications = self.app.recorder.select_notifications(start=self.checkpoint.position + 1, limit=PAGE_SIZE)
         records = [r for n in notifications for r in wire.to_records(self.app.mapper.to_domain_event(n))]
         return (notifications[-1].id if notifications else self.checkpoint.position), records
@@ -74,7 +77,7 @@ class Relay:
             return 0
         producer = await self._producer()
         futures = [
-            await producer.send(r.topic, value=jsoncodec.dumps(r.value), key=r.key.encode())
+            await producer.send(r.topic, value=r.encoded(), key=r.key.encode())
             for r in records
         ]
         for future in futures:
@@ -87,19 +90,27 @@ class Relay:
         return covered
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.1
         while not stop.is_set():
-            try:
-                if await self.publish_once() == 0:
-                    await asyncio.sleep(IDLE_POLL_S)
-                backoff = 0.1
-            except Exception:
-                log.exception("publishing failed: dropping the producer and rewinding to position %d",
-                              self.checkpoint.position)
-                await self._drop_producer()
-                self._last_broker_check = 0.0
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            covered = 0
+            async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=REWIND_FIRST_WAIT_S,
+                                          longest_wait_s=REWIND_LONGEST_WAIT_S):
+                with attempt:
+                    if not stop.is_set():  # a stop ends the waiting out of a failure too
+                        covered = await self._publish_or_rewind()
+            if covered == 0:
+                await asyncio.sleep(IDLE_POLL_S)
+
+    async def _publish_or_rewind(self) -> int:
+        """One page; on a failure the producer is dropped and the next try starts from the checkpoint (and
+        checks the broker first), so records are never reordered."""
+        try:
+            return await self.publish_once()
+        except Exception:
+            log.exception("publishing failed: dropping the producer and rewinding to position %d",
+                          self.checkpoint.position)
+            await self._drop_producer()
+            self._last_broker_check = 0.0
+            raise
 
     async def close(self) -> None:
         await self._drop_producer()

@@ -1,27 +1,42 @@
 """Stored events -> wire records. Pure: the same stored event always gives the same records and ids.
 
 The relay publishes these; the application also uses them to store a command's answer, so a repeated
-command is answered with byte-identical records.
+command is answered with byte-identical records. Public records are dicts the contract fixes; an internal
+record (the sender's WorkClaimed) is built as its `schemas.internal` model, so one the model refuses is
+caught here, where it is made, and never published.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import datetime
+from typing import Any, Union
+
+from pydantic import BaseModel, ValidationError
 
 from schemas import topics
-from services.common import ids
+from schemas.internal import WorkClaimed
+from schemas.times import rfc3339
+from services.common import ids, jsoncodec, records
 from services.command_handler.domain.model import SEQUENCE_STEP, Campaign, CommandLog, MessageBlock, message_sequences
 
+log = logging.getLogger(__name__)
+
 RECORDS_PER_STORED_EVENT = 10  # campaign sequence = version * 10 + k
+# Internal topics the relay publishes to, and the model of their records.
+INTERNAL_MODELS: dict[str, type[BaseModel]] = {topics.SENDER_WORK: WorkClaimed}
 
 
 @dataclass(frozen=True)
 class WireRecord:
+    """A public record (campaign event or message status): its value as the contract words it."""
     topic: str
     key: str
     value: dict[str, Any]
+
+    def encoded(self) -> bytes:
+        return jsoncodec.dumps(self.value)
 
     def as_dict(self) -> dict[str, Any]:
         return {"topic": self.topic, "key": self.key, "value": self.value}
@@ -31,11 +46,29 @@ class WireRecord:
         return cls(data["topic"], data["key"], data["value"])
 
 
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+@dataclass(frozen=True)
+class ModelRecord:
+    """An internal record: its `schemas/` model (validated when it was built), encoded by `records.encode`."""
+    topic: str
+    key: str
+    model: BaseModel
+
+    @functools.cached_property
+    def value(self) -> dict[str, Any]:
+        """The record as JSON-ready data, for readers that are not the broker (replay, tests)."""
+        return self.model.model_dump(mode="json")
+
+    def encoded(self) -> bytes:
+        return records.encode(self.model)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "key": self.key, "value": self.value}
 
 
-def to_records(stored_event: Any) -> list[WireRecord]:
+Record = Union[WireRecord, ModelRecord]
+
+
+def to_records(stored_event: Any) -> list[Record]:
     """Every wire record one stored event stands for (possibly none)."""
     if isinstance(stored_event, MessageBlock.Created):
         return _waiting_records(stored_event)
@@ -51,7 +84,7 @@ def to_records(stored_event: Any) -> list[WireRecord]:
     return _campaign_records(stored_event, mapper(stored_event))
 
 
-def campaign_answer_records(stored_events: list[Any], causation_id: str) -> list[WireRecord]:
+def campaign_answer_records(stored_events: list[Any], causation_id: str) -> list[Record]:
     """The campaign-event records answering one command, from the stored events it caused."""
     return [
         r for e in stored_events for r in to_records(e)
@@ -78,24 +111,39 @@ def rejection_for_unknown_campaign(*, command_id: str, campaign_id: str, command
 
 # ----- campaign events -------------------------------------------------------------------------
 
-def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[WireRecord]:
+def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Record]:
     campaign_id = str(e.originator_id)
-    records = []
+    out: list[Record] = []
     status_change = getattr(e, "status_change", None)
     if status_change:
         bodies = bodies + [(topics.CAMPAIGN_EVENTS, "CampaignStatusChanged", dict(status_change))]
     for k, (topic, type_name, body) in enumerate(bodies):
+        event_id = ids.record_event_id(e.originator_id, e.originator_version, k)
+        model = INTERNAL_MODELS.get(topic)
+        if model is not None:
+            out += _internal_record(model, topic, campaign_id, type=type_name, event_id=event_id,
+                                    campaign_id=campaign_id, **body)
+            continue
         value = {
             "type": type_name,
-            "event_id": ids.record_event_id(e.originator_id, e.originator_version, k),
+            "event_id": event_id,
             "campaign_id": campaign_id,
             "sequence": e.originator_version * RECORDS_PER_STORED_EVENT + k,
             "occurred_at": rfc3339(e.timestamp),
             "causation_id": e.causation_id,
             **body,
         }
-        records.append(WireRecord(topic, campaign_id, value))
-    return records
+        out.append(WireRecord(topic, campaign_id, value))
+    return out
+
+
+def _internal_record(model: type[BaseModel], topic: str, key: str, **fields: Any) -> list[ModelRecord]:
+    """The record as its model, or none (logged) if the model refuses it: a bug, never published."""
+    try:
+        return [ModelRecord(topic, key, model(**fields))]
+    except ValidationError as exc:
+        log.error("not publishing a %s its model refuses (event %s): %s", model.__name__, fields.get("event_id"), exc)
+        return []
 
 
 def _event(type_name: str, **body: Any) -> tuple[str, str, dict]:

@@ -1,23 +1,25 @@
 """The aggregates: Campaign, MessageBlock, ChannelLock, CommandLog (eventsourcing style, no I/O).
 
-Public methods check the rules and raise `Rejected`; the `@event` methods only apply what was decided,
-so replaying stored events rebuilds exactly the state that was saved. Every campaign event carries the
+Each public method checks its own guards (small `check_*` methods raising `Rejected`, in the contract's
+order of rejection reasons) and then calls its `@event` method, which only applies what was decided, so
+replaying stored events rebuilds exactly the state that was saved. Every campaign event carries the
 status change it caused (if any), so the relay can map stored events to wire records without state.
 """
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from eventsourcing.domain import Aggregate, event
 
+from schemas.commands import EmailTemplate, SmsTemplate, template_matches_channel
 from services.common import ids
 from services.command_handler.domain import rules
 from services.command_handler.domain.rules import MessageState, Move
+from services.command_handler.domain.summary import run_summary
 
 MAX_CONTACTS = 300_000
-DELETABLE = frozenset({"created", "ready", "complete", "complete_with_errors", "failed"})
-EDITABLE = frozenset({"created", "ready"})
 RECENT_CLAIMS_KEPT = 256
 
 
@@ -100,21 +102,38 @@ class Campaign(Aggregate):
             self.status = status_change["status"]
 
     # ----- contacts -----------------------------------------------------------------------------
-    def check_contacts_accepted(self, chunk_no: int, row_count: int) -> dict | None:
-        """Returns the stored answer of a chunk already applied; raises if the chunk is refused."""
-        if chunk_no < self.next_chunk_no:
-            return self.chunk_answers[chunk_no]
+    def chunk_applied(self, chunk_no: int) -> bool:
+        """The chunk was applied before: a repeat (under any command id) is answered with its stored counts."""
+        return chunk_no < self.next_chunk_no
+
+    def check_contacts_open(self) -> None:
         if self.contacts_closed or self.has_run:
             raise Rejected("contacts_closed", "the last chunk was already added")
+
+    def check_within_contacts_limit(self, row_count: int) -> None:
         if self.rows_seen + row_count > MAX_CONTACTS:
             raise Rejected("too_many_contacts", f"more than {MAX_CONTACTS:,} contacts in all")
+
+    def check_chunk_in_order(self, chunk_no: int) -> None:
         if chunk_no > self.next_chunk_no:
             raise Rejected("invalid_command", f"chunk {chunk_no} arrived before chunk {self.next_chunk_no}")
-        return None
+
+    @staticmethod
+    def check_rows_unique(rows: list[int]) -> None:
+        if len(set(rows)) != len(rows):
+            raise Rejected("invalid_command", "a row number appears twice in the chunk")
 
     def add_contacts(self, *, chunk_no: int, valid_rows: list[int], destinations: list[str],
-                     invalid_rows: list[list], last_chunk: bool, summary: dict | None,
+                     invalid_rows: list[list], last_chunk: bool, blocks: Sequence[MessageBlock],
                      causation_id: str) -> None:
+        """One screened chunk (`invalid_rows`: [row, reason]). After the last chunk the campaign is ready and
+        its run summary is made from `blocks`, every block of the campaign (this chunk's included)."""
+        rows = valid_rows + [row for row, _reason in invalid_rows]
+        self.check_contacts_open()
+        self.check_within_contacts_limit(len(rows))
+        self.check_chunk_in_order(chunk_no)
+        self.check_rows_unique(rows)
+        summary = run_summary(self.name, self.channel, self.template, blocks) if last_chunk else None
         message_count = self.message_count + len(valid_rows)
         ready = last_chunk
         counts = dict(self.counts)
@@ -157,10 +176,22 @@ class Campaign(Aggregate):
         pass
 
     # ----- template -----------------------------------------------------------------------------
-    def update_template(self, template: dict, summary: dict | None, causation_id: str) -> None:
-        if self.status not in EDITABLE:
+    def check_editable(self) -> None:
+        if self.status not in rules.EDITABLE_STATUSES:
             raise Rejected("not_editable", f"the campaign is {self.status}")
-        self._template_updated(template=template, summary=summary, causation_id=causation_id)
+
+    def check_template_fits_channel(self, template: SmsTemplate | EmailTemplate) -> None:
+        if not template_matches_channel(template, self.channel):
+            raise Rejected("invalid_command", f"the template is not a valid {self.channel} template")
+
+    def update_template(self, template: SmsTemplate | EmailTemplate, blocks: Sequence[MessageBlock],
+                        causation_id: str) -> None:
+        """A new template; once the contacts are closed the run summary is made again from `blocks`."""
+        self.check_editable()
+        self.check_template_fits_channel(template)
+        plain = template.model_dump(mode="json")
+        summary = run_summary(self.name, self.channel, plain, blocks) if self.contacts_closed else None
+        self._template_updated(template=plain, summary=summary, causation_id=causation_id)
 
     @event("TemplateUpdated")
     def _template_updated(self, template: dict, summary: dict | None, causation_id: str) -> None:
@@ -169,14 +200,20 @@ class Campaign(Aggregate):
             self.summary = summary
 
     # ----- run / stop / retry -------------------------------------------------------------------
-    def check_can_run(self, disclaimer: dict) -> None:
+    def check_ready(self) -> None:
         if self.status != "ready":
             raise Rejected("campaign_not_ready", f"the campaign is {self.status}")
-        if not all(disclaimer.get(k) is True for k in
-                   ("consent", "content_compliance", "opt_out", "data_responsibility")):
+
+    @staticmethod
+    def check_disclaimer_accepted(disclaimer: dict) -> None:
+        if not all(disclaimer.get(k) is True for k in rules.DISCLAIMER_CONFIRMATIONS):
             raise Rejected("disclaimer_not_accepted", "all four disclaimer confirmations are required")
+
+    def check_has_valid_contacts(self) -> None:
         if self.message_count == 0:
             raise Rejected("no_valid_contacts", "the campaign has no valid contact")
+
+    def check_attachments_uploaded(self) -> None:
         if self.channel == "email":
             pending = [a.get("filename") for a in self.template.get("attachments", []) if a.get("status") != "complete"]
             if pending:
@@ -184,6 +221,12 @@ class Campaign(Aggregate):
 
     def start_run(self, *, accepted_by: str, disclaimer: dict, queued: int, suppressed: int,
                   causation_id: str) -> None:
+        """The first run: `queued` waiting messages queued, `suppressed` ones opted out (their destination is
+        on the channel's opt-out list). The channel is held while any message is queued."""
+        self.check_ready()
+        self.check_disclaimer_accepted(disclaimer)
+        self.check_has_valid_contacts()
+        self.check_attachments_uploaded()
         counts = dict(self.counts)
         counts["waiting"] -= queued + suppressed
         counts["queued"] += queued
@@ -204,13 +247,19 @@ class Campaign(Aggregate):
         self.claim_cursor = 0
         self._apply_status_change(status_change)
 
-    def check_can_stop(self, confirmed: bool) -> None:
+    def check_running(self) -> None:
         if not self.holds_channel:
             raise Rejected("campaign_not_running", f"the campaign is {self.status} and holds no channel")
+
+    @staticmethod
+    def check_stop_confirmed(confirmed: bool) -> None:
         if confirmed is not True:
             raise Rejected("stop_not_confirmed", "a stop needs an explicit confirmation")
 
-    def stop(self, *, stopped_by: str, cancelled: int, causation_id: str) -> None:
+    def stop(self, *, stopped_by: str, confirmed: bool, cancelled: int, causation_id: str) -> None:
+        """A confirmed stop: the `cancelled` queued messages are cancelled and the channel is released."""
+        self.check_running()
+        self.check_stop_confirmed(confirmed)
         counts = dict(self.counts)
         counts["queued"] -= cancelled
         counts["cancelled"] += cancelled
@@ -227,11 +276,28 @@ class Campaign(Aggregate):
         self.counts = dict(counts)
         self._apply_status_change(status_change)
 
-    def check_can_retry(self) -> None:
+    def check_retryable(self) -> None:
         if not self.has_run:
             raise Rejected("not_retryable", f"the campaign is {self.status}: it has not run")
 
-    def start_retry(self, *, moved_from: dict[str, int], causation_id: str) -> None:
+    @staticmethod
+    def check_messages_known(unknown_message_ids: Sequence[str]) -> None:
+        if unknown_message_ids:
+            raise Rejected("invalid_command",
+                           f"not messages of this campaign: {', '.join(unknown_message_ids[:5])}")
+
+    @staticmethod
+    def check_something_to_retry(moved_from: dict[str, int]) -> None:
+        if not moved_from:
+            raise Rejected("nothing_to_retry", "no message of the campaign can be retried")
+
+    def start_retry(self, *, moved_from: dict[str, int], unknown_message_ids: Sequence[str] = (),
+                    causation_id: str) -> None:
+        """A new run of the retryable messages (`moved_from`: how many leave each status for `queued`);
+        `unknown_message_ids`: ids the command named that are not messages of this campaign."""
+        self.check_retryable()
+        self.check_messages_known(unknown_message_ids)
+        self.check_something_to_retry(moved_from)
         counts = dict(self.counts)
         queued = sum(moved_from.values())
         for status, n in moved_from.items():
@@ -253,9 +319,12 @@ class Campaign(Aggregate):
         self._apply_status_change(status_change)
 
     # ----- delete -------------------------------------------------------------------------------
-    def delete(self, causation_id: str) -> None:
-        if self.status not in DELETABLE:
+    def check_deletable(self) -> None:
+        if self.status not in rules.DELETABLE_STATUSES:
             raise Rejected("not_deletable", f"the campaign is {self.status}")
+
+    def delete(self, causation_id: str) -> None:
+        self.check_deletable()
         change = self._status_change("deleted", dict(self.counts))
         self._deleted(status_change=change, causation_id=causation_id)
 
@@ -286,8 +355,9 @@ class Campaign(Aggregate):
         self.held_by = {**self.held_by, provider: held}
 
     # ----- claims and message progress ----------------------------------------------------------
-    def claim_seen(self, claim_id: str) -> bool:
-        return claim_id in self.recent_claims
+    def accepts_claim(self, claim_id: str) -> bool:
+        """A claim is answered once, and only for a campaign that has run (a WorkClaimed names its run)."""
+        return self.has_run and claim_id not in self.recent_claims
 
     def record_claim(self, *, claim_id: str, items: list[dict], suppressed: int, cursor: int,
                      causation_id: str) -> bool:
@@ -343,8 +413,7 @@ class Campaign(Aggregate):
         for status, n in delta.items():
             counts[status] += n
         awaiting = self.awaiting_acceptance + awaiting_delta
-        # Contract: a campaign holds its channel until it has no message queued or claimed-but-not-accepted.
-        holds = self.holds_channel and (counts["queued"] > 0 or awaiting > 0)
+        holds = self.holds_channel and rules.still_holds_channel(counts, awaiting)
         status = self._derived_status(counts, setup_failed=setup_failed or self.setup_failed)
         return counts, self._status_change(status, counts), holds
 
@@ -458,8 +527,15 @@ class ChannelLock(Aggregate):
                 raise Rejected("channel_busy", "this campaign already holds the channel")
             raise Rejected("channel_busy", f"campaign {self.holder} is running on the {self.channel} channel")
 
+    def take(self, campaign_id: str, *, hold: bool) -> None:
+        """A run or retry starts: refused while any campaign holds the channel; held from now on only if
+        the campaign has messages to send (`hold`; a run whose every message is opted out holds nothing)."""
+        self.check_free_for(campaign_id)
+        if hold:
+            self._acquired(campaign_id=campaign_id)
+
     @event("Acquired")
-    def acquire(self, campaign_id: str) -> None:
+    def _acquired(self, campaign_id: str) -> None:
         self.holder = campaign_id
 
     def release(self, campaign_id: str) -> None:

@@ -1,9 +1,9 @@
 """Provider outcomes -> message status and reason: the one documented table.
 
 The sender reports each result as an ``outcome`` (docs/design.md, ``SenderResults``) with an optional
-``provider_code``; the handler calls :func:`classify` to learn the message status it leads to. Whether a
-status record is written, and whether a move out of a final state is allowed, is the handler's rule,
-not this table's. ``reason`` is set only with status ``failed`` (wire contract: else null).
+``provider_code``; ``rules.result_move`` calls :func:`classify` to learn the message status it leads to.
+Whether a status record is written, and whether a move out of a final state is allowed, is the message
+rules' decision (``rules.py``), not this table's. ``reason`` is set only with status ``failed`` (wire contract: else null).
 
 ## Outcomes
 
@@ -76,8 +76,6 @@ from __future__ import annotations
 import re
 
 __all__ = [
-    "MESSAGE_STATUSES",
-    "FAILURE_REASONS",
     "OUTCOMES",
     "TWILIO_CODES",
     "SMTP_CODES",
@@ -89,55 +87,48 @@ __all__ = [
 
 Classification = tuple[str, "str | None"]
 
-MESSAGE_STATUSES = frozenset({
-    "waiting", "queued", "sending", "sent", "delivered", "assumed_delivered", "retrying", "failed",
-    "opted_out", "cancelled",
-})
-FAILURE_REASONS = frozenset({
-    "timed_out", "invalid_destination", "carrier_rejected", "undeliverable", "bounced", "blocked",
-    "expired", "provider_error", "setup_error", "unknown",
-})
-
+# The message statuses and failure reasons are the wire's (schemas.events); these are the pairs the
+# tables below lead to.
 FAILED_UNKNOWN: Classification = ("failed", "unknown")
 OPTED_OUT: Classification = ("opted_out", None)
+INVALID_DESTINATION: Classification = ("failed", "invalid_destination")
+UNDELIVERABLE: Classification = ("failed", "undeliverable")
+BLOCKED: Classification = ("failed", "blocked")
+BOUNCED: Classification = ("failed", "bounced")
+SETUP_ERROR: Classification = ("failed", "setup_error")
 
 TWILIO_CODES: dict[str, Classification] = {
-    "21211": ("failed", "invalid_destination"),
-    "21614": ("failed", "invalid_destination"),
-    "21612": ("failed", "undeliverable"),
-    "30003": ("failed", "undeliverable"),
-    "30005": ("failed", "undeliverable"),
-    "21408": ("failed", "blocked"),
-    "30004": ("failed", "blocked"),
+    "21211": INVALID_DESTINATION,
+    "21614": INVALID_DESTINATION,
+    "21612": UNDELIVERABLE,
+    "30003": UNDELIVERABLE,
+    "30005": UNDELIVERABLE,
+    "21408": BLOCKED,
+    "30004": BLOCKED,
     "30007": ("failed", "carrier_rejected"),
     "30008": FAILED_UNKNOWN,
     "21610": OPTED_OUT,
-    "20003": ("failed", "setup_error"),
+    "20003": SETUP_ERROR,
 }
-TWILIO_30XXX_DEFAULT: Classification = ("failed", "undeliverable")
+TWILIO_30XXX_DEFAULT: Classification = UNDELIVERABLE
 
-SMTP_CODES: dict[str, Classification] = {
-    "530": ("failed", "setup_error"),
-    "534": ("failed", "setup_error"),
-    "535": ("failed", "setup_error"),
-    "401": ("failed", "setup_error"),
-    "403": ("failed", "setup_error"),
-}
+# SMTP authentication refused (530, 534, 535) and SendGrid's HTTP 401/403: the channel's credentials.
+SMTP_CODES: dict[str, Classification] = dict.fromkeys(("530", "534", "535", "401", "403"), SETUP_ERROR)
 SMTP_CLASS: dict[str, Classification] = {
     "4": ("retrying", None),
-    "5": ("failed", "bounced"),
+    "5": BOUNCED,
 }
 
 SENDGRID_TYPES: dict[str, Classification] = {
-    "bounce": ("failed", "bounced"),
-    "blocked": ("failed", "blocked"),
+    "bounce": BOUNCED,
+    "blocked": BLOCKED,
 }
 SENDGRID_DROP_REASONS: dict[str, Classification] = {
     "unsubscribed address": OPTED_OUT,
     "spam reporting address": OPTED_OUT,
-    "bounced address": ("failed", "bounced"),
-    "invalid": ("failed", "invalid_destination"),
-    "spam content": ("failed", "blocked"),
+    "bounced address": BOUNCED,
+    "invalid": INVALID_DESTINATION,
+    "spam content": BLOCKED,
 }
 
 # Outcomes whose status does not depend on a code.
@@ -153,9 +144,9 @@ _FIXED: dict[str, dict[str, Classification]] = {
 # Outcomes decided by the code, with their default when there is no code.
 _CODED_DEFAULTS: dict[str, dict[str, Classification]] = {
     "refused": {"sms": FAILED_UNKNOWN, "email": FAILED_UNKNOWN},
-    "undelivered": {"sms": ("failed", "undeliverable"), "email": ("failed", "undeliverable")},
+    "undelivered": {"sms": UNDELIVERABLE, "email": UNDELIVERABLE},
     "failed": {"sms": FAILED_UNKNOWN, "email": FAILED_UNKNOWN},
-    "bounced": {"email": ("failed", "bounced")},
+    "bounced": {"email": BOUNCED},
 }
 OUTCOMES = frozenset(_FIXED) | frozenset(_CODED_DEFAULTS)
 

@@ -1,19 +1,34 @@
 """Message and campaign rules as pure functions: which moves are allowed, and what a campaign's status is.
 
 Every rule of the wire contract's "Campaign status" and "Message status stream" sections lives here, so
-the aggregates only apply what these functions decide.
+the aggregates only apply what these functions decide. The wire's vocabulary (message and campaign
+statuses, the final ones) is `schemas.events`; what the domain makes of it (which statuses allow an edit,
+a delete, keep a channel held; how a provider's outcome moves a message) is declared here, once.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
-MESSAGE_STATUSES = (
-    "waiting", "queued", "sending", "sent", "delivered", "assumed_delivered",
-    "retrying", "failed", "opted_out", "cancelled",
-)
-FINAL_STATUSES = frozenset({"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"})
+from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
+from schemas.internal import SenderResult
+from services.command_handler.domain import provider_codes
+
+log = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset(FINAL_MESSAGE_STATUSES)
 # Messages in these states keep a campaign in progress.
 IN_FLIGHT_STATUSES = frozenset({"queued", "sending", "sent"})
+# Messages the provider never had: a result about one is not ours to believe.
+NEVER_HANDED_OFF = frozenset({"waiting", "queued", "cancelled"})
+
+# Campaign statuses that allow a change of template, and a delete (contract: not_editable, not_deletable).
+EDITABLE_STATUSES = frozenset({"created", "ready"})
+DELETABLE_STATUSES = frozenset({"created", "ready", "complete", "complete_with_errors", "failed"})
+
+# The four confirmations a Run needs (contract: disclaimer_not_accepted).
+DISCLAIMER_CONFIRMATIONS = ("consent", "content_compliance", "opt_out", "data_responsibility")
 
 # How far along the lifecycle a status is; a receipt never moves a message to a lower rank.
 _RANK = {
@@ -39,6 +54,11 @@ def derive_status(counts: dict[str, int], *, has_run: bool, ready: bool, setup_f
     if counts["failed"]:
         return "complete_with_errors"
     return "complete"
+
+
+def still_holds_channel(counts: dict[str, int], awaiting_acceptance: int) -> bool:
+    """Contract: a running campaign holds its channel until it has no message queued or claimed-but-not-accepted."""
+    return counts["queued"] > 0 or awaiting_acceptance > 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +100,7 @@ def receipt_move(state: MessageState, status: str, reason: str | None, code: str
             return None
     elif _RANK[status] < _RANK[state.status]:
         return None
-    if state.status in ("waiting", "queued", "cancelled"):
+    if state.status in NEVER_HANDED_OFF:
         return None  # never claimed: a receipt for it is not ours to believe
     attempt = max(state.attempt, attempt or 0) or None
     return Move(status=status, reason=reason, provider_code=code, attempt=attempt, accepted=True)
@@ -124,3 +144,63 @@ def is_retryable(state: MessageState, *, named: bool, include_cancelled: bool) -
     if state.status == "cancelled":
         return include_cancelled or named
     return False
+
+
+def awaiting_acceptance(state: MessageState) -> bool:
+    """Claimed and not yet accepted by the provider: the message keeps its campaign holding the channel."""
+    return state.status == "sending" and not state.accepted
+
+
+def fails_on_setup_error(status: str, accepted: bool) -> bool:
+    """Contract: credentials refused before the provider accepted anything fail every message of the run
+    not yet accepted (`setup_error`)."""
+    return status == "queued" or (status == "sending" and not accepted)
+
+
+# ----- provider results ------------------------------------------------------------------------
+
+# Outcomes that put the destination on the channel's opt-out list (the message keeps its own status rules).
+_OPT_OUT_OUTCOMES = frozenset({"spamreport", "unsubscribe", "opted_out"})
+OPT_OUT_CODE = "21610"  # Twilio: the recipient replied STOP
+
+
+def opts_out_destination(result: SenderResult, channel: str) -> bool:
+    """The result puts the message's destination on the channel's opt-out list."""
+    if result.outcome in _OPT_OUT_OUTCOMES:
+        return True
+    return channel == "sms" and result.outcome in ("refused", "failed", "undelivered") \
+        and result.provider_code == OPT_OUT_CODE
+
+
+def result_move(state: MessageState, result: SenderResult, channel: str) -> Move | None:
+    """What one provider result (outcome + code, `provider_codes`) does to a message, or None if nothing."""
+    outcome = result.outcome
+    attempt = result.attempt or 0
+    code = result.provider_code
+    if outcome in ("spamreport", "unsubscribe"):
+        return None  # after delivery: only the opt-out list changes
+    if outcome == "resubmitted":
+        # Our own SMTP re-submission of a deferred email: recorded, status stays retrying.
+        if state.status != "retrying" or attempt <= state.attempt:
+            return None
+        return Move(status="retrying", provider_code=code, attempt=attempt)
+    if outcome == "blocked":
+        outcome, code = "bounced", "blocked"
+    elif outcome == "dropped":
+        outcome, code = "bounced", f"dropped: {code or ''}"
+    if outcome == "accepted":
+        return acceptance_move(state, attempt)
+    if outcome == "presend_error":
+        return presend_error_move(state, attempt, code, result.final)
+    if outcome == "no_answer":
+        return None
+    try:
+        status, reason = provider_codes.classify(outcome, code, channel)
+    except ValueError:  # e.g. `sent` for an email, `deferred` for an SMS
+        log.warning("ignoring outcome %r (code %r) that the %s channel does not have", outcome, code, channel)
+        return None
+    move = receipt_move(state, status, reason, code, attempt)
+    if move is not None and outcome == "refused":
+        # Refused at submission: the provider did not accept it (acceptance = Twilio 201 / SendGrid 202 / SMTP 250).
+        move = dataclasses.replace(move, accepted=False)
+    return move

@@ -1,0 +1,63 @@
+"""The run summary: what the run modal shows before an operator accepts the disclaimer and runs
+(`CampaignReady.summary`, `TemplateUpdated.summary`; schemas.events.RunSummary).
+
+Made when the last contacts chunk is added and again when the template changes after that; pure.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from schemas.events import ROWS_MISSING_VARIABLES_LIMIT
+from services.common import templating
+
+if TYPE_CHECKING:
+    from services.command_handler.domain.model import MessageBlock
+
+
+def run_summary(name: str, channel: str, template: dict, blocks: Sequence[MessageBlock]) -> dict:
+    """What the run modal shows: counts, a preview, SMS encoding and segments, rows missing variables."""
+    message_count = sum(len(b.rows) for b in blocks)
+    missing_rows: list[int] = []
+    missing_count = 0
+    summary: dict[str, Any] = {"name": name, "channel": channel, "message_count": message_count,
+                               "from_email": None, "from_name": None, "attachments": [], "encoding": None,
+                               "segments": None, "segments_total": None}
+    if channel == "sms":
+        text = template["body"]
+        first = True
+        encoding = "GSM-7"
+        segments_max = segments_total = 0
+        for block in blocks:
+            for row, variables in zip(block.rows, block.variables):
+                rendered = templating.render(text, variables)
+                if first:
+                    summary["preview"] = rendered
+                    first = False
+                if templating.missing_variables(text, variables):
+                    missing_count += 1
+                    if len(missing_rows) < ROWS_MISSING_VARIABLES_LIMIT:
+                        missing_rows.append(row)
+                if encoding == "GSM-7" and templating.sms_encoding(rendered) == "UCS-2":
+                    encoding = "UCS-2"
+                segments = templating.sms_segments(rendered)
+                segments_max = max(segments_max, segments)
+                segments_total += segments
+        if first:
+            summary["preview"] = text
+        summary.update(encoding=encoding, segments=segments_max or templating.sms_segments(text),
+                       segments_total=segments_total)
+    else:
+        texts = template["subject"] + "\n" + template["html"]
+        for block in blocks:
+            for row, variables in zip(block.rows, block.variables):
+                if templating.missing_variables(texts, variables):
+                    missing_count += 1
+                    if len(missing_rows) < ROWS_MISSING_VARIABLES_LIMIT:
+                        missing_rows.append(row)
+        variables0 = blocks[0].variables[0] if blocks and blocks[0].rows else {}
+        summary.update(preview=templating.render(template["subject"], variables0),
+                       from_email=template.get("from_email"), from_name=template.get("from_name"),
+                       attachments=[a["filename"] for a in template.get("attachments", [])])
+    summary.update(rows_missing_variables=missing_rows, missing_variables_count=missing_count)
+    return summary
