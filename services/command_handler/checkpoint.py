@@ -1,12 +1,16 @@
 """The relay's durable position in the notification log, and how many campaign-event records it has
-published since the broker was last found empty (to notice a new, empty broker)."""
+published since the broker was last found empty (to notice a new, empty broker).
+
+Kept next to the event store: a SQLite file beside it, or a table in its PostgreSQL database. Losing the
+last save only makes the relay publish a page again (consumers dedupe on event_id).
+"""
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from services.common.settings import Settings
+from services.common.sqlite import open_sqlite
 
 
 @dataclass
@@ -15,53 +19,46 @@ class Checkpoint:
     published: int = 0  # campaign-event records acknowledged since the last rewind
 
 
-class SqliteCheckpointStore:
-    def __init__(self, path: Path, name: str):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # saved from a worker thread
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS relay_checkpoint "
-                         "(name TEXT PRIMARY KEY, position INTEGER NOT NULL, published INTEGER NOT NULL)")
+@dataclass(frozen=True)
+class _Dialect:
+    table: str
+    integer: str
+    placeholder: str
+
+
+SQLITE = _Dialect(table="relay_checkpoint", integer="INTEGER", placeholder="?")
+POSTGRES = _Dialect(table="outreach_relay_checkpoint", integer="BIGINT", placeholder="%s")
+
+
+class CheckpointStore:
+    """One row per relay `name`, on an autocommit DB-API connection (sqlite3 or psycopg)."""
+
+    def __init__(self, db: Any, dialect: _Dialect, name: str):
+        table, p = dialect.table, dialect.placeholder
+        self._db = db
         self._name = name
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} "
+                         f"(name TEXT PRIMARY KEY, position {dialect.integer} NOT NULL, "
+                         f"published {dialect.integer} NOT NULL)")
+        self._select = f"SELECT position, published FROM {table} WHERE name = {p}"
+        self._upsert = (f"INSERT INTO {table} (name, position, published) VALUES ({p}, {p}, {p}) "
+                        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
+                        "published = excluded.published")
 
     def load(self) -> Checkpoint:
-        row = self._db.execute("SELECT position, published FROM relay_checkpoint WHERE name = ?",
-                               (self._name,)).fetchone()
+        row = self._db.execute(self._select, (self._name,)).fetchone()
         return Checkpoint(*row) if row else Checkpoint()
 
-    def save(self, checkpoint: Checkpoint) -> None:
-        self._db.execute("INSERT INTO relay_checkpoint (name, position, published) VALUES (?, ?, ?) "
-                         "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
-                         "published = excluded.published", (self._name, checkpoint.position, checkpoint.published))
+    def save(self, checkpoint: Checkpoint) -> None:  # called from a worker thread
+        self._db.execute(self._upsert, (self._name, checkpoint.position, checkpoint.published))
 
     def close(self) -> None:
         self._db.close()
 
 
-class PostgresCheckpointStore:
-    def __init__(self, dsn: str, name: str):
+def open_checkpoint_store(settings: Settings, name: str = "relay") -> CheckpointStore:
+    if settings.event_store == "postgres":
         import psycopg
 
-        self._db = psycopg.connect(dsn, autocommit=True)
-        self._db.execute("CREATE TABLE IF NOT EXISTS outreach_relay_checkpoint "
-                         "(name TEXT PRIMARY KEY, position BIGINT NOT NULL, published BIGINT NOT NULL)")
-        self._name = name
-
-    def load(self) -> Checkpoint:
-        row = self._db.execute("SELECT position, published FROM outreach_relay_checkpoint WHERE name = %s",
-                               (self._name,)).fetchone()
-        return Checkpoint(*row) if row else Checkpoint()
-
-    def save(self, checkpoint: Checkpoint) -> None:
-        self._db.execute("INSERT INTO outreach_relay_checkpoint (name, position, published) VALUES (%s, %s, %s) "
-                         "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
-                         "published = excluded.published", (self._name, checkpoint.position, checkpoint.published))
-
-    def close(self) -> None:
-        self._db.close()
-
-
-def open_checkpoint_store(settings: Settings, name: str = "relay"):
-    if settings.event_store == "postgres":
-        return PostgresCheckpointStore(settings.postgres_dsn, name)
-    return SqliteCheckpointStore(settings.event_store_sqlite_path.with_suffix(".relay.db"), name)
+        return CheckpointStore(psycopg.connect(settings.postgres_dsn, autocommit=True), POSTGRES, name)
+    return CheckpointStore(open_sqlite(settings.event_store_sqlite_path.with_suffix(".relay.db")), SQLITE, name)
