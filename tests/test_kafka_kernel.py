@@ -7,7 +7,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from faststream import AckPolicy
 from faststream.kafka import KafkaMessage
 
 from schemas.topics import ALL_TOPICS, COMMANDS_DLQ, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
@@ -15,12 +14,15 @@ from services.common import jsoncodec
 from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.kafka import (
     MAX_REQUEST_BYTES,
+    batch_subscriber,
+    commit,
     consumer_config,
     end_offsets_total,
     ensure_topics,
     make_faststream_broker,
     make_producer,
-    subscriber_config,
+    records_of,
+    run_consumer,
     topic_partitions,
     wait_for_broker,
 )
@@ -132,58 +134,80 @@ async def test_end_offsets_total(settings):
     assert await end_offsets_total(settings, topic) == 7
 
 
-async def test_faststream_batch_subscriber_with_manual_ack(settings):
-    """The subscriber declaration of make_faststream_broker's docstring, over the real broker."""
-    topic = await create_topic(settings.kafka_bootstrap_servers, 4)
-    group = f"g.{topic}"
+async def committed_total(settings: Settings, group: str, topic_partitions: list[TopicPartition]) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:  # tansu needs the partitions named explicitly
+        committed = await admin.list_consumer_group_offsets(group, partitions=topic_partitions)
+    finally:
+        await admin.close()
+    return sum(meta.offset for meta in committed.values() if meta.offset > 0)
+
+
+async def test_a_consumer_on_faststream_reads_two_topics_in_batches_committed_by_hand(settings):
+    """The consumers' shape (batch_subscriber, commit, run_consumer) over the real broker: one subscriber on
+    two topics, batches of at most max_records, a nacked batch redelivered, the offsets committed once each
+    batch is handled, and records FastStream's own parser would choke on (a header that is not UTF-8, a null
+    value) handed over like any other."""
+    first, second = [await create_topic(settings.kafka_bootstrap_servers, 4) for _ in range(2)]
+    group = f"g.{first}"
     sent = [jsoncodec.dumps({"n": n}) for n in range(40)]
     producer = make_producer(settings)
     await producer.start()
     for n, value in enumerate(sent[:20]):  # some before the group exists: auto_offset_reset=earliest
-        await producer.send(topic, value, key=f"k{n % 5}".encode())
+        await producer.send(first if n % 2 else second, value, key=f"k{n % 5}".encode())
+    await producer.send(first, None, key=b"k0", headers=[("h", b"\xff\xfe")])
     await producer.flush()
 
     broker = make_faststream_broker(settings, client_id="kernel-test")
     received: list[bytes] = []
     batches: list[int] = []
 
-    @broker.subscriber(
-        topic,
-        group_id=group,
-        batch=True,
-        max_records=8,
-        batch_timeout_ms=20,
-        ack_policy=AckPolicy.MANUAL,
-        **subscriber_config(settings),
-    )
-    async def handle(values: list[bytes], msg: KafkaMessage) -> None:
+    @batch_subscriber(broker, first, second, group_id=group, max_records=8, settings=settings)
+    async def handle(values: list[records_of(int)], msg: KafkaMessage) -> None:
         batches.append(len(values))
         if len(batches) == 1:
             await msg.nack()  # the first batch comes again
             return
-        assert values == [r.value for r in msg.raw_message]
+        assert values == [r.value or b"" for r in msg.raw_message]
         received.extend(values)
-        await msg.ack()
+        await commit(msg)
 
-    await broker.start()
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(run_consumer(broker, stop))
     try:
         for n, value in enumerate(sent[20:], 20):
-            await producer.send(topic, value, key=f"k{n % 5}".encode())
+            await producer.send(first if n % 2 else second, value, key=f"k{n % 5}".encode())
         await producer.flush()
-        await async_wait_until(lambda: len(received) >= len(sent), 20, message=f"got {len(received)} of 40")
+        await async_wait_until(lambda: len(received) >= len(sent) + 1, 30, message=f"got {len(received)} of 41")
     finally:
-        await broker.stop()
+        stop.set()
+        await asyncio.wait_for(consuming, 15)
         await producer.stop()
 
-    assert sorted(received) == sorted(sent) and len(received) == len(sent)  # nacked batch redelivered, once
+    assert sorted(received) == sorted([*sent, b""]) and len(received) == len(sent) + 1  # nacked batch: once
     assert max(batches) <= 8
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:  # tansu needs the partitions named explicitly
-        committed = await admin.list_consumer_group_offsets(group, partitions=[TopicPartition(topic, p) for p in range(4)])
-    finally:
-        await admin.close()
-    assert sum(meta.offset for meta in committed.values()) == len(sent)
+    partitions = [TopicPartition(t, p) for t in (first, second) for p in range(4)]
+    assert await committed_total(settings, group, partitions) == len(sent) + 1
+
+
+async def test_run_consumer_raises_what_stopped_it(settings):
+    """A failing `alongside` task and a handler's `failed` future both stop the app and are raised."""
+    stop = asyncio.Event()
+
+    async def breaks() -> None:
+        raise RuntimeError("the timer loop broke")
+
+    with pytest.raises(RuntimeError, match="timer loop"):
+        await asyncio.wait_for(run_consumer(make_faststream_broker(settings), stop, alongside=breaks), 30)
+    assert stop.is_set()
+
+    stop = asyncio.Event()
+    failed = asyncio.get_running_loop().create_future()
+    stop.set()
+    failed.set_exception(ValueError("a batch could not be applied"))
+    with pytest.raises(ValueError, match="could not be applied"):
+        await asyncio.wait_for(run_consumer(make_faststream_broker(settings), stop, failed=failed), 30)
 
 
 async def test_record_size_limits(settings, kafka_broker_kind):

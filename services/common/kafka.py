@@ -1,4 +1,5 @@
-"""Kafka helpers shared by every service: topic provisioning, producer/consumer factories, the FastStream broker.
+"""Kafka helpers shared by every service: topic provisioning, producer/consumer factories, and how a consumer
+runs on FastStream (the broker, its one batch subscriber, the commit after the effect, the app).
 
 Works against real Kafka and against tansu (the embedded broker). tansu quirks that shape this module:
 - no idempotent producer and no transactions (UnknownError): exactly-once comes from idempotent consumers;
@@ -11,17 +12,22 @@ Works against real Kafka and against tansu (the embedded broker). tansu quirks t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
-from faststream.kafka import KafkaBroker
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker, KafkaMessage
+from pydantic import TypeAdapter, WithJsonSchema
+from pydantic.json_schema import JsonSchemaMode
 
 from schemas.topics import ALL_TOPICS, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
+from services.common.retry import retrying
 from services.common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -44,18 +50,17 @@ def _retriable(exc: BaseException) -> bool:
 
 
 async def _retry(op: Callable[[], Awaitable[T]], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            return await op()
-        except Exception as exc:
-            if not _retriable(exc):
-                raise
-            if time.monotonic() + delay > deadline:
-                raise TimeoutError(f"{what}: no answer within {timeout_s} s ({exc!r})") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    """`op()`, retried while the broker is starting (the kernel's retry policy, waits of at most 1 s);
+    TimeoutError once `timeout_s` has passed."""
+    try:
+        async for attempt in retrying(on=_retriable, timeout_s=timeout_s, longest_wait_s=1.0):
+            with attempt:
+                return await op()
+    except Exception as exc:
+        if _retriable(exc):  # the retries ran out of time
+            raise TimeoutError(f"{what}: no answer within {timeout_s} s ({exc!r})") from exc
+        raise
+    raise AssertionError("unreachable: retrying() ends by returning or raising")
 
 
 async def _with_admin(bootstrap: str, timeout_s: float, work: Callable[[AIOKafkaAdminClient], Awaitable[T]]) -> T:
@@ -159,47 +164,45 @@ def subscriber_config(settings: Settings | None = None) -> dict[str, Any]:
     return config
 
 
+# --- FastStream: how the consumers run ---------------------------------------------------------------
+# One FastStream app per consumer process, one batch subscriber per app reading all its topics (a group
+# join costs about session_timeout_ms / 2 on tansu, and `broker.start()` joins subscribers one by one),
+# acknowledged by hand after the batch's effect is durable.
+
+POLL_MS = 200  # a subscriber's fetch waits this long for records (and sleeps as long after an empty one)
+# A stop lets the batch in hand finish (its effect stored, its offsets committed) before the consumer
+# leaves; a batch cut short would be redelivered anyway, but its worker thread would outlive the store.
+GRACEFUL_STOP_S = 60.0
+
+
 async def raw_values(msg: Any) -> bytes | list[bytes]:
-    """FastStream decoder: the record value(s) as bytes. FastStream's own guesses JSON for records without a
-    content-type header (dicts, strings and raw bytes mixed in one batch); we decode with our codec."""
+    """FastStream decoder: the record value(s) as bytes (b"" for a null value). FastStream's own guesses
+    JSON for records without a content-type header (dicts, strings and raw bytes mixed in one batch); the
+    handlers decode each record with its model, so one poison record is handled alone."""
     raw = msg.raw_message
-    return [record.value for record in raw] if isinstance(raw, tuple) else raw.value
+    return [record.value or b"" for record in raw] if isinstance(raw, tuple) else raw.value or b""
+
+
+async def tolerant_parser(raw: Any, parse: Callable[[Any], Awaitable[Any]]) -> Any:
+    """FastStream parser: its own decodes every header value as UTF-8, so one record with other header
+    bytes (or a null header) would fail its whole batch before the handler saw it, and the next batch's
+    commit would skip it. Nothing here reads headers: such values are replaced, the records kept."""
+    try:
+        return await parse(raw)
+    except (UnicodeDecodeError, AttributeError):
+        def clean(record: Any) -> Any:
+            headers = tuple((k, (v or b"").decode("utf-8", "replace").encode()) for k, v in record.headers)
+            return dataclasses.replace(record, headers=headers)
+
+        return await parse(tuple(clean(r) for r in raw) if isinstance(raw, tuple) else clean(raw))
 
 
 def make_faststream_broker(settings: Settings | None = None, client_id: str = "outreach") -> KafkaBroker:
-    """A FastStream KafkaBroker for these servers, publishing like `make_producer`.
+    """A FastStream KafkaBroker for these servers, publishing like `make_producer` (not connected).
 
     Handlers get the raw value bytes (`raw_values`). Topics come from `ensure_topics` only: FastStream's
     own creation would make missing topics with one partition, so it is off (it logs a warning per
-    subscriber saying so). Declare subscribers like this (copy it)::
-
-        from faststream import AckPolicy
-        from faststream.kafka import KafkaMessage
-
-        from schemas import topics
-        from services.common.kafka import ensure_topics, make_faststream_broker, subscriber_config
-
-        settings = get_settings()
-        broker = make_faststream_broker(settings, client_id="command-handler")
-
-        @broker.subscriber(
-            topics.COMMANDS,
-            group_id="outreach.command-handler",
-            batch=True,
-            max_records=500,
-            batch_timeout_ms=20,
-            ack_policy=AckPolicy.MANUAL,  # the default acks before handling: at most once
-            **subscriber_config(settings),
-        )
-        async def handle(values: list[bytes], msg: KafkaMessage) -> None:
-            records = msg.raw_message  # tuple of aiokafka ConsumerRecord: key, partition, offset, headers
-            ...  # jsoncodec.loads each value; make the effect durable first
-            await msg.ack()  # then commit the offsets (msg.nack() rewinds to redeliver the batch)
-
-        await ensure_topics(settings)
-        await broker.start()  # joins each subscriber's group in turn: ~session_timeout_ms / 2 each on tansu
-        ...
-        await broker.stop()
+    subscriber saying so). Declare a consumer's subscriber with `batch_subscriber`.
     """
     settings = settings or get_settings()
     return KafkaBroker(
@@ -207,12 +210,112 @@ def make_faststream_broker(settings: Settings | None = None, client_id: str = "o
         client_id=client_id,
         allow_auto_create_topics=False,
         decoder=raw_values,
+        parser=tolerant_parser,
+        graceful_timeout=GRACEFUL_STOP_S,
+        log_level=logging.DEBUG,  # FastStream's per-batch "Received"/"Processed" lines
         acks="all",
         enable_idempotence=False,
         linger_ms=5,
         max_batch_size=1024 * 1024,
         max_request_size=MAX_REQUEST_BYTES,
     )
+
+
+def batch_subscriber(
+    broker: KafkaBroker,
+    *topic_names: str,
+    group_id: str,
+    max_records: int,
+    settings: Settings | None = None,
+    listener: ConsumerRebalanceListener | None = None,
+) -> Any:
+    """Declare the consumer's one subscriber: `topic_names` in group `group_id`, handed batches of up to
+    `max_records` records, committed only by the handler (`commit(msg)` once the batch's effect is durable;
+    the default policy would commit before handling: at most once). Decorate the handler with the result::
+
+        @kafka.batch_subscriber(broker, topics.COMMANDS, group_id="outreach-x", max_records=1000)
+        async def on_batch(values: list[kafka.records_of(Command)], msg: KafkaMessage) -> None:
+            for record in msg.raw_message:  # aiokafka ConsumerRecords: topic, partition, offset, key, value
+                ...  # make the effect durable first
+            await kafka.commit(msg)
+    """
+    return broker.subscriber(
+        *topic_names,
+        group_id=group_id,
+        batch=True,
+        max_records=max_records,
+        batch_timeout_ms=POLL_MS,
+        ack_policy=AckPolicy.MANUAL,
+        listener=listener,
+        **subscriber_config(settings),
+    )
+
+
+def records_of(*models: Any, mode: JsonSchemaMode = "validation") -> Any:
+    """The type of a subscriber's record values: bytes (each handler decodes its records with its model, one
+    by one, so a poison record is skipped or parked alone), documented in the app's AsyncAPI as the JSON
+    Schema of `models` (pydantic models or unions; `mode` as the public document's channel uses it)."""
+    schema = TypeAdapter(models[0] if len(models) == 1 else Union[models]).json_schema(mode=mode)  # noqa: UP007
+    return Annotated[bytes, WithJsonSchema(_inline_refs(schema))]
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    # FastStream files a handler's payload schema under its own name: references into `$defs` would dangle.
+    defs = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+async def commit(msg: KafkaMessage) -> None:
+    """Commit a handled batch's offsets. A failed commit (e.g. a rebalance took the partitions) is logged:
+    the records come again, and handling them again changes nothing (every consumer is idempotent)."""
+    try:
+        await msg.ack()
+    except KafkaError:
+        log.warning("offset commit failed; the records will be redelivered", exc_info=True)
+
+
+async def run_consumer(
+    broker: KafkaBroker,
+    stop: asyncio.Event,
+    *,
+    alongside: Callable[[], Awaitable[None]] | None = None,
+    failed: asyncio.Future[None] | None = None,
+) -> None:
+    """Run `broker` in a FastStream app until `stop` is set; the batch in hand finishes first (a handler
+    that waits on something checks `stop`).
+
+    `alongside()` (e.g. the sweeper's timer loop, publishing through the broker) runs once the app has
+    started, until `stop`; if it fails, the consumer stops and its error is raised. A handler that cannot
+    go on sets `stop`, then `failed` to its error (so no later batch is committed): raised once stopped.
+    """
+    app = FastStream(broker, logger=None)
+    await app.start()  # connects, then joins the subscriber's group
+    for subscriber in broker.subscribers:
+        log.info("consuming %s as group %s", ", ".join(subscriber.topic_names), subscriber.group_id)
+    side = asyncio.create_task(alongside()) if alongside is not None else None
+    try:
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopped, *([side] if side else [])], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+    finally:
+        stop.set()
+        try:
+            if side is not None:
+                await side
+        finally:
+            await app.stop()
+    if failed is not None and failed.done():
+        failed.result()
 
 
 async def _fetched_high_watermarks(
