@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ import psutil  # noqa: E402
 
 from services.common.embedded_broker import EmbeddedBroker, free_port  # noqa: E402
 from services.timeout_sweeper.app import fire_due  # noqa: E402
-from services.timeout_sweeper.timers import TimeoutSettings, TimerStore  # noqa: E402
+from services.timeout_sweeper.timers import StatusRecord, TimeoutSettings, TimerStore  # noqa: E402
 
 BATCH = 5000  # the sweeper's max_records per poll
 TIMEOUTS = TimeoutSettings(sending_s=600, sent_s=600, retry_window_s=259_200)
@@ -56,25 +57,26 @@ def message_ids(n: int) -> list[str]:
 def apply_all(store: TimerStore, mids: list[str], status: str, previous: str, sequence: int, occurred_at: float) -> float:
     """Feeds one status record per message in the sweeper's batches; returns the seconds it took."""
     started = time.perf_counter()
+    when = datetime.fromtimestamp(occurred_at, timezone.utc)
     for start in range(0, len(mids), BATCH):
-        batch = [({"message_id": mid, "campaign_id": f"00000000-0000-4000-8000-{n % 100:012d}", "channel": "sms",
-                   "sequence": sequence, "status": status, "previous_status": previous}, occurred_at)
+        batch = [StatusRecord(message_id=mid, campaign_id=f"00000000-0000-4000-8000-{n % 100:012d}", channel="sms",
+                              sequence=sequence, status=status, previous_status=previous, occurred_at=when)
                  for n, mid in enumerate(mids[start:start + BATCH], start)]
         store.apply(batch, TIMEOUTS)
     return time.perf_counter() - started
 
 
 class CountingProducer:
-    """The producer interface `fire_due` uses; counts instead of publishing."""
+    """The publisher interface `fire_due` uses; counts instead of publishing."""
 
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send(self, topic: str, value: bytes, key: bytes) -> None:
+    async def publish(self, value: bytes, *, key: bytes, no_confirm: bool) -> asyncio.Future:
         self.sent += 1
-
-    async def flush(self) -> None:
-        pass
+        acknowledged = asyncio.get_running_loop().create_future()
+        acknowledged.set_result(None)
+        return acknowledged
 
 
 async def poll_idle(store: TimerStore, seconds: float) -> tuple[float, int]:

@@ -21,7 +21,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import topics
 from services.command_handler.app import GROUP_ID as HANDLER_GROUP
-from services.common import ids, jsoncodec
+from services.common import ids
+from services.common.records import encode
 from services.common.settings import Settings
 from services.sender.twilio import status_callback_url
 from services.simulator.signing import TWILIO_SIGNATURE_HEADER, twilio_signature
@@ -79,7 +80,7 @@ def sweeper_expiry_id(record: dict, previous: dict) -> str:
     """The expiry_id the sweeper gives the expiry that caused `record` (armed on `previous`)."""
     kind = EXPIRY_KIND[(record["status"], record["reason"])]
     timer = Timer(record["message_id"], record["campaign_id"], kind, previous["sequence"], 0.0, record["channel"])
-    return expiry_record(timer)["expiry_id"]
+    return expiry_record(timer).expiry_id
 
 
 def status_changes(tail: Tail, campaign: str) -> list[dict]:
@@ -207,12 +208,12 @@ async def test_an_expiry_delivered_twice_changes_nothing(stack, env, tail, comma
     await async_wait_until(lambda: first(tail, mid, "sent"), 20, message="never sent")
     expiry = expiry_record(Timer(mid, campaign, "sent", first(tail, mid, "sent")["sequence"], 0.0, "sms"))
     for _ in range(2):
-        await commands.producer.send_and_wait(topics.EXPIRIES, value=jsoncodec.dumps(expiry), key=campaign.encode())
+        await commands.producer.send_and_wait(topics.EXPIRIES, value=encode(expiry), key=campaign.encode())
     await async_wait_until(lambda: len([r for r, v in tail.records[topics.EXPIRIES]
-                                        if isinstance(v, dict) and v.get("expiry_id") == expiry["expiry_id"]]) == 2,
+                                        if isinstance(v, dict) and v.get("expiry_id") == expiry.expiry_id]) == 2,
                            20, message="the two copies never showed on the expiries topic")
     copies = [r for r, v in tail.records[topics.EXPIRIES]
-              if isinstance(v, dict) and v.get("expiry_id") == expiry["expiry_id"]]
+              if isinstance(v, dict) and v.get("expiry_id") == expiry.expiry_id]
     tp = TopicPartition(topics.EXPIRIES, copies[-1].partition)
     assert {r.partition for r in copies} == {tp.partition}
 
@@ -227,7 +228,7 @@ async def test_an_expiry_delivered_twice_changes_nothing(stack, env, tail, comma
     await async_wait_until(lambda: first(tail, mid, "delivered"), 20, message="the fencing receipt never arrived")
     records = history(tail, mid)
     assert [r["status"] for r in records] == ["waiting", "queued", "sending", "sent", "assumed_delivered", "delivered"]
-    assert records[4]["causation_id"] == expiry["expiry_id"]
+    assert records[4]["causation_id"] == expiry.expiry_id
     assert [(e["previous_status"], e["status"]) for e in status_changes(tail, campaign)][-2:] == [
         ("ready", "in_progress"), ("in_progress", "complete")]
 

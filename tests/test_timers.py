@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
+from datetime import datetime, timezone
 
 from services.common import jsoncodec
-from services.timeout_sweeper.app import _parse, expiry_record
-from services.timeout_sweeper.timers import TimeoutSettings, TimerStore
+from services.timeout_sweeper.app import expiry_record, parse_status
+from services.timeout_sweeper.timers import StatusRecord, TimeoutSettings, TimerStore
 
 T = TimeoutSettings(sending_s=10, sent_s=20, retry_window_s=30)
+# Wire ids where a test builds Expiry records (validated): the other tests use readable names.
+CAMPAIGN, M1, M2, MAIL, SMS = (str(uuid.uuid5(uuid.NAMESPACE_OID, name)) for name in ("c1", "m1", "m2", "mail", "sms"))
 
 
-def rec(seq: int, status: str, previous: str | None, mid: str = "m1", channel: str = "sms") -> tuple[dict, float]:
-    return ({"message_id": mid, "campaign_id": "c1", "channel": channel, "sequence": seq, "status": status,
-             "previous_status": previous}, 1000.0 + seq / 100)
+def rec(seq: int, status: str, previous: str | None, mid: str = "m1", channel: str = "sms") -> StatusRecord:
+    """A parsed status record (readable ids: the store takes records already validated by parse_status)."""
+    return StatusRecord.model_construct(message_id=mid, campaign_id=CAMPAIGN, channel=channel, sequence=seq, status=status,
+                                        previous_status=previous,
+                                        occurred_at=datetime.fromtimestamp(1000.0 + seq / 100, timezone.utc))
 
 
 def test_timers_follow_the_lifecycle(tmp_path):
@@ -49,13 +55,13 @@ def test_records_apply_once_in_sequence_order_and_survive_a_restart(tmp_path):
 
 def test_a_fired_timer_is_forgotten_only_if_unchanged(tmp_path):
     store = TimerStore(tmp_path / "t.db")
-    store.apply([rec(200, "sending", "queued"), rec(200, "sending", "queued", mid="m2")], T)
+    store.apply([rec(200, "sending", "queued", mid=M1), rec(200, "sending", "queued", mid=M2)], T)
     due = store.due(10_000)
-    store.apply([rec(400, "sent", "sending", mid="m2")], T)  # m2 moved on after the timer was read
+    store.apply([rec(400, "sent", "sending", mid=M2)], T)  # m2 moved on after the timer was read
     store.fired(due, T)
-    assert store.get("m1") is None and store.get("m2").kind == "sent"
+    assert store.get(M1) is None and store.get(M2).kind == "sent"
     expiry = expiry_record(due[0])
-    assert expiry == expiry_record(due[0]) and expiry["kind"] == "sending"  # a re-fire has the same expiry_id
+    assert expiry == expiry_record(due[0]) and expiry.kind == "sending"  # a re-fire has the same expiry_id
 
 
 def test_many_pending_timers_are_rows_not_tasks(tmp_path):
@@ -68,18 +74,18 @@ def test_an_accepted_email_gets_the_retry_window_when_its_sending_timer_fires(tm
     """Acceptance makes no status record: the fired Sending timer of an email is re-armed as its
     accepted-without-outcome window (same since_sequence, from the Sending deadline); an SMS's is forgotten."""
     store = TimerStore(tmp_path / "t.db")
-    store.apply([rec(200, "sending", "queued", mid="mail", channel="email"),
-                 rec(200, "sending", "queued", mid="sms", channel="sms")], T)
+    store.apply([rec(200, "sending", "queued", mid=MAIL, channel="email"),
+                 rec(200, "sending", "queued", mid=SMS, channel="sms")], T)
     due = store.due(1012.0)
-    assert {t.message_id for t in due} == {"mail", "sms"}
+    assert {t.message_id for t in due} == {MAIL, SMS}
     store.fired(due, T)
-    window = store.get("mail")
+    window = store.get(MAIL)
     assert (window.kind, window.since_sequence, window.due) == ("retry_window", 200, 1002.0 + 10 + 30)
-    assert store.get("sms") is None
+    assert store.get(SMS) is None
     assert store.due(1041.9) == [] and [t.kind for t in store.due(1042.0)] == ["retry_window"]
     expiry = expiry_record(window)
-    assert (expiry["kind"], expiry["since_sequence"]) == ("retry_window", 200)
-    assert expiry["expiry_id"] != expiry_record(due[0] if due[0].message_id == "mail" else due[1])["expiry_id"]
+    assert (expiry.kind, expiry.since_sequence) == ("retry_window", 200)
+    assert expiry.expiry_id != expiry_record(due[0] if due[0].message_id == MAIL else due[1]).expiry_id
     store.fired([window], T)  # the window's own expiry: forgotten, not re-armed again
     assert store.pending() == 0
 
@@ -129,13 +135,14 @@ def test_a_data_dir_from_before_the_channel_column_still_opens(tmp_path):
 
 
 def test_unreadable_status_records_are_skipped():
-    good = {"message_id": "m1", "campaign_id": "c1", "sequence": 20, "status": "sent",
-            "occurred_at": "2024-01-01T00:00:00+00:00"}
-    assert _parse(jsoncodec.dumps(good))[1] == 1704067200.0
+    good = {"message_id": M1, "campaign_id": CAMPAIGN, "channel": "sms", "sequence": 20, "status": "sent",
+            "previous_status": "sending", "occurred_at": "2024-01-01T00:00:00+00:00"}
+    assert parse_status(jsoncodec.dumps(good)).occurred_at.timestamp() == 1704067200.0
+    assert parse_status(jsoncodec.dumps({**good, "event_id": M2, "row": 2})) is not None  # the rest is ignored
     for bad in (b"not json", None, b"[]", jsoncodec.dumps({**good, "sequence": "20"}),
                 jsoncodec.dumps({**good, "occurred_at": "yesterday"}),
                 jsoncodec.dumps({k: v for k, v in good.items() if k != "message_id"})):
-        assert _parse(bad) is None
+        assert parse_status(bad) is None
 
 
 def test_applying_and_firing_from_two_threads_keeps_every_transaction_whole(tmp_path):

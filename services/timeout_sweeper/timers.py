@@ -15,10 +15,16 @@ Kinds (the contract's "Timers start at the recorded transition"):
 """
 from __future__ import annotations
 
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from schemas.commands import Channel, UtcDatetime, WireId
+from schemas.events import MessageStatus
+from services.common.sqlite import open_sqlite
 
 _COLUMNS = "message_id, campaign_id, kind, since_sequence, due, channel"
 
@@ -33,6 +39,21 @@ class Timer:
     channel: str = ""  # sms | email ("" in rows written before the column existed)
 
 
+class StatusRecord(BaseModel):
+    """The part of a `MessageStatusChanged` record (schemas/events.py) the timers read, with its field types;
+    the other fields are ignored, so a record the sweeper cannot use is the only poison it skips."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    message_id: WireId
+    campaign_id: WireId
+    channel: Channel
+    status: MessageStatus
+    previous_status: MessageStatus | None
+    sequence: Annotated[StrictInt, Field(ge=0)]
+    occurred_at: UtcDatetime
+
+
 @dataclass(frozen=True)
 class TimeoutSettings:
     sending_s: float
@@ -40,11 +61,11 @@ class TimeoutSettings:
     retry_window_s: float
 
 
-def timer_for(record: dict, occurred_at: float, current: Timer | None, timeouts: TimeoutSettings) -> Timer | None:
+def timer_for(record: StatusRecord, current: Timer | None, timeouts: TimeoutSettings) -> Timer | None:
     """The message's timer after a status record: a Timer, or None (no deadline runs)."""
-    status, previous = record["status"], record.get("previous_status")
-    base = dict(message_id=record["message_id"], campaign_id=record["campaign_id"],
-                since_sequence=record["sequence"], channel=record.get("channel") or "")
+    status, previous, occurred_at = record.status, record.previous_status, record.occurred_at.timestamp()
+    base = dict(message_id=record.message_id, campaign_id=record.campaign_id,
+                since_sequence=record.sequence, channel=record.channel)
     if status == "sending":
         if previous == "sending" and current is not None and current.kind == "sending":
             # A failed pre-send attempt: the Sending limit still runs from the claim.
@@ -78,11 +99,8 @@ class TimerStore:
     each method's transaction whole."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives a crash of the process, cheap commits
+        self.db = open_sqlite(path)  # WAL, synchronous=NORMAL: survives a crash of the process, cheap commits
         self.db.execute("CREATE TABLE IF NOT EXISTS timers (message_id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL,"
                         " kind TEXT NOT NULL, since_sequence INTEGER NOT NULL, due REAL NOT NULL,"
                         " channel TEXT NOT NULL DEFAULT '')")
@@ -93,12 +111,12 @@ class TimerStore:
         # Highest status-record sequence seen per message: a redelivered or older record changes nothing.
         self.db.execute("CREATE TABLE IF NOT EXISTS positions (message_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL)")
 
-    def apply(self, records: list[tuple[dict, float]], timeouts: TimeoutSettings) -> None:
+    def apply(self, records: list[StatusRecord], timeouts: TimeoutSettings) -> None:
         """Applies a batch of status records in one transaction: read the batch's messages once, fold their
         records in memory (in sequence order, skipping any already applied), write back once."""
-        by_message: dict[str, list[tuple[dict, float]]] = {}
-        for record, occurred_at in records:
-            by_message.setdefault(record["message_id"], []).append((record, occurred_at))
+        by_message: dict[str, list[StatusRecord]] = {}
+        for record in records:
+            by_message.setdefault(record.message_id, []).append(record)
         ids = list(by_message)
         with self._lock, self.db:
             self.db.execute("BEGIN")
@@ -116,12 +134,12 @@ class TimerStore:
                 position = positions.get(mid, -1)
                 current = timers.get(mid)
                 changed = False
-                for record, occurred_at in sorted(items, key=lambda item: item[0]["sequence"]):
-                    if record["sequence"] <= position:
+                for record in sorted(items, key=lambda item: item.sequence):
+                    if record.sequence <= position:
                         continue  # redelivered or older: applied already
-                    position = record["sequence"]
+                    position = record.sequence
                     changed = True
-                    current = timer_for(record, occurred_at, current, timeouts)
+                    current = timer_for(record, current, timeouts)
                 if not changed:
                     continue
                 new_positions.append((mid, position))
