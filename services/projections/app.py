@@ -1,12 +1,13 @@
 """The projections process: keeps the read model (services/projections/projector.py) up to date.
 
-One aiokafka consumer (group `outreach-projections`) on the two public event topics. Each `getmany` batch
-is decoded, applied in one read-model transaction (SQLite or PostgreSQL), and only then are the offsets
-committed: delivery is at least once, and the apply is idempotent (event ids and positions carried in the
-records, recorded in the same transaction as their effect), so the effect is exactly once.
+A FastStream app (services.common.kafka.run_consumer) with one batch subscriber (group
+`outreach-projections`) on the two public event topics. Each batch is decoded, applied in one read-model
+transaction (SQLite or PostgreSQL), and only then are the offsets committed: delivery is at least once,
+and the apply is idempotent (event ids and positions carried in the records, recorded in the same
+transaction as their effect), so the effect is exactly once.
 A record that is not valid JSON, or lacks the fields the read model needs, is logged and skipped.
 A read model that has never been fed (new, or rebuilt for a new schema) is fed from the beginning of the
-topics, whatever offsets the group committed for an earlier one.
+topics, whatever offsets the group committed for an earlier one (a rebalance listener on the subscriber).
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import asyncio
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka import ConsumerRebalanceListener
+from faststream.kafka import KafkaBroker, KafkaMessage
 
 from schemas import topics
+from schemas.events import CAMPAIGN_EVENT_CLASSES, MessageStatusChanged
 from services.common import kafka
+from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.projections.projector import ReadModel, apply_isolating_poison, decode_batch
@@ -28,59 +31,68 @@ log = logging.getLogger("outreach.projections")
 GROUP_ID = "outreach-projections"
 INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
 MAX_RECORDS = 20_000
-POLL_MS = 200
-RETRY_S = 1.0
+RETRY_S = 1.0  # longest wait between tries while the read model is unavailable
+EventValue = kafka.records_of(*CAMPAIGN_EVENT_CLASSES, MessageStatusChanged, mode="serialization")
+
+
+def build_broker(settings: Settings, model: ReadModel | None = None, stop: asyncio.Event | None = None,
+                 failed: asyncio.Future[None] | None = None, group_id: str = GROUP_ID) -> KafkaBroker:
+    """The projections' FastStream broker, its subscriber declared, not connected (`model` None: for its
+    AsyncAPI document only). A batch that cannot be applied for another reason than an unavailable read
+    model sets `stop` and `failed`: the process ends, as a bug must not be skipped over."""
+    broker = kafka.make_faststream_broker(settings, client_id="projections")
+    feed = _FeedFromStartIfNew(model)
+    subscriber = kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=group_id, max_records=MAX_RECORDS,
+                                        settings=settings, listener=feed)
+    feed.subscriber = subscriber
+
+    @subscriber
+    async def on_batch(values: list[EventValue], msg: KafkaMessage) -> None:
+        if stop.is_set():
+            return  # stopping, or a batch failed: not committed, so redelivered to the next consumer
+        campaign_events, statuses, _skipped = decode_batch(msg.raw_message)
+        if campaign_events or statuses:
+            try:
+                async for attempt in retrying(on=model.is_unavailable, timeout_s=None, longest_wait_s=RETRY_S):
+                    if stop.is_set():
+                        return
+                    with attempt:
+                        await asyncio.to_thread(apply_isolating_poison, model, campaign_events, statuses)
+            except Exception as exc:
+                log.exception("a batch could not be applied; stopping")
+                stop.set()  # first: no later batch is committed past this one
+                failed.set_exception(exc)
+                return
+        await kafka.commit(msg)
+
+    return broker
+
 
 async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel | None = None,
                 group_id: str = GROUP_ID) -> None:
     """Consume until `stop` is set (into `read_model`, default the one in settings.data_dir)."""
     await kafka.ensure_topics(settings)
     model = read_model or ReadModel.open(settings)
-    consumer = AIOKafkaConsumer(group_id=group_id, **kafka.consumer_config(settings))
-    consumer.subscribe(INPUT_TOPICS, listener=_FeedFromStartIfNew(consumer, model))
-    await consumer.start()
-    log.info("projections consuming %s into %s", ", ".join(INPUT_TOPICS), model.location)
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
-        while not stop.is_set():  # a stop is noticed within POLL_MS
-            try:
-                batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
-            except KafkaError:
-                log.warning("fetch failed; retrying", exc_info=True)
-                await asyncio.sleep(RETRY_S)
-                continue
-            if not batches:
-                continue
-            records = [record for partition_records in batches.values() for record in partition_records]
-            campaign_events, statuses, _skipped = decode_batch(records)
-            applied = not (campaign_events or statuses)
-            while not applied and not stop.is_set():
-                try:
-                    await asyncio.to_thread(apply_isolating_poison, model, campaign_events, statuses)
-                    applied = True
-                except Exception as exc:
-                    if not model.is_unavailable(exc):
-                        raise
-                    log.warning("read model unavailable; retrying the batch", exc_info=True)
-                    await asyncio.sleep(RETRY_S)
-            if not applied:
-                break  # stopping: the batch is redelivered to the next consumer (offsets not committed)
-            try:
-                await consumer.commit()
-            except KafkaError:  # e.g. a rebalance: the batch is redelivered, and applying it again changes nothing
-                log.warning("offset commit failed; the batch will be redelivered", exc_info=True)
+        broker = build_broker(settings, model, stop, failed, group_id)
+        log.info("projections consuming %s into %s", ", ".join(INPUT_TOPICS), model.location)
+        await kafka.run_consumer(broker, stop, failed=failed)
     finally:
-        await consumer.stop()
         if read_model is None:
             model.close()
         log.info("projections stopped")
 
 
 class _FeedFromStartIfNew(ConsumerRebalanceListener):
-    """Seeks assigned partitions to their beginning while the read model has never applied a batch."""
+    """Seeks assigned partitions to their beginning while the read model has never applied a batch.
 
-    def __init__(self, consumer: AIOKafkaConsumer, model: ReadModel):
-        self.consumer = consumer
+    FastStream makes the subscriber's aiokafka consumer when it starts (`subscriber.consumer`) and calls
+    this listener from that consumer's group coordinator, as aiokafka would."""
+
+    def __init__(self, model: ReadModel | None):
         self.model = model
+        self.subscriber: Any = None  # set once the subscriber is declared
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         pass
@@ -88,7 +100,7 @@ class _FeedFromStartIfNew(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if assigned and not await asyncio.to_thread(lambda: self.model.fed_from_start):
             log.info("the read model is new: feeding it from the beginning of %d partitions", len(assigned))
-            await self.consumer.seek_to_beginning(*assigned)
+            await self.subscriber.consumer.seek_to_beginning(*assigned)
 
 
 def main() -> None:
