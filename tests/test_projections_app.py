@@ -96,3 +96,68 @@ def test_a_read_model_of_an_older_schema_is_rebuilt(tmp_path):
         assert model.fed_from_start and model.campaign(cid)["counts"]["waiting"] == 1
     with ReadModel(path) as reopened:  # same version: kept
         assert reopened.fed_from_start and reopened.campaign(cid) is not None
+
+
+async def test_an_unavailable_read_model_holds_the_batch_uncommitted_until_it_is_back(kafka_bootstrap, tmp_path):
+    """While the read model cannot be written the batch is retried and nothing is committed; a stop in that
+    wait leaves it for the next consumer, which applies it once the database is back."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from services.projections.storage import ReadModelUnavailable
+
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    await ensure_topics(settings)
+    cid = str(uuid.uuid4())
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for event in created_events(cid, 1):
+            await producer.send(topics.CAMPAIGN_EVENTS, jsoncodec.dumps(event), key=cid.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    async def committed(group: str) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(group, partitions=[
+                TopicPartition(topics.CAMPAIGN_EVENTS, p) for p in range(settings.partitions)])
+        finally:
+            await admin.close()
+        return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+
+    group = f"test-projections-{uuid.uuid4().hex[:8]}"
+    model = ReadModel.open(settings)
+    tries = []
+    real_apply = model.apply_batch
+
+    def unavailable(*args):
+        tries.append(1)
+        raise ReadModelUnavailable("disk full")
+
+    model.apply_batch = unavailable
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop, model, group_id=group))
+    try:
+        await async_wait_until(lambda: len(tries) >= 3, timeout_s=30, message="the batch was not retried")
+        assert await committed(group) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert await committed(group) == 0 and model.campaign(cid) is None
+
+    model.apply_batch = real_apply  # the database is back
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop, model, group_id=group))
+    try:
+        await async_wait_until(lambda: model.campaign(cid) is not None, timeout_s=30,
+                               message="the batch held back was not applied")
+        async def batch_committed() -> bool:
+            return await committed(group) > 0
+        await async_wait_until(batch_committed, timeout_s=15, message="the applied batch was not committed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        model.close()
