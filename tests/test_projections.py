@@ -269,27 +269,3 @@ def test_an_unknown_total_is_not_settled_before_every_message_is_known(model):
     model.apply_batch([], lifecycle(cid, 4))
     assert settled(model.campaign(cid))
 
-
-def _imported_modules(folder):
-    import ast
-    from pathlib import Path
-
-    for path in sorted((Path(__file__).parents[1] / folder).glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                yield path.name, node.module
-            elif isinstance(node, ast.Import):
-                yield from ((path.name, alias.name) for alias in node.names)
-
-
-def test_the_api_reads_through_the_projections_views_only():
-    reached = {(name, module) for name, module in _imported_modules("services/api")
-               if module.startswith("services.projections")}
-    assert reached and all(module == "services.projections.views" for _, module in reached), reached
-
-
-def test_the_projections_import_only_schemas_the_kernel_and_themselves():
-    own = ("schemas", "services.common", "services.projections")
-    strays = {(name, module) for name, module in _imported_modules("services/projections")
-              if module.startswith(("services", "schemas", "outreach")) and not module.startswith(own)}
-    assert not strays, strays
