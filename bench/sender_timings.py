@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
 
-from services.common.embedded_broker import free_port  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.sender.ratelimit import TokenBucket  # noqa: E402
 from services.sender.twilio import TwilioAdapter  # noqa: E402
@@ -70,19 +68,14 @@ async def dispatcher_run(channel: str, count: int, claims: int, destination, tem
 async def twilio_timeouts() -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         fake = FakeTwilio()
-        runner = web.AppRunner(fake.app, shutdown_timeout=0.5)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        adapter = TwilioAdapter(settings_for(f"http://127.0.0.1:{port}", Path(data_dir)), read_timeout_s=0.3)
-        try:
-            started = time.monotonic()
-            await adapter.submit("sms", [item(HANG)], TEMPLATE)
-            report("twilio adapter: 0.3 s read timeout, no answer", time.monotonic() - started, "< 5 s")
-        finally:
-            await adapter.close()
-            fake.release.set()
-            await runner.cleanup()
+        async with fakes.serving(fake.app, fake.release) as url:
+            adapter = TwilioAdapter(settings_for(url, Path(data_dir)), read_timeout_s=0.3)
+            try:
+                started = time.monotonic()
+                await adapter.submit("sms", [item(HANG)], TEMPLATE)
+                report("twilio adapter: 0.3 s read timeout, no answer", time.monotonic() - started, "< 5 s")
+            finally:
+                await adapter.close()
 
         with fakes.full_backlog() as port:
             adapter = TwilioAdapter(settings_for(f"http://127.0.0.1:{port}", Path(data_dir)),

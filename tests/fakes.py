@@ -16,12 +16,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 
 from schemas import topics
 from schemas.internal import ClaimRequest, OptOutChanged, SenderResults, SendingHold
 from services.common import jsoncodec, records
+from services.common.embedded_broker import free_port
 from services.common.settings import Settings
+from services.sender.app import Sender
 from services.sender.dispatch import Dispatcher, results_batcher
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator
@@ -93,6 +96,22 @@ def full_backlog() -> Iterator[int]:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, release: asyncio.Event | None = None) -> AsyncIterator[str]:
+    """`app` (a fake provider) on a free local port: its base URL until the block ends. Then `release` is
+    set, so handlers holding a request end, and the server stops."""
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if release is not None:
+            release.set()
+        await runner.cleanup()
 
 
 # ---------------------------------------------------------------- producers
@@ -217,6 +236,25 @@ async def dispatcher_harness(settings: Settings, adapters: Mapping[str, Any],
         yield Harness(dispatcher, journal, published, settings)
     finally:
         await dispatcher.close()
+        stop.set()
+        await flusher
+        journal.close()
+
+
+@contextlib.asynccontextmanager
+async def simulated_sender(settings: Settings) -> AsyncIterator[tuple[Sender, FakeProducer]]:
+    """A Sender (no broker) on one in-process simulator for both channels, its results batcher running,
+    publishing to a FakeProducer."""
+    journal = Journal.open(settings)
+    producer = FakeProducer()
+    simulator = InProcessSimulator(settings)
+    sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator})
+    stop = asyncio.Event()
+    flusher = asyncio.create_task(sender.results.run(stop))
+    try:
+        yield sender, producer
+    finally:
+        await sender._stop_background()
         stop.set()
         await flusher
         journal.close()

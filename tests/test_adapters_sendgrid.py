@@ -14,8 +14,9 @@ from pydantic import SecretStr
 from services.common.embedded_broker import free_port
 from services.common.settings import Settings
 from services.common.templating import render_email
-from services.sender.sendgrid import SendGridAdapter
 from services.common.unsubscribe import unsubscribe_url, verify_unsubscribe
+from services.sender.sendgrid import SendGridAdapter
+from tests.fakes import serving
 
 API_KEY = "SG.api-key-SECRET-9d41e"
 UNSUB_SECRET = "unsub-secret-SECRET-1c"
@@ -64,15 +65,8 @@ class FakeSendGrid:
 @pytest.fixture
 async def sendgrid_server():
     fake = FakeSendGrid()
-    runner = web.AppRunner(fake.app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield fake, f"http://127.0.0.1:{port}"
-    finally:
-        fake.release.set()
-        await runner.cleanup()
+    async with serving(fake.app, fake.release) as url:
+        yield fake, url
 
 
 def settings_for(url: str, tmp_path, key: str = API_KEY, batch: int = 1000) -> Settings:

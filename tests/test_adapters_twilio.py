@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from services.common.embedded_broker import free_port
 from services.common.settings import Settings
 from services.sender.twilio import TwilioAdapter
-from tests.fakes import full_backlog
+from tests.fakes import full_backlog, serving
 
 SID = "AC0123456789abcdef0123456789abcdef"
 TOKEN = "tw-auth-token-SECRET-5f2e"
@@ -75,16 +75,8 @@ class FakeTwilio:
 @pytest.fixture
 async def twilio_server():
     fake = FakeTwilio()
-    runner = web.AppRunner(fake.app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield fake, f"http://127.0.0.1:{port}"
-    finally:
-        fake.release.set()
-        await runner.cleanup()
+    async with serving(fake.app, fake.release) as url:
+        yield fake, url
 
 
 def settings_for(url: str, tmp_path, token: str = TOKEN) -> Settings:

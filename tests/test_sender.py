@@ -13,12 +13,12 @@ from schemas import topics
 from schemas.internal import SenderResult, SenderResults
 from services.common import jsoncodec, records
 from services.common.settings import Settings
-from services.sender.app import OffsetTracker, Sender
+from services.sender.app import OffsetTracker
 from services.sender.claims import ClaimBook, claim_size
 from services.sender.dispatch import backoff_delay
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, _real_adapter, adapters_for
-from tests.fakes import EMAIL_TEMPLATE, SMS_TEMPLATE, FakeProducer, RecordingAdapter, dispatcher_harness, work
+from tests.fakes import EMAIL_TEMPLATE, SMS_TEMPLATE, RecordingAdapter, dispatcher_harness, simulated_sender, work
 
 
 def item(destination: str, attempt: int = 0, row: int = 1) -> dict:
@@ -439,11 +439,8 @@ async def test_many_concurrent_claims_report_every_message_once(tmp_path):
 # ---------------------------------------------------------------- typed records only
 
 async def test_the_sender_sends_only_records_built_as_their_models(tmp_path):
-    settings = Settings(data_dir=tmp_path)
-    journal = Journal.open(settings)
-    producer = FakeProducer()  # decodes every record it is handed with its topic's model
-    sender = Sender(settings, journal, producer, {})
-    try:
+    # The fake producer decodes every record it is handed with its topic's model.
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, producer):
         hand_built = {"type": "ClaimRequest", "claim_id": str(uuid.uuid4()), "campaign_id": str(uuid.uuid4()),
                       "max_messages": 1, "requested_at": "2026-01-01T00:00:00.000000Z"}
         with pytest.raises(TypeError):
@@ -464,19 +461,12 @@ async def test_the_sender_sends_only_records_built_as_their_models(tmp_path):
         [(topic, key, request)] = producer.sent[:1]
         assert (topic, key, request["type"], request["campaign_id"]) == (
             topics.CLAIM_REQUESTS, cid.encode(), "ClaimRequest", cid)
-    finally:
-        journal.close()
 
 
 async def test_a_work_record_its_model_rejects_is_skipped_and_its_offset_committable(tmp_path):
-    settings = Settings(data_dir=tmp_path)
-    journal = Journal.open(settings)
-    sender = Sender(settings, journal, FakeProducer(), {})
     tp = TopicPartition(topics.SENDER_WORK, 0)
-    try:
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, _):
         for offset, value in enumerate([b"not json", jsoncodec.dumps({"type": "WorkClaimed", "items": []})]):
             sender.tracker.begin(tp, offset)
             sender._start_job(tp, type("Record", (), {"value": value, "offset": offset})())
         assert not sender.jobs and sender.tracker.committable() == {tp: 2}
-    finally:
-        journal.close()

@@ -11,13 +11,12 @@ import pytest
 
 from schemas import internal, topics
 from services.common.settings import Settings
-from services.sender.app import Sender
 from services.sender.breaker import (HELD_REASON, RESUMED_REASON, BreakerState, ProviderBreaker, classify)
 from services.sender.dispatch import RESUMED_AFTER_RESTART
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, make_result
 from tests import fakes
-from tests.fakes import FakeClock, FakeProducer, dispatcher_harness, wait_for
+from tests.fakes import FakeClock, dispatcher_harness, simulated_sender, wait_for
 
 ALWAYS_503 = "+12025550105"  # the simulator answers 503 to every submission
 
@@ -317,16 +316,10 @@ async def test_held_submissions_pay_no_tokens(tmp_path):
 
 async def test_sender_publishes_hold_records_and_runs_the_adapters_background_work(tmp_path):
     settings = Settings(data_dir=tmp_path, sim_late_receipt_s=1.1, sms_provider="inprocess", email_provider="inprocess")
-    journal = Journal.open(settings)
-    producer = FakeProducer()
-    simulator = InProcessSimulator(settings)
-    sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator})
-    flush_stop = asyncio.Event()
-    flusher = asyncio.create_task(sender.results.run(flush_stop))
-    for channel, adapter in sender.adapters.items():
-        sender._start_background(adapter, channel)
-    assert len(sender._background) == 1  # one simulator serves both channels: it runs once
-    try:
+    async with simulated_sender(settings) as (sender, producer):
+        for channel, adapter in sender.adapters.items():
+            sender._start_background(adapter, channel)
+        assert len(sender._background) == 1  # one simulator serves both channels: it runs once
         cid = str(uuid.uuid4())
         hold = internal.SendingHold(hold_id=str(uuid.uuid4()), campaign_id=cid, provider="inprocess", held=True,
                                     reason=HELD_REASON, occurred_at="2026-01-01T00:00:00.000000Z")
@@ -344,8 +337,3 @@ async def test_sender_publishes_hold_records_and_runs_the_adapters_background_wo
 
         assert outcomes_sent() == ["accepted", "sent"]
         await wait_for(lambda: outcomes_sent() == ["accepted", "sent", "delivered"], 5)
-    finally:
-        await sender._stop_background()
-        flush_stop.set()
-        await flusher
-        journal.close()

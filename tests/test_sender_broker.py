@@ -25,10 +25,7 @@ from services.common.settings import Settings
 from services.sender.app import serve
 from services.sender.journal import Journal, journal_path
 from tests.conftest import async_wait_until
-
-SMS_TEMPLATE = {"body": "Hi {{name}}"}
-EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "from_email": "team@example.com",
-                  "from_name": "Team", "attachments": []}
+from tests.fakes import EMAIL_TEMPLATE, SMS_TEMPLATE
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ from aiokafka import TopicPartition
 from schemas import topics
 from services.common import jsoncodec
 from services.common.settings import Settings
-from services.sender.app import Sender
 from services.sender.claims import ClaimBook, claim_size
 from services.sender.journal import Journal, journal_path
-from services.sender.providers import InProcessSimulator
 from services.sender.ratelimit import (TokenBucket, channel_limiters, item_cost, mean_segments, sms_cost,
                                        submission_cost)
-from tests.fakes import EMAIL_TEMPLATE, FakeClock, FakeProducer, RecordingAdapter, dispatcher_harness, items, work
+from tests.fakes import EMAIL_TEMPLATE, FakeClock, RecordingAdapter, dispatcher_harness, items, simulated_sender, work
 
 ONE_SEGMENT = {"body": "Hi {{name}}"}
 TWO_SEGMENTS = {"body": "x" * 200 + " {{name}}"}  # GSM-7, 161..306 septets
@@ -203,13 +201,7 @@ def test_journal_from_before_the_segments_column_is_migrated(tmp_path):
 
 async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_messages(tmp_path):
     settings = Settings(data_dir=tmp_path, sms_rate=100, email_rate=1e6)
-    journal = Journal.open(settings)
-    producer = FakeProducer()
-    simulator = InProcessSimulator(settings)
-    sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator})
-    stop = asyncio.Event()
-    flusher = asyncio.create_task(sender.results.run(stop))
-    try:
+    async with simulated_sender(settings) as (sender, producer):
         cid = str(uuid.uuid4())
         base = {"event_id": str(uuid.uuid4()), "campaign_id": cid, "sequence": 1,
                 "occurred_at": "2026-01-01T00:00:00.000000Z", "causation_id": str(uuid.uuid4())}
@@ -234,10 +226,6 @@ async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_mess
         producer.sent.clear()
         await sender._request_claims(sender.book.due(time.monotonic()))
         assert [value["max_messages"] for value in producer.values(topics.CLAIM_REQUESTS)] == [66]
-    finally:
-        stop.set()
-        await flusher
-        journal.close()
 
 
 # ---------------------------------------------------------------- through the Dispatcher

@@ -13,6 +13,9 @@
   WorkClaimed). Sending itself is paced by a token bucket per channel in the dispatcher (ratelimit.py).
 - Results leave as `SenderResults` on `outreach.internal.sender-results`, batched per campaign; the
   circuit breakers' `SendingHold` records (dispatch.py, breaker.py) leave the same way.
+- Every record out (ClaimRequest, SenderResults, SendingHold) is built as its `schemas.internal` model and
+  encoded by `services.common.records`; a WorkClaimed is decoded there too (one validation point each way:
+  one its model rejects is logged and skipped, its offset committed).
 - An adapter with `run_retries(stop, publish)` (SMTP re-submissions of deferred emails, the in-process
   simulator's late receipts) runs beside the loops; what it publishes goes through the results batcher.
 
