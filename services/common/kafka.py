@@ -169,7 +169,10 @@ def subscriber_config(settings: Settings | None = None) -> dict[str, Any]:
 # join costs about session_timeout_ms / 2 on tansu, and `broker.start()` joins subscribers one by one),
 # acknowledged by hand after the batch's effect is durable.
 
-POLL_MS = 200  # a subscriber's fetch waits this long for records (and sleeps as long after an empty one)
+# A subscriber's fetch waits this long for records, and FastStream sleeps as long after an empty fetch before
+# the next: so it is short (an idle consumer wakes 25 times a second), or each request-answer hop (a claim,
+# then its work) would wait up to this long for a consumer that just found nothing.
+POLL_MS = 20
 # A stop lets the batch in hand finish (its effect stored, its offsets committed) before the consumer
 # leaves; a batch cut short would be redelivered anyway, but its worker thread would outlive the store.
 GRACEFUL_STOP_S = 60.0
