@@ -215,6 +215,7 @@ def make_faststream_broker(settings: Settings | None = None, client_id: str = "o
         decoder=raw_values,
         parser=tolerant_parser,
         graceful_timeout=GRACEFUL_STOP_S,
+        logger=logging.getLogger("outreach.faststream"),  # the process's log format, not FastStream's coloured one
         log_level=logging.DEBUG,  # FastStream's per-batch "Received"/"Processed" lines
         acks="all",
         enable_idempotence=False,
