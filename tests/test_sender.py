@@ -15,10 +15,11 @@ from services.common import jsoncodec, records
 from services.common.settings import Settings
 from services.sender.app import OffsetTracker
 from services.sender.claims import ClaimBook, claim_size
-from services.sender.dispatch import backoff_delay
+from services.sender.dispatch import backoff_delay, results_batcher
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, _real_adapter, adapters_for
-from tests.fakes import EMAIL_TEMPLATE, SMS_TEMPLATE, RecordingAdapter, dispatcher_harness, simulated_sender, work
+from tests.fakes import (EMAIL_TEMPLATE, SMS_TEMPLATE, Published, RecordingAdapter, dispatcher_harness,
+                         simulated_sender, work)
 
 
 def item(destination: str, attempt: int = 0, row: int = 1) -> dict:
@@ -470,3 +471,31 @@ async def test_a_work_record_its_model_rejects_is_skipped_and_its_offset_committ
             sender.tracker.begin(tp, offset)
             sender._start_job(tp, type("Record", (), {"value": value, "offset": offset})())
         assert not sender.jobs and sender.tracker.committable() == {tp: 2}
+
+
+async def test_a_failed_results_flush_is_retried_in_order_until_it_passes(tmp_path):
+    published = Published()
+    failures = [ConnectionError("broker down"), ConnectionError("still down")]
+
+    async def flaky_publish(keyed):
+        if failures:
+            raise failures.pop(0)
+        await published(keyed)
+
+    journal = Journal.open(Settings(data_dir=tmp_path))
+    batcher = results_batcher(journal, flaky_publish, interval_s=0.01)
+    stop = asyncio.Event()
+    flusher = asyncio.create_task(batcher.run(stop))
+    try:
+        campaign_id, first, second = str(uuid.uuid4()), item("+12025550100"), item("+12025550100")
+        results = [SenderResult(message_id=it["message_id"], outcome="accepted", attempt=1,
+                                occurred_at="2026-01-01T00:00:00.000000Z") for it in (first, second)]
+        done = [batcher.add(campaign_id, [results[0]]), batcher.add(campaign_id, [results[1]])]
+        await asyncio.wait_for(asyncio.gather(*done), 10)
+        assert failures == []
+        assert [(cid, [r["message_id"] for r in rs]) for cid, rs in published.results] == [
+            (campaign_id, [first["message_id"], second["message_id"]])]  # one record, in the order added
+    finally:
+        stop.set()
+        await flusher
+        journal.close()
