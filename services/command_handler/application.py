@@ -444,9 +444,7 @@ class OutreachApp(Application):
             if campaign is None:
                 return []
             ref = self._refs(campaign).get(message_id)
-            if ref is None:
-                return []
-            if self._block_at(campaign, ref[0]).changed_at[ref[1]] != since_sequence:
+            if ref is None or self._block_at(campaign, ref[0]).changed_since(ref[1], since_sequence):
                 return []
             per_block = {ref[0]: [(ref[1], kind)]}
             return self._move_messages(campaign, per_block, expiry_id,
@@ -485,7 +483,7 @@ class OutreachApp(Application):
                 touched.append(block)
         if not touched:
             return []
-        setup_failed = setup_error and not accepted and not campaign.accepted_in_run
+        setup_failed = campaign.setup_fails(refused_credentials=setup_error, accepted_now=accepted)
         if setup_failed:
             awaiting_delta += self._fail_unaccepted(campaign, delta, touched, causation_id)
         released = campaign.record_progress(delta=dict(delta), awaiting_delta=awaiting_delta,

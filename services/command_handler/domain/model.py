@@ -381,6 +381,11 @@ class Campaign(Aggregate):
         self.claim_cursor = cursor
         self._apply_status_change(status_change)
 
+    def setup_fails(self, *, refused_credentials: bool, accepted_now: bool) -> bool:
+        """Contract: the provider refused the channel's credentials before accepting any message of the run
+        (`setup_error`): the run fails and its messages not yet accepted fail with it."""
+        return refused_credentials and not accepted_now and not self.accepted_in_run
+
     def record_progress(self, *, delta: dict[str, int], awaiting_delta: int, causation_id: str,
                         accepted: bool = False, setup_failed: bool = False) -> bool:
         """Messages moved by provider results or timers. Returns True when the channel is released.
@@ -459,6 +464,10 @@ class MessageBlock(Aggregate):
 
     def state(self, index: int) -> MessageState:
         return MessageState(self.status[index], self.reason[index], self.attempt[index], self.accepted[index])
+
+    def changed_since(self, index: int, sequence: int) -> bool:
+        """The message's last status record is not the one at `sequence`: a timer started then no longer applies."""
+        return self.changed_at[index] != sequence
 
     def indexes_in(self, status: str) -> list[int]:
         return [i for i, s in enumerate(self.status) if s == status]
