@@ -1,4 +1,6 @@
-"""The command handler's use cases: load -> decide -> one save() of every aggregate touched.
+"""The command handler's use cases: load the aggregates, call the domain method that decides (it checks
+its own guards and raises `Rejected`), then one save() of every aggregate touched. Commands arrive as
+the typed `schemas.commands` union, provider results as `schemas.internal.SenderResult` (handlers.py).
 
 Only this application writes to the event store. Each use case commits its message moves, the campaign's
 derived status, the channel lock and the command's stored answer in one transaction; a racing writer
