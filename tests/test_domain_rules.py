@@ -553,15 +553,20 @@ def test_failed_campaign_is_deletable_not_editable_not_runnable_not_stoppable():
 
 # ============================================================ timers through the application
 
-def test_sending_timer_does_not_fail_an_accepted_email(app):
-    """Contract: the email Sending limit ends at the 202/250; then only the retry window bounds it."""
+def accepted_not_sent(app, channel: str):
+    """A one-message campaign whose message the provider accepted and nothing more: (campaign, message, block)."""
     d = Driver(app)
-    cid = new_campaign(d, channel="email", n=1)
+    cid = new_campaign(d, channel=channel, n=1)
     d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
     app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=1)
     [mid] = mids(cid, 1)
     results(app, cid, (mid, "accepted", None))
-    block = app.repository.get(ids.block_id(cid, 0))
+    return cid, mid, app.repository.get(ids.block_id(cid, 0))
+
+
+def test_sending_timer_does_not_fail_an_accepted_email(app):
+    """Contract: the email Sending limit ends at the 202/250; then only the retry window bounds it."""
+    cid, mid, block = accepted_not_sent(app, "email")
     # the sweeper only sees status records; acceptance is none, so its Sending timer still fires
     app.apply_expiry(expiry_id="e", campaign_id=cid, message_id=mid, kind="sending",
                      since_sequence=block.changed_at[0])
@@ -574,13 +579,7 @@ def test_sending_timer_does_not_fail_an_accepted_email(app):
 
 def test_sending_timer_fails_an_accepted_sms_still_not_sent(app):
     """Contract: the SMS Sending limit runs until `sent`, acceptance (201) or not."""
-    d = Driver(app)
-    cid = new_campaign(d, n=1)
-    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
-    app.claim(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=1)
-    [mid] = mids(cid, 1)
-    results(app, cid, (mid, "accepted", None))
-    block = app.repository.get(ids.block_id(cid, 0))
+    cid, mid, block = accepted_not_sent(app, "sms")
     app.apply_expiry(expiry_id="stale", campaign_id=cid, message_id=mid, kind="sending",
                      since_sequence=block.changed_at[0] - 1)
     assert app.repository.get(ids.block_id(cid, 0)).status[0] == "sending"  # a stale timer changes nothing
