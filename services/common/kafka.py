@@ -303,11 +303,12 @@ async def run_consumer(
     go on sets `stop`, then `failed` to its error (so no later batch is committed): raised once stopped.
     """
     app = FastStream(broker, logger=None)
-    await app.start()  # connects, then joins the subscriber's group
-    for subscriber in broker.subscribers:
-        log.info("consuming %s as group %s", ", ".join(subscriber.topic_names), subscriber.group_id)
-    side = asyncio.create_task(alongside()) if alongside is not None else None
+    side: asyncio.Task[None] | None = None
     try:
+        await app.start()  # connects, then joins the subscriber's group
+        for subscriber in broker.subscribers:
+            log.info("consuming %s as group %s", ", ".join(subscriber.topic_names), subscriber.group_id)
+        side = asyncio.create_task(alongside()) if alongside is not None else None
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([stopped, *([side] if side else [])], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
