@@ -20,11 +20,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.fernet import Fernet, InvalidToken
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from schemas import topics
 from schemas.internal import ChannelSettingsChanged
-from services.common import jsoncodec, kafka
+from services.common import jsoncodec, kafka, records
 from services.common.secrets import cipher as settings_cipher
 from services.common.settings import Settings
 
@@ -154,8 +154,8 @@ def seal(cipher: Fernet, credentials: Mapping[str, str]) -> str:
 def open_record(value: bytes | None, cipher: Fernet) -> ChannelConfig:
     """A record's value, decrypted and checked (BadRecord if it cannot be)."""
     try:
-        record = ChannelSettingsChanged.model_validate(jsoncodec.loads(value or b"null"))
-    except (jsoncodec.JSONDecodeError, ValidationError) as exc:
+        record = records.decode(ChannelSettingsChanged, value)
+    except records.InvalidRecord as exc:
         raise BadRecord(f"not a ChannelSettingsChanged: {exc}") from None
     try:
         credentials = jsoncodec.loads(cipher.decrypt(record.credentials.encode("ascii")))
