@@ -1,6 +1,6 @@
 """Read endpoints: campaigns, messages (filters, search, pagination), CSV export, live progress (SSE), history.
 
-Everything is read from the projections' read model (services/projections/read_model.py), whose methods
+Everything is read from the projections' read model (services/projections/views.py), whose methods
 are blocking: they run in worker threads so the event loop keeps serving.
 """
 from __future__ import annotations
