@@ -12,6 +12,21 @@ from tests.conftest import async_wait_until
 from tests.test_projections import created_events, lifecycle
 
 
+async def publish(settings: Settings, events: list[dict], statuses: list[dict]) -> None:
+    """Campaign events keyed by campaign, status records by message, as the relay publishes them."""
+    await ensure_topics(settings)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send(topics.CAMPAIGN_EVENTS, jsoncodec.dumps(event), key=event["campaign_id"].encode())
+        for record in statuses:
+            await producer.send(topics.MESSAGE_STATUS, jsoncodec.dumps(record), key=record["message_id"].encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
 async def test_consumer_applies_records_skips_poison_and_stops(kafka_bootstrap, tmp_path):
     settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
     await ensure_topics(settings)
@@ -52,18 +67,8 @@ async def test_consumer_applies_records_skips_poison_and_stops(kafka_bootstrap, 
 
 async def test_a_new_read_model_is_fed_from_the_beginning_whatever_the_group_committed(kafka_bootstrap, tmp_path):
     settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
-    await ensure_topics(settings)
     cid = str(uuid.uuid4())
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        for event in created_events(cid, 1):
-            await producer.send(topics.CAMPAIGN_EVENTS, jsoncodec.dumps(event), key=cid.encode())
-        for record in lifecycle(cid, 2):
-            await producer.send(topics.MESSAGE_STATUS, jsoncodec.dumps(record), key=record["message_id"].encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await publish(settings, created_events(cid, 1), lifecycle(cid, 2))
 
     group = f"test-projections-{uuid.uuid4().hex[:8]}"
     for name in ("first.db", "second.db"):  # the second model is new; the group has committed past everything
@@ -107,16 +112,8 @@ async def test_an_unavailable_read_model_holds_the_batch_uncommitted_until_it_is
     from services.projections.storage import ReadModelUnavailable
 
     settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
-    await ensure_topics(settings)
     cid = str(uuid.uuid4())
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        for event in created_events(cid, 1):
-            await producer.send(topics.CAMPAIGN_EVENTS, jsoncodec.dumps(event), key=cid.encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await publish(settings, created_events(cid, 1), [])
 
     async def committed(group: str) -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
