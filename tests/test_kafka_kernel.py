@@ -245,3 +245,47 @@ async def test_record_size_limits(settings, kafka_broker_kind):
                 await loose.send_and_wait(topic, b"x" * 2 * MAX_RECORD_BYTES)
     finally:
         await loose.stop()
+
+
+async def test_a_batch_whose_handler_fails_is_delivered_again_never_committed_past(settings):
+    """With manual acknowledgement FastStream only logs a handler's error and fetches on, so the next batch's
+    commit would skip the failed one: the kernel's subscriber rewinds it and delivers it again (after a
+    back-off), until the handler gets through; nothing is lost and everything is committed once."""
+    topic = await create_topic(settings.kafka_bootstrap_servers, 2)
+    group = f"g.{topic}"
+    sent = [jsoncodec.dumps({"n": n}) for n in range(30)]
+    producer = make_producer(settings)
+    await producer.start()
+    for n, value in enumerate(sent[:10]):
+        await producer.send(topic, value, key=f"k{n % 3}".encode())
+    await producer.flush()
+
+    broker = make_faststream_broker(settings, client_id="kernel-test")
+    received: list[bytes] = []
+    failures = 0
+
+    @batch_subscriber(broker, topic, group_id=group, max_records=4, settings=settings)
+    async def handle(values: list[records_of(int)], msg: KafkaMessage) -> None:
+        nonlocal failures
+        if failures < 3:  # a store outage: the first three deliveries fail
+            failures += 1
+            raise ConnectionError("the store is down")
+        received.extend(values)
+        await commit(msg)
+
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(run_consumer(broker, stop))
+    try:
+        for n, value in enumerate(sent[10:], 10):
+            await producer.send(topic, value, key=f"k{n % 3}".encode())
+        await producer.flush()
+        await async_wait_until(lambda: len(received) >= len(sent), 30, message=f"got {len(received)} of 30")
+    finally:
+        stop.set()
+        await asyncio.wait_for(consuming, 15)
+        await producer.stop()
+
+    assert failures == 3
+    assert sorted(received) == sorted(sent) and len(received) == len(sent)
+    partitions = [TopicPartition(topic, p) for p in range(2)]
+    assert await committed_total(settings, group, partitions) == len(sent)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar, Union
@@ -23,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.message import StreamMessage
 from pydantic import TypeAdapter, WithJsonSchema
 from pydantic.json_schema import JsonSchemaMode
 
@@ -232,7 +235,7 @@ def batch_subscriber(
     max_records: int,
     settings: Settings | None = None,
     listener: ConsumerRebalanceListener | None = None,
-) -> Any:
+) -> BatchSubscriber:
     """Declare the consumer's one subscriber: `topic_names` in group `group_id`, handed batches of up to
     `max_records` records, committed only by the handler (`commit(msg)` once the batch's effect is durable;
     the default policy would commit before handling: at most once). Decorate the handler with the result::
@@ -242,8 +245,10 @@ def batch_subscriber(
             for record in msg.raw_message:  # aiokafka ConsumerRecords: topic, partition, offset, key, value
                 ...  # make the effect durable first
             await kafka.commit(msg)
+
+    A handler that raises has its batch rewound and delivered again after a back-off (see `BatchSubscriber`).
     """
-    return broker.subscriber(
+    return BatchSubscriber(broker.subscriber(
         *topic_names,
         group_id=group_id,
         batch=True,
@@ -252,7 +257,52 @@ def batch_subscriber(
         ack_policy=AckPolicy.MANUAL,
         listener=listener,
         **subscriber_config(settings),
-    )
+    ))
+
+
+class BatchSubscriber:
+    """A FastStream batch subscriber (its attributes, e.g. `.consumer`, pass through) whose handler's errors
+    never let a batch be skipped.
+
+    With manual acknowledgement FastStream only logs a handler's exception and fetches on: the next batch's
+    commit would then commit past the failed one, which is lost. Here the failed batch is rewound (`nack`:
+    each partition seeks back to the batch's first record) and delivered again after a back-off that doubles
+    up to REWIND_LONGEST_WAIT_S, with jitter: a transient fault (a store or the broker down) is waited out,
+    and a bug shows as a repeated, logged failure rather than as lost records.
+    """
+
+    def __init__(self, subscriber: Any):
+        self.subscriber = subscriber
+        self.failures_in_a_row = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.subscriber, name)
+
+    def __call__(self, handler: Callable[..., Awaitable[None]]) -> Any:
+        @functools.wraps(handler)  # FastStream reads the handler's signature (payload type, KafkaMessage)
+        async def rewinding_on_error(*args: Any, **kwargs: Any) -> None:
+            try:
+                await handler(*args, **kwargs)
+            except Exception:
+                msg = next(a for a in (*args, *kwargs.values()) if isinstance(a, StreamMessage))
+                self.failures_in_a_row += 1
+                wait_s = min(REWIND_FIRST_WAIT_S * 2 ** (self.failures_in_a_row - 1), REWIND_LONGEST_WAIT_S)
+                wait_s += random.uniform(0, REWIND_FIRST_WAIT_S)
+                log.exception("a batch of %d records failed (%d in a row); it is delivered again in %.1f s",
+                              len(msg.raw_message), self.failures_in_a_row, wait_s)
+                try:
+                    await msg.nack()
+                except Exception:  # e.g. its partitions were revoked meanwhile: the new owner reads them
+                    log.warning("could not rewind the failed batch", exc_info=True)
+                await asyncio.sleep(wait_s)
+            else:
+                self.failures_in_a_row = 0
+
+        return self.subscriber(rewinding_on_error)
+
+
+REWIND_FIRST_WAIT_S = 0.2
+REWIND_LONGEST_WAIT_S = 10.0
 
 
 def records_of(*models: Any, mode: JsonSchemaMode = "validation") -> Any:
