@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
-from schemas.commands import Channel, UtcDatetime, WireId
+from schemas.commands import Channel, WireId
 from schemas.events import MessageStatus
 from services.common.sqlite import open_sqlite
 
@@ -51,7 +51,7 @@ class StatusRecord(BaseModel):
     status: MessageStatus
     previous_status: MessageStatus | None
     sequence: Annotated[StrictInt, Field(ge=0)]
-    occurred_at: UtcDatetime
+    occurred_at: AwareDatetime  # only its instant is read: no conversion to UTC needed (a Python call per record)
 
 
 @dataclass(frozen=True)
