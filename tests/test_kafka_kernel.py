@@ -1,5 +1,6 @@
 """The Kafka kernel against the session broker (tansu here, real Kafka where Docker runs)."""
 import asyncio
+import contextlib
 import uuid
 
 import pytest
@@ -144,6 +145,18 @@ async def committed_total(settings: Settings, group: str, topic_partitions: list
     return sum(meta.offset for meta in committed.values() if meta.offset > 0)
 
 
+@contextlib.asynccontextmanager
+async def consumer_running(broker):
+    """`broker` served by `run_consumer` for the block's duration, then stopped (the batch in hand finishes)."""
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(run_consumer(broker, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(consuming, 15)
+
+
 async def test_a_consumer_on_faststream_reads_two_topics_in_batches_committed_by_hand(settings):
     """The consumers' shape (batch_subscriber, commit, run_consumer) over the real broker: one subscriber on
     two topics, batches of at most max_records, a nacked batch redelivered, the offsets committed once each
@@ -173,16 +186,13 @@ async def test_a_consumer_on_faststream_reads_two_topics_in_batches_committed_by
         received.extend(values)
         await commit(msg)
 
-    stop = asyncio.Event()
-    consuming = asyncio.create_task(run_consumer(broker, stop))
     try:
-        for n, value in enumerate(sent[20:], 20):
-            await producer.send(first if n % 2 else second, value, key=f"k{n % 5}".encode())
-        await producer.flush()
-        await async_wait_until(lambda: len(received) >= len(sent) + 1, 30, message=f"got {len(received)} of 41")
+        async with consumer_running(broker):
+            for n, value in enumerate(sent[20:], 20):
+                await producer.send(first if n % 2 else second, value, key=f"k{n % 5}".encode())
+            await producer.flush()
+            await async_wait_until(lambda: len(received) >= len(sent) + 1, 30, message=f"got {len(received)} of 41")
     finally:
-        stop.set()
-        await asyncio.wait_for(consuming, 15)
         await producer.stop()
 
     assert sorted(received) == sorted([*sent, b""]) and len(received) == len(sent) + 1  # nacked batch: once
@@ -273,16 +283,13 @@ async def test_a_batch_whose_handler_fails_is_delivered_again_never_committed_pa
         received.extend(values)
         await commit(msg)
 
-    stop = asyncio.Event()
-    consuming = asyncio.create_task(run_consumer(broker, stop))
     try:
-        for n, value in enumerate(sent[10:], 10):
-            await producer.send(topic, value, key=f"k{n % 3}".encode())
-        await producer.flush()
-        await async_wait_until(lambda: len(received) >= len(sent), 30, message=f"got {len(received)} of 30")
+        async with consumer_running(broker):
+            for n, value in enumerate(sent[10:], 10):
+                await producer.send(topic, value, key=f"k{n % 3}".encode())
+            await producer.flush()
+            await async_wait_until(lambda: len(received) >= len(sent), 30, message=f"got {len(received)} of 30")
     finally:
-        stop.set()
-        await asyncio.wait_for(consuming, 15)
         await producer.stop()
 
     assert failures == 3
