@@ -158,3 +158,18 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(message or f"condition not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+# ---------------------------------------------------------------- consumer groups
+
+async def committed_total(bootstrap: str, group: str, topic_partitions: list) -> int:
+    """The sum of the offsets `group` committed on `topic_partitions` (aiokafka TopicPartitions)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:  # tansu needs the partitions named explicitly
+        committed = await admin.list_consumer_group_offsets(group, partitions=topic_partitions)
+    finally:
+        await admin.close()
+    return sum(meta.offset for meta in committed.values() if meta.offset > 0)

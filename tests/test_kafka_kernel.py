@@ -28,7 +28,7 @@ from services.common.kafka import (
     wait_for_broker,
 )
 from services.common.settings import Settings
-from tests.conftest import async_wait_until
+from tests.conftest import async_wait_until, committed_total
 
 
 @pytest.fixture
@@ -135,16 +135,6 @@ async def test_end_offsets_total(settings):
     assert await end_offsets_total(settings, topic) == 7
 
 
-async def committed_total(settings: Settings, group: str, topic_partitions: list[TopicPartition]) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:  # tansu needs the partitions named explicitly
-        committed = await admin.list_consumer_group_offsets(group, partitions=topic_partitions)
-    finally:
-        await admin.close()
-    return sum(meta.offset for meta in committed.values() if meta.offset > 0)
-
-
 @contextlib.asynccontextmanager
 async def consumer_running(broker):
     """`broker` served by `run_consumer` for the block's duration, then stopped (the batch in hand finishes)."""
@@ -198,7 +188,7 @@ async def test_a_consumer_on_faststream_reads_two_topics_in_batches_committed_by
     assert sorted(received) == sorted([*sent, b""]) and len(received) == len(sent) + 1  # nacked batch: once
     assert max(batches) <= 8
     partitions = [TopicPartition(t, p) for t in (first, second) for p in range(4)]
-    assert await committed_total(settings, group, partitions) == len(sent) + 1
+    assert await committed_total(settings.kafka_bootstrap_servers, group, partitions) == len(sent) + 1
 
 
 async def test_run_consumer_raises_what_stopped_it(settings):
@@ -295,4 +285,4 @@ async def test_a_batch_whose_handler_fails_is_delivered_again_never_committed_pa
     assert failures == 3
     assert sorted(received) == sorted(sent) and len(received) == len(sent)
     partitions = [TopicPartition(topic, p) for p in range(2)]
-    assert await committed_total(settings, group, partitions) == len(sent)
+    assert await committed_total(settings.kafka_bootstrap_servers, group, partitions) == len(sent)

@@ -8,7 +8,7 @@ from services.common.kafka import ensure_topics, make_producer
 from services.common.settings import Settings
 from services.projections.app import serve
 from services.projections.projector import ReadModel
-from tests.conftest import async_wait_until
+from tests.conftest import async_wait_until, committed_total
 from tests.test_projections import created_events, lifecycle
 
 
@@ -107,7 +107,6 @@ async def test_an_unavailable_read_model_holds_the_batch_uncommitted_until_it_is
     """While the read model cannot be written the batch is retried and nothing is committed; a stop in that
     wait leaves it for the next consumer, which applies it once the database is back."""
     from aiokafka import TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
 
     from services.projections.storage import ReadModelUnavailable
 
@@ -116,14 +115,8 @@ async def test_an_unavailable_read_model_holds_the_batch_uncommitted_until_it_is
     await publish(settings, created_events(cid, 1), [])
 
     async def committed(group: str) -> int:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            offsets = await admin.list_consumer_group_offsets(group, partitions=[
-                TopicPartition(topics.CAMPAIGN_EVENTS, p) for p in range(settings.partitions)])
-        finally:
-            await admin.close()
-        return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+        return await committed_total(kafka_bootstrap, group, [
+            TopicPartition(topics.CAMPAIGN_EVENTS, p) for p in range(settings.partitions)])
 
     group = f"test-projections-{uuid.uuid4().hex[:8]}"
     model = ReadModel.open(settings)
