@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from schemas.ids import UUID_PATTERN
-from schemas.times import RFC3339_FORMAT, rfc3339, utc_now  # noqa: F401  (RFC3339_FORMAT re-exported)
+from schemas.times import rfc3339, utc_now
 
 # --- Shared primitives -------------------------------------------------------------------------
 
@@ -212,6 +212,7 @@ class CreateCampaign(CommandBase):
 
 
 MAX_CONTACTS_PER_CHUNK = 1000
+MAX_CHUNK_BYTES = 900 * 1024  # the contract's limit on one encoded AddContacts record
 
 
 def _none_as_empty(value: Any) -> Any:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-RFC3339_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
 def rfc3339(moment: datetime) -> str:
     """`moment` in the wire's format; a naive moment is taken as UTC.
 

@@ -38,7 +38,6 @@ from services.command_handler.domain.rules import Move
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRIES = 20
-MAX_CHUNK_BYTES = 900 * 1024
 WORK_RECORD_BUDGET = 700 * 1024  # a claim's work record stays well under the 1 MiB record limit
 OPEN_ATTEMPTS = 10
 

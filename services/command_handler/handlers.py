@@ -12,10 +12,10 @@ from typing import Annotated, Any, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas import topics
-from schemas.commands import COMMAND_TYPES, CommandHeader, parse_command, validation_detail
+from schemas.commands import COMMAND_TYPES, MAX_CHUNK_BYTES, CommandHeader, parse_command, validation_detail
 from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
 from services.common import ids, jsoncodec, records
-from services.command_handler.application import MAX_CHUNK_BYTES, OutreachApp
+from services.command_handler.application import OutreachApp
 
 
 DLQ_VALUE_LIMIT = 64 * 1024

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from schemas.commands import MAX_CONTACTS_PER_CHUNK, make_command
+from schemas.commands import MAX_CHUNK_BYTES, MAX_CONTACTS_PER_CHUNK, make_command
 from services.common import jsoncodec
 
-MAX_CHUNK_BYTES = 900 * 1024  # the contract's limit on one encoded AddContacts record
 DESTINATION_NAMES = ("destination", "phone", "phone_number", "mobile", "msisdn", "email", "email_address", "to")
 
 Record = tuple[int, list[str]]  # (the physical line it starts on, its cells)

@@ -11,7 +11,6 @@ from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from services.common import jsoncodec
 
 M = TypeVar("M")
 
@@ -45,4 +44,4 @@ def _summary(exc: ValidationError) -> str:
     return f"{where}: {first.get('msg')}{more}"
 
 
-__all__ = ["InvalidRecord", "decode", "encode", "jsoncodec"]
+__all__ = ["InvalidRecord", "decode", "encode"]
