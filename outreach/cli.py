@@ -38,9 +38,10 @@ from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
 from schemas.commands import new_id
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
+from schemas.times import rfc3339
 from services.common.contacts_csv import DESTINATION_NAMES, CsvError, read_contacts_csv
 from services.common.settings import get_settings
-from services.projections.views import ReadViews, rfc3339, settled
+from services.projections.views import ReadViews, settled
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
 campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")

@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
 
+from schemas.times import rfc3339
 from services.api import export
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.models import (
@@ -27,7 +28,7 @@ from services.api.models import (
 )
 from services.common import jsoncodec
 from services.common.ids import UUID_PATTERN
-from services.projections.views import rfc3339, settled
+from services.projections.views import settled
 
 router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 

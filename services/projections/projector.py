@@ -307,5 +307,4 @@ def _json_text(value: Any) -> str | None:
     return None if value is None else jsoncodec.dumps(value).decode()
 
 
-__all__ = ["InvalidRecord", "ReadModel", "ReadModelUnavailable", "apply_isolating_poison", "check_campaign_event",
-           "check_message_status", "decode_batch"]
+__all__ = ["ReadModel", "apply_isolating_poison", "check_campaign_event", "check_message_status", "decode_batch"]

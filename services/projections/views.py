@@ -1,8 +1,8 @@
 """The read side of the read model: campaigns, their event history, their messages, as of a time, and dumps.
 
 The one module of the projections that the HTTP API may import: `ReadViews.open(settings)` opens the read
-model for queries (creating its tables if nobody has yet), `settled` tells whether a campaign has finished
-and its counts have caught up, and `rfc3339` is the wire's time format (from `schemas.times`).
+model for queries (creating its tables if nobody has yet), and `settled` tells whether a campaign has finished
+and its counts have caught up.
 
 Counts are computed from `messages` (GROUP BY over the (campaign_id, status) index), so they always add up.
 As of a time, the database picks each message's latest record then (an index probe per message) and filters,
@@ -447,4 +447,4 @@ def _status_record(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["FINAL_CAMPAIGN_STATUSES", "PAGE_ROWS", "ReadViews", "UNSETTLED_MESSAGE_STATUSES", "empty_counts",
-           "rfc3339", "settled"]
+           "settled"]
