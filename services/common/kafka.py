@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar, Union
@@ -30,7 +29,7 @@ from pydantic import TypeAdapter, WithJsonSchema
 from pydantic.json_schema import JsonSchemaMode
 
 from schemas.topics import ALL_TOPICS, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
-from services.common.retry import retrying
+from services.common.retry import backoff_s, retrying
 from services.common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -266,9 +265,9 @@ class BatchSubscriber:
 
     With manual acknowledgement FastStream only logs a handler's exception and fetches on: the next batch's
     commit would then commit past the failed one, which is lost. Here the failed batch is rewound (`nack`:
-    each partition seeks back to the batch's first record) and delivered again after a back-off that doubles
-    up to REWIND_LONGEST_WAIT_S, with jitter: a transient fault (a store or the broker down) is waited out,
-    and a bug shows as a repeated, logged failure rather than as lost records.
+    each partition seeks back to the batch's first record) and delivered again after the retry policy's
+    back-off (`retry.backoff_s`, up to REWIND_LONGEST_WAIT_S): a transient fault (a store or the broker
+    down) is waited out, and a bug shows as a repeated, logged failure rather than as lost records.
     """
 
     def __init__(self, subscriber: Any):
@@ -286,8 +285,8 @@ class BatchSubscriber:
             except Exception:
                 msg = next(a for a in (*args, *kwargs.values()) if isinstance(a, StreamMessage))
                 self.failures_in_a_row += 1
-                wait_s = min(REWIND_FIRST_WAIT_S * 2 ** (self.failures_in_a_row - 1), REWIND_LONGEST_WAIT_S)
-                wait_s += random.uniform(0, REWIND_FIRST_WAIT_S)
+                wait_s = backoff_s(self.failures_in_a_row, first_wait_s=REWIND_FIRST_WAIT_S,
+                                   longest_wait_s=REWIND_LONGEST_WAIT_S)
                 log.exception("a batch of %d records failed (%d in a row); it is delivered again in %.1f s",
                               len(msg.raw_message), self.failures_in_a_row, wait_s)
                 try:

@@ -15,6 +15,7 @@ error. Each retry is logged by stamina (logger "stamina", with the error and the
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -45,3 +46,11 @@ def retrying(
         wait_max=longest_wait_s,
         wait_jitter=first_wait_s,
     )
+
+
+def backoff_s(failures: int, *, first_wait_s: float = FIRST_WAIT_S, longest_wait_s: float = LONGEST_WAIT_S) -> float:
+    """The policy's wait after `failures` failures in a row (1, 2, ...), for a retry that is not a loop here
+    (a batch rewound and delivered again): the wait doubles from `first_wait_s`, plus up to `first_wait_s` of
+    jitter, at most `longest_wait_s` (what `retrying` waits, by tenacity's exponential-with-jitter rule)."""
+    return min(first_wait_s * 2 ** (failures - 1) + random.uniform(0, first_wait_s), longest_wait_s)
+
