@@ -213,6 +213,7 @@ class OutreachApp(Application):
         if campaign.chunk_applied(cmd.chunk_no):
             campaign.repeat_contacts_answer(cmd.chunk_no, cmd.command_id)
             return [campaign]
+        campaign.check_can_add_contacts(cmd.chunk_no, [c.row for c in cmd.contacts])  # before the screening
         valid, invalid_rows = contact_rules.screen_chunk(
             campaign.channel, [(c.row, c.destination, dict(c.variables)) for c in cmd.contacts],
             campaign.destinations)
@@ -233,12 +234,15 @@ class OutreachApp(Application):
 
     def _update_template(self, cmd: UpdateTemplate) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
+        campaign.check_can_update_template(cmd.template)  # before the blocks are loaded
         blocks = self._blocks(campaign) if campaign.contacts_closed else []  # for the run summary
         campaign.update_template(cmd.template, blocks, cmd.command_id)
         return [campaign]
 
     def _run_campaign(self, cmd: RunCampaign) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
+        disclaimer = cmd.disclaimer.model_dump(mode="json")
+        campaign.check_can_run(disclaimer)  # before the blocks are loaded and every message's move worked out
         lock = self._lock(campaign.channel)
         blocks = self._blocks(campaign)
         suppressed_destinations = self.suppressed(campaign.channel)
@@ -250,7 +254,7 @@ class OutreachApp(Application):
                 for index in block.indexes_in("waiting")]
         suppressed = sum(mv.status == "opted_out" for block_moves in moves.values() for _, mv in block_moves)
         queued = sum(len(block_moves) for block_moves in moves.values()) - suppressed
-        campaign.start_run(accepted_by=cmd.issued_by, disclaimer=cmd.disclaimer.model_dump(mode="json"),
+        campaign.start_run(accepted_by=cmd.issued_by, disclaimer=disclaimer,
                            queued=queued, suppressed=suppressed, causation_id=cmd.command_id)
         lock.take(cmd.campaign_id, hold=campaign.holds_channel)
         for position, block in enumerate(blocks):
@@ -271,6 +275,7 @@ class OutreachApp(Application):
 
     def _retry_failed(self, cmd: RetryFailedMessages) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
+        campaign.check_retryable()  # before the blocks are loaded
         blocks = self._blocks(campaign)
         named = cmd.message_ids is not None
         unknown: list[str] = []

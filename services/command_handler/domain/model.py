@@ -123,16 +123,19 @@ class Campaign(Aggregate):
         if len(set(rows)) != len(rows):
             raise Rejected("invalid_command", "a row number appears twice in the chunk")
 
+    def check_can_add_contacts(self, chunk_no: int, rows: list[int]) -> None:
+        """The guards of `add_contacts`, which need no screening: a use case calls them before it screens."""
+        self.check_contacts_open()
+        self.check_within_contacts_limit(len(rows))
+        self.check_chunk_in_order(chunk_no)
+        self.check_rows_unique(rows)
+
     def add_contacts(self, *, chunk_no: int, valid_rows: list[int], destinations: list[str],
                      invalid_rows: list[list], last_chunk: bool, blocks: Sequence[MessageBlock],
                      causation_id: str) -> None:
         """One screened chunk (`invalid_rows`: [row, reason]). After the last chunk the campaign is ready and
         its run summary is made from `blocks`, every block of the campaign (this chunk's included)."""
-        rows = valid_rows + [row for row, _reason in invalid_rows]
-        self.check_contacts_open()
-        self.check_within_contacts_limit(len(rows))
-        self.check_chunk_in_order(chunk_no)
-        self.check_rows_unique(rows)
+        self.check_can_add_contacts(chunk_no, valid_rows + [row for row, _reason in invalid_rows])
         summary = run_summary(self.name, self.channel, self.template, blocks) if last_chunk else None
         message_count = self.message_count + len(valid_rows)
         ready = last_chunk
@@ -184,11 +187,15 @@ class Campaign(Aggregate):
         if not template_matches_channel(template, self.channel):
             raise Rejected("invalid_command", f"the template is not a valid {self.channel} template")
 
+    def check_can_update_template(self, template: SmsTemplate | EmailTemplate) -> None:
+        """The guards of `update_template`: a use case calls them before it loads the blocks."""
+        self.check_editable()
+        self.check_template_fits_channel(template)
+
     def update_template(self, template: SmsTemplate | EmailTemplate, blocks: Sequence[MessageBlock],
                         causation_id: str) -> None:
         """A new template; once the contacts are closed the run summary is made again from `blocks`."""
-        self.check_editable()
-        self.check_template_fits_channel(template)
+        self.check_can_update_template(template)
         plain = template.model_dump(mode="json")
         summary = run_summary(self.name, self.channel, plain, blocks) if self.contacts_closed else None
         self._template_updated(template=plain, summary=summary, causation_id=causation_id)
@@ -219,14 +226,18 @@ class Campaign(Aggregate):
             if pending:
                 raise Rejected("attachments_not_ready", f"not fully uploaded: {', '.join(map(str, pending))}")
 
-    def start_run(self, *, accepted_by: str, disclaimer: dict, queued: int, suppressed: int,
-                  causation_id: str) -> None:
-        """The first run: `queued` waiting messages queued, `suppressed` ones opted out (their destination is
-        on the channel's opt-out list). The channel is held while any message is queued."""
+    def check_can_run(self, disclaimer: dict) -> None:
+        """The guards of `start_run`: a use case calls them before it works out the run's moves."""
         self.check_ready()
         self.check_disclaimer_accepted(disclaimer)
         self.check_has_valid_contacts()
         self.check_attachments_uploaded()
+
+    def start_run(self, *, accepted_by: str, disclaimer: dict, queued: int, suppressed: int,
+                  causation_id: str) -> None:
+        """The first run: `queued` waiting messages queued, `suppressed` ones opted out (their destination is
+        on the channel's opt-out list). The channel is held while any message is queued."""
+        self.check_can_run(disclaimer)
         counts = dict(self.counts)
         counts["waiting"] -= queued + suppressed
         counts["queued"] += queued
