@@ -512,7 +512,7 @@ class OutreachApp(Application):
             moves = []
             for index, status in enumerate(block.status):
                 if rules.fails_on_setup_error(status, block.accepted[index]):
-                    awaiting_delta -= 1 if status == "sending" else 0
+                    awaiting_delta -= rules.awaiting_acceptance(block.state(index))
                     moves.append((index, Move(status="failed", reason="setup_error", accepted=False)))
             if moves:
                 for status, n in block.move(moves, run_no=None, causation_id=causation_id).items():
