@@ -5,7 +5,7 @@ booleans, JSON integers only for integers, ids only in the lowercase 8-4-4-4-12 
 records with `parse_command` (JSON mode: RFC 3339 strings become datetimes, nothing else is coerced).
 Unknown fields are ignored: the contract lets senders add fields.
 
-The primitives shared by every record (`WireId`, `UtcDatetime`, `Channel`, templates) live here too;
+The primitives shared by every record (`WireId`, `UtcDatetime`, `WireTime`, `Channel`, templates) live here too;
 events and internal records import them.
 """
 import uuid
@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from schemas.ids import UUID_PATTERN
-from schemas.times import rfc3339, utc_now
+from schemas.times import WIRE_TIME_PATTERN, rfc3339, utc_now
 
 # --- Shared primitives -------------------------------------------------------------------------
 
@@ -52,6 +52,15 @@ UtcDatetime = Annotated[
     AfterValidator(_to_utc),
     PlainSerializer(rfc3339, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+# Internal records' times: the wire text itself, as `schemas.times.rfc3339` writes it (`utc_now()`), kept as
+# str. They pass through several services unread, and a datetime there would cost two Python calls per
+# record and hop (UtcDatetime's conversion to UTC and its serializer); this is checked and written natively.
+WireTime = Annotated[
+    str,
+    StringConstraints(pattern=WIRE_TIME_PATTERN),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": WIRE_TIME_PATTERN}),
 ]
 
 Channel = Literal["sms", "email"]

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.commands import (
     Channel,
     Template,
-    UtcDatetime,
+    WireTime,
     WireId,
     mark_type_required,
     template_matches_channel,
@@ -32,7 +32,7 @@ class ClaimRequest(BaseModel):
     claim_id: WireId
     campaign_id: WireId
     max_messages: Annotated[int, Field(ge=1)]
-    requested_at: UtcDatetime
+    requested_at: WireTime
 
 
 class WorkItem(BaseModel):
@@ -104,7 +104,7 @@ class SenderResult(BaseModel):
     attempt: Annotated[int, Field(ge=1)] | None = None  # the submission this result is about
     provider_code: str | None = None
     provider_message_id: str | None = None
-    occurred_at: UtcDatetime
+    occurred_at: WireTime
     # On a presend_error: the sender gives up after this one -> failed / provider_error.
     final: bool = False
 
@@ -151,7 +151,7 @@ class SendingHold(BaseModel):
     provider: str
     held: bool
     reason: str = ""
-    occurred_at: UtcDatetime
+    occurred_at: WireTime
 
 
 OptOutSource = Literal["sms_stop", "sms_start", "twilio_21610", "email_unsubscribe", "email_spamreport"]
@@ -168,7 +168,7 @@ class OptOutChanged(BaseModel):
     destination: str
     opted_out: bool
     source: OptOutSource
-    occurred_at: UtcDatetime
+    occurred_at: WireTime
 
 
 class ChannelSettingsChanged(BaseModel):
@@ -186,4 +186,4 @@ class ChannelSettingsChanged(BaseModel):
     channel: Literal["sms", "email"]
     provider: Annotated[str, Field(min_length=1, max_length=64)]
     credentials: Annotated[str, Field(min_length=1)]
-    occurred_at: UtcDatetime
+    occurred_at: WireTime

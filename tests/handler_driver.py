@@ -5,6 +5,7 @@ import uuid
 from datetime import datetime, timezone
 
 from schemas import topics
+from schemas.times import utc_now
 from schemas.internal import SenderResult
 from services.common import jsoncodec
 from services.command_handler import wire
@@ -43,4 +44,4 @@ def sender_result(message_id: str, outcome: str, attempt: int | None = 1, provid
                   **fields) -> SenderResult:
     """One provider result as the sender reports it (schemas.internal.SenderResult), happening now."""
     return SenderResult(message_id=message_id, outcome=outcome, attempt=attempt, provider_code=provider_code,
-                        occurred_at=datetime.now(timezone.utc), **fields)
+                        occurred_at=utc_now(), **fields)

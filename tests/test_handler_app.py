@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
 from schemas import topics
+from schemas.times import utc_now
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
 from schemas.internal import ClaimRequest, SenderResults, SendingHold, WorkClaimed
 from services.common import ids, jsoncodec, records
@@ -402,11 +402,11 @@ def test_internal_records_are_parsed_with_their_models_and_refused_with_the_reas
     cid = ready_sms_campaign(d, n=1)
     d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
     request = ClaimRequest(claim_id=str(uuid.uuid4()), campaign_id=cid, max_messages=5,
-                           requested_at=datetime.now(timezone.utc))
+                           requested_at=utc_now())
     assert d.handler.handle(topics.CLAIM_REQUESTS, records.encode(request)) is None
     assert app.campaign_view(cid)["counts"]["sending"] == 1
     hold = SendingHold(hold_id=str(uuid.uuid4()), campaign_id=cid, provider="twilio", held=True, reason="outage",
-                       occurred_at=datetime.now(timezone.utc))
+                       occurred_at=utc_now())
     assert d.handler.handle(topics.SENDER_RESULTS, records.encode(hold)) is None  # same topic as the results
     results = SenderResults(result_id=str(uuid.uuid4()), campaign_id=cid,
                             results=[sender_result(ids.message_id(cid, 2), "accepted")])

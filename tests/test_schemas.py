@@ -36,6 +36,7 @@ from schemas.events import (
     parse_message_status,
 )
 from schemas.internal import ClaimRequest, Expiry, SenderResults, WorkClaimed
+from schemas.times import utc_now
 
 COMMAND_ID = "0b6f1c1e-3f8a-4c2d-9e55-1a2b3c4d5e6f"
 CAMPAIGN_ID = "7d9e2f10-5a4b-4c3d-8e2f-9a8b7c6d5e4f"
@@ -560,3 +561,23 @@ def test_internal_records_reject_unknown_enums_and_mismatched_templates():
         SenderResults.model_validate_json(raw({**results, "results": [{**results["results"][0], "outcome": "exploded"}]}))
     with pytest.raises(ValidationError):
         Expiry.model_validate_json(raw({**INTERNAL_EXAMPLES[4][1], "kind": "forever"}))
+
+
+@pytest.mark.parametrize("text", [
+    "2024-05-01T12:00:00Z",  # no microseconds: not fixed width, would sort wrongly
+    "2024-05-01T12:00:00.000000+00:00",  # an offset, even a zero one: internal times are written in one form
+    "2024-05-01 12:00:00.000000Z",
+    "2024-13-01T12:00:00.000000Z",
+    "2024-05-01T24:00:00.000000Z",
+    "٢٠٢٤-05-01T12:00:00.000000Z",  # other scripts' digits
+    "2024-05-01T12:00:00.000000Z\n",
+])
+def test_internal_record_times_are_the_wire_text_only(text: str):
+    with pytest.raises(ValidationError, match="requested_at"):
+        ClaimRequest.model_validate_json(raw({**INTERNAL_EXAMPLES[0][1], "requested_at": text}))
+
+
+def test_internal_record_times_take_what_utc_now_writes():
+    now = utc_now()
+    request = ClaimRequest(claim_id=OTHER_ID, campaign_id=CAMPAIGN_ID, max_messages=1, requested_at=now)
+    assert request.requested_at == now and json.loads(request.model_dump_json())["requested_at"] == now

@@ -18,9 +18,9 @@ CAMPAIGN, M1, M2, MAIL, SMS = (str(uuid.uuid5(uuid.NAMESPACE_OID, name)) for nam
 
 def rec(seq: int, status: str, previous: str | None, mid: str = "m1", channel: str = "sms") -> StatusRecord:
     """A parsed status record (readable ids: the store takes records already validated by parse_status)."""
-    return StatusRecord.model_construct(message_id=mid, campaign_id=CAMPAIGN, channel=channel, sequence=seq, status=status,
-                                        previous_status=previous,
-                                        occurred_at=datetime.fromtimestamp(1000.0 + seq / 100, timezone.utc))
+    return StatusRecord(message_id=mid, campaign_id=CAMPAIGN, channel=channel, sequence=seq, status=status,
+                        previous_status=previous,
+                        occurred_at=datetime.fromtimestamp(1000.0 + seq / 100, timezone.utc))
 
 
 def test_timers_follow_the_lifecycle(tmp_path):
@@ -137,7 +137,7 @@ def test_a_data_dir_from_before_the_channel_column_still_opens(tmp_path):
 def test_unreadable_status_records_are_skipped():
     good = {"message_id": M1, "campaign_id": CAMPAIGN, "channel": "sms", "sequence": 20, "status": "sent",
             "previous_status": "sending", "occurred_at": "2024-01-01T00:00:00+00:00"}
-    assert parse_status(jsoncodec.dumps(good)).occurred_at.timestamp() == 1704067200.0
+    assert parse_status(jsoncodec.dumps(good))["occurred_at"].timestamp() == 1704067200.0
     assert parse_status(jsoncodec.dumps({**good, "event_id": M2, "row": 2})) is not None  # the rest is ignored
     for bad in (b"not json", None, b"[]", jsoncodec.dumps({**good, "sequence": "20"}),
                 jsoncodec.dumps({**good, "occurred_at": "yesterday"}),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from datetime import datetime, timezone
 
 from schemas import topics
 from schemas.internal import ChannelSettingsChanged
+from schemas.times import utc_now
 from services.api.commands import BrokerUnavailable, CommandPublisher
 from services.api.store import ApiStore, SealedChannelSettings
 from services.common.retry import retrying
@@ -26,7 +26,7 @@ REPUBLISH_LONGEST_WAIT_S = 10.0
 def record(sealed: SealedChannelSettings) -> ChannelSettingsChanged:
     """The record that publishes one channel's stored settings (validated here, where it is made)."""
     return ChannelSettingsChanged(settings_id=sealed.settings_id, channel=sealed.channel, provider=sealed.provider,
-                                  credentials=sealed.sealed_credentials, occurred_at=datetime.now(timezone.utc))
+                                  credentials=sealed.sealed_credentials, occurred_at=utc_now())
 
 
 class SettingsPublisher:

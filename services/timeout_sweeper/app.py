@@ -22,7 +22,7 @@ from schemas.internal import Expiry
 from services.common import ids, kafka, records
 from services.common.runtime import run_service
 from services.common.settings import Settings
-from services.timeout_sweeper.timers import StatusRecord, TimeoutSettings, Timer, TimerStore
+from services.timeout_sweeper.timers import STATUS_RECORD, StatusRecord, TimeoutSettings, Timer, TimerStore
 
 log = logging.getLogger("outreach.timeout_sweeper")
 
@@ -47,7 +47,7 @@ def parse_status(value: bytes | None) -> StatusRecord | None:
     """A status record, or None for a record the sweeper cannot use (logged, skipped: a poison record never
     stops the sweeper)."""
     try:
-        return records.decode(StatusRecord, value)
+        return records.decode(STATUS_RECORD, value)
     except records.InvalidRecord as exc:
         log.warning("skipping an unreadable status record (%s): %r", exc, (value or b"")[:200])
         return None
