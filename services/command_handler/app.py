@@ -65,9 +65,15 @@ async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, recor
     """Answer one record; a record the handler refuses, or that fails TRIES_BEFORE_DLQ times (a bug, or a
     store outage outlasting the retries), goes to the DLQ."""
     try:
-        async for attempt in retrying(on=Exception, timeout_s=None, attempts=TRIES_BEFORE_DLQ, first_wait_s=0.2):
-            with attempt:
-                outcome = await asyncio.to_thread(handler.handle, record.topic, record.value)
+        try:  # the first try outside the retry policy: setting one up costs more than most records' handling
+            outcome = await asyncio.to_thread(handler.handle, record.topic, record.value)
+        except Exception:
+            log.warning("record %s[%d]@%d failed; trying again", record.topic, record.partition, record.offset,
+                        exc_info=True)
+            async for attempt in retrying(on=Exception, timeout_s=None, attempts=TRIES_BEFORE_DLQ - 1,
+                                          first_wait_s=0.2):
+                with attempt:
+                    outcome = await asyncio.to_thread(handler.handle, record.topic, record.value)
     except Exception as exc:
         log.exception("record %s[%d]@%d failed %d times", record.topic, record.partition, record.offset,
                       TRIES_BEFORE_DLQ)

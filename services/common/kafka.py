@@ -189,9 +189,27 @@ async def raw_values(msg: Any) -> bytes | list[bytes]:
 
 
 async def tolerant_parser(raw: Any, parse: Callable[[Any], Awaitable[Any]]) -> Any:
-    """FastStream parser: its own decodes every header value as UTF-8, so one record with other header
-    bytes (or a null header) would fail its whole batch before the handler saw it, and the next batch's
-    commit would skip it. Nothing here reads headers: such values are replaced, the records kept."""
+    """FastStream parser: FastStream's own, lighter on batches and tolerant of header bytes.
+
+    Lighter: for a batch FastStream decodes every record's headers into a dict (about 0.6 us a record, a
+    third of what consuming a record costs here) that nothing here reads: handlers read `msg.raw_message`.
+    So only the batch's first and last records are parsed (the message's id, headers and path come from
+    them), and the message then carries the whole batch as its `raw_message` and `body`; `batch_headers`
+    stays empty.
+    Tolerant: FastStream decodes each header value as UTF-8, so a record with other header bytes (or a
+    null header) would fail its whole batch before the handler saw it, and the next batch's commit would
+    skip it. Nothing here reads headers: such values are replaced, the records kept.
+    """
+    if isinstance(raw, tuple) and len(raw) > 2:
+        msg = await _parse_tolerantly((raw[0], raw[-1]), parse)
+        msg.raw_message = raw  # what ack/nack (the partitions' offsets) and the handlers read
+        msg.body = [record.value or b"" for record in raw]
+        msg.batch_headers = []
+        return msg
+    return await _parse_tolerantly(raw, parse)
+
+
+async def _parse_tolerantly(raw: Any, parse: Callable[[Any], Awaitable[Any]]) -> Any:
     try:
         return await parse(raw)
     except (UnicodeDecodeError, AttributeError):
