@@ -23,6 +23,7 @@ from schemas import topics
 from schemas.internal import ClaimRequest, OptOutChanged, SenderResults, SendingHold
 from services.common import jsoncodec, records
 from services.common.embedded_broker import free_port
+from services.common.fence import ClaimedMessage, HandoffFence, open_fence
 from services.common.settings import Settings
 from services.sender.app import Sender
 from services.sender.dispatch import Dispatcher, results_batcher
@@ -220,6 +221,25 @@ class Harness:
     journal: Journal
     published: Published
     settings: Settings
+    fence: HandoffFence
+
+
+def relayed(fence: HandoffFence, settings: Settings, process: Callable[..., Any]) -> Callable[..., Any]:
+    """`Dispatcher.process` after the relay's part: the fence opened for the claim (once per claim, at its
+    first delivery, with a version above every earlier claim's; the Sending deadline from then)."""
+    versions: dict[str, int] = {}
+
+    async def process_relayed(claim: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if claim["claim_id"] not in versions:
+            versions[claim["claim_id"]] = len(versions) + 1
+            fence.open_claim(campaign_id=claim["campaign_id"], claim_id=claim["claim_id"],
+                             claim_version=versions[claim["claim_id"]],
+                             deadline=time.time() + settings.sending_timeout_s,
+                             messages=[ClaimedMessage(item["message_id"], item["attempt"])
+                                       for item in claim.get("items") or ()])
+        return await process(claim, *args, **kwargs)
+
+    return process_relayed
 
 
 @contextlib.asynccontextmanager
@@ -227,18 +247,21 @@ async def dispatcher_harness(settings: Settings, adapters: Mapping[str, Any],
                              **dispatcher_options: Any) -> AsyncIterator[Harness]:
     """A Dispatcher over `adapters` with a journal in `settings.data_dir` and a running results batcher."""
     journal = Journal.open(settings)
+    fence = open_fence(settings)
     published = Published()
     batcher = results_batcher(journal, published)
     stop = asyncio.Event()
     flusher = asyncio.create_task(batcher.run(stop))
-    dispatcher = Dispatcher(settings, journal, dict(adapters), batcher, **dispatcher_options)
+    dispatcher = Dispatcher(settings, journal, dict(adapters), batcher, fence=fence, **dispatcher_options)
+    dispatcher.process = relayed(fence, settings, dispatcher.process)  # type: ignore[method-assign]
     try:
-        yield Harness(dispatcher, journal, published, settings)
+        yield Harness(dispatcher, journal, published, settings, fence)
     finally:
         await dispatcher.close()
         stop.set()
         await flusher
         journal.close()
+        fence.close_connection()
 
 
 @contextlib.asynccontextmanager
@@ -246,9 +269,11 @@ async def simulated_sender(settings: Settings) -> AsyncIterator[tuple[Sender, Fa
     """A Sender (no broker) on one in-process simulator for both channels, its results batcher running,
     publishing to a FakeProducer."""
     journal = Journal.open(settings)
+    fence = open_fence(settings)
     producer = FakeProducer()
     simulator = InProcessSimulator(settings)
-    sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator})
+    sender = Sender(settings, journal, producer, {"sms": simulator, "email": simulator}, fence=fence)
+    sender.dispatcher.process = relayed(fence, settings, sender.dispatcher.process)  # type: ignore[method-assign]
     stop = asyncio.Event()
     flusher = asyncio.create_task(sender.results.run(stop))
     try:
@@ -258,3 +283,4 @@ async def simulated_sender(settings: Settings) -> AsyncIterator[tuple[Sender, Fa
         stop.set()
         await flusher
         journal.close()
+        fence.close_connection()

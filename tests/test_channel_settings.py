@@ -224,7 +224,8 @@ async def test_a_put_the_broker_does_not_take_is_stored_and_answered_503(tmp_pat
 
 @pytest.fixture
 async def fake(kafka_bootstrap: str, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "fake")
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "fake",
+                        sqlite_path=tmp_path / "outreach-events.db")  # the event store beside which the fence lives
     async with FakeHandler.running(settings) as handler:
         yield handler
 
@@ -263,7 +264,9 @@ async def run_sms_campaign(fake: FakeHandler, sender: asyncio.Task, n: int) -> d
 
 async def test_a_settings_record_switches_the_senders_adapter(kafka_bootstrap, fake, simulator, tmp_path):
     # The environment's credentials are not the simulator's: its submissions are refused (20003).
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "sender", sms_provider="twilio",
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "sender",
+                        sqlite_path=tmp_path / "outreach-events.db",  # the fence the fake relay opens
+                        sms_provider="twilio",
                         email_provider="inprocess", twilio_base_url=simulator.simulator_url, presend_retries=0)
     groups = f"test-settings-{uuid.uuid4().hex[:8]}"
     made: list[tuple[str, str]] = []
@@ -291,7 +294,9 @@ async def test_a_settings_record_switches_the_senders_adapter(kafka_bootstrap, f
 
 async def test_the_sender_starts_with_the_stored_settings_and_skips_what_it_cannot_open(
         kafka_bootstrap, fake, simulator, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "sender", sms_provider="inprocess",
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path / "sender",
+                        sqlite_path=tmp_path / "outreach-events.db",  # the fence the fake relay opens
+                        sms_provider="inprocess",
                         email_provider="inprocess", twilio_base_url=simulator.simulator_url, presend_retries=0)
     await ensure_topics(settings)
     cipher = secrets.cipher(settings)

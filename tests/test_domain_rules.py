@@ -17,7 +17,7 @@ from services.command_handler.application import OutreachApp
 from services.command_handler.domain import rules
 from services.command_handler.domain.model import Campaign, Rejected
 from services.command_handler.domain.rules import (
-    FINAL_STATUSES, MessageState, Move, acceptance_move, derive_status, expiry_move, is_retryable,
+    FINAL_STATUSES, MessageState, Move, acceptance_move, derive_status, expiry_move, hold_move, is_retryable,
     presend_error_move, receipt_move,
 )
 from tests.handler_driver import Driver, sender_result
@@ -210,6 +210,27 @@ EXPIRY_FIRES = {
 @pytest.mark.parametrize("state", all_states(), ids=lambda s: f"{s.status}/{s.reason}/acc={s.accepted}")
 def test_expiry_move_applies_only_in_the_state_the_timer_was_started_for(state, kind, channel):
     assert expiry_move(state, kind, channel) == EXPIRY_FIRES.get((state.status, state.accepted, kind, channel))
+
+
+def test_a_message_the_fence_never_handed_off_goes_back_to_the_queue_at_the_sending_limit():
+    """Contract v1.1: never handed off, it never reached a provider: queued again (no attempt counted)."""
+    for state, channel in itertools.product(all_states(), ["sms", "email"]):
+        fired = expiry_move(state, "sending", channel)
+        returned = expiry_move(state, "sending", channel, handed_off=False)
+        assert returned == (Move(status="queued", reason=None, accepted=False) if fired is not None else None)
+
+
+def test_a_timed_out_message_carries_the_hand_offs_the_fence_counted():
+    sending = MessageState("sending", None, 1, False)
+    assert expiry_move(sending, "sending", "sms", submissions=3).attempt == 3
+    assert expiry_move(sending, "sending", "sms", submissions=1).attempt is None  # known already: unchanged
+
+
+def test_a_hold_returns_only_claimed_messages_not_yet_accepted():
+    for state in all_states():
+        expected = Move(status="queued", reason=None, accepted=False) if (
+            state.status == "sending" and not state.accepted) else None
+        assert hold_move(state) == expected
 
 
 def test_expiry_never_leaves_a_final_state():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import time
 import uuid
 
 import pytest
@@ -12,6 +14,7 @@ from pydantic import ValidationError
 from schemas import topics
 from schemas.internal import SenderResult, SenderResults
 from services.common import jsoncodec, records
+from services.common.fence import ClaimedMessage, open_fence
 from services.common.settings import Settings
 from services.sender.app import OffsetTracker
 from services.sender.claims import ClaimBook, claim_size
@@ -214,17 +217,27 @@ async def test_redelivered_claim_submits_nothing_twice_and_republishes_stored_re
         assert sorted(map(str, all_results(published))) == sorted(map(str, first_results))
 
 
-async def test_handed_off_message_is_left_alone(tmp_path):
+async def test_a_message_another_sender_handed_off_is_neither_sent_nor_reported(tmp_path):
+    """Two senders work the same claim (a rebalance, a redelivery after a crash): the fence they share
+    grants each message to one of them."""
     async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
-        crashed, fresh = item("+12025550100"), item("+12025550100", row=2)
-        claim = work("sms", [crashed, fresh])
-        journal.begin(claim["claim_id"], claim["campaign_id"], [crashed["message_id"]])
-        journal.mark_handed_off([(crashed["message_id"], claim["claim_id"])])  # then a crash mid-call
-        report = await dispatcher.process(claim)
-        assert (report.submitted, report.replayed, report.skipped) == (1, 0, 1)
-        assert crashed["message_id"] not in adapter.submitted
+        taken, fresh = item("+12025550100"), item("+12025550100", row=2)
+        claim = work("sms", [taken, fresh])
+        other_sender = open_fence(Settings(data_dir=tmp_path))  # its own connection to the shared fence
+        try:
+            # The relay opened the claim (the harness opens it again, as version 1: no change); the other
+            # sender takes one message before this one works the claim.
+            other_sender.open_claim(campaign_id=claim["campaign_id"], claim_id=claim["claim_id"], claim_version=1,
+                                    deadline=time.time() + 60,
+                                    messages=[ClaimedMessage(taken["message_id"], 0),
+                                              ClaimedMessage(fresh["message_id"], 0)])
+            assert other_sender.take(claim["claim_id"], [taken["message_id"]], time.time()) == {taken["message_id"]: 1}
+            report = await dispatcher.process(claim)
+        finally:
+            other_sender.close_connection()
+        assert (report.submitted, report.refused) == (2, 1)
+        assert taken["message_id"] not in adapter.submitted and adapter.submitted[fresh["message_id"]] == 1
         assert {r["message_id"] for r in all_results(published)} == {fresh["message_id"]}
-        assert journal.handoff(crashed["message_id"], claim["claim_id"]).state == "handed_off"
 
 
 async def test_claimed_but_never_submitted_message_is_sent_after_a_crash(tmp_path):
@@ -249,20 +262,24 @@ async def test_same_message_in_a_new_claim_is_sent_again(tmp_path):
         assert [r["attempt"] for r in all_results(published) if r["outcome"] == "accepted"] == [1, 2]
 
 
-async def test_hand_off_is_journalled_before_the_provider_call(tmp_path):
+async def test_the_fence_grants_the_hand_off_before_the_provider_call(tmp_path):
     async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):
-        it = item("+12025550100")
+        it = item("+12025550100", attempt=2)
         claim = work("sms", [it])
+        fence = open_fence(Settings(data_dir=tmp_path))
         seen = []
         original = adapter.submit
 
         async def spying_submit(channel, items, template):
-            seen.append(journal.handoff(it["message_id"], claim["claim_id"]))
+            seen.append(fence.row(it["message_id"]))
             return await original(channel, items, template)
 
         adapter.submit = spying_submit
-        await dispatcher.process(claim)
-        assert seen[0] is not None and seen[0].state == "handed_off"
+        try:
+            await dispatcher.process(claim)
+        finally:
+            fence.close_connection()
+        assert (seen[0]["state"], seen[0]["claim_id"], seen[0]["submissions"]) == ("handed_off", claim["claim_id"], 3)
 
 
 async def test_stopped_claim_forgets_messages_never_submitted(tmp_path):
@@ -287,6 +304,12 @@ async def test_stopped_claim_forgets_messages_never_submitted(tmp_path):
         states = [journal.handoff(it["message_id"], claim["claim_id"]) for it in items]
         assert sum(s is not None for s in states) == 64  # the calls that began stay journalled
         assert sum(s is None for s in states) == 36  # the others may be sent when the claim comes again
+        fence = open_fence(Settings(data_dir=tmp_path))
+        try:
+            fenced = collections.Counter(fence.row(it["message_id"])["state"] for it in items)
+        finally:
+            fence.close_connection()
+        assert fenced == {"handed_off": 64, "open": 36}  # the fence agrees: only the 36 may be handed off
 
 
 def test_journal_campaigns(tmp_path):
@@ -409,6 +432,34 @@ def test_claim_book_stale_empty_answer_and_retry_restart_claiming():
     assert book.campaigns["c1"].draining
     book.activate("c1", "sms", 3)
     assert not book.campaigns["c1"].draining and len(book.due(now=1)) == 2
+
+
+def test_claim_book_pauses_a_held_campaign_and_resumes_it_even_drained():
+    book = ClaimBook()
+    book.activate("c1", "sms", 1)
+    a, b = (claim for _, claim in book.due(now=0))
+    book.hold("c1")  # CampaignSendingHeld, whichever sender's breaker opened
+    book.answered("c1", a, run_no=1, empty=False)
+    book.submitted("c1", a)
+    assert book.due(now=1) == []  # a slot is free, but no claims while held
+    book.answered("c1", b, run_no=1, empty=True)  # the queue was empty before the hold returned messages
+    assert book.resume("c1") and len(book.due(now=2)) == 2  # claims again: the hold re-queued what it returned
+    assert book.resume("gone") is False
+
+
+async def test_a_resumed_campaign_the_sender_had_drained_is_claimed_again(tmp_path):
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, producer):
+        cid = str(uuid.uuid4())
+        sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": cid, "channel": "sms",
+                                  "template": SMS_TEMPLATE})
+        sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
+        sender.book.remove(cid)  # drained (nothing queued): claiming stopped
+        sender.journal.deactivate(cid)
+        sender.on_campaign_event({"type": "CampaignSendingHeld", "campaign_id": cid, "provider": "inprocess"})
+        sender.on_campaign_event({"type": "CampaignSendingResumed", "campaign_id": cid, "provider": "inprocess"})
+        assert [a.campaign_id for a in sender.journal.active_campaigns()] == [cid]
+        await sender._request_claims(sender.book.due(0.0))
+        assert [request["campaign_id"] for request in producer.values(topics.CLAIM_REQUESTS)] == [cid, cid]
 
 
 def test_offset_tracker_commits_the_finished_prefix():

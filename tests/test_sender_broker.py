@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
+import time
 import uuid
 from collections import defaultdict
 
@@ -20,6 +22,7 @@ from schemas import topics
 from schemas.internal import ClaimRequest, SenderResults
 from services.common import jsoncodec
 from services.common.embedded_broker import EmbeddedBroker, free_port
+from services.common.fence import ClaimedMessage, open_fence
 from services.common.kafka import consumer_config, ensure_topics, make_producer
 from services.common.settings import Settings
 from services.sender.app import serve
@@ -59,6 +62,8 @@ class FakeHandler:
         self.answering: set[str] = set()
         self.lose: dict[str, int] = defaultdict(int)  # campaign_id -> how many more claims to lose
         self.producer = make_producer(settings)
+        self.fence = open_fence(settings)  # the senders' (same data dir): opened per claim, as the relay does
+        self.claim_versions = itertools.count(1)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -75,6 +80,7 @@ class FakeHandler:
             stop.set()
             await task
             await handler.producer.stop()
+            handler.fence.close_connection()
 
     def queue(self, campaign_id: str, channel: str, items: list[dict], answer: bool = True) -> None:
         self.queued[campaign_id] = list(items)
@@ -97,6 +103,10 @@ class FakeHandler:
                 "template": SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE, "items": take,
                 "remaining_queued": len(self.queued[campaign_id]), "holds_channel": bool(take)}
         self.answers[campaign_id].append(len(take))
+        self.fence.open_claim(campaign_id=campaign_id, claim_id=request["claim_id"],
+                              claim_version=next(self.claim_versions),
+                              deadline=time.time() + self.settings.sending_timeout_s,
+                              messages=[ClaimedMessage(item["message_id"], item["attempt"]) for item in take])
         await self.producer.send_and_wait(topics.SENDER_WORK, jsoncodec.dumps(work), key=campaign_id.encode())
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -25,6 +25,7 @@ from schemas.commands import (
 )
 from schemas.internal import SenderResult
 from services.common import ids
+from services.common.fence import HandoffFence, open_fence
 from services.common.retry import retrying
 from services.common.settings import Settings
 from services.command_handler import wire
@@ -90,8 +91,13 @@ class OutreachApp(Application):
     def __init__(self, settings: Settings, env: dict[str, str] | None = None):
         super().__init__(env={**store_env(settings), **(env or {})})
         self.settings = settings
+        self.fence: HandoffFence = open_fence(settings)  # closed by the use cases that take a claim back
         self._touched: set[uuid.UUID] = set()
         self._message_refs: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def close(self) -> None:
+        super().close()
+        self.fence.close_connection()
 
     # ----- loading ------------------------------------------------------------------------------
     def _load(self, aggregate_id: uuid.UUID) -> Any | None:
@@ -343,12 +349,25 @@ class OutreachApp(Application):
         self._run(decide)
 
     def apply_hold(self, *, hold_id: str, campaign_id: str, provider: str, held: bool, reason: str) -> None:
+        """A sender's breaker held (or released) the campaign's provider. A hold also returns the claimed
+        messages nobody handed off to the queue (contract v1.1): the fence closes them first, so no sender
+        can still hand one off, and tells which they are."""
+
         def decide() -> list[Any]:
             campaign = self._load(uuid.UUID(campaign_id))
             if campaign is None:
                 return []
             campaign.record_hold(provider=provider, held=held, reason=reason, causation_id=hold_id)
-            return [campaign] if campaign.pending_events else []
+            to_save: list[Any] = []
+            if held:
+                returned = self.fence.close_open_of_campaign(campaign_id, closed_by=hold_id)
+                refs = self._refs(campaign) if returned else {}
+                per_block: dict[int, list[tuple[int, None]]] = defaultdict(list)
+                for message_id in returned:
+                    if (ref := refs.get(message_id)) is not None:
+                        per_block[ref[0]].append((ref[1], None))
+                to_save = self._move_messages(campaign, per_block, hold_id, lambda state, _: rules.hold_move(state))
+            return to_save or ([campaign] if campaign.pending_events else [])
 
         self._run(decide)
 
@@ -360,8 +379,8 @@ class OutreachApp(Application):
         def decide() -> list[Any]:
             nonlocal claimed
             campaign = self._load(uuid.UUID(campaign_id))
-            if campaign is None or not campaign.accepts_claim(claim_id):
-                return []
+            if campaign is None or not campaign.accepts_claim(claim_id) or campaign.is_held:
+                return []  # held: unanswered (the senders pause claiming until CampaignSendingResumed)
             block_count = len(campaign.block_nos) if campaign.holds_channel else 0
             suppressed_destinations = self.suppressed(campaign.channel)
             items: list[dict] = []
@@ -450,11 +469,19 @@ class OutreachApp(Application):
             if campaign is None:
                 return []
             ref = self._refs(campaign).get(message_id)
-            if ref is None or self._block_at(campaign, ref[0]).changed_since(ref[1], since_sequence):
+            block = self._block_at(campaign, ref[0]) if ref is not None else None
+            if block is None or block.changed_since(ref[1], since_sequence):
                 return []
+            # Still `sending` at the Sending limit: a message the fence never granted to a sender did not reach
+            # a provider (closed now, so none can take it any more) and is queued again, not timed out.
+            was_open, submissions = False, None
+            if kind == "sending" and block.status[ref[1]] == "sending":
+                was_open, submissions = self.fence.close_if_open(message_id, closed_by=expiry_id)
             per_block = {ref[0]: [(ref[1], kind)]}
-            return self._move_messages(campaign, per_block, expiry_id,
-                                       lambda state, k: rules.expiry_move(state, k, campaign.channel))
+            return self._move_messages(
+                campaign, per_block, expiry_id,
+                lambda state, k: rules.expiry_move(state, k, campaign.channel, handed_off=not was_open,
+                                                   submissions=submissions))
 
         self._run(decide)
 
@@ -465,6 +492,7 @@ class OutreachApp(Application):
         delta: dict[str, int] = defaultdict(int)
         awaiting_delta = 0
         accepted = setup_error = False
+        requeued_from: int | None = None
         touched = []
         for position, block_results in per_block.items():
             block = self._block_at(campaign, position)
@@ -483,6 +511,8 @@ class OutreachApp(Application):
                 setup_error = setup_error or move.reason == "setup_error"
                 states[index] = after
                 moves.append((index, move))
+                if move.status == "queued":
+                    requeued_from = position if requeued_from is None else min(requeued_from, position)
             if moves:
                 for status, n in block.move(moves, run_no=None, causation_id=causation_id).items():
                     delta[status] += n
@@ -494,7 +524,7 @@ class OutreachApp(Application):
             awaiting_delta += self._fail_unaccepted(campaign, delta, touched, causation_id)
         released = campaign.record_progress(delta=dict(delta), awaiting_delta=awaiting_delta,
                                             causation_id=causation_id, accepted=accepted,
-                                            setup_failed=setup_failed)
+                                            setup_failed=setup_failed, requeued_from=requeued_from)
         to_save: list[Any] = [campaign, *touched]
         if released:
             lock = self._lock(campaign.channel)

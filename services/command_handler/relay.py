@@ -1,7 +1,9 @@
 """The outbox relay: publishes stored events to Kafka in notification-log order.
 
-Read a page from the checkpoint, map each stored event to wire records (stable event ids), send, wait for
-every ack, then checkpoint. On a send error it drops its producer and rewinds to the checkpoint, so records
+Read a page from the checkpoint, map each stored event to wire records (stable event ids), open the hand-off
+fence (services/common/fence.py) for the page's claims, send, wait for every ack, then checkpoint. The
+fence rows exist before any sender can see the WorkClaimed they govern; a rewind opens nothing again
+(a claim's rows are opened once, by its version). On a send error it drops its producer and rewinds to the checkpoint, so records
 are never reordered (a resend repeats records; consumers dedupe on event_id). It also notices a new, empty
 broker (the embedded one keeps nothing) and republishes the whole history.
 """
@@ -13,11 +15,13 @@ import time
 
 from schemas import topics
 from services.common import kafka
+from services.common.fence import ClaimedMessage, HandoffFence
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.command_handler import wire
 from services.command_handler.application import open_app
+from services.command_handler.domain.model import Campaign
 from services.command_handler.checkpoint import Checkpoint, open_checkpoint_store
 
 log = logging.getLogger("outreach.relay")
@@ -35,6 +39,7 @@ class Relay:
         self.app = open_app(settings)
         self.checkpoints = open_checkpoint_store(settings)
         self.checkpoint = self.checkpoints.load()
+        self.fence: HandoffFence = self.app.fence
         self.producer = None
         self._last_broker_check = 0.0
 
@@ -64,9 +69,17 @@ class Relay:
             self.checkpoints.save(self.checkpoint)
 
     def _read_page(self) -> tuple[int, list[wire.Record]]:
+        """The next page's records; the fence is open for its claims when this returns."""
         notifications = self.app.recorder.select_notifications(start=self.checkpoint.position + 1, limit=PAGE_SIZE)
-        records = [r for n in notifications for r in wire.to_records(self.app.mapper.to_domain_event(n))]
+        events = [self.app.mapper.to_domain_event(n) for n in notifications]
+        for e in events:
+            if isinstance(e, Campaign.WorkClaimed) and e.items:
+                self._open_fence(e)
+        records = [r for e in events for r in wire.to_records(e)]
         return (notifications[-1].id if notifications else self.checkpoint.position), records
+
+    def _open_fence(self, e: Campaign.WorkClaimed) -> None:
+        open_fence_for_claim(self.fence, e, self.settings.sending_timeout_s)
 
     async def publish_once(self) -> int:
         """Publishes one page; returns how many notifications it covered (0 when caught up)."""
@@ -116,6 +129,15 @@ class Relay:
         await self._drop_producer()
         self.checkpoints.close()
         self.app.close()
+
+
+def open_fence_for_claim(fence: HandoffFence, e: Campaign.WorkClaimed, sending_timeout_s: float) -> None:
+    """The claim's messages may be handed off under it until its Sending deadline (from the claim); the
+    claim's version is the campaign's event version, so a later claim of a message replaces this one."""
+    fence.open_claim(
+        campaign_id=str(e.originator_id), claim_id=e.claim_id, claim_version=e.originator_version,
+        deadline=e.timestamp.timestamp() + sending_timeout_s,
+        messages=[ClaimedMessage(item["message_id"], item["attempt"]) for item in e.items])
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -38,6 +38,7 @@ from schemas.internal import ClaimRequest, WorkClaimed
 from schemas.times import utc_now
 from services.common import channel_settings, ids, jsoncodec, kafka, records
 from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
+from services.common.fence import HandoffFence, open_fence
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
@@ -108,7 +109,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
 class Sender:
     def __init__(self, settings: Settings, journal: Journal, producer, adapters: Mapping[str, ProviderAdapter],
-                 claim_timeout_s: float = CLAIM_TIMEOUT_S, *, feed: ChannelSettingsFeed | None = None,
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S, *, fence: HandoffFence,
+                 feed: ChannelSettingsFeed | None = None,
                  adapter_factory: AdapterFactory = adapter_for, environment: Settings | None = None):
         self.settings = settings
         self.journal = journal
@@ -117,7 +119,7 @@ class Sender:
         self.tracker = OffsetTracker()
         self.adapters = dict(adapters)  # the dispatcher's too: a channel's entry is replaced on a settings change
         self.results = results_batcher(journal, self.publish)
-        self.dispatcher = Dispatcher(settings, journal, self.adapters, self.results)
+        self.dispatcher = Dispatcher(settings, journal, self.adapters, self.results, fence=fence)
         # Channel settings set over the API: followed on `feed`, applied over `environment` (the settings the
         # process started with); None: the adapters given stay.
         self.feed = feed
@@ -152,6 +154,13 @@ class Sender:
                 self.book.activate(active.campaign_id, active.channel, active.run_no, active.segments)
                 log.info("claiming for campaign %s (run %d)", campaign_id, active.run_no)
                 self._wake.set()
+        elif kind == "CampaignSendingHeld":
+            self.book.hold(campaign_id)  # whichever sender's breaker opened: every sender pauses its claims
+        elif kind == "CampaignSendingResumed":
+            if not self.book.resume(campaign_id) and (active := self.journal.reactivate(campaign_id)) is not None:
+                self.book.activate(active.campaign_id, active.channel, active.run_no, active.segments)
+            log.info("sending resumes for campaign %s: claiming again", campaign_id)
+            self._wake.set()
         elif kind == "CampaignDeleted":
             self.journal.deactivate(campaign_id)
             self.book.remove(campaign_id)
@@ -437,11 +446,12 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
             log.info("%s now sends through %s (settings %s)", config.channel, adapters[config.channel],
                      config.settings_id)
     journal = Journal.open(settings)
+    fence = open_fence(settings)
     producer = kafka.make_producer(settings)
     config = kafka.consumer_config(settings)
     events = AIOKafkaConsumer(topics.CAMPAIGN_EVENTS, group_id=events_group, **config)
     work = AIOKafkaConsumer(group_id=work_group, **config)
-    sender = Sender(settings, journal, producer, adapters, claim_timeout_s, feed=feed,
+    sender = Sender(settings, journal, producer, adapters, claim_timeout_s, fence=fence, feed=feed,
                     adapter_factory=adapter_factory, environment=environment)
     work.subscribe([topics.SENDER_WORK], listener=_Rebalance(sender, work))
     await producer.start()
@@ -457,6 +467,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
         if feed is not None:
             await feed.close()
         journal.close()
+        fence.close_connection()
 
 
 async def _close_adapters(adapters: Mapping[str, ProviderAdapter]) -> None:

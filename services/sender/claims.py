@@ -53,6 +53,7 @@ class CampaignClaims:
     run_no: int
     segments: float | None = None  # SMS: segments per message, once known (sizes the claims)
     draining: bool = False
+    held: bool = False  # a provider hold is on (CampaignSendingHeld): no claims until it lifts
     requested: dict[str, float] = field(default_factory=dict)  # claim_id -> when requested (unanswered)
     working: set[str] = field(default_factory=set)  # answered, first submissions not all done yet
 
@@ -85,6 +86,19 @@ class ClaimBook:
         if campaign_id in self.campaigns:
             self.campaigns[campaign_id].segments = segments
 
+    def hold(self, campaign_id: str) -> None:
+        if campaign_id in self.campaigns:
+            self.campaigns[campaign_id].held = True
+
+    def resume(self, campaign_id: str) -> bool:
+        """The hold lifted: claim again, also if the campaign drained meanwhile (a hold returns claimed
+        messages to the queue). False if the campaign is not in the book (the caller re-activates it)."""
+        campaign = self.campaigns.get(campaign_id)
+        if campaign is None:
+            return False
+        campaign.held = campaign.draining = False
+        return True
+
     def remove(self, campaign_id: str) -> None:
         self.campaigns.pop(campaign_id, None)
 
@@ -95,7 +109,7 @@ class ClaimBook:
             for claim_id, at in list(campaign.requested.items()):
                 if now - at >= self.timeout_s:
                     del campaign.requested[claim_id]
-            while not campaign.draining and campaign.outstanding < self.max_outstanding:
+            while not campaign.draining and not campaign.held and campaign.outstanding < self.max_outstanding:
                 claim_id = str(uuid.uuid4())
                 campaign.requested[claim_id] = now
                 issued.append((campaign, claim_id))

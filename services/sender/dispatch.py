@@ -4,14 +4,19 @@ No Kafka here: results leave through a `ResultsBatcher` (services/common/batchin
 function the app provides, so this path is tested and measured on its own.
 
 Order of effects for each message (at least once, never sent twice):
-1. the hand-off is journalled (one transaction per claim) before any provider call;
+1. the claim is journalled (one transaction per claim): a cache, so a redelivered claim re-publishes the
+   results it already has;
 2. the provider is called: each submission (pre-send re-submissions too) waits until its provider's
    circuit breaker is closed (breaker.py), takes a slot of its channel (bounded concurrency), then waits
    for its tokens in the channel's bucket (ratelimit.py), and only then, the breaker still closed, is
    handed to the adapter. Tokens are taken after the breaker lets the submission through, so a held
    submission pays nothing while it waits (if the breaker opens while it pays, it is held again and
    those tokens are lost, once). A submission held by the breaker is not a submission: the attempt
-   number counts the calls made;
+   number counts the calls made. Right before the call, the hand-off fence (services/common/fence.py,
+   shared by every sender) grants the messages still `sending` under this claim before its deadline, and
+   numbers their submission; only those are submitted, the others are dropped without a result (another
+   instance has them, or a hold, a retry or the deadline took them back). A definite pre-send error gives
+   the messages back to the claim; the last one closes them;
 3. its results are journalled `done` and then published, batched per campaign; every submission's
    results also go to the breaker (a pre-send error counts towards opening it, an answer resets it);
 4. the claim counts as finished (its offset may be committed) once all of its results are published.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -34,6 +40,7 @@ from typing import Any
 from schemas.internal import SendingHold
 from schemas.times import utc_now
 from services.common.batching import Publish, ResultsBatcher
+from services.common.fence import HandoffFence
 from services.common.settings import Settings
 from services.sender.breaker import HELD_REASON, ProviderBreaker
 from services.sender.journal import Journal
@@ -81,6 +88,7 @@ class ClaimReport:
     submitted: int = 0  # items submitted in this claim
     replayed: int = 0  # journalled done before: stored results published again
     skipped: int = 0  # journalled handed_off before: left alone (they time out)
+    refused: int = 0  # the fence refused them at their first submission: not this sender's to send
 
 
 class Dispatcher:
@@ -88,7 +96,7 @@ class Dispatcher:
     probe backoff, clock and sleep: tests compress time with them)."""
 
     def __init__(self, settings: Settings, journal: Journal, adapters: Mapping[str, ProviderAdapter],
-                 results: ResultsBatcher, *, max_in_flight: int = MAX_IN_FLIGHT,
+                 results: ResultsBatcher, *, fence: HandoffFence, max_in_flight: int = MAX_IN_FLIGHT,
                  limiters: Mapping[str, TokenBucket] | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rand: Callable[[], float] = random.random,
                  breaker_options: Mapping[str, Any] | None = None):
@@ -96,6 +104,8 @@ class Dispatcher:
         self._retries = settings.presend_retries
         self._backoff_s = settings.presend_backoff_s
         self._journal = journal
+        self._fence = fence
+        self._clock = time.time  # the fence's deadlines are wall-clock times
         self._adapters = adapters
         self._results = results
         # One semaphore per channel: SMS waiting for its tokens must not hold the slots email needs.
@@ -274,7 +284,8 @@ class Dispatcher:
 
         self._using[id(adapter)] = self._using.get(id(adapter), 0) + 1
         self._claim_started(adapter, channel, campaign_id)
-        tasks = [asyncio.ensure_future(self._send_call(adapter, work, call, started, first_submission_done))
+        tasks = [asyncio.ensure_future(self._send_call(adapter, work, call, started, first_submission_done,
+                                                       report))
                  for call in calls]
         try:
             for call_futures in await asyncio.gather(*tasks):
@@ -296,7 +307,8 @@ class Dispatcher:
         return report
 
     async def _send_call(self, adapter: ProviderAdapter, work: Mapping[str, Any], items: list[dict],
-                         started: set[str], first_submission_done: Callable[[], None]) -> list[asyncio.Future]:
+                         started: set[str], first_submission_done: Callable[[], None],
+                         report: ClaimReport) -> list[asyncio.Future]:
         """One provider call for `items`, and its pre-send retries; returns the futures of its reports."""
         campaign_id, claim_id, channel = work["campaign_id"], work["claim_id"], work["channel"]
         history: dict[str, list[dict]] = {item["message_id"]: [] for item in items}
@@ -308,10 +320,6 @@ class Dispatcher:
         submission = 0
         while pending:
             submission += 1
-            # `attempt` = submissions known before this one; the adapter reports attempt + 1. Waits for
-            # the breaker below do not count: only a call made is a submission.
-            batch = [{**item, "campaign_id": campaign_id, "attempt": item["attempt"] + submission - 1}
-                     for item in pending]
             cost = sum(costs[item["message_id"]] for item in pending)
             while True:
                 await breaker.wait_closed()  # held: no slot, no tokens
@@ -324,20 +332,34 @@ class Dispatcher:
                     await bucket.acquire(cost)
                     if not breaker.allows():
                         continue  # opened while this one paid: held again
-                    if submission == 1:
-                        # Durable before the call (one small synchronous commit, ~0.4 ms: no await, so
-                        # nothing runs between paying and submitting).
-                        self._journal.mark_handed_off((mid, claim_id) for mid in history)
-                    started.update(history)
+                    # The fence grants the hand-off, durably, right before the call (one small commit:
+                    # no await, so nothing runs between the grant and the submission).
+                    granted = self._fence.take(claim_id, [item["message_id"] for item in pending], self._clock())
+                    refused = [item for item in pending if item["message_id"] not in granted]
+                    if refused:
+                        self._drop_refused(claim_id, refused, first=submission == 1, report=report)
+                        pending = [item for item in pending if item["message_id"] in granted]
+                    if not pending:
+                        results = []
+                        break
+                    # `attempt` of an item = submissions before this one (the fence's count); the adapter
+                    # reports attempt + 1. A wait for the breaker is not a submission: only a call made is.
+                    batch = [{**item, "campaign_id": campaign_id, "attempt": granted[item["message_id"]] - 1}
+                             for item in pending]
+                    started.update(item["message_id"] for item in pending)
                     results = await self._submit(adapter, channel, batch, work["template"])
                     break
+            if not pending:
+                if submission == 1:
+                    first_submission_done()
+                break
             breaker.record([item["message_id"] for item in pending], results)
             if submission == 1:
                 first_submission_done()
             per_message: dict[str, list[dict]] = defaultdict(list)
             for result in results:
                 per_message[result["message_id"]].append(result)
-            retry, publish, done = [], [], []
+            retry, publish, done, given_up = [], [], [], []
             for item, submitted in zip(pending, batch):
                 mid = item["message_id"]
                 outcome = per_message.get(mid) or [make_result(mid, "no_answer", submitted["attempt"] + 1)]
@@ -346,14 +368,29 @@ class Dispatcher:
                 else:
                     if is_presend_error(outcome):
                         outcome[-1]["final"] = True  # the last one reported: failed / provider_error
+                        given_up.append(mid)
                     done.append((mid, claim_id, history[mid] + outcome))
                 history[mid].extend(outcome)
                 publish.extend(outcome)
+            # Nothing reached the provider: back to the claim (a crash during the back-off leaves them to
+            # whoever works the claim next), or closed for good after the last try.
+            self._fence.give_back(claim_id, [item["message_id"] for item in retry])
+            self._fence.close(claim_id, given_up)
             futures.append(self._results.add(campaign_id, publish, done))
             pending = retry
             if pending:
                 await self._sleep(backoff_delay(submission, self._backoff_s, self._rand))
         return futures
+
+    def _drop_refused(self, claim_id: str, refused: list[dict], *, first: bool, report: ClaimReport) -> None:
+        """Messages the fence did not grant: another sender has them, or they left `sending` under this claim
+        (a hold, a retry, the deadline). No result: what happened to them is reported by whoever decided it."""
+        mids = [item["message_id"] for item in refused]
+        if first:
+            report.refused += len(mids)
+        self._journal.forget(claim_id, mids)
+        log.info("claim %s: the fence refused %d message(s) (%s); not submitted", claim_id, len(mids),
+                 "first submission" if first else "pre-send retry")
 
     @staticmethod
     async def _submit(adapter: ProviderAdapter, channel: str, batch: list[dict], template: Any) -> list[dict]:

@@ -202,6 +202,20 @@ class Journal:
 
         return self._write(write)
 
+    def reactivate(self, campaign_id: str) -> ActiveCampaign | None:
+        """Claim again for the last run started (messages went back to the queue); None if none started."""
+
+        def write(db: sqlite3.Connection) -> ActiveCampaign | None:
+            row = db.execute("SELECT channel, run_no, segments FROM campaigns WHERE campaign_id = ?",
+                             (campaign_id,)).fetchone()
+            if row is None or not row[1]:
+                return None
+            db.execute("INSERT OR REPLACE INTO active_campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?)",
+                       (campaign_id, row[0], row[1]))
+            return ActiveCampaign(campaign_id, *row)
+
+        return self._write(write)
+
     def deactivate(self, campaign_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM active_campaigns WHERE campaign_id = ?", (campaign_id,)))
 

@@ -355,6 +355,11 @@ class Campaign(Aggregate):
         pass
 
     # ----- provider holds -----------------------------------------------------------------------
+    @property
+    def is_held(self) -> bool:
+        """A provider hold is on: no claims are answered until it lifts (contract v1.1)."""
+        return any(self.held_by.values())
+
     def record_hold(self, *, provider: str, held: bool, reason: str, causation_id: str) -> None:
         """The sender's circuit breaker held (or resumed) this campaign's sending; told only on a change."""
         if self.held_by.get(provider, False) == held:
@@ -398,30 +403,37 @@ class Campaign(Aggregate):
         return refused_credentials and not accepted_now and not self.accepted_in_run
 
     def record_progress(self, *, delta: dict[str, int], awaiting_delta: int, causation_id: str,
-                        accepted: bool = False, setup_failed: bool = False) -> bool:
+                        accepted: bool = False, setup_failed: bool = False,
+                        requeued_from: int | None = None) -> bool:
         """Messages moved by provider results or timers. Returns True when the channel is released.
 
         `setup_failed`: the provider refused the credentials before accepting any message of the run
-        (contract: the campaign ends `failed`, its channel is released).
+        (contract: the campaign ends `failed`, its channel is released). `requeued_from`: the first block
+        position where messages went back to `queued`: claiming starts there again.
         """
         was_holding = self.holds_channel
         counts, change, holds = self._progress(delta, awaiting_delta, setup_failed=setup_failed)
         if setup_failed:
             holds = False
+        cursor = None if requeued_from is None else min(self.claim_cursor, requeued_from)
         self._progressed(counts=counts, awaiting_acceptance=self.awaiting_acceptance + awaiting_delta,
                          holds_channel=holds, setup_failed=setup_failed or self.setup_failed,
                          accepted_in_run=accepted or self.accepted_in_run,
-                         status_change=change, causation_id=causation_id)
+                         status_change=change, causation_id=causation_id, claim_cursor=cursor)
         return was_holding and not holds
 
     @event("Progressed")
     def _progressed(self, counts: dict, awaiting_acceptance: int, holds_channel: bool, setup_failed: bool,
-                    accepted_in_run: bool, status_change: dict | None, causation_id: str) -> None:
+                    accepted_in_run: bool, status_change: dict | None, causation_id: str,
+                    claim_cursor: int | None = None) -> None:
+        # claim_cursor: absent from events stored before messages could return to the queue.
         self.counts = dict(counts)
         self.awaiting_acceptance = awaiting_acceptance
         self.holds_channel = holds_channel
         self.setup_failed = setup_failed
         self.accepted_in_run = accepted_in_run
+        if claim_cursor is not None:
+            self.claim_cursor = claim_cursor
         self._apply_status_change(status_change)
 
     def _progress(self, delta: dict[str, int], awaiting_delta: int, setup_failed: bool = False):

@@ -122,19 +122,35 @@ def presend_error_move(state: MessageState, attempt: int, code: str | None, fina
     return Move(status="sending", provider_code=code, attempt=attempt, accepted=False)
 
 
-def expiry_move(state: MessageState, kind: str, channel: str = "sms") -> Move | None:
+# Contract v1.1: a claimed message nobody handed off goes back to the queue (no attempt counted).
+RETURN_TO_QUEUE = Move(status="queued", reason=None, accepted=False)
+
+
+def expiry_move(state: MessageState, kind: str, channel: str = "sms", *, handed_off: bool = True,
+                submissions: int | None = None) -> Move | None:
     """A timer fired: it applies only if the message is still in the state the timer was started for.
 
     The Sending limit runs until the provider accepts: for SMS until `sent`, for email until the 202/250,
-    after which only the retry window bounds an email.
+    after which only the retry window bounds an email. `handed_off`: whether the hand-off fence granted the
+    message to a sender under its claim; one never handed off did not reach a provider, so it is not
+    `timed_out` but queued again (decision: the outage hold's rule, for any reason a claim went unworked).
+    `submissions`: the fence's count of hand-offs, the `attempt` of a message timed out with no answer.
     """
     if kind == "sending" and state.status == "sending" and (channel == "sms" or not state.accepted):
-        return Move(status="failed", reason="timed_out", accepted=False)
+        if not handed_off:
+            return RETURN_TO_QUEUE
+        attempt = submissions if submissions is not None and submissions > state.attempt else None
+        return Move(status="failed", reason="timed_out", accepted=False, attempt=attempt)
     if kind == "sent" and state.status == "sent":
         return Move(status="assumed_delivered")
     if kind == "retry_window" and (state.status == "retrying" or (state.status == "sending" and state.accepted)):
         return Move(status="failed", reason="expired")
     return None
+
+
+def hold_move(state: MessageState) -> Move | None:
+    """A provider hold (contract v1.1): a claimed message not handed off returns to `queued`."""
+    return RETURN_TO_QUEUE if awaiting_acceptance(state) else None
 
 
 def is_retryable(state: MessageState, *, named: bool, include_cancelled: bool) -> bool:
