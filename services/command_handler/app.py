@@ -9,7 +9,10 @@ so a poison record never stops the consumer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import ConsumerRecord
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -19,7 +22,7 @@ from schemas import topics
 from schemas.commands import COMMAND_CLASSES
 from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
 from services.common import kafka
-from services.common.retry import retrying
+from services.common.retry import backoff_s, is_transient
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.command_handler.application import open_app
@@ -31,6 +34,8 @@ GROUP_ID = "outreach-command-handler"
 INPUT_TOPICS = (topics.COMMANDS, topics.CLAIM_REQUESTS, topics.SENDER_RESULTS, topics.EXPIRIES, topics.OPT_OUTS)
 MAX_RECORDS = 1000
 TRIES_BEFORE_DLQ = 3
+TRANSIENT_LONGEST_WAIT_S = 10.0
+PARKED: collections.Counter[str] = collections.Counter()  # records parked per source topic (the alarm's count)
 # What the five topics carry (RecordHandler decodes each record with its model; this documents them).
 InputRecord = kafka.records_of(*COMMAND_CLASSES, ClaimRequest, SenderResults, SendingHold, Expiry, OptOutChanged)
 
@@ -61,24 +66,35 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         app.close()
 
 
-async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, record: ConsumerRecord) -> None:
-    """Answer one record; a record the handler refuses, or that fails TRIES_BEFORE_DLQ times (a bug, or a
-    store outage outlasting the retries), goes to the DLQ."""
-    try:
-        try:  # the first try outside the retry policy: setting one up costs more than most records' handling
+async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, record: ConsumerRecord,
+                   sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+    """Answer one record. A transient fault (the event store or the fence unreachable or busy) is waited out
+    without limit, with back-off and jitter, consumption paused: such a record is never parked. A record the
+    handler refuses, or that fails TRIES_BEFORE_DLQ times for any other reason (a bug), is parked in the DLQ
+    with its source and the error, counted and logged as an alarm; the partition goes on."""
+    failures = transient = 0
+    while True:
+        try:
             outcome = await asyncio.to_thread(handler.handle, record.topic, record.value)
-        except Exception:
-            log.warning("record %s[%d]@%d failed; trying again", record.topic, record.partition, record.offset,
-                        exc_info=True)
-            async for attempt in retrying(on=Exception, timeout_s=None, attempts=TRIES_BEFORE_DLQ - 1,
-                                          first_wait_s=0.2):
-                with attempt:
-                    outcome = await asyncio.to_thread(handler.handle, record.topic, record.value)
-    except Exception as exc:
-        log.exception("record %s[%d]@%d failed %d times", record.topic, record.partition, record.offset,
-                      TRIES_BEFORE_DLQ)
-        outcome = DeadLetter(f"{type(exc).__name__}: {exc}")
+            break
+        except Exception as exc:
+            if is_transient(exc):
+                transient += 1
+                wait_s = backoff_s(transient, first_wait_s=0.2, longest_wait_s=TRANSIENT_LONGEST_WAIT_S)
+                log.warning("record %s[%d]@%d: store unavailable (%r); waiting %.1f s (%d in a row)", record.topic,
+                            record.partition, record.offset, exc, wait_s, transient)
+                await sleep(wait_s)
+                continue
+            failures += 1
+            if failures < TRIES_BEFORE_DLQ:
+                log.warning("record %s[%d]@%d failed (try %d of %d)", record.topic, record.partition, record.offset,
+                            failures, TRIES_BEFORE_DLQ, exc_info=True)
+                await sleep(backoff_s(failures, first_wait_s=0.2))
+                continue
+            outcome = DeadLetter(f"{type(exc).__name__}: {exc}")
+            break
     if isinstance(outcome, DeadLetter):
+        PARKED[record.topic] += 1
         await _dead_letter(dead_letters, record, outcome.error or "failed")
 
 
@@ -87,7 +103,8 @@ async def _dead_letter(dead_letters: DefaultPublisher, record: ConsumerRecord, e
     headers = {"x-error": error.encode()[:1000].decode(errors="ignore"), "x-source-topic": record.topic,
                "x-source-offset": f"{record.partition}:{record.offset}"}
     await dead_letters.publish(value, key=record.key, headers=headers)
-    log.warning("record %s[%d]@%d sent to the DLQ: %s", record.topic, record.partition, record.offset, error)
+    log.error("ALARM: record %s[%d]@%d parked in the DLQ (%d from this topic since start): %s", record.topic,
+              record.partition, record.offset, PARKED[record.topic], error)
 
 
 def main() -> None:
