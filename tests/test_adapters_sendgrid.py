@@ -115,7 +115,8 @@ async def test_one_call_carries_1000_personalizations(sendgrid_server, tmp_path,
     assert len(body["personalizations"]) == 1000
     for sent, personalization in zip(items, body["personalizations"]):
         assert personalization["to"] == [{"email": sent["destination"]}]
-        assert personalization["custom_args"] == {"message_id": sent["message_id"], "campaign_id": campaign_id}
+        assert personalization["custom_args"] == {"message_id": sent["message_id"], "campaign_id": campaign_id,
+                                                  "submission": str(sent["attempt"] + 1)}  # this submission's number
         subject, html = render_email(TEMPLATE["subject"], TEMPLATE["html"], sent["variables"])
         # what the recipient gets is exactly render_email's (subject per personalization, HTML by substitution)
         assert personalization["subject"] == subject

@@ -127,7 +127,8 @@ async def test_accepted_and_the_exact_request(twilio_server, tmp_path, caplog):
     assert form["MessagingServiceSid"] == MG
     callback = urlsplit(form["StatusCallback"])
     assert f"{callback.scheme}://{callback.netloc}{callback.path}" == f"{HOOKS}/twilio/status"
-    assert parse_qs(callback.query) == {"message_id": [sent["message_id"]], "campaign_id": [campaign_id]}
+    assert parse_qs(callback.query) == {"message_id": [sent["message_id"]], "campaign_id": [campaign_id],
+                                        "submission": ["3"]}  # the submission the status callbacks answer
     assert_no_secret(repr(results) + caplog.text)
 
 

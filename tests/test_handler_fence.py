@@ -14,7 +14,7 @@ from services.common.settings import get_settings
 from services.command_handler.application import OutreachApp
 from services.command_handler.domain.model import Campaign
 from services.command_handler.relay import open_fence_for_claim
-from tests.handler_driver import Driver
+from tests.handler_driver import Driver, sender_result
 from tests.test_handler_app import ALL_TRUE, ready_sms_campaign
 
 
@@ -110,3 +110,62 @@ def test_a_stop_during_a_hold_cancels_the_messages_it_returned(app):
     d.send("StopCampaign", cid, confirmed=True)
     view = app.campaign_view(cid)
     assert (view["counts"]["cancelled"], view["counts"]["sending"], view["holds_channel"]) == (2, 0, False)
+
+
+def test_a_relay_rewind_over_old_claims_reopens_nothing(event_store_env, monkeypatch, tmp_path):
+    """The relay republishes history (a rewind after a failed page, or an emptied broker): the claims it
+    publishes again open nothing, so no sender can hand their messages off a second time."""
+    from services.command_handler.checkpoint import Checkpoint
+    from services.command_handler.relay import Relay
+
+    for key, value in event_store_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OUTREACH_DATA_DIR", str(tmp_path))
+    relay = Relay(get_settings())
+    try:
+        app = relay.app
+        d = Driver(app)
+        cid = ready_sms_campaign(d, n=2)
+        d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+        claim_id = str(uuid.uuid4())
+        app.claim(claim_id=claim_id, campaign_id=cid, max_messages=2)
+        relay._read_page()  # the relay's page: the claim's rows opened before its WorkClaimed goes out
+        first, second = (ids.message_id(cid, row) for row in (2, 3))
+        assert app.fence.take(claim_id, [first], time.time()) == {first: 1}
+        sending_expiry(app, cid, second, 1)  # never handed off: queued again, closed under the claim
+
+        relay.checkpoint = Checkpoint()  # rewound to the start
+        position, records = relay._read_page()
+        assert any(r.topic == topics.SENDER_WORK for r in records)  # the old claim is published again...
+        assert app.fence.take(claim_id, [first, second], time.time()) == {}  # ...and grants nothing
+        assert app.fence.row(first)["state"] == "handed_off" and app.fence.row(second)["state"] == "closed"
+    finally:
+        relay.checkpoints.close()
+        relay.app.close()
+
+
+def test_a_receipt_before_the_senders_result_carries_the_submission_and_a_late_one_of_an_earlier_run_is_ignored(app):
+    d = Relayed(app)
+    cid = ready_sms_campaign(d, n=2)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    claim_id, [first, second] = d.claim(cid, 2)
+    assert app.fence.take(claim_id, [first, second], time.time()) == {first: 1, second: 1}
+
+    # The provider's receipt overtakes the sender's own `accepted`: it still says submission 1.
+    app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid,
+                      results=[sender_result(first, "sent", attempt=None), sender_result(first, "delivered", None)])
+    assert [(s[2], s[3]) for s in d.statuses()] == [("sent", 1), ("delivered", 1)]
+
+    # The second times out (handed off, no answer), is retried and handed off again (submission 2)...
+    sending_expiry(app, cid, second, 1)
+    d.send("RetryFailedMessages", cid, message_ids=[second])
+    retry_claim, [again] = d.claim(cid, 5)
+    assert again == second and app.fence.take(retry_claim, [second], time.time()) == {second: 2}
+    d.statuses()
+    # ...when run 1's late receipt arrives: it answers submission 1, not the one in flight.
+    app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid,
+                      results=[sender_result(second, "delivered", attempt=1)])
+    assert d.statuses() == []
+    app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid,
+                      results=[sender_result(second, "delivered", attempt=2)])
+    assert [(s[2], s[3]) for s in d.statuses()] == [("delivered", 2)]

@@ -21,7 +21,7 @@ from services.sender.claims import ClaimBook, claim_size
 from services.sender.dispatch import backoff_delay, results_batcher
 from services.sender.journal import Journal
 from services.sender.providers import InProcessSimulator, _real_adapter, adapters_for
-from tests.fakes import (EMAIL_TEMPLATE, SMS_TEMPLATE, Published, RecordingAdapter, dispatcher_harness,
+from tests.fakes import (EMAIL_TEMPLATE, SMS_TEMPLATE, Published, RecordingAdapter, dispatcher_harness, wait_for,
                          simulated_sender, work)
 
 
@@ -238,6 +238,30 @@ async def test_a_message_another_sender_handed_off_is_neither_sent_nor_reported(
         assert (report.submitted, report.refused) == (2, 1)
         assert taken["message_id"] not in adapter.submitted and adapter.submitted[fresh["message_id"]] == 1
         assert {r["message_id"] for r in all_results(published)} == {fresh["message_id"]}
+
+
+async def test_a_sender_killed_during_a_presend_backoff_leaves_the_message_to_the_next_one(tmp_path):
+    """Contract v1.1 / issue 10: a definite pre-send error means nothing was handed off, so the fence gives the
+    message back before the back-off; a sender killed then does not lose it to `timed_out`: whoever works
+    the claim next sends it, and the attempts go on from the submissions made."""
+    simulator = RecordingAdapter(Settings(data_dir=tmp_path))  # one provider both senders talk to
+    it = item("+12025550104")  # 503 to the first two submissions, then delivered
+    claim = work("sms", [it])
+    slow = Settings(data_dir=tmp_path, presend_backoff_s=60)
+    async with dispatcher_harness(slow, {"sms": simulator, "email": simulator}) as first:
+        working = asyncio.create_task(first.dispatcher.process(claim))
+        await wait_for(lambda: simulator.submitted.get(it["message_id"]) == 1)
+        await wait_for(lambda: first.fence.row(it["message_id"])["state"] == "open")  # given back
+        working.cancel()  # killed during its 60 s back-off
+        with pytest.raises(asyncio.CancelledError):
+            await working
+    quick = Settings(data_dir=tmp_path, presend_backoff_s=0.01)
+    async with dispatcher_harness(quick, {"sms": simulator, "email": simulator}) as second:
+        await second.dispatcher.process(claim)  # the claim, redelivered to another sender
+        results = all_results(second.published.results)
+    assert simulator.submitted[it["message_id"]] == 3
+    assert [(r["outcome"], r["attempt"]) for r in results] == [
+        ("presend_error", 2), ("accepted", 3), ("sent", 3), ("delivered", 3)]
 
 
 async def test_claimed_but_never_submitted_message_is_sent_after_a_crash(tmp_path):

@@ -110,14 +110,33 @@ async def test_provider_breaker_holds_probes_with_backoff_and_resumes():
         breaker.record([mid], failed)
     assert breaker.allows() and changes == []
     breaker.record(ids(1), failed)
-    assert not breaker.allows() and changes == [(True, HELD_REASON)]
-
+    assert not breaker.allows() and changes == []  # paused; held once a probe fails
     waiter = asyncio.create_task(breaker.wait_closed())
     await asyncio.wait_for(waiter, 5)  # returns once a probe succeeds
     assert breaker.allows() and changes == [(True, HELD_REASON), (False, RESUMED_REASON)]
     assert breaker.probes == 4  # failed, failed, raised (counts as failed), succeeded
     assert clock.sleeps == pytest.approx([0.5, 1, 2, 4])
     assert clock.now == pytest.approx(7.5)
+    await breaker.close()
+
+
+async def test_a_burst_the_first_probe_shows_is_no_outage_is_paused_but_never_held():
+    """Pre-send errors of 10 messages in a row, but the provider answers its account lookup: submissions
+    waited for that probe, and nobody was told of a hold (which would send every claimed message back
+    through the queue)."""
+    clock = FakeClock()
+    changes: list[tuple[bool, str]] = []
+
+    async def probe() -> bool:
+        return True
+
+    breaker = ProviderBreaker("twilio", probe, on_change=lambda held, reason: changes.append((held, reason)),
+                              clock=clock, sleep=clock.sleep)
+    for mid in ids(10):
+        breaker.record([mid], [make_result(mid, "presend_error", 1, provider_code="503")])
+    assert not breaker.allows()
+    await asyncio.wait_for(breaker.wait_closed(), 5)
+    assert breaker.allows() and breaker.probes == 1 and changes == [] and not breaker.is_held
     await breaker.close()
 
 

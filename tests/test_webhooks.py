@@ -275,6 +275,24 @@ async def test_one_valid_callback_is_one_sender_results_record(client):
     assert_valid_records(client, campaign_id)
 
 
+async def test_a_callback_says_which_submission_it_answers(client):
+    """The sender puts the submission's number in the callback URL (Twilio) or a custom arg (SendGrid): the
+    result carries it as `attempt`, even when the receipt comes before the sender's own result."""
+    campaign_id, sms_message, email_message = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    resp = await client.twilio(status_path(campaign_id, sms_message) + "&submission=3",
+                               status_form("delivered", new_number()))
+    assert resp.status == 200
+    event = {"email": "ann@example.com", "timestamp": 1_700_000_000, "event": "delivered",
+             "sg_event_id": uuid.uuid4().hex, "message_id": email_message, "campaign_id": campaign_id,
+             "submission": "2", "attempt": "5"}  # SendGrid's own `attempt` (deferrals) is not ours
+    assert await client.sendgrid([event]) == 200
+    await client.wait(lambda: client.results_of(campaign_id, sms_message) and
+                      client.results_of(campaign_id, email_message))
+    attempts = {r["message_id"]: r["attempt"] for r in client.results(campaign_id)}
+    assert attempts == {sms_message: 3, email_message: 2}
+    assert_valid_records(client, campaign_id)
+
+
 async def test_twilio_statuses_map_to_outcomes_and_21610_opts_out(client):
     campaign_id = str(uuid.uuid4())
     m = {name: str(uuid.uuid4()) for name in ("sent", "delivered", "undelivered", "failed", "optout", "ignored")}

@@ -438,7 +438,7 @@ class OutreachApp(Application):
                 return []
             refs = self._refs(campaign)
             per_block: dict[int, list[tuple[int, SenderResult]]] = defaultdict(list)
-            for result in results:
+            for result in self._current_submissions(results):
                 ref = refs.get(result.message_id)
                 if ref is None:
                     log.warning("result for unknown message %s of campaign %s", result.message_id, campaign_id)
@@ -459,6 +459,24 @@ class OutreachApp(Application):
             return to_save + ([opt_outs] if opt_outs.pending_events else [])
 
         self._run(decide)
+
+    def _current_submissions(self, results: Sequence[SenderResult]) -> list[SenderResult]:
+        """The results about each message's latest submission, every one with its number: a receipt that came
+        without it (before the sender's own result, or from a provider that does not echo it) gets the
+        fence's count of hand-offs; one about an earlier submission (a late receipt of an earlier run, after
+        a retry handed the message off again) is dropped. Messages without a fence row keep their results."""
+        submissions = self.fence.submissions([r.message_id for r in results])
+        current = []
+        for result in results:
+            made = submissions.get(result.message_id)
+            if made is not None and result.attempt is not None and result.attempt < made:
+                log.info("result %s of submission %d of message %s ignored: it was handed off %d times",
+                         result.outcome, result.attempt, result.message_id, made)
+                continue
+            if made and result.attempt is None:
+                result = result.model_copy(update={"attempt": made})
+            current.append(result)
+        return current
 
     def apply_expiry(self, *, expiry_id: str, campaign_id: str, message_id: str, kind: str,
                      since_sequence: int) -> None:

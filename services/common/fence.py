@@ -144,6 +144,18 @@ class HandoffFence:
             (closed_by, campaign_id, closed_by)).fetchall())
         return {row[0] for row in rows}
 
+    def submissions(self, message_ids: Sequence[str]) -> dict[str, int]:
+        """Hand-offs so far of each message that has a row: the number of its latest submission."""
+        t, p = self._dialect.table, self._dialect.placeholder
+        found: dict[str, int] = {}
+        with self._lock:
+            for start in range(0, len(message_ids), 500):
+                chunk = list(message_ids[start:start + 500])
+                marks = ", ".join([p] * len(chunk))
+                found.update(self._db.execute(
+                    f"SELECT message_id, submissions FROM {t} WHERE message_id IN ({marks})", chunk).fetchall())
+        return found
+
     # ------------------------------------------------------------------ reading (tests, tools)
 
     def row(self, message_id: str) -> dict[str, Any] | None:

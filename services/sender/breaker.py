@@ -11,6 +11,11 @@
   lookup), first after `first_probe_s`, then with the wait doubling up to `max_probe_s`; it closes when
   a probe succeeds. Only a probe closes it: a late success of a submission made before it opened does
   not (the contract names the probe).
+- The provider counts as held (the campaigns are told, and the command handler returns their claimed
+  messages not handed off to the queue: contract v1.1) from the first probe that fails: a burst of
+  pre-send errors the first probe shows is not an outage (the provider answers its account lookup, e.g.
+  a block of destinations it refuses for a while) pauses the submissions in place for that probe only,
+  instead of sending every claimed message back through the queue for each burst.
 
 `BreakerState` is the pure state machine (time passed in); `ProviderBreaker` runs it for one provider:
 it decides from each submission's results, runs the probe loop while open, wakes the held submissions
@@ -123,6 +128,7 @@ class ProviderBreaker:
         self._closed.set()
         self._prober: asyncio.Task | None = None
         self.probes = 0  # probes made (for tests and logs)
+        self.is_held = False  # open and a probe failed: an outage, announced through on_change
 
     @property
     def is_open(self) -> bool:
@@ -145,11 +151,10 @@ class ProviderBreaker:
             self._opened()
 
     def _opened(self) -> None:
-        log.warning("provider %s: %d messages failed pre-send in a row; sending held, probing",
+        log.warning("provider %s: %d messages failed pre-send in a row; sending paused, probing",
                     self.name, self.state.threshold)
         self._closed.clear()
         self._prober = asyncio.ensure_future(self._probe_loop())
-        self._notify(True, HELD_REASON)
 
     def _notify(self, held: bool, reason: str) -> None:
         try:
@@ -175,7 +180,13 @@ class ProviderBreaker:
             if self.state.probed(ok, self._clock()):
                 log.warning("provider %s: probe succeeded; sending resumed", self.name)
                 self._closed.set()
-                self._notify(False, RESUMED_REASON)
+                if self.is_held:
+                    self.is_held = False
+                    self._notify(False, RESUMED_REASON)
+            elif not ok and not self.is_held:
+                log.warning("provider %s: probe failed; sending held", self.name)
+                self.is_held = True
+                self._notify(True, HELD_REASON)
 
     async def close(self) -> None:
         """Stop probing (shutdown). Submissions held stay held until cancelled by their owners."""

@@ -215,7 +215,7 @@ class Dispatcher:
         key = id(adapter)
         in_hand = self._claims_in_hand[key]
         in_hand[campaign_id] = in_hand.get(campaign_id, 0) + 1
-        if breaker.is_open and campaign_id not in self._held[key]:
+        if breaker.is_held and campaign_id not in self._held[key]:
             self._hold_record(key, breaker, campaign_id, True, HELD_REASON)
 
     def _claim_finished(self, adapter: ProviderAdapter, campaign_id: str) -> None:

@@ -141,7 +141,10 @@ class SendGridAdapter:
             personalization: dict[str, Any] = {
                 "to": [{"email": item["destination"]}],
                 "subject": subject,
-                "custom_args": {"message_id": item["message_id"], "campaign_id": campaign_id},
+                # Echoed in every event: our ids and the submission's number (which one a receipt answers;
+                # not "attempt": SendGrid's own deferred events carry an `attempt` of their own).
+                "custom_args": {"message_id": item["message_id"], "campaign_id": campaign_id,
+                                "submission": str(item["attempt"] + 1)},
                 "headers": list_unsubscribe_headers(self._settings, campaign_id, item["message_id"],
                                                     item["destination"], self._mailto),
             }

@@ -64,10 +64,15 @@ def basic_authorization(login: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode("ascii")
 
 
-def status_callback_url(settings: Settings, message_id: str, campaign_id: str | None) -> str:
+def status_callback_url(settings: Settings, message_id: str, campaign_id: str | None,
+                        attempt: int | None = None) -> str:
+    """Where Twilio reports this submission's status: our ids and the submission's number (`attempt`), so a
+    receipt says which submission it answers even when it arrives before the sender's own result."""
     params = {"message_id": message_id}
     if campaign_id:
         params["campaign_id"] = campaign_id
+    if attempt is not None:
+        params["submission"] = str(attempt)
     return f"{settings.webhook_url}{STATUS_CALLBACK_PATH}?{urlencode(params)}"
 
 
@@ -142,7 +147,7 @@ class TwilioAdapter:
             "To": item["destination"],
             "Body": render(template["body"], item.get("variables")),
             "MessagingServiceSid": self._messaging_service_sid,
-            "StatusCallback": status_callback_url(self._settings, message_id, item.get("campaign_id")),
+            "StatusCallback": status_callback_url(self._settings, message_id, item.get("campaign_id"), attempt),
         }
 
         def result(outcome: str, code: str | None = None, sid: str | None = None) -> list[dict]:

@@ -19,10 +19,19 @@ from services.common.ids import OUTREACH_NS, is_wire_uuid
 
 
 def result(message_id: str, outcome: str, *, provider_code: str | None = None,
-           provider_message_id: str | None = None, occurred_at: str | None = None) -> SenderResult:
-    """One result; `attempt` is null: a callback does not say which submission it is about."""
-    return SenderResult(message_id=message_id, outcome=outcome, attempt=None, provider_code=provider_code,
+           provider_message_id: str | None = None, occurred_at: str | None = None,
+           attempt: int | None = None) -> SenderResult:
+    """One result; `attempt`: the submission it answers, as the sender put it in the callback (null when the
+    callback does not say: the handler then takes the fence's count)."""
+    return SenderResult(message_id=message_id, outcome=outcome, attempt=attempt, provider_code=provider_code,
                         provider_message_id=provider_message_id, occurred_at=occurred_at or utc_now())
+
+
+def submission_number(value: Any) -> int | None:
+    """The submission number (`attempt`) a callback carries back as `submission` (the Twilio status callback's
+    query parameter, a SendGrid custom arg), if it is one."""
+    text_value = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    return int(text_value) if text_value.isascii() and text_value.isdigit() and 0 < int(text_value) < 2**31 else None
 
 
 def opt_out(channel: str, destination: str, opted_out: bool, source: str, event_id: str | None,
@@ -64,7 +73,7 @@ TWILIO_CODED = {"undelivered", "failed"}
 TWILIO_OPTED_OUT_CODE = "21610"
 
 
-def twilio_status_records(form: Mapping[str, str], message_id: str | None
+def twilio_status_records(form: Mapping[str, str], message_id: str | None, attempt: int | None = None
                           ) -> tuple[SenderResult | None, OptOutChanged | None]:
     """(result or None, opt-out or None) for one Twilio status callback."""
     status = (text(form.get("MessageStatus")) or text(form.get("SmsStatus")) or "").lower()
@@ -73,7 +82,8 @@ def twilio_status_records(form: Mapping[str, str], message_id: str | None
         return None, None
     sid = text(form.get("MessageSid")) or text(form.get("SmsSid"))
     code = text(form.get("ErrorCode")) if outcome in TWILIO_CODED else None
-    record = result(message_id, outcome, provider_code=code, provider_message_id=sid) if message_id else None
+    record = (result(message_id, outcome, provider_code=code, provider_message_id=sid, attempt=attempt)
+              if message_id else None)
     to = text(form.get("To"))
     optout = None
     if code == TWILIO_OPTED_OUT_CODE and to:
@@ -141,7 +151,7 @@ def sendgrid_records(event: Mapping[str, Any]) -> tuple[str, SenderResult, OptOu
         return None
     occurred_at = _from_unix(event.get("timestamp")) or utc_now()
     record = result(message_id, outcome, provider_code=code, provider_message_id=text(event.get("sg_message_id")),
-                    occurred_at=occurred_at)
+                    occurred_at=occurred_at, attempt=submission_number(event.get("submission")))
     optout = None
     email = text(event.get("email"))
     if optout_source and email:

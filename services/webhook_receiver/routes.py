@@ -37,7 +37,8 @@ from services.common.ids import is_wire_uuid
 from services.common.settings import Settings
 from services.common.unsubscribe import verify_unsubscribe as verify_unsubscribe_link
 from services.webhook_receiver.callbacks import (inbound_action, normalize_email, opt_out, result,
-                                                 sendgrid_records, text, twilio_status_records, twiml)
+                                                 sendgrid_records, submission_number, text,
+                                                 twilio_status_records, twiml)
 from services.webhook_receiver.publishing import Outbox
 from services.webhook_receiver.signatures import CallbackSecrets
 
@@ -112,7 +113,8 @@ class Receiver:
             return web.Response(status=403, text="invalid signature")
         campaign_id, message_id = request.query.get("campaign_id"), request.query.get("message_id")
         ours = is_wire_uuid(campaign_id) and is_wire_uuid(message_id)
-        record, optout = twilio_status_records(form, message_id if ours else None)
+        record, optout = twilio_status_records(form, message_id if ours else None,
+                                               submission_number(request.query.get("submission")))
         if not ours:
             log.warning("Twilio status callback without our ids (%r): result ignored", request.query_string)
         failed = await self.publish({campaign_id: [record]} if record else {}, [optout] if optout else [])
