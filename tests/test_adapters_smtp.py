@@ -5,6 +5,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import time
 import uuid
 from urllib.parse import parse_qsl, urlsplit
 
@@ -14,6 +15,7 @@ from aiosmtpd.smtp import AuthResult
 from pydantic import SecretStr
 
 from services.common.embedded_broker import free_port
+from services.common.fence import ClaimedMessage, open_fence
 from services.common.settings import Settings
 from services.common.templating import render_email
 from services.sender.smtp import SmtpAdapter, retries_path
@@ -368,3 +370,50 @@ async def test_a_line_break_in_a_value_stays_out_of_the_headers(smtp_server, tmp
     message = email.message_from_bytes(handler.messages[0][2], policy=email.policy.default)
     assert message["Subject"] == "Hello Ada Bcc: x@y"
     assert message["Bcc"] is None
+
+
+async def test_a_resubmission_interrupted_after_its_250_is_never_sent_again(smtp_server, tmp_path):
+    """Re-submissions take the message through the hand-off fence: a sender that dies between a 250 and its
+    bookkeeping leaves the message handed off, so the restarted one finds it due but may not send it."""
+    handler, port = smtp_server
+    settings = settings_for(port, tmp_path)
+    fence = open_fence(settings)
+    campaign_id, claim_id = str(uuid.uuid4()), str(uuid.uuid4())
+    sent = {**item("defer1@example.com", campaign_id), "claim_id": claim_id}  # deferred once at RCPT
+    mid = sent["message_id"]
+    fence.open_claim(campaign_id=campaign_id, claim_id=claim_id, claim_version=1, deadline=time.time() + 60,
+                     messages=[ClaimedMessage(mid, 0)])
+    published: list[tuple[str, list[dict]]] = []
+
+    async def publish(records):
+        published.extend(records)
+
+    first = adapter_for(settings)
+    first.attach_fence(fence)
+    try:
+        assert fence.take(claim_id, [mid], time.time()) == {mid: 1}  # the dispatcher's, for the first call
+        assert outcomes(await first.submit("email", [sent], TEMPLATE)) == [("deferred", "451", 1)]
+        assert fence.row(mid)["state"] == "open"  # deferred: nothing was taken, a re-submission may go
+
+        def killed(done):
+            raise RuntimeError("the sender is killed right after the 250")
+
+        first.store.settle = killed
+        await asyncio.sleep(0.15)  # the re-submission is due after smtp_retry_s
+        with pytest.raises(RuntimeError, match="killed"):
+            await first.retry_pass(publish)
+        assert len(handler.messages) == 1 and fence.row(mid)["state"] == "handed_off"
+    finally:
+        await first.close()
+
+    restarted = adapter_for(settings)
+    restarted.attach_fence(fence)
+    try:
+        await asyncio.sleep(0.15)
+        await restarted.retry_pass(publish)  # due again (its bookkeeping never ran), but refused
+        assert restarted.store.scheduled() == []
+    finally:
+        await restarted.close()
+        fence.close_connection()
+    assert len(handler.messages) == 1 and handler.rcpts["defer1@example.com"] == 2  # sent once
+    assert published == []  # the lost 250 is reported by nobody: the message's retry window decides

@@ -106,9 +106,28 @@ class HandoffFence:
             "RETURNING message_id, submissions", (claim_id, now, *message_ids)).fetchall())
         return dict(rows)
 
-    def give_back(self, claim_id: str, message_ids: Sequence[str]) -> None:
-        """A definite pre-send error: nothing reached the provider, the claim may hand them off again."""
-        self._set_state(claim_id, message_ids, OPEN, only_from=HANDED_OFF)
+    def give_back(self, claim_id: str, message_ids: Sequence[str], *, uncount: bool = False) -> None:
+        """A definite pre-send error: nothing reached the provider, the claim may hand them off again.
+        `uncount`: the try is not a submission either (an SMTP re-submission that reached nobody)."""
+        t, p = self._dialect.table, self._dialect.placeholder
+        if not message_ids:
+            return
+        marks = ", ".join([p] * len(message_ids))
+        less = ", submissions = submissions - 1" if uncount else ""
+        self._transaction(lambda cur: cur.execute(
+            f"UPDATE {t} SET state = '{OPEN}'{less} WHERE claim_id = {p} AND state = '{HANDED_OFF}' "
+            f"AND message_id IN ({marks})", (claim_id, *message_ids)))
+
+    def defer(self, claim_id: str, message_ids: Sequence[str], until: float) -> None:
+        """The provider deferred them (SMTP 4xx at RCPT or DATA: nothing taken): open again under the claim
+        until the retry window closes, for the re-submissions to take one at a time."""
+        t, p = self._dialect.table, self._dialect.placeholder
+        if not message_ids:
+            return
+        marks = ", ".join([p] * len(message_ids))
+        self._transaction(lambda cur: cur.execute(
+            f"UPDATE {t} SET state = '{OPEN}', deadline = {p} WHERE claim_id = {p} AND state = '{HANDED_OFF}' "
+            f"AND message_id IN ({marks})", (until, claim_id, *message_ids)))
 
     def close(self, claim_id: str, message_ids: Sequence[str]) -> None:
         """Never again under this claim (a final pre-send error reported)."""

@@ -121,6 +121,14 @@ class Dispatcher:
         self._claims_working: set[str] = set()
         self._using: dict[int, int] = {}  # adapter -> claims working on it (a replaced one finishes them)
         self._idle = asyncio.Event()
+        for adapter in adapters.values():
+            self._attach_fence(adapter)
+
+    def _attach_fence(self, adapter: ProviderAdapter) -> None:
+        """An adapter that sends on its own later (SMTP re-submissions) asks the same fence."""
+        attach = getattr(adapter, "attach_fence", None)
+        if attach is not None:
+            attach(self._fence)
 
     # ------------------------------------------------------------------ circuit breakers
 
@@ -149,6 +157,7 @@ class Dispatcher:
         claims in flight finish on the old one, which is returned (`idle` says when it is done)."""
         old = self._adapters[channel]
         self._settings = settings
+        self._attach_fence(adapter)
         self._adapters[channel] = adapter
         return old
 
@@ -344,8 +353,8 @@ class Dispatcher:
                         break
                     # `attempt` of an item = submissions before this one (the fence's count); the adapter
                     # reports attempt + 1. A wait for the breaker is not a submission: only a call made is.
-                    batch = [{**item, "campaign_id": campaign_id, "attempt": granted[item["message_id"]] - 1}
-                             for item in pending]
+                    batch = [{**item, "campaign_id": campaign_id, "claim_id": claim_id,
+                              "attempt": granted[item["message_id"]] - 1} for item in pending]
                     started.update(item["message_id"] for item in pending)
                     results = await self._submit(adapter, channel, batch, work["template"])
                     break

@@ -58,7 +58,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
@@ -69,6 +69,7 @@ import aiosmtplib
 import orjson
 
 from schemas.times import utc_now
+from services.common.fence import HandoffFence
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
 from services.common.templating import render_email
@@ -96,7 +97,8 @@ CREATE TABLE IF NOT EXISTS retries (
     attempt     INTEGER NOT NULL,    -- submissions so far (the next one is attempt + 1)
     next_at     REAL NOT NULL,       -- unix time of the next re-submission
     deadline    REAL NOT NULL,       -- first deferral + retry window: nothing is sent after it
-    last_code   TEXT
+    last_code   TEXT,
+    claim_id    TEXT NOT NULL DEFAULT ''  -- the claim whose hand-off fence each re-submission asks
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS retries_due ON retries (next_at);
 CREATE TABLE IF NOT EXISTS templates (
@@ -125,6 +127,8 @@ class RetryStore:
         # it is written per deferral and per re-submission (not per message sent), so the cost is small.
         self._db = open_sqlite(path, synchronous="FULL", busy_timeout_s=5.0)
         self._db.executescript(_SCHEMA)
+        if "claim_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(retries)")}:
+            self._db.execute("ALTER TABLE retries ADD COLUMN claim_id TEXT NOT NULL DEFAULT ''")  # an older file
 
     def close(self) -> None:
         self._db.close()
@@ -138,15 +142,18 @@ class RetryStore:
         with self._tx():
             self._db.execute("INSERT OR IGNORE INTO templates VALUES (?, ?)", (template_id, body.decode()))
             self._db.executemany(
-                """INSERT INTO retries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """INSERT INTO retries (message_id, campaign_id, destination, variables, template_id, attempt,
+                                        next_at, deadline, last_code, claim_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (message_id) DO UPDATE SET
                      campaign_id = excluded.campaign_id, destination = excluded.destination,
                      variables = excluded.variables, template_id = excluded.template_id,
                      attempt = excluded.attempt, next_at = excluded.next_at, last_code = excluded.last_code,
+                     claim_id = excluded.claim_id,
                      deadline = CASE WHEN retries.deadline > ? THEN retries.deadline ELSE excluded.deadline END""",
                 [(item["message_id"], item.get("campaign_id") or "", item["destination"],
                   orjson.dumps(item.get("variables") or {}).decode(), template_id, attempt, now + retry_s,
-                  now + window_s, code, now) for item, attempt, code in deferrals])
+                  now + window_s, code, item.get("claim_id") or "", now) for item, attempt, code in deferrals])
 
     def expire(self, now: float) -> int:
         """Drop the rows whose retry window closed; returns how many."""
@@ -159,15 +166,15 @@ class RetryStore:
         """Due rows, advanced (attempt + 1, next_at + interval) before anything is sent."""
         with self._tx():
             rows = self._db.execute(
-                """SELECT r.message_id, r.campaign_id, r.destination, r.variables, r.attempt, t.template
+                """SELECT r.message_id, r.campaign_id, r.destination, r.variables, r.attempt, t.template, r.claim_id
                    FROM retries r JOIN templates t USING (template_id)
                    WHERE r.next_at <= ? AND r.deadline > ? ORDER BY r.next_at LIMIT ?""",
                 (now, now, limit)).fetchall()
             self._db.executemany("UPDATE retries SET attempt = attempt + 1, next_at = ? WHERE message_id = ?",
                                  [(now + retry_s, row[0]) for row in rows])
         return [{"message_id": mid, "campaign_id": cid, "destination": dest, "variables": orjson.loads(variables),
-                 "attempt": attempt, "template": orjson.loads(template)}
-                for mid, cid, dest, variables, attempt, template in rows]
+                 "attempt": attempt, "template": orjson.loads(template), "claim_id": claim_id}
+                for mid, cid, dest, variables, attempt, template, claim_id in rows]
 
     def settle(self, done: list[tuple[dict, str, list[dict]]]) -> None:
         """For each re-submission (row, action, results): its results to the outbox and the row's new state,
@@ -290,6 +297,13 @@ class SmtpAdapter:
         self._pruned_at = 0.0
         self._pool = _Pool(self._open, pool_size or min(settings.provider_concurrency, 8), idle_s)
         self.store = RetryStore(db_path or retries_path(settings))
+        self.fence: HandoffFence | None = None  # the sender's (attach_fence): re-submissions ask it too
+
+    def attach_fence(self, fence: HandoffFence) -> None:
+        """Re-submissions go through the hand-off fence the first submissions went through: each takes the
+        message under its claim first, so a re-submission interrupted after the 250 is never sent again,
+        and none goes out after the message left `retrying` under that claim."""
+        self.fence = fence
 
     def __repr__(self) -> str:  # never the password
         return f"SmtpAdapter({self._settings.smtp_host!r}, {self._settings.smtp_port})"
@@ -434,7 +448,11 @@ class SmtpAdapter:
                      if outcome.kind == "deferred"]
         if deferrals:
             # Durable before they are reported: the re-submission loop owns them from here.
-            self.store.schedule(deferrals, template, self._clock(), self._retry_s, self._window_s)
+            now = self._clock()
+            self.store.schedule(deferrals, template, now, self._retry_s, self._window_s)
+            if self.fence is not None:
+                for claim_id, mids in _by_claim(item for item, _, _ in deferrals).items():
+                    self.fence.defer(claim_id, mids, until=time.time() + self._window_s)
         return [result for item, attempt, outcome in zip(items, attempts, answers)
                 for result in _submission_results(item["message_id"], attempt, outcome)]
 
@@ -491,12 +509,24 @@ class SmtpAdapter:
 
     async def _resubmit(self, row: dict) -> tuple[dict, str, list[dict]]:
         attempt = row["attempt"] + 1
+        fenced = self.fence is not None and bool(row.get("claim_id"))
+        if fenced:
+            granted = self.fence.take(row["claim_id"], [row["message_id"]], time.time())
+            if not granted:  # taken before (a crash after its 250), or no longer `retrying` under the claim
+                log.info("SMTP re-submission of message %s refused by the fence: dropped", row["message_id"])
+                return row, "drop", []
+            attempt = granted[row["message_id"]]
         try:
             outcome = await self._transact(row, row["template"], attempt)
         except Exception:  # e.g. a template that no longer renders: keep it, try again next interval
             log.exception("SMTP re-submission of message %s failed", row["message_id"])
+            if fenced:
+                self.fence.give_back(row["claim_id"], [row["message_id"]], uncount=True)
             return row, "undo", []
         mid, now = row["message_id"], utc_now()
+        if fenced and outcome.kind in ("presend", "deferred"):  # nothing taken: the next one may go
+            # A re-submission that reached nobody is not counted (nor reported): so in the fence either.
+            self.fence.give_back(row["claim_id"], [mid], uncount=outcome.kind == "presend")
 
         def result(outcome_name: str, code: str | None = None, pmid: str | None = None) -> dict:
             return make_result(mid, outcome_name, attempt, provider_code=code, provider_message_id=pmid,
@@ -528,6 +558,14 @@ class SmtpAdapter:
 
 
 _OUTCOME = {"bounced": "bounced", "refused": "refused"}
+
+
+def _by_claim(items: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    claims: dict[str, list[str]] = collections.defaultdict(list)
+    for item in items:
+        if item.get("claim_id"):
+            claims[item["claim_id"]].append(item["message_id"])
+    return claims
 
 
 def _classify_reply(stage: str, code: int) -> Outcome:
