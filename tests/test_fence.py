@@ -126,3 +126,27 @@ def test_two_senders_racing_for_the_same_claim_hand_each_message_off_once(fence_
     finally:
         first.close_connection()
         second.close_connection()
+
+
+def test_a_connection_lost_to_a_postgresql_restart_fails_one_call_and_the_next_connects_again(fence_settings):
+    """A PostgreSQL restart kills the fence's connection for good: the call in flight raises a transient
+    error (its caller waits and tries again) and the next call connects anew."""
+    if fence_settings.event_store != "postgres":
+        pytest.skip("an SQLite file has no server to lose")
+    import psycopg
+
+    from services.common.retry import is_transient
+
+    fence = open_fence(fence_settings)
+    try:
+        [m] = ids(1)
+        open_claim(fence, [m], "claim-1")
+        with psycopg.connect(fence_settings.postgres_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(psycopg.OperationalError) as lost:
+            fence.take("claim-1", [m], NOW)
+        assert is_transient(lost.value)
+        assert fence.take("claim-1", [m], NOW) == {m: 1}  # nothing was taken by the failed call
+    finally:
+        fence.close_connection()

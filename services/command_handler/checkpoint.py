@@ -6,9 +6,12 @@ last save only makes the relay publish a page again (consumers dedupe on event_i
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.retry import is_transient
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
 
@@ -31,11 +34,14 @@ POSTGRES = _Dialect(table="outreach_relay_checkpoint", integer="BIGINT", placeho
 
 
 class CheckpointStore:
-    """One row per relay `name`, on an autocommit DB-API connection (sqlite3 or psycopg)."""
+    """One row per relay `name`, on an autocommit DB-API connection (sqlite3 or psycopg) that `connect`
+    makes, and makes again after it failed for a transient reason (a PostgreSQL restart kills it for good;
+    the failing call raises and the relay tries its page again)."""
 
-    def __init__(self, db: Any, dialect: _Dialect, name: str):
+    def __init__(self, connect: Callable[[], Any], dialect: _Dialect, name: str):
         table, p = dialect.table, dialect.placeholder
-        self._db = db
+        self._connect = connect
+        self._connection: Any = connect()
         self._name = name
         self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} "
                          f"(name TEXT PRIMARY KEY, position {dialect.integer} NOT NULL, "
@@ -45,20 +51,40 @@ class CheckpointStore:
                         "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
                         "published = excluded.published")
 
+    @property
+    def _db(self) -> Any:
+        if self._connection is None:
+            self._connection = self._connect()
+        return self._connection
+
+    def _execute(self, statement: str, params: tuple) -> Any:
+        try:
+            return self._db.execute(statement, params)
+        except Exception as exc:
+            if is_transient(exc) and self._connection is not None:
+                with contextlib.suppress(Exception):
+                    self._connection.close()
+                self._connection = None
+            raise
+
     def load(self) -> Checkpoint:
-        row = self._db.execute(self._select, (self._name,)).fetchone()
+        row = self._execute(self._select, (self._name,)).fetchone()
         return Checkpoint(*row) if row else Checkpoint()
 
     def save(self, checkpoint: Checkpoint) -> None:  # called from a worker thread
-        self._db.execute(self._upsert, (self._name, checkpoint.position, checkpoint.published))
+        self._execute(self._upsert, (self._name, checkpoint.position, checkpoint.published))
 
     def close(self) -> None:
-        self._db.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def open_checkpoint_store(settings: Settings, name: str = "relay") -> CheckpointStore:
     if settings.event_store == "postgres":
         import psycopg
 
-        return CheckpointStore(psycopg.connect(settings.postgres_dsn, autocommit=True), POSTGRES, name)
-    return CheckpointStore(open_sqlite(settings.event_store_sqlite_path.with_suffix(".relay.db")), SQLITE, name)
+        return CheckpointStore(lambda: psycopg.connect(settings.postgres_dsn, autocommit=True, connect_timeout=5),
+                               POSTGRES, name)
+    return CheckpointStore(lambda: open_sqlite(settings.event_store_sqlite_path.with_suffix(".relay.db")),
+                           SQLITE, name)

@@ -22,12 +22,13 @@ rewind over old claims or an SMTP re-submission after a restart all ask the same
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.retry import retrying
+from services.common.retry import is_transient, retrying
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
 
@@ -58,10 +59,15 @@ POSTGRES = _Dialect(table="outreach_handoff_fence", placeholder="%s", real="DOUB
 
 class HandoffFence:
     """The fence table on one autocommit DB-API connection (sqlite3 or psycopg), safe to share between
-    threads (a lock keeps each transaction whole). Every method is one transaction."""
+    threads (a lock keeps each transaction whole). Every method is one transaction.
 
-    def __init__(self, db: Any, dialect: _Dialect):
-        self._db = db
+    `connect` makes the connection, again after one failed for a transient reason (a PostgreSQL restart
+    leaves a connection dead for good): the failing call raises, for its caller to retry, and the next one
+    connects anew."""
+
+    def __init__(self, connect: Callable[[], Any], dialect: _Dialect):
+        self._connect = connect
+        self._connection: Any = connect()
         self._dialect = dialect
         self._lock = threading.Lock()
         t, p = dialect.table, dialect.placeholder
@@ -72,7 +78,7 @@ class HandoffFence:
         # PostgreSQL's IF NOT EXISTS races between processes creating the same table (a unique violation on
         # its catalog): the loser tries again and finds it made.
         for attempt in retrying(on=_created_meanwhile, timeout_s=None, attempts=5):
-            with attempt, self._lock:
+            with attempt, self._lock, self._reconnecting():
                 for statement in ddl:
                     self._db.execute(statement)
         self._open = (
@@ -167,7 +173,7 @@ class HandoffFence:
         """Hand-offs so far of each message that has a row: the number of its latest submission."""
         t, p = self._dialect.table, self._dialect.placeholder
         found: dict[str, int] = {}
-        with self._lock:
+        with self._lock, self._reconnecting():
             for start in range(0, len(message_ids), 500):
                 chunk = list(message_ids[start:start + 500])
                 marks = ", ".join([p] * len(chunk))
@@ -179,7 +185,7 @@ class HandoffFence:
 
     def row(self, message_id: str) -> dict[str, Any] | None:
         t, p = self._dialect.table, self._dialect.placeholder
-        with self._lock:
+        with self._lock, self._reconnecting():
             found = self._db.execute(f"SELECT claim_id, claim_version, deadline, state, submissions FROM {t} "
                                      f"WHERE message_id = {p}", (message_id,)).fetchone()
         if found is None:
@@ -187,7 +193,9 @@ class HandoffFence:
         return dict(zip(("claim_id", "claim_version", "deadline", "state", "submissions"), found))
 
     def close_connection(self) -> None:
-        self._db.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     # ------------------------------------------------------------------ internals
 
@@ -201,14 +209,32 @@ class HandoffFence:
             f"UPDATE {t} SET state = {p} WHERE claim_id = {p} AND message_id IN ({marks}){condition}",
             (state, claim_id, *message_ids)))
 
+    @property
+    def _db(self) -> Any:
+        if self._connection is None:
+            self._connection = self._connect()
+        return self._connection
+
+    @contextlib.contextmanager
+    def _reconnecting(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if is_transient(exc) and self._connection is not None:
+                with contextlib.suppress(Exception):
+                    self._connection.close()
+                self._connection = None  # the next call connects anew
+            raise
+
     def _transaction(self, work: Any) -> Any:
-        with self._lock:
+        with self._lock, self._reconnecting():
             cursor = self._db.cursor()
             cursor.execute(self._dialect.begin)
             try:
                 result = work(cursor)
             except BaseException:
-                cursor.execute("ROLLBACK")
+                with contextlib.suppress(Exception):  # a dead connection cannot roll back: it is dropped
+                    cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
             return result
@@ -230,8 +256,9 @@ def open_fence(settings: Settings) -> HandoffFence:
     if settings.event_store == "postgres":
         import psycopg
 
-        return HandoffFence(psycopg.connect(settings.postgres_dsn, autocommit=True), POSTGRES)
-    return HandoffFence(open_sqlite(fence_path(settings)), SQLITE)
+        return HandoffFence(lambda: psycopg.connect(settings.postgres_dsn, autocommit=True, connect_timeout=5),
+                            POSTGRES)
+    return HandoffFence(lambda: open_sqlite(fence_path(settings)), SQLITE)
 
 
 __all__ = ["CLOSED", "HANDED_OFF", "OPEN", "ClaimedMessage", "HandoffFence", "fence_path", "open_fence"]
