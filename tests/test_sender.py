@@ -264,6 +264,33 @@ async def test_a_sender_killed_during_a_presend_backoff_leaves_the_message_to_th
         ("presend_error", 2), ("accepted", 3), ("sent", 3), ("delivered", 3)]
 
 
+async def test_a_fence_store_outage_is_waited_out_inside_the_claim(tmp_path):
+    """The fence's store goes away for a moment (a PostgreSQL restart): the claim waits at the fence, its
+    other calls go on, and nothing is lost or sent twice."""
+    import psycopg
+
+    async with harness(tmp_path, presend_backoff_s=0.01) as (dispatcher, journal, adapter, published, sleeps):
+        fence = dispatcher._fence
+        real_take, real_give_back = fence.take, fence.give_back
+        failures = {"take": 2, "give_back": 1}
+
+        def flaky(name, real):
+            def call(*args, **kwargs):
+                if failures[name] > 0:
+                    failures[name] -= 1
+                    raise psycopg.OperationalError("the connection was lost")
+                return real(*args, **kwargs)
+            return call
+
+        fence.take, fence.give_back = flaky("take", real_take), flaky("give_back", real_give_back)
+        items = [item("+12025550100"), item("+12025550104", row=2)]  # the second: 503 twice, then delivered
+        await dispatcher.process(work("sms", items))
+    assert failures == {"take": 0, "give_back": 0}
+    assert adapter.submitted == {items[0]["message_id"]: 1, items[1]["message_id"]: 3}
+    assert [r["outcome"] for r in all_results(published) if r["message_id"] == items[1]["message_id"]] == [
+        "presend_error", "presend_error", "accepted", "sent", "delivered"]
+
+
 async def test_claimed_but_never_submitted_message_is_sent_after_a_crash(tmp_path):
     # A crash after the claim was journalled but before this message's turn: it never left the process.
     async with harness(tmp_path) as (dispatcher, journal, adapter, published, _):

@@ -35,17 +35,20 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas.internal import SendingHold
 from schemas.times import utc_now
 from services.common.batching import Publish, ResultsBatcher
 from services.common.fence import HandoffFence
+from services.common.retry import backoff_s, is_transient
 from services.common.settings import Settings
 from services.sender.breaker import HELD_REASON, ProviderBreaker
 from services.sender.journal import Journal
 from services.sender.providers import ProviderAdapter, make_result, provider_name
 from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
+
+T = TypeVar("T")
 
 RESUMED_AFTER_RESTART = "sender_restarted"  # SendingHold.reason when a restarted sender lifts an old hold
 
@@ -343,7 +346,8 @@ class Dispatcher:
                         continue  # opened while this one paid: held again
                     # The fence grants the hand-off, durably, right before the call (one small commit:
                     # no await, so nothing runs between the grant and the submission).
-                    granted = self._fence.take(claim_id, [item["message_id"] for item in pending], self._clock())
+                    granted = await self._fenced(self._fence.take, claim_id, [item["message_id"] for item in pending],
+                                                 self._clock())
                     refused = [item for item in pending if item["message_id"] not in granted]
                     if refused:
                         self._drop_refused(claim_id, refused, first=submission == 1, report=report)
@@ -383,13 +387,29 @@ class Dispatcher:
                 publish.extend(outcome)
             # Nothing reached the provider: back to the claim (a crash during the back-off leaves them to
             # whoever works the claim next), or closed for good after the last try.
-            self._fence.give_back(claim_id, [item["message_id"] for item in retry])
-            self._fence.close(claim_id, given_up)
+            await self._fenced(self._fence.give_back, claim_id, [item["message_id"] for item in retry])
+            await self._fenced(self._fence.close, claim_id, given_up)
             futures.append(self._results.add(campaign_id, publish, done))
             pending = retry
             if pending:
                 await self._sleep(backoff_delay(submission, self._backoff_s, self._rand))
         return futures
+
+    async def _fenced(self, call: Callable[..., T], *args: Any) -> T:
+        """A fence call, its store's transient faults waited out (back-off, no limit): failing the claim
+        instead would cancel its calls in flight, and a give-back lost would leave a message that never
+        reached the provider to time out. The first try runs at once, with no await before the call."""
+        failures = 0
+        while True:
+            try:
+                return call(*args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                failures += 1
+                wait_s = backoff_s(failures, first_wait_s=0.1, longest_wait_s=5.0)
+                log.warning("hand-off fence unavailable (%r); trying again in %.1f s", exc, wait_s)
+                await self._sleep(wait_s)
 
     def _drop_refused(self, claim_id: str, refused: list[dict], *, first: bool, report: ClaimReport) -> None:
         """Messages the fence did not grant: another sender has them, or they left `sending` under this claim
