@@ -115,13 +115,16 @@ async def test_retry_resends_only_the_retryable_failed_messages_and_keeps_their_
 async def test_channel_busy_and_a_stopped_campaign_resumed_with_its_cancelled_messages(stack, env, tail, commands):
     """The sweeper gets a 30 s Sending limit here: a backlog waits up to two claims (4 s) in the sender between
     its claim and its submission, and this scenario is about retry, not about messages timing out there."""
-    stack.service_env["timeout-sweeper"] = {"OUTREACH_SENDING_TIMEOUT_S": "30"}
-    stack.restart("timeout-sweeper")
+    # The relay too: it gives each claim its Sending deadline at the hand-off fence.
+    for service in ("timeout-sweeper", "relay"):
+        stack.service_env[service] = {"OUTREACH_SENDING_TIMEOUT_S": "30"}
+        stack.restart(service)
     try:
         await _channel_busy_and_resume(env, tail, commands)
     finally:
-        stack.service_env.pop("timeout-sweeper")
-        stack.restart("timeout-sweeper")
+        for service in ("timeout-sweeper", "relay"):
+            stack.service_env.pop(service)
+            stack.restart(service)
 
 
 async def _channel_busy_and_resume(env, tail: Tail, commands: Commands) -> None:

@@ -169,3 +169,21 @@ def test_a_receipt_before_the_senders_result_carries_the_submission_and_a_late_o
     app.apply_results(result_id=str(uuid.uuid4()), campaign_id=cid,
                       results=[sender_result(second, "delivered", attempt=2)])
     assert [(s[2], s[3]) for s in d.statuses()] == [("delivered", 2)]
+
+
+def test_a_message_never_handed_off_in_a_stopped_campaign_is_cancelled_not_queued_again(app):
+    """Stop cancels the queued messages; one claimed but never handed off that comes back after the Stop
+    (its Sending limit, a hold) is cancelled too: the stopped campaign claims no more, and must finish."""
+    d = Relayed(app)
+    cid = ready_sms_campaign(d, n=3)
+    d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    claim_id, [taken, untaken] = d.claim(cid, 2)
+    app.fence.take(claim_id, [taken], time.time())
+    d.send("StopCampaign", cid, confirmed=True)  # the third, still queued, is cancelled now
+    d.new_records()
+    sending_expiry(app, cid, untaken, 1)
+    sending_expiry(app, cid, taken, 0)
+    assert sorted(d.statuses()) == sorted([(untaken, "sending", "cancelled", None), (taken, "sending", "failed", 1)])
+    view = app.campaign_view(cid)
+    assert (view["counts"]["cancelled"], view["counts"]["failed"], view["counts"]["queued"]) == (2, 1, 0)
+    assert view["status"] == "complete_with_errors"

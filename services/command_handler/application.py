@@ -366,7 +366,9 @@ class OutreachApp(Application):
                 for message_id in returned:
                     if (ref := refs.get(message_id)) is not None:
                         per_block[ref[0]].append((ref[1], None))
-                to_save = self._move_messages(campaign, per_block, hold_id, lambda state, _: rules.hold_move(state))
+                claiming = campaign.holds_channel
+                to_save = self._move_messages(campaign, per_block, hold_id,
+                                              lambda state, _: rules.hold_move(state, claiming=claiming))
             return to_save or ([campaign] if campaign.pending_events else [])
 
         self._run(decide)
@@ -496,10 +498,11 @@ class OutreachApp(Application):
             if kind == "sending" and block.status[ref[1]] == "sending":
                 was_open, submissions = self.fence.close_if_open(message_id, closed_by=expiry_id)
             per_block = {ref[0]: [(ref[1], kind)]}
+            claiming = campaign.holds_channel
             return self._move_messages(
                 campaign, per_block, expiry_id,
                 lambda state, k: rules.expiry_move(state, k, campaign.channel, handed_off=not was_open,
-                                                   submissions=submissions))
+                                                   submissions=submissions, claiming=claiming))
 
         self._run(decide)
 

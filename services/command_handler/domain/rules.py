@@ -122,12 +122,14 @@ def presend_error_move(state: MessageState, attempt: int, code: str | None, fina
     return Move(status="sending", provider_code=code, attempt=attempt, accepted=False)
 
 
-# Contract v1.1: a claimed message nobody handed off goes back to the queue (no attempt counted).
+# Contract v1.1: a claimed message nobody handed off goes back to the queue (no attempt counted); if its
+# campaign claims no more (stopped meanwhile), it is cancelled, as a Stop cancels the queued ones.
 RETURN_TO_QUEUE = Move(status="queued", reason=None, accepted=False)
+CANCEL_UNSENT = Move(status="cancelled", reason=None, accepted=False)
 
 
 def expiry_move(state: MessageState, kind: str, channel: str = "sms", *, handed_off: bool = True,
-                submissions: int | None = None) -> Move | None:
+                submissions: int | None = None, claiming: bool = True) -> Move | None:
     """A timer fired: it applies only if the message is still in the state the timer was started for.
 
     The Sending limit runs until the provider accepts: for SMS until `sent`, for email until the 202/250,
@@ -135,10 +137,11 @@ def expiry_move(state: MessageState, kind: str, channel: str = "sms", *, handed_
     message to a sender under its claim; one never handed off did not reach a provider, so it is not
     `timed_out` but queued again (decision: the outage hold's rule, for any reason a claim went unworked).
     `submissions`: the fence's count of hand-offs, the `attempt` of a message timed out with no answer.
+    `claiming`: the campaign still claims (holds its channel); if not (stopped), such a message is cancelled.
     """
     if kind == "sending" and state.status == "sending" and (channel == "sms" or not state.accepted):
         if not handed_off:
-            return RETURN_TO_QUEUE
+            return RETURN_TO_QUEUE if claiming else CANCEL_UNSENT
         attempt = submissions if submissions is not None and submissions > state.attempt else None
         return Move(status="failed", reason="timed_out", accepted=False, attempt=attempt)
     if kind == "sent" and state.status == "sent":
@@ -148,9 +151,12 @@ def expiry_move(state: MessageState, kind: str, channel: str = "sms", *, handed_
     return None
 
 
-def hold_move(state: MessageState) -> Move | None:
-    """A provider hold (contract v1.1): a claimed message not handed off returns to `queued`."""
-    return RETURN_TO_QUEUE if awaiting_acceptance(state) else None
+def hold_move(state: MessageState, *, claiming: bool = True) -> Move | None:
+    """A provider hold (contract v1.1): a claimed message not handed off returns to `queued` (`cancelled` if
+    its campaign claims no more: stopped)."""
+    if not awaiting_acceptance(state):
+        return None
+    return RETURN_TO_QUEUE if claiming else CANCEL_UNSENT
 
 
 def is_retryable(state: MessageState, *, named: bool, include_cancelled: bool) -> bool:
