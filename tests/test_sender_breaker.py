@@ -262,6 +262,23 @@ async def test_an_outage_holds_sending_and_every_message_is_delivered_after_it(t
         assert email.probes == 0 and not email.breaker.is_open
 
 
+async def test_a_hold_another_sender_decided_is_probed_here_too_and_lifted_by_whichever_probe_succeeds(tmp_path):
+    """Several senders: one's probe failed and the campaign shows it is held (CampaignSendingHeld). This one
+    pauses that provider's submissions and probes too; its probe succeeding lifts the hold for the campaign,
+    even if the sender that decided it never comes back."""
+    async with dispatcher_for(tmp_path) as (dispatcher, sms, email, published, holds):
+        campaign_id = str(uuid.uuid4())
+        sms.down = True
+        dispatcher.follow_hold(campaign_id, "twilio")
+        dispatcher.follow_hold(campaign_id, "no-such-provider")  # not this sender's provider: nothing
+        assert sms.breaker.is_open and not email.breaker.is_open
+        await wait_for(lambda: sms.probes >= 2)  # the provider is still down here too
+        assert holds_of(holds, campaign_id) == []
+        sms.down = False
+        await wait_for(lambda: holds_of(holds, campaign_id) == [("twilio", False, RESUMED_REASON)])
+        assert not sms.breaker.is_open and sms.calls_while_open == 0
+
+
 async def test_a_sender_restarted_during_an_outage_still_tells_its_held_campaigns_that_sending_resumes(tmp_path):
     claim = work("sms", [f"+1202555{1000 + n:04d}" for n in range(12)])
     async with dispatcher_for(tmp_path) as (dispatcher, sms, _, _published, holds):

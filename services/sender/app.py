@@ -156,6 +156,8 @@ class Sender:
                 self._wake.set()
         elif kind == "CampaignSendingHeld":
             self.book.hold(campaign_id)  # whichever sender's breaker opened: every sender pauses its claims
+            if isinstance(value.get("provider"), str) and self._running:
+                self.dispatcher.follow_hold(campaign_id, value["provider"])  # and probes: any may lift it
         elif kind == "CampaignSendingResumed":
             if not self.book.resume(campaign_id) and (active := self.journal.reactivate(campaign_id)) is not None:
                 self.book.activate(active.campaign_id, active.channel, active.run_no, active.segments)

@@ -73,6 +73,16 @@ class BreakerState:
         self.next_probe_at = now + self.probe_wait_s
         return True
 
+    def trip(self, now: float) -> bool:
+        """Open without failures of its own (another sender found the provider down); True if it opened."""
+        if self.is_open:
+            return False
+        self.is_open = True
+        self.streak.clear()
+        self.probe_wait_s = self.first_probe_s
+        self.next_probe_at = now + self.probe_wait_s
+        return True
+
     def probe_due(self, now: float) -> bool:
         return self.is_open and self.next_probe_at is not None and now >= self.next_probe_at
 
@@ -149,6 +159,15 @@ class ProviderBreaker:
             self.state.success()
         elif verdict == "failure" and self.state.failure(message_ids, self._clock()):
             self._opened()
+
+    def held_elsewhere(self) -> None:
+        """Another sender's probe failed (its hold came as a campaign event): this one pauses the provider's
+        submissions and probes too, so that whichever probe succeeds first lifts the hold."""
+        if self.state.trip(self._clock()):
+            log.warning("provider %s: held by another sender; sending paused, probing", self.name)
+            self._closed.clear()
+            self._prober = asyncio.ensure_future(self._probe_loop())
+        self.is_held = True
 
     def _opened(self) -> None:
         log.warning("provider %s: %d messages failed pre-send in a row; sending paused, probing",

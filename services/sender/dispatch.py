@@ -222,6 +222,16 @@ class Dispatcher:
         if not held_again:
             self._journal.forget_held(provider, campaign_id)
 
+    def follow_hold(self, campaign_id: str, provider: str) -> None:
+        """A campaign held by a sender (this one or another: `CampaignSendingHeld`): if this sender sends
+        through that provider, its breaker probes too, and the first probe that succeeds anywhere tells the
+        campaign `held: false` (the handler records a repeated one once)."""
+        for channel, adapter in list(self._adapters.items()):
+            breaker = self._breaker_of(adapter, channel)
+            if breaker.name == provider:
+                self._held[id(adapter)].add(campaign_id)
+                breaker.held_elsewhere()
+
     def _claim_started(self, adapter: ProviderAdapter, channel: str, campaign_id: str) -> None:
         breaker = self._breaker_of(adapter, channel)
         key = id(adapter)
