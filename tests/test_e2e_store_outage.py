@@ -106,7 +106,10 @@ async def test_a_postgresql_restart_mid_campaign_parks_nothing_and_loses_nothing
                            message=f"the campaign did not complete: {tail.latest_status(campaign)}")
     final = Counter(r["status"] for r in tail.latest_per_message(campaign).values())
     assert final == {"delivered": SIZE}, final
-    assert tail.values(topics.COMMANDS_DLQ) == [], "a record was parked during a transient outage"
+    # The session's broker holds other modules' parked records too: ours would name the campaign.
+    parked = [v for v in tail.values(topics.COMMANDS_DLQ) if isinstance(v, bytes) and campaign.encode() in v
+              or isinstance(v, dict) and v.get("campaign_id") == campaign]
+    assert parked == [], "a record was parked during a transient outage"
     log = await simulator_submissions(env)
     handed = Counter({m: len(entries) for m, entries in log.items()
                       if entries and entries[0].get("campaign_id") == campaign})
