@@ -271,7 +271,7 @@ async def test_a_fence_store_outage_is_waited_out_inside_the_claim(tmp_path):
 
     async with harness(tmp_path, presend_backoff_s=0.01) as (dispatcher, journal, adapter, published, sleeps):
         fence = dispatcher._fence
-        real_take, real_give_back = fence.take, fence.give_back
+        real_take, real_give_back = fence.take_many, fence.give_back
         failures = {"take": 2, "give_back": 1}
 
         def flaky(name, real):
@@ -282,13 +282,40 @@ async def test_a_fence_store_outage_is_waited_out_inside_the_claim(tmp_path):
                 return real(*args, **kwargs)
             return call
 
-        fence.take, fence.give_back = flaky("take", real_take), flaky("give_back", real_give_back)
+        fence.take_many, fence.give_back = flaky("take", real_take), flaky("give_back", real_give_back)
         items = [item("+12025550100"), item("+12025550104", row=2)]  # the second: 503 twice, then delivered
         await dispatcher.process(work("sms", items))
     assert failures == {"take": 0, "give_back": 0}
     assert adapter.submitted == {items[0]["message_id"]: 1, items[1]["message_id"]: 3}
     assert [r["outcome"] for r in all_results(published) if r["message_id"] == items[1]["message_id"]] == [
         "presend_error", "presend_error", "accepted", "sent", "delivered"]
+
+
+async def test_calls_take_their_grants_together_from_a_postgresql_fence(tmp_path, postgres_dsn):
+    """On PostgreSQL the concurrent calls' grants are taken together (one statement, one commit), in a worker
+    thread: every message still goes once, with its submission number."""
+    from tests.conftest import fresh_postgres_database
+
+    settings = Settings(data_dir=tmp_path, event_store="postgres", postgres_dsn=fresh_postgres_database(),
+                        presend_backoff_s=0.01, sms_rate=1e6)
+    adapter = RecordingAdapter(settings)
+    async with dispatcher_harness(settings, {"sms": adapter, "email": adapter}) as h:
+        assert not h.fence.is_local
+        batches: list[int] = []
+        real = h.fence.take_many
+
+        def counting(requests, now):
+            batches.append(len(requests))
+            return real(requests, now)
+
+        h.fence.take_many = counting
+        items = [item(f"+1202555{n:04d}", row=n) for n in range(1, 101)] + [item("+12025550104", row=101)]
+        report = await h.dispatcher.process(work("sms", items))
+        results = all_results(h.published.results)
+    assert report.submitted == 101 and sum(adapter.submitted.values()) == 103  # +12025550104: 503 twice
+    assert all(n == 1 for m, n in adapter.submitted.items() if m != items[-1]["message_id"])
+    assert [r["attempt"] for r in results if r["message_id"] == items[-1]["message_id"]] == [1, 2, 3, 3, 3]
+    assert len(batches) < 101 and max(batches) > 1  # gathered
 
 
 async def test_claimed_but_never_submitted_message_is_sent_after_a_crash(tmp_path):

@@ -28,6 +28,7 @@ arrives while the breaker is open gets its `held: true` then.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import time
@@ -124,6 +125,8 @@ class Dispatcher:
         self._claims_working: set[str] = set()
         self._using: dict[int, int] = {}  # adapter -> claims working on it (a replaced one finishes them)
         self._idle = asyncio.Event()
+        self._takes: list[tuple[str, list[str], asyncio.Future]] = []  # fence grants waiting for one commit
+        self._taking: asyncio.Task | None = None
         for adapter in adapters.values():
             self._attach_fence(adapter)
 
@@ -356,8 +359,10 @@ class Dispatcher:
                         continue  # opened while this one paid: held again
                     # The fence grants the hand-off, durably, right before the call (one small commit:
                     # no await, so nothing runs between the grant and the submission).
-                    granted = await self._fenced(self._fence.take, claim_id, [item["message_id"] for item in pending],
-                                                 self._clock())
+                    granted = await self._fenced(self._take, claim_id, [item["message_id"] for item in pending])
+                    if granted and not breaker.allows():  # opened while the grant was made: held again
+                        await self._fenced(self._fence.give_back, claim_id, list(granted), uncount=True)
+                        continue
                     refused = [item for item in pending if item["message_id"] not in granted]
                     if refused:
                         self._drop_refused(claim_id, refused, first=submission == 1, report=report)
@@ -405,14 +410,46 @@ class Dispatcher:
                 await self._sleep(backoff_delay(submission, self._backoff_s, self._rand))
         return futures
 
-    async def _fenced(self, call: Callable[..., T], *args: Any) -> T:
+    async def _take(self, claim_id: str, message_ids: list[str]) -> dict[str, int]:
+        """The fence's grant for one provider call. On a local fence (SQLite) at once, on the event loop: no
+        await between paying the tokens and submitting. On a server (PostgreSQL) together with the other
+        calls waiting for theirs, in a worker thread (one statement and one commit for all: a round trip and
+        a commit per call would cap the throughput). Either way the submission follows the grant with no
+        await in between."""
+        if self._fence.is_local:
+            return self._fence.take(claim_id, message_ids, self._clock())
+        future: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+        self._takes.append((claim_id, message_ids, future))
+        if self._taking is None or self._taking.done():
+            self._taking = asyncio.ensure_future(self._take_waiting())
+        return await future
+
+    async def _take_waiting(self) -> None:
+        while self._takes:
+            batch, self._takes = self._takes, []
+            try:
+                granted = await asyncio.to_thread(self._fence.take_many, [(c, m) for c, m, _ in batch], self._clock())
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for claim_id, message_ids, future in batch:
+                mine = {m: granted[m] for m in message_ids if m in granted}
+                if not future.done():
+                    future.set_result(mine)
+                elif mine:  # its call was cancelled (a stop) while the grant was made: never submitted
+                    await asyncio.to_thread(self._fence.give_back, claim_id, list(mine), uncount=True)
+
+    async def _fenced(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A fence call, its store's transient faults waited out (back-off, no limit): failing the claim
         instead would cancel its calls in flight, and a give-back lost would leave a message that never
-        reached the provider to time out. The first try runs at once, with no await before the call."""
+        reached the provider to time out."""
         failures = 0
         while True:
             try:
-                return call(*args)
+                result = call(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
             except Exception as exc:
                 if not is_transient(exc):
                     raise
