@@ -6,12 +6,11 @@ last save only makes the relay publish a page again (consumers dedupe on event_i
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.retry import is_transient
+from services.common.connections import ReconnectingConnection
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
 
@@ -40,32 +39,19 @@ class CheckpointStore:
 
     def __init__(self, connect: Callable[[], Any], dialect: _Dialect, name: str):
         table, p = dialect.table, dialect.placeholder
-        self._connect = connect
-        self._connection: Any = connect()
+        self._connection = ReconnectingConnection(connect)
         self._name = name
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} "
-                         f"(name TEXT PRIMARY KEY, position {dialect.integer} NOT NULL, "
-                         f"published {dialect.integer} NOT NULL)")
+        self._execute(f"CREATE TABLE IF NOT EXISTS {table} "
+                      f"(name TEXT PRIMARY KEY, position {dialect.integer} NOT NULL, "
+                      f"published {dialect.integer} NOT NULL)")
         self._select = f"SELECT position, published FROM {table} WHERE name = {p}"
         self._upsert = (f"INSERT INTO {table} (name, position, published) VALUES ({p}, {p}, {p}) "
                         "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
                         "published = excluded.published")
 
-    @property
-    def _db(self) -> Any:
-        if self._connection is None:
-            self._connection = self._connect()
-        return self._connection
-
-    def _execute(self, statement: str, params: tuple) -> Any:
-        try:
-            return self._db.execute(statement, params)
-        except Exception as exc:
-            if is_transient(exc) and self._connection is not None:
-                with contextlib.suppress(Exception):
-                    self._connection.close()
-                self._connection = None
-            raise
+    def _execute(self, statement: str, params: tuple = ()) -> Any:
+        with self._connection.reconnecting():
+            return self._connection.db.execute(statement, params)
 
     def load(self) -> Checkpoint:
         row = self._execute(self._select, (self._name,)).fetchone()
@@ -75,9 +61,7 @@ class CheckpointStore:
         self._execute(self._upsert, (self._name, checkpoint.position, checkpoint.published))
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._connection.close()
 
 
 def open_checkpoint_store(settings: Settings, name: str = "relay") -> CheckpointStore:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.retry import is_transient, retrying
+from services.common.connections import ReconnectingConnection
+from services.common.retry import retrying
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
 
@@ -61,13 +62,11 @@ class HandoffFence:
     """The fence table on one autocommit DB-API connection (sqlite3 or psycopg), safe to share between
     threads (a lock keeps each transaction whole). Every method is one transaction.
 
-    `connect` makes the connection, again after one failed for a transient reason (a PostgreSQL restart
-    leaves a connection dead for good): the failing call raises, for its caller to retry, and the next one
-    connects anew."""
+    `connect` makes the connection, again after one failed for a transient reason (`ReconnectingConnection`:
+    the failing call raises, for its caller to retry, and the next one connects anew)."""
 
     def __init__(self, connect: Callable[[], Any], dialect: _Dialect):
-        self._connect = connect
-        self._connection: Any = connect()
+        self._connection = ReconnectingConnection(connect)
         self._dialect = dialect
         self._lock = threading.Lock()
         # A local file answers in microseconds; a server in a round trip and a commit (worth gathering).
@@ -80,9 +79,9 @@ class HandoffFence:
         # PostgreSQL's IF NOT EXISTS races between processes creating the same table (a unique violation on
         # its catalog): the loser tries again and finds it made.
         for attempt in retrying(on=_created_meanwhile, timeout_s=None, attempts=5):
-            with attempt, self._lock, self._reconnecting():
+            with attempt, self._lock, self._connection.reconnecting():
                 for statement in ddl:
-                    self._db.execute(statement)
+                    self._connection.db.execute(statement)
         self._open = (
             f"INSERT INTO {t} (message_id, campaign_id, claim_id, claim_version, deadline, state, submissions) "
             f"VALUES ({p}, {p}, {p}, {p}, {p}, '{OPEN}', {p}) ON CONFLICT (message_id) DO UPDATE SET "
@@ -123,29 +122,19 @@ class HandoffFence:
     def give_back(self, claim_id: str, message_ids: Sequence[str], *, uncount: bool = False) -> None:
         """A definite pre-send error: nothing reached the provider, the claim may hand them off again.
         `uncount`: the try is not a submission either (an SMTP re-submission that reached nobody)."""
-        t, p = self._dialect.table, self._dialect.placeholder
-        if not message_ids:
-            return
-        marks = ", ".join([p] * len(message_ids))
         less = ", submissions = submissions - 1" if uncount else ""
-        self._transaction(lambda cur: cur.execute(
-            f"UPDATE {t} SET state = '{OPEN}'{less} WHERE claim_id = {p} AND state = '{HANDED_OFF}' "
-            f"AND message_id IN ({marks})", (claim_id, *message_ids)))
+        self._update_claim(claim_id, message_ids, f"state = '{OPEN}'{less}", (), only_from=HANDED_OFF)
 
     def defer(self, claim_id: str, message_ids: Sequence[str], until: float) -> None:
         """The provider deferred them (SMTP 4xx at RCPT or DATA: nothing taken): open again under the claim
         until the retry window closes, for the re-submissions to take one at a time."""
-        t, p = self._dialect.table, self._dialect.placeholder
-        if not message_ids:
-            return
-        marks = ", ".join([p] * len(message_ids))
-        self._transaction(lambda cur: cur.execute(
-            f"UPDATE {t} SET state = '{OPEN}', deadline = {p} WHERE claim_id = {p} AND state = '{HANDED_OFF}' "
-            f"AND message_id IN ({marks})", (until, claim_id, *message_ids)))
+        p = self._dialect.placeholder
+        self._update_claim(claim_id, message_ids, f"state = '{OPEN}', deadline = {p}", (until,),
+                           only_from=HANDED_OFF)
 
     def close(self, claim_id: str, message_ids: Sequence[str]) -> None:
         """Never again under this claim (a final pre-send error reported)."""
-        self._set_state(claim_id, message_ids, CLOSED)
+        self._update_claim(claim_id, message_ids, f"state = '{CLOSED}'", ())
 
     # ------------------------------------------------------------------ the command handler
 
@@ -181,11 +170,11 @@ class HandoffFence:
         """Hand-offs so far of each message that has a row: the number of its latest submission."""
         t, p = self._dialect.table, self._dialect.placeholder
         found: dict[str, int] = {}
-        with self._lock, self._reconnecting():
+        with self._lock, self._connection.reconnecting():
             for start in range(0, len(message_ids), 500):
                 chunk = list(message_ids[start:start + 500])
                 marks = ", ".join([p] * len(chunk))
-                found.update(self._db.execute(
+                found.update(self._connection.db.execute(
                     f"SELECT message_id, submissions FROM {t} WHERE message_id IN ({marks})", chunk).fetchall())
         return found
 
@@ -193,50 +182,34 @@ class HandoffFence:
 
     def row(self, message_id: str) -> dict[str, Any] | None:
         t, p = self._dialect.table, self._dialect.placeholder
-        with self._lock, self._reconnecting():
-            found = self._db.execute(f"SELECT claim_id, claim_version, deadline, state, submissions FROM {t} "
+        with self._lock, self._connection.reconnecting():
+            found = self._connection.db.execute(f"SELECT claim_id, claim_version, deadline, state, submissions FROM {t} "
                                      f"WHERE message_id = {p}", (message_id,)).fetchone()
         if found is None:
             return None
         return dict(zip(("claim_id", "claim_version", "deadline", "state", "submissions"), found))
 
     def close_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._connection.close()
 
     # ------------------------------------------------------------------ internals
 
-    def _set_state(self, claim_id: str, message_ids: Sequence[str], state: str, only_from: str | None = None) -> None:
+    def _update_claim(self, claim_id: str, message_ids: Sequence[str], assignments: str, params: tuple,
+                      only_from: str | None = None) -> None:
+        """`UPDATE ... SET {assignments}` (its placeholders filled by `params`) on the claim's rows of
+        `message_ids`, only those in state `only_from` when given."""
         t, p = self._dialect.table, self._dialect.placeholder
         if not message_ids:
             return
         marks = ", ".join([p] * len(message_ids))
         condition = f" AND state = '{only_from}'" if only_from else ""
         self._transaction(lambda cur: cur.execute(
-            f"UPDATE {t} SET state = {p} WHERE claim_id = {p} AND message_id IN ({marks}){condition}",
-            (state, claim_id, *message_ids)))
-
-    @property
-    def _db(self) -> Any:
-        if self._connection is None:
-            self._connection = self._connect()
-        return self._connection
-
-    @contextlib.contextmanager
-    def _reconnecting(self) -> Iterator[None]:
-        try:
-            yield
-        except Exception as exc:
-            if is_transient(exc) and self._connection is not None:
-                with contextlib.suppress(Exception):
-                    self._connection.close()
-                self._connection = None  # the next call connects anew
-            raise
+            f"UPDATE {t} SET {assignments} WHERE claim_id = {p} AND message_id IN ({marks}){condition}",
+            (*params, claim_id, *message_ids)))
 
     def _transaction(self, work: Any) -> Any:
-        with self._lock, self._reconnecting():
-            cursor = self._db.cursor()
+        with self._lock, self._connection.reconnecting():
+            cursor = self._connection.db.cursor()
             cursor.execute(self._dialect.begin)
             try:
                 result = work(cursor)
