@@ -8,6 +8,7 @@ loses on optimistic concurrency and the use case is decided again on fresh state
 """
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections import defaultdict
@@ -91,13 +92,19 @@ class OutreachApp(Application):
     def __init__(self, settings: Settings, env: dict[str, str] | None = None):
         super().__init__(env={**store_env(settings), **(env or {})})
         self.settings = settings
-        self.fence: HandoffFence = open_fence(settings)  # closed by the use cases that take a claim back
         self._touched: set[uuid.UUID] = set()
         self._message_refs: dict[str, dict[str, tuple[int, int]]] = {}
 
+    @functools.cached_property
+    def fence(self) -> HandoffFence:
+        """The hand-off fence (the relay opens claims there, the use cases that take a claim back close
+        them); opened on first use, so a reader of the store (`outreach replay`) never makes one."""
+        return open_fence(self.settings)
+
     def close(self) -> None:
         super().close()
-        self.fence.close_connection()
+        if "fence" in self.__dict__:
+            self.fence.close_connection()
 
     # ----- loading ------------------------------------------------------------------------------
     def _load(self, aggregate_id: uuid.UUID) -> Any | None:
