@@ -67,11 +67,7 @@ class BreakerState:
         self.streak.update(message_ids)
         if len(self.streak) < self.threshold:
             return False
-        self.is_open = True
-        self.streak.clear()
-        self.probe_wait_s = self.first_probe_s
-        self.next_probe_at = now + self.probe_wait_s
-        return True
+        return self.trip(now)
 
     def trip(self, now: float) -> bool:
         """Open without failures of its own (another sender found the provider down); True if it opened."""
