@@ -74,12 +74,9 @@ class Relay:
         events = [self.app.mapper.to_domain_event(n) for n in notifications]
         for e in events:
             if isinstance(e, Campaign.WorkClaimed) and e.items:
-                self._open_fence(e)
+                open_fence_for_claim(self.fence, e, self.settings.sending_timeout_s)
         records = [r for e in events for r in wire.to_records(e)]
         return (notifications[-1].id if notifications else self.checkpoint.position), records
-
-    def _open_fence(self, e: Campaign.WorkClaimed) -> None:
-        open_fence_for_claim(self.fence, e, self.settings.sending_timeout_s)
 
     async def publish_once(self) -> int:
         """Publishes one page; returns how many notifications it covered (0 when caught up)."""

@@ -36,7 +36,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from schemas.internal import SendingHold
 from schemas.times import utc_now
@@ -48,8 +48,6 @@ from services.sender.breaker import HELD_REASON, ProviderBreaker
 from services.sender.journal import Journal
 from services.sender.providers import ProviderAdapter, make_result, provider_name
 from services.sender.ratelimit import TokenBucket, channel_limiters, item_cost
-
-T = TypeVar("T")
 
 RESUMED_AFTER_RESTART = "sender_restarted"  # SendingHold.reason when a restarted sender lifts an old hold
 
@@ -357,8 +355,8 @@ class Dispatcher:
                     await bucket.acquire(cost)
                     if not breaker.allows():
                         continue  # opened while this one paid: held again
-                    # The fence grants the hand-off, durably, right before the call (one small commit:
-                    # no await, so nothing runs between the grant and the submission).
+                    # The fence grants the hand-off, durably, right before the call; nothing is awaited
+                    # between the grant and the submission (see _take).
                     granted = await self._fenced(self._take, claim_id, [item["message_id"] for item in pending])
                     if granted and not breaker.allows():  # opened while the grant was made: held again
                         await self._fenced(self._fence.give_back, claim_id, list(granted), uncount=True)

@@ -1,20 +1,17 @@
 """The sender's durable journal (SQLite, WAL) at `settings.data_dir / "sender-journal.db"`.
 
-- `handoffs`: one row per (message_id, claim_id): `claimed` when the claim arrives, `handed_off` right
-  BEFORE its provider call, `done` with the
-  provider's results once known. A redelivered WorkClaimed therefore never submits a message twice:
-  `done` rows get their stored results re-published, `handed_off` rows (a crash mid-call) are left alone
-  -- the message times out, since a duplicate SMS is worse than a late failure -- and `claimed` rows
-  (a crash before their turn: they never left the process) are submitted.
+- `handoffs`: one row per (message_id, claim_id): `claimed` when the claim arrives, `done` with the
+  provider's results once known: a cache, so a redelivered WorkClaimed re-publishes the results of `done`
+  rows. Whether a message may be submitted is the hand-off fence's to say (services/common/fence.py), not
+  this file's. (`handed_off` rows come only from journals written before the fence: left alone.)
 - `active_campaigns`: the campaigns the sender is claiming for (resumed after a restart).
 - `campaigns`: what the sender learnt from campaign events: the channel (CampaignRunStarted does not carry
   it), the SMS template's segments per message (sizes claims after a restart too) and the last run
   started, so a redelivered CampaignRunStarted / RetryStarted does not restart claiming.
 
 Calls are short and batched (one transaction per claim and per results flush), so they run on the event
-loop's thread. Opened by `services.common.sqlite.open_sqlite` (WAL, `synchronous=NORMAL`): a committed hand-off survives any crash of the process (what
-every service must survive); only a power cut can lose the last few, at a tenth of FULL's cost per commit
-(one commit per provider call).
+loop's thread. Opened by `services.common.sqlite.open_sqlite` (WAL, `synchronous=NORMAL`): a commit survives
+any crash of the process (what every service must survive); only a power cut can lose the last few.
 """
 from __future__ import annotations
 
@@ -129,14 +126,6 @@ class Journal:
             return {mid: h for mid, h in existing.items() if h.state != "claimed"}
 
         return self._write(write)
-
-    def mark_handed_off(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """(message_id, claim_id) pairs about to be submitted, in one transaction (committed before the call)."""
-        params = [(time.time(), mid, cid) for mid, cid in pairs]
-        if params:
-            self._write(lambda db: db.executemany(
-                "UPDATE handoffs SET state = 'handed_off', updated_at = ? "
-                "WHERE message_id = ? AND claim_id = ? AND state = 'claimed'", params))
 
     def finish(self, rows: Iterable[tuple[str, str, list[dict]]]) -> None:
         """Mark (message_id, claim_id, results) rows done with the provider's results, in one transaction."""
