@@ -130,6 +130,19 @@ def event_store_env(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
     return {"OUTREACH_EVENT_STORE": "postgres", "OUTREACH_POSTGRES_DSN": fresh_postgres_database()}
 
 
+@pytest.fixture
+def app(event_store_env, monkeypatch):
+    """The command handler's application on a fresh event store of each kind (a module may define its own)."""
+    from services.command_handler.application import OutreachApp
+    from services.common.settings import get_settings
+
+    for key, value in event_store_env.items():
+        monkeypatch.setenv(key, value)
+    application = OutreachApp(get_settings())
+    yield application
+    application.close()
+
+
 # ---------------------------------------------------------------- polling (tests never sleep blindly)
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, message: str = "") -> Any:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
 from schemas import topics
 from schemas.times import utc_now
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
@@ -18,15 +16,6 @@ from services.command_handler.handlers import DeadLetter
 from tests.handler_driver import Driver, sender_result
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
-
-
-@pytest.fixture
-def app(event_store_env, monkeypatch):
-    for key, value in event_store_env.items():
-        monkeypatch.setenv(key, value)
-    application = OutreachApp(get_settings())
-    yield application
-    application.close()
 
 
 def sms_contacts(n, start_row=2):

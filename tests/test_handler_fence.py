@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 
-import pytest
-
 from schemas import topics
 from services.common import ids
 from services.common.settings import get_settings
@@ -16,15 +14,6 @@ from services.command_handler.domain.model import Campaign
 from services.command_handler.relay import open_fence_for_claim
 from tests.handler_driver import Driver, sender_result
 from tests.test_handler_app import ALL_TRUE, ready_sms_campaign
-
-
-@pytest.fixture
-def app(event_store_env, monkeypatch):
-    for key, value in event_store_env.items():
-        monkeypatch.setenv(key, value)
-    application = OutreachApp(get_settings())
-    yield application
-    application.close()
 
 
 class Relayed(Driver):
