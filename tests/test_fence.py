@@ -128,12 +128,15 @@ def test_two_senders_racing_for_the_same_claim_hand_each_message_off_once(fence_
         second.close_connection()
 
 
-def test_a_connection_lost_to_a_postgresql_restart_fails_one_call_and_the_next_connects_again(fence_settings):
+def test_a_connection_lost_to_a_postgresql_restart_fails_one_call_and_the_next_connects_again(postgres_dsn, tmp_path):
     """A PostgreSQL restart kills the fence's connection for good: the call in flight raises a transient
-    error (its caller waits and tries again) and the next call connects anew."""
-    if fence_settings.event_store != "postgres":
-        pytest.skip("an SQLite file has no server to lose")
+    error (its caller waits and tries again) and the next call connects anew. (An SQLite file has no server
+    to lose.)"""
     import psycopg
+
+    from tests.conftest import fresh_postgres_database
+
+    fence_settings = Settings(event_store="postgres", postgres_dsn=fresh_postgres_database(), data_dir=tmp_path)
 
     from services.common.retry import is_transient
 
