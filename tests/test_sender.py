@@ -487,16 +487,24 @@ def test_claim_book_keeps_two_outstanding_and_reissues_after_timeout():
     assert len(again) == 1 and again[0][1] not in first
 
 
-def test_claim_book_empty_answer_drains_then_stops():
-    book = ClaimBook()
+def test_claim_book_empty_answer_drains_to_one_poll_now_and_then():
+    """Messages can come back to the queue with no campaign event (the Sending limit re-queues a claimed
+    message nobody handed off): a drained campaign is asked once every drain_poll_s until it is final."""
+    book = ClaimBook(drain_poll_s=2.0)
     book.activate("c1", "email", 1)
     a, b = (claim for _, claim in book.due(now=0))
-    book.answered("c1", a, run_no=1, empty=True)
-    assert book.due(now=1) == [] and book.drained() == []  # b is still outstanding
-    book.answered("c1", b, run_no=1, empty=False)
-    assert book.drained() == []
-    book.submitted("c1", b)
-    assert book.drained() == ["c1"] and "c1" not in book.campaigns
+    book.answered("c1", a, run_no=1, empty=False)  # answers come in the order the handler made them
+    book.answered("c1", b, run_no=1, empty=True)
+    assert book.due(now=1) == []  # draining, and a is still in hand
+    book.submitted("c1", a)
+    [(_, poll)] = book.due(now=1.5)  # nothing outstanding: one claim asks again
+    assert book.due(now=2) == []
+    book.answered("c1", poll, run_no=1, empty=True)
+    assert book.due(now=3) == [] and len(book.due(now=3.5)) == 1  # 2 s after the last poll
+    [poll] = list(book.campaigns["c1"].requested)
+    book.answered("c1", poll, run_no=1, empty=False)  # it found re-queued messages: full pace again
+    book.submitted("c1", poll)
+    assert len(book.due(now=4)) == 2
 
 
 def test_claim_book_stale_empty_answer_and_retry_restart_claiming():
@@ -531,13 +539,77 @@ async def test_a_resumed_campaign_the_sender_had_drained_is_claimed_again(tmp_pa
         sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": cid, "channel": "sms",
                                   "template": SMS_TEMPLATE})
         sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
-        sender.book.remove(cid)  # drained (nothing queued): claiming stopped
-        sender.journal.deactivate(cid)
+        sender.on_campaign_event({"type": "CampaignStatusChanged", "campaign_id": cid, "status": "complete"})
+        assert cid not in sender.book.campaigns and sender.journal.active_campaigns() == []
         sender.on_campaign_event({"type": "CampaignSendingHeld", "campaign_id": cid, "provider": "inprocess"})
         sender.on_campaign_event({"type": "CampaignSendingResumed", "campaign_id": cid, "provider": "inprocess"})
         assert [a.campaign_id for a in sender.journal.active_campaigns()] == [cid]
         await sender._request_claims(sender.book.due(0.0))
         assert [request["campaign_id"] for request in producer.values(topics.CLAIM_REQUESTS)] == [cid, cid]
+
+
+def test_claim_book_claims_only_for_owned_campaigns_and_disowns_on_a_revoke():
+    book = ClaimBook()
+    book.activate("mine", "sms", 1)
+    book.activate("theirs", "sms", 1)
+    owned = {"mine"}
+    issued = book.due(now=0, owns=owned.__contains__)
+    assert {campaign.campaign_id for campaign, _ in issued} == {"mine"}
+    [a, _] = [claim for _, claim in issued]
+    book.answered("mine", a, run_no=1, empty=False)  # one answered and in hand, one requested
+    owned.clear()  # a rebalance took its partition: the answers go to the new owner
+    book.disown(owned.__contains__)
+    assert book.campaigns["mine"].outstanding == 0 and book.due(now=1, owns=owned.__contains__) == []
+    owned.add("mine")  # ... and gave it back
+    assert len(book.due(now=2, owns=owned.__contains__)) == 2
+
+
+async def test_a_sender_claims_for_the_campaigns_of_its_work_partitions_only(tmp_path):
+    """The relay keys WorkClaimed by campaign id with Kafka's default partitioner: the sender owning that
+    partition gets the answers, so it is the one that claims."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, producer):
+        campaigns = [str(uuid.uuid4()) for _ in range(16)]
+        for cid in campaigns:
+            sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": cid, "channel": "email",
+                                      "template": EMAIL_TEMPLATE})
+            sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
+        assert sender.book.due(0.0, sender.owns) == []  # no partition assigned yet: nobody's campaigns
+        work = [TopicPartition(topics.SENDER_WORK, p) for p in range(8)]
+        sender.own(work[:3], set(range(8)))
+        partition = {cid: DefaultPartitioner()(cid.encode(), list(range(8)), list(range(8))) for cid in campaigns}
+        mine = {cid for cid in campaigns if partition[cid] < 3}
+        assert mine and {c.campaign_id for c, _ in sender.book.due(0.0, sender.owns)} == mine
+        sender.disown(work[:3])
+        assert not any(sender.owns(cid) for cid in campaigns)
+        sender.own(work, set(range(8)))
+        assert all(sender.owns(cid) for cid in campaigns)
+
+
+async def test_a_stopped_campaign_is_no_longer_claimed_for(tmp_path):
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, _):
+        cid = str(uuid.uuid4())
+        sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
+        sender.on_campaign_event({"type": "CampaignStopped", "campaign_id": cid})
+        assert cid not in sender.book.campaigns and sender.journal.active_campaigns() == []
+        sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 2})  # run again
+        assert [a.run_no for a in sender.journal.active_campaigns()] == [2]
+
+
+def test_journal_keeps_the_campaign_event_positions_per_instance(tmp_path):
+    first, second = Settings(data_dir=tmp_path), Settings(data_dir=tmp_path, instance_name="1")
+    assert Journal.open(first).event_positions() == {}
+    journal = Journal.open(first)
+    journal.save_event_positions({0: 12, 3: 4})
+    journal.save_event_positions({3: 9})
+    journal.close()
+    assert Journal.open(first).event_positions() == {0: 12, 3: 9}
+    assert Journal.open(second).event_positions() == {}  # its own file: sender-journal-1.db
+    assert sorted(p.name for p in tmp_path.glob("sender-journal*.db")) == ["sender-journal-1.db",
+                                                                          "sender-journal.db"]
+    with pytest.raises(ValidationError):
+        Settings(instance_name="../elsewhere")
 
 
 def test_offset_tracker_commits_the_finished_prefix():

@@ -146,7 +146,7 @@ async def fake(kafka_bootstrap: str, tmp_path):
 @contextlib.asynccontextmanager
 async def running_sender(settings: Settings, groups: str, **options):
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop, events_group=f"{groups}-campaigns", work_group=f"{groups}-work",
+    task = asyncio.create_task(serve(settings, stop, work_group=f"{groups}-work",
                                      **options))
     try:
         yield task
@@ -191,10 +191,15 @@ async def test_sender_claims_sends_and_stops_when_nothing_is_queued(fake, kafka_
         await fake.publish_event(sms_id, "CampaignRunStarted", run_no=1, accepted_by="t", disclaimer={},
                                  message_count=25, suppressed_count=0)
 
-        def sms_done():
+        def sms_sent():
             check_alive(sender)
-            return (len(by_message(fake.results[sms_id])) == 25 and 0 in fake.answers[sms_id]
-                    and sms_id not in active_campaigns(settings))
+            return len(by_message(fake.results[sms_id])) == 25 and 0 in fake.answers[sms_id]
+
+        await async_wait_until(sms_sent, 30, message="the SMS campaign was not sent")
+        await fake.publish_event(sms_id, "CampaignStatusChanged", status="complete", previous_status="in_progress")
+
+        def sms_done():
+            return sms_sent() and sms_id not in active_campaigns(settings)
 
         await async_wait_until(sms_done, 30, message="the SMS campaign was not sent and drained")
         seen = by_message(fake.results[sms_id])
@@ -210,10 +215,15 @@ async def test_sender_claims_sends_and_stops_when_nothing_is_queued(fake, kafka_
         await fake.publish_event(sms_id, "CampaignRunStarted", run_no=1, accepted_by="t", disclaimer={},
                                  message_count=25, suppressed_count=0)  # redelivered: no new claims
 
-        def email_done():
+        def email_sent():
             check_alive(sender)
-            return (len(by_message(fake.results[email_id])) == 5 and 0 in fake.answers[email_id]
-                    and email_id not in active_campaigns(settings))
+            return len(by_message(fake.results[email_id])) == 5 and 0 in fake.answers[email_id]
+
+        await async_wait_until(email_sent, 30, message="the email campaign was not sent")
+        await fake.publish_event(email_id, "CampaignStatusChanged", status="complete", previous_status="in_progress")
+
+        def email_done():
+            return email_sent() and email_id not in active_campaigns(settings)
 
         await async_wait_until(email_done, 30, message="the email campaign was not sent and drained")
         assert all(v == [("accepted", 1), ("delivered", 1)] for v in by_message(fake.results[email_id]).values())
@@ -240,9 +250,12 @@ async def test_sender_resumes_claiming_after_a_restart(fake, kafka_bootstrap, tm
 
     fake.answering.add(campaign_id)
     async with running_sender(settings, groups):  # same journal: claiming resumes
-        await async_wait_until(lambda: len(by_message(fake.results[campaign_id])) == 3
-                               and campaign_id not in active_campaigns(settings), 30,
+        await async_wait_until(lambda: len(by_message(fake.results[campaign_id])) == 3, 30,
                                message="claiming did not resume after the restart")
+        await fake.publish_event(campaign_id, "CampaignStatusChanged", status="complete_with_errors",
+                                 previous_status="in_progress")
+        await async_wait_until(lambda: campaign_id not in active_campaigns(settings), 30,
+                               message="claiming did not end with the campaign")
     assert {c["claim_id"] for c in fake.claims[campaign_id]} - first_claims
     seen = by_message(fake.results[campaign_id])
     assert [seen[i["message_id"]] for i in items] == [
@@ -264,7 +277,7 @@ async def test_lost_claims_are_issued_again_after_the_timeout(fake, kafka_bootst
 
         def done():
             check_alive(sender)
-            return len(by_message(fake.results[campaign_id])) == 2 and campaign_id not in active_campaigns(settings)
+            return len(by_message(fake.results[campaign_id])) == 2 and 0 in fake.answers[campaign_id]
 
         await async_wait_until(done, 30, message="lost claims were not issued again")
     assert len(fake.claims[campaign_id]) >= 4

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # Stores
     event_store: Literal["sqlite", "postgres"] = "sqlite"
     data_dir: Path = Path("./var")
+    # Names this instance's local files when several instances of a service share one data_dir (`outreach up
+    # --instances`): "" for the first, then "1", "2"... Letters, digits, "-", "_" and "." only.
+    instance_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
     sqlite_path: Path | None = None
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # The read model: a postgresql:// DSN or sqlite:///path; default the SQLite file data_dir/read-model.db
@@ -80,6 +83,13 @@ class Settings(BaseSettings):
     @property
     def event_store_sqlite_path(self) -> Path:
         return self.sqlite_path or self.data_dir / "outreach-events.db"
+
+    def instance_file(self, file_name: str) -> Path:
+        """`data_dir/file_name`, the instance's name inserted before the suffix when it has one."""
+        if not self.instance_name:
+            return self.data_dir / file_name
+        stem, dot, suffix = file_name.partition(".")
+        return self.data_dir / f"{stem}-{self.instance_name}{dot}{suffix}"
 
     @property
     def simulator_url(self) -> str:

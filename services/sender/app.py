@@ -1,13 +1,19 @@
 """The sender process (`python -m services.sender`): claims work, submits it, reports the outcomes.
 
-- `outreach.campaign-events` (group `outreach-sender-campaigns`): CampaignCreated teaches the channel;
-  CampaignRunStarted / RetryStarted start claiming for the campaign (journalled, so a restart resumes);
-  CampaignDeleted stops it. Offsets are committed after the journal write.
-- Claim loop: up to 2 claims outstanding per active campaign, each a `ClaimRequest` on
+- `outreach.campaign-events`, every partition, by every instance (no consumer group; the positions live in
+  the journal): CampaignCreated teaches the channel; CampaignRunStarted / RetryStarted start claiming for
+  the campaign (journalled, so a restart resumes); CampaignStopped / CampaignDeleted and a final
+  CampaignStatusChanged end it (a drained campaign is polled until then: claims.py); a hold
+  (CampaignSendingHeld) pauses every instance's claims and sets every instance probing.
+- Ownership: a campaign is claimed for by the instance that holds its partition of
+  `outreach.internal.sender-work` (group `outreach-sender-work`; the relay keys work by campaign id), so
+  the answers to its claims come to it, and ownership moves with a rebalance or a crash.
+- Claim loop: up to 2 claims outstanding per owned active campaign, each a `ClaimRequest` on
   `outreach.internal.claim-requests` (see claims.py for the bookkeeping and its timeout).
-- `outreach.internal.sender-work` (group `outreach-sender-work`): each WorkClaimed is worked on as its own
-  task (dispatch.py); its offset is committed once it and every record before it on its partition have
-  their results published (`OffsetTracker`), so a crash redelivers, and the journal stops double sends.
+- `outreach.internal.sender-work`: each WorkClaimed is worked on as its own task (dispatch.py); its offset
+  is committed once it and every record before it on its partition have their results published
+  (`OffsetTracker`), so a crash redelivers, and the hand-off fence stops double sends (also across
+  instances: claims an old owner still works on are refused to the new one message by message).
 - Claim size: about 2 s of the channel's rate (claims.py); for SMS in messages, from the segments per
   message (the template's, from CampaignCreated / TemplateUpdated, then the rendered messages of each
   WorkClaimed). Sending itself is paced by a token bucket per channel in the dispatcher (ratelimit.py).
@@ -31,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.partitioner import murmur2
 from pydantic import BaseModel
 
 from schemas import topics
@@ -52,13 +59,15 @@ log = logging.getLogger("outreach.sender")
 
 AdapterFactory = Callable[[Settings, str], ProviderAdapter]  # (settings, channel) -> that channel's adapter
 
-EVENTS_GROUP = "outreach-sender-campaigns"
 WORK_GROUP = "outreach-sender-work"
 MAX_JOBS = 64  # WorkClaimed records worked on at once (more waits in the broker)
 DRAIN_TIMEOUT_S = 15.0
 PRUNE_EVERY_S = 3600.0
 KEEP_HANDOFFS_S = 7 * 24 * 3600.0  # a claim is redelivered within minutes; a week is plenty
 ACTIVATING_EVENTS = ("CampaignRunStarted", "RetryStarted")
+ENDING_EVENTS = ("CampaignStopped", "CampaignDeleted")  # nothing left to claim (a new run comes as RunStarted)
+# Campaign statuses with nothing queued, sending or sent: claiming ends (a retry comes as RetryStarted).
+FINAL_STATUSES = ("complete", "complete_with_errors", "failed", "deleted")
 JOB_FIRST_WAIT_S, JOB_LONGEST_WAIT_S = 0.5, 10.0  # a claim that failed is tried again after these
 
 
@@ -102,9 +111,10 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         await self.sender.commit_work(self.consumer)
         self.sender.tracker.drop(revoked)  # claims in hand finish; their offsets are the new owner's
+        self.sender.disown(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        pass
+        self.sender.own(assigned, self.consumer.partitions_for_topic(topics.SENDER_WORK))
 
 
 class Sender:
@@ -130,11 +140,39 @@ class Sender:
         self._background: dict[int, tuple[asyncio.Event, asyncio.Task]] = {}
         self.jobs: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # the claim loop has something to do
+        self.owned: set[int] = set()  # the sender-work partitions assigned: their campaigns are ours to claim
+        self._work_partitions = 0  # how many the topic has (the relay's partitioner: murmur2 of the key)
+        self._partition_of: dict[str, int] = {}
         self._running = False
         self.configs: dict[str, ChannelConfig] = dict(feed.current) if feed is not None else {}
         for campaign in journal.active_campaigns():  # resume after a restart
             self.book.activate(campaign.campaign_id, campaign.channel, campaign.run_no, campaign.segments)
             log.info("resuming claims for campaign %s (run %d)", campaign.campaign_id, campaign.run_no)
+        for campaign_id, _ in journal.holds_seen():  # still held: no claims until CampaignSendingResumed
+            self.book.hold(campaign_id)
+
+    # ------------------------------------------------------------------ ownership
+
+    def owns(self, campaign_id: str) -> bool:
+        if not self._work_partitions:
+            return False
+        partition = self._partition_of.get(campaign_id)
+        if partition is None:  # as aiokafka's (and Java's) default partitioner places the relay's work
+            partition = (murmur2(campaign_id.encode()) & 0x7FFFFFFF) % self._work_partitions
+            self._partition_of[campaign_id] = partition
+        return partition in self.owned
+
+    def own(self, assigned, partitions: set[int] | None) -> None:
+        if partitions and len(partitions) != self._work_partitions:
+            self._work_partitions = len(partitions)
+            self._partition_of.clear()
+        self.owned = {tp.partition for tp in assigned if tp.topic == topics.SENDER_WORK}
+        log.info("sender-work partitions owned: %s", sorted(self.owned))
+        self._wake.set()
+
+    def disown(self, revoked) -> None:
+        self.owned -= {tp.partition for tp in revoked if tp.topic == topics.SENDER_WORK}
+        self.book.disown(self.owns)
 
     # ------------------------------------------------------------------ campaign events
 
@@ -156,14 +194,20 @@ class Sender:
                 self._wake.set()
         elif kind == "CampaignSendingHeld":
             self.book.hold(campaign_id)  # whichever sender's breaker opened: every sender pauses its claims
-            if isinstance(value.get("provider"), str) and self._running:
-                self.dispatcher.follow_hold(campaign_id, value["provider"])  # and probes: any may lift it
+            if isinstance(value.get("provider"), str):
+                self.journal.saw_hold(campaign_id, value["provider"])  # a restart must still know it
+                if self._running:
+                    self.dispatcher.follow_hold(campaign_id, value["provider"])  # and probes: any may lift it
         elif kind == "CampaignSendingResumed":
+            self.journal.saw_resume(campaign_id)
             if not self.book.resume(campaign_id) and (active := self.journal.reactivate(campaign_id)) is not None:
                 self.book.activate(active.campaign_id, active.channel, active.run_no, active.segments)
             log.info("sending resumes for campaign %s: claiming again", campaign_id)
             self._wake.set()
-        elif kind == "CampaignDeleted":
+        elif kind in ENDING_EVENTS or kind == "CampaignStatusChanged" and value.get("status") in FINAL_STATUSES:
+            if campaign_id in self.book.campaigns:
+                log.info("campaign %s: %s; claiming ended", campaign_id,
+                         value.get("status") if kind == "CampaignStatusChanged" else kind)
             self.journal.deactivate(campaign_id)
             self.book.remove(campaign_id)
 
@@ -173,6 +217,19 @@ class Sender:
             segments = float(sms_cost(template, None))
             self.journal.learn_segments(campaign_id, segments)
             self.book.learn_segments(campaign_id, segments)
+
+    async def read_all_campaign_events(self, consumer: AIOKafkaConsumer) -> None:
+        """Assign every partition of the campaign events, from the journal's positions (else the start)."""
+        await consumer.topics()  # metadata of every topic (ensure_topics made them)
+        partitions = sorted(consumer.partitions_for_topic(topics.CAMPAIGN_EVENTS) or ())
+        tps = [TopicPartition(topics.CAMPAIGN_EVENTS, p) for p in partitions]
+        consumer.assign(tps)
+        positions = self.journal.event_positions()
+        for tp in tps:
+            if tp.partition in positions:
+                consumer.seek(tp, positions[tp.partition])
+            else:
+                await consumer.seek_to_beginning(tp)
 
     async def events_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -184,11 +241,9 @@ class Sender:
                     except jsoncodec.JSONDecodeError:
                         log.warning("campaign event %s[%d]@%d is not JSON; skipped",
                                     record.topic, record.partition, record.offset)
-            if batches:
-                try:
-                    await consumer.commit()
-                except Exception as exc:  # a rebalance under way: the events come again (handling is idempotent)
-                    log.warning("campaign-events commit failed: %r", exc)
+            # After their effects (handling is idempotent: a crash in between reads a few again).
+            self.journal.save_event_positions({tp.partition: records[-1].offset + 1
+                                               for tp, records in batches.items() if records})
 
     # ------------------------------------------------------------------ claims
 
@@ -196,10 +251,7 @@ class Sender:
         last_prune = 0.0
         while not stop.is_set():
             self._wake.clear()  # before the work: a wake-up during it makes the wait below return at once
-            for campaign_id in self.book.drained():
-                self.journal.deactivate(campaign_id)
-                log.info("nothing queued for campaign %s: claiming stopped", campaign_id)
-            due = self.book.due(time.monotonic())
+            due = self.book.due(time.monotonic(), self.owns)
             if due:
                 try:
                     await self._request_claims(due)
@@ -387,6 +439,8 @@ class Sender:
         if resumed := self.dispatcher.resume_holds_of_earlier_run():
             log.info("told %d campaigns held by an earlier run that sending resumes", resumed)
         self._running = True
+        for campaign_id, provider in self.journal.holds_seen():  # held before a restart: probe again
+            self.dispatcher.follow_hold(campaign_id, provider)
         for channel, adapter in self.adapters.items():  # adapters' background work: stopped once claims are done
             self._start_background(adapter, channel)
         loops = [asyncio.create_task(self.events_loop(events, stop)),
@@ -422,8 +476,7 @@ class Sender:
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[str, ProviderAdapter] | None = None,
-                claim_timeout_s: float = CLAIM_TIMEOUT_S, events_group: str = EVENTS_GROUP,
-                work_group: str = WORK_GROUP, adapter_factory: AdapterFactory = adapter_for) -> None:
+                claim_timeout_s: float = CLAIM_TIMEOUT_S, work_group: str = WORK_GROUP, adapter_factory: AdapterFactory = adapter_for) -> None:
     """Run the sender until `stop` is set (groups, timeout and adapters overridable for tests).
 
     Without `adapters`, the channel settings set over the API apply: the channel-settings topic is read to
@@ -451,7 +504,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     fence = open_fence(settings)
     producer = kafka.make_producer(settings)
     config = kafka.consumer_config(settings)
-    events = AIOKafkaConsumer(topics.CAMPAIGN_EVENTS, group_id=events_group, **config)
+    events = AIOKafkaConsumer(group_id=None, **config)
     work = AIOKafkaConsumer(group_id=work_group, **config)
     sender = Sender(settings, journal, producer, adapters, claim_timeout_s, fence=fence, feed=feed,
                     adapter_factory=adapter_factory, environment=environment)
@@ -459,6 +512,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     await producer.start()
     try:
         await asyncio.gather(events.start(), work.start())
+        await sender.read_all_campaign_events(events)
         log.info("sender consuming %s and %s", topics.CAMPAIGN_EVENTS, topics.SENDER_WORK)
         await sender.run(stop, events, work)
     finally:

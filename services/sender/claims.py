@@ -6,13 +6,16 @@ in the background without holding a slot), so claiming follows the provider's pa
 answer within the timeout is dropped from the book and another one is issued: a lost request or answer
 cannot stall a campaign (a late answer is still worked on, it just no longer holds a slot).
 
-An empty WorkClaimed means nothing is queued: the campaign drains (no new claims) and is deactivated
-once no claim is outstanding. An empty answer from an older run is stale (a RetryStarted arrived after
-it was claimed) and changes nothing.
+An empty WorkClaimed means nothing is queued now: the campaign drains. A drained campaign is still asked
+once every `DRAIN_POLL_S`, because messages can come back to the queue without a campaign event (the
+Sending limit returns a claimed message nobody handed off); claiming ends when the campaign's status is
+final (the sender follows CampaignStatusChanged). An empty answer from an older run is stale (a
+RetryStarted arrived after it was claimed) and changes nothing; a non-empty answer ends the draining.
 """
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.settings import Settings
@@ -21,6 +24,7 @@ MAX_OUTSTANDING = 2
 CLAIM_TIMEOUT_S = 10.0
 CLAIM_SECONDS = 2.0  # a claim holds about 2 s worth of the channel's rate (contract)
 MAX_CLAIM = 1000
+DRAIN_POLL_S = 2.0  # a drained campaign's one claim, this often (one small stored event each)
 
 
 def channel_rate(settings: Settings, channel: str | None) -> float:
@@ -53,6 +57,7 @@ class CampaignClaims:
     run_no: int
     segments: float | None = None  # SMS: segments per message, once known (sizes the claims)
     draining: bool = False
+    polled_at: float = float("-inf")  # when a drained campaign was last asked
     held: bool = False  # a provider hold is on (CampaignSendingHeld): no claims until it lifts
     requested: dict[str, float] = field(default_factory=dict)  # claim_id -> when requested (unanswered)
     working: set[str] = field(default_factory=set)  # answered, first submissions not all done yet
@@ -63,9 +68,11 @@ class CampaignClaims:
 
 
 class ClaimBook:
-    def __init__(self, max_outstanding: int = MAX_OUTSTANDING, timeout_s: float = CLAIM_TIMEOUT_S):
+    def __init__(self, max_outstanding: int = MAX_OUTSTANDING, timeout_s: float = CLAIM_TIMEOUT_S,
+                 drain_poll_s: float = DRAIN_POLL_S):
         self.max_outstanding = max_outstanding
         self.timeout_s = timeout_s
+        self.drain_poll_s = drain_poll_s
         self.campaigns: dict[str, CampaignClaims] = {}
 
     def activate(self, campaign_id: str, channel: str | None, run_no: int, segments: float | None = None) -> None:
@@ -102,18 +109,39 @@ class ClaimBook:
     def remove(self, campaign_id: str) -> None:
         self.campaigns.pop(campaign_id, None)
 
-    def due(self, now: float) -> list[tuple[CampaignClaims, str]]:
-        """Drop claims that timed out, then issue new claim ids up to the limit: [(campaign, claim_id)]."""
+    def due(self, now: float, owns: Callable[[str], bool] = lambda campaign_id: True
+            ) -> list[tuple[CampaignClaims, str]]:
+        """Drop claims that timed out, then issue new claim ids up to the limit for the campaigns this sender
+        `owns` (several senders: the one whose work partitions hold the campaign): [(campaign, claim_id)]."""
         issued = []
         for campaign in self.campaigns.values():
             for claim_id, at in list(campaign.requested.items()):
                 if now - at >= self.timeout_s:
                     del campaign.requested[claim_id]
-            while not campaign.draining and not campaign.held and campaign.outstanding < self.max_outstanding:
-                claim_id = str(uuid.uuid4())
-                campaign.requested[claim_id] = now
-                issued.append((campaign, claim_id))
+            if not owns(campaign.campaign_id) or campaign.held:
+                continue
+            if campaign.draining:
+                if not campaign.outstanding and now - campaign.polled_at >= self.drain_poll_s:
+                    campaign.polled_at = now
+                    issued.append((campaign, self._request(campaign, now)))
+                continue
+            while campaign.outstanding < self.max_outstanding:
+                issued.append((campaign, self._request(campaign, now)))
         return issued
+
+    @staticmethod
+    def _request(campaign: CampaignClaims, now: float) -> str:
+        claim_id = str(uuid.uuid4())
+        campaign.requested[claim_id] = now
+        return claim_id
+
+    def disown(self, owns: Callable[[str], bool]) -> None:
+        """Ownership moved (a rebalance): the claims of campaigns no longer owned hold no slots here; their
+        answers go to the new owner, and the claims in hand finish without counting."""
+        for campaign in self.campaigns.values():
+            if not owns(campaign.campaign_id):
+                campaign.requested.clear()
+                campaign.working.clear()
 
     def answered(self, campaign_id: str, claim_id: str, run_no: int, empty: bool) -> None:
         """A WorkClaimed arrived (possibly for a claim timed out or issued before a restart)."""
@@ -124,7 +152,10 @@ class ClaimBook:
         if empty:
             if run_no >= campaign.run_no:
                 campaign.draining = True
-        elif known:
+            return
+        if run_no >= campaign.run_no:
+            campaign.draining = False  # a poll found messages back in the queue: claim at full pace again
+        if known:
             campaign.working.add(claim_id)
 
     def submitted(self, campaign_id: str, claim_id: str) -> None:
@@ -132,10 +163,3 @@ class ClaimBook:
         campaign = self.campaigns.get(campaign_id)
         if campaign is not None:
             campaign.working.discard(claim_id)
-
-    def drained(self) -> list[str]:
-        """Campaigns with nothing queued and nothing outstanding: stop claiming (removed from the book)."""
-        done = [c.campaign_id for c in self.campaigns.values() if c.draining and not c.outstanding]
-        for campaign_id in done:
-            del self.campaigns[campaign_id]
-        return done

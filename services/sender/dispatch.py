@@ -91,6 +91,7 @@ class ClaimReport:
     replayed: int = 0  # journalled done before: stored results published again
     skipped: int = 0  # journalled handed_off before: left alone (they time out)
     refused: int = 0  # the fence refused them at their first submission: not this sender's to send
+    refused_retries: int = 0  # the fence refused their pre-send retry (a hold or the deadline took them back)
 
 
 class Dispatcher:
@@ -322,6 +323,10 @@ class Dispatcher:
                                             if item["message_id"] not in started))
             raise
         finally:
+            if report.refused or report.refused_retries:  # once per claim (a claim has up to 1,000 calls)
+                log.info("claim %s: the fence refused %d first submission(s) and %d pre-send retr(ies); not "
+                         "submitted (another sender has them, or a hold or deadline took them back)",
+                         claim_id, report.refused, report.refused_retries)
             self._claim_finished(adapter, campaign_id)
             self._using[id(adapter)] = self._using.get(id(adapter), 1) - 1
             if self._using[id(adapter)] <= 0:
@@ -462,9 +467,9 @@ class Dispatcher:
         mids = [item["message_id"] for item in refused]
         if first:
             report.refused += len(mids)
+        else:
+            report.refused_retries += len(mids)
         self._journal.forget(claim_id, mids)
-        log.info("claim %s: the fence refused %d message(s) (%s); not submitted", claim_id, len(mids),
-                 "first submission" if first else "pre-send retry")
 
     @staticmethod
     async def _submit(adapter: ProviderAdapter, channel: str, batch: list[dict], template: Any) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The sender's durable journal (SQLite, WAL) at `settings.data_dir / "sender-journal.db"`.
+"""The sender's durable journal (SQLite, WAL) at `settings.data_dir / "sender-journal.db"` (one per instance:
+`sender-journal-NAME.db` for `OUTREACH_INSTANCE_NAME=NAME`).
 
 - `handoffs`: one row per (message_id, claim_id): `claimed` when the claim arrives, `done` with the
   provider's results once known: a cache, so a redelivered WorkClaimed re-publishes the results of `done`
@@ -8,6 +9,9 @@
 - `campaigns`: what the sender learnt from campaign events: the channel (CampaignRunStarted does not carry
   it), the SMS template's segments per message (sizes claims after a restart too) and the last run
   started, so a redelivered CampaignRunStarted / RetryStarted does not restart claiming.
+- `event_positions`: per partition of the campaign events, the next offset to read. Every sender reads
+  every campaign event (no consumer group): holds and runs concern all instances, and whichever owns a
+  campaign tomorrow must know it today. A lost journal reads them again from the start (idempotent).
 
 Calls are short and batched (one transaction per claim and per results flush), so they run on the event
 loop's thread. Opened by `services.common.sqlite.open_sqlite` (WAL, `synchronous=NORMAL`): a commit survives
@@ -53,6 +57,16 @@ CREATE TABLE IF NOT EXISTS campaigns (
 );
 -- Campaigns told `held: true` by a breaker and not yet told `held: false`: kept so that a sender restarted
 -- during an outage still tells them when sending resumes.
+-- Holds seen in the campaign events (any sender's) and not yet lifted: a restarted sender must still pause
+-- the campaign's claims and probe (the CampaignSendingHeld it read before the restart does not come again).
+CREATE TABLE IF NOT EXISTS holds_seen (
+    campaign_id TEXT PRIMARY KEY,
+    provider    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_positions (
+    partition   INTEGER PRIMARY KEY,
+    next_offset INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS held_campaigns (
     provider    TEXT NOT NULL,
     campaign_id TEXT NOT NULL,
@@ -76,7 +90,7 @@ class ActiveCampaign:
 
 
 def journal_path(settings: Settings) -> Path:
-    return settings.data_dir / JOURNAL_FILE
+    return settings.instance_file(JOURNAL_FILE)
 
 
 class Journal:
@@ -208,7 +222,29 @@ class Journal:
     def deactivate(self, campaign_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM active_campaigns WHERE campaign_id = ?", (campaign_id,)))
 
+    # ------------------------------------------------------------------ campaign-event positions
+
+    def event_positions(self) -> dict[int, int]:
+        return dict(self._db.execute("SELECT partition, next_offset FROM event_positions"))
+
+    def save_event_positions(self, positions: dict[int, int]) -> None:
+        if positions:
+            self._write(lambda db: db.executemany(
+                "INSERT OR REPLACE INTO event_positions (partition, next_offset) VALUES (?, ?)",
+                list(positions.items())))
+
     # ------------------------------------------------------------------ provider holds
+
+    def saw_hold(self, campaign_id: str, provider: str) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO holds_seen (campaign_id, provider) VALUES (?, ?)", (campaign_id, provider)))
+
+    def saw_resume(self, campaign_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM holds_seen WHERE campaign_id = ?", (campaign_id,)))
+
+    def holds_seen(self) -> list[tuple[str, str]]:
+        """(campaign_id, provider) of the holds the campaign events announced and did not lift yet."""
+        return list(self._db.execute("SELECT campaign_id, provider FROM holds_seen ORDER BY 1"))
 
     def remember_held(self, provider: str, campaign_id: str) -> None:
         self._write(lambda db: db.execute(

@@ -114,7 +114,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 
 def retries_path(settings: Settings) -> Path:
-    return settings.data_dir / RETRIES_FILE
+    return settings.instance_file(RETRIES_FILE)
 
 
 # ------------------------------------------------------------------ the durable schedule
