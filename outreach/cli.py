@@ -192,14 +192,21 @@ def up(
     exit_after_demo: bool = typer.Option(
         False, "--exit-after-demo", help="Stop everything after the demo's final summary (for tests and CI)."),
     demo_size: int = typer.Option(200, "--demo-size", min=1, max=10_000, help="Messages per demo campaign."),
+    instances: list[str] = typer.Option(
+        [], "--instances", metavar="SERVICE=N",
+        help="Run N instances of a service (repeatable), e.g. --instances sender=2. Scalable: sender."),
 ) -> None:
     """Run the embedded broker and every service in the foreground; Ctrl-C stops them all.
 
     With OUTREACH_EXTERNAL_KAFKA=true no broker is started: KAFKA_BOOTSTRAP_SERVERS is used as given.
     """
-    from outreach.up import run_up
+    from outreach.up import parse_instances, run_up
 
-    raise typer.Exit(run_up(demo=demo, exit_after_summary=exit_after_demo, demo_size=demo_size))
+    try:
+        counts = parse_instances(instances)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--instances") from None
+    raise typer.Exit(run_up(demo=demo, exit_after_summary=exit_after_demo, demo_size=demo_size, instances=counts))
 
 
 # ------------------------------------------------------------------ campaign create

@@ -26,6 +26,22 @@ SERVICES: dict[str, str] = {
     "api": "services.api",
 }
 
+# Services proven to run as several instances at once (docs/design.md says each one's rule).
+SCALABLE = ("sender",)
+
+
+def parse_instances(specs: list[str]) -> dict[str, int]:
+    """`NAME=N` items (`--instances sender=2`) -> {name: N}; ValueError naming what is wrong."""
+    counts: dict[str, int] = {}
+    for spec in specs:
+        name, _, count = spec.partition("=")
+        if name not in SCALABLE:
+            raise ValueError(f"{name!r} cannot run as several instances (those that can: {', '.join(SCALABLE)})")
+        if not count.isdigit() or not 1 <= int(count) <= 8:
+            raise ValueError(f"{spec!r}: the count must be a whole number from 1 to 8")
+        counts[name] = int(count)
+    return counts
+
 
 @dataclass
 class ServiceProcess:
@@ -69,15 +85,19 @@ class Stack:
     names: tuple[str, ...] = tuple(SERVICES)
     processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per-service overrides
+    instances: dict[str, int] = field(default_factory=dict)  # how many of a service (default one)
 
     def start(self) -> "Stack":
         for name in self.names:
-            self.start_service(name)
+            for instance in range(self.instances.get(name, 1)):
+                self.start_service(name, instance)
         return self
 
     def start_service(self, name: str, instance: int = 0) -> ServiceProcess:
         suffix = f"-{instance}" if instance else ""
         env = {**self.env, **self.service_env.get(name, {})}
+        if instance:  # its own local files (the sender's journal...) beside the first instance's
+            env["OUTREACH_INSTANCE_NAME"] = str(instance)
         proc = ServiceProcess(name, SERVICES[name], env, self.log_dir / f"{name}{suffix}.log")
         proc.start()
         instances = self.processes.setdefault(name, [])
@@ -123,14 +143,15 @@ def start_embedded_broker_if_needed(bootstrap: str, external: bool) -> EmbeddedB
     return broker
 
 
-def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200) -> int:
+def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
+           instances: dict[str, int] | None = None) -> int:
     from services.common.settings import get_settings
 
     settings = get_settings()
     env = dict(os.environ)
     data_dir = Path(settings.data_dir)
     broker = start_embedded_broker_if_needed(settings.kafka_bootstrap_servers, settings.external_kafka)
-    stack = Stack(env=env, log_dir=data_dir / "logs")
+    stack = Stack(env=env, log_dir=data_dir / "logs", instances=instances or {})
     interrupted = False
 
     def on_signal(signum, frame):
@@ -139,7 +160,9 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200) -> int
     signal.signal(signal.SIGTERM, on_signal)
     try:
         stack.start()
-        print(f"Services started ({', '.join(stack.names)}); logs in {stack.log_dir}/.")
+        started = [f"{name} x{stack.instances[name]}" if stack.instances.get(name, 1) > 1 else name
+                   for name in stack.names]
+        print(f"Services started ({', '.join(started)}); logs in {stack.log_dir}/.")
         print(f"HTTP API at http://{settings.api_host}:{settings.api_port} (docs at /docs).")
         if demo:
             from outreach.demo import run_demo

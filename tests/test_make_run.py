@@ -33,3 +33,39 @@ def test_make_run_reaches_the_demo_summary(tmp_path):
     assert "Demo SMS" in output and "Demo email" in output
     assert output.count("complete") >= 2, output[-3000:]
     assert (tmp_path / "var" / "outreach-events.db").exists()  # the SQLite event store by default
+
+
+def test_outreach_up_runs_two_senders_on_the_embedded_defaults(tmp_path):
+    """`outreach up --instances sender=2`: both senders own work partitions, each has its own journal, and the
+    demo still completes (SQLite event store and fence)."""
+    env = dict(os.environ)
+    env.update({
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port('127.0.0.1')}",
+        "OUTREACH_DATA_DIR": str(tmp_path / "var"),
+        "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
+        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_API_PORT": str(free_port("127.0.0.1")),
+    })
+    env.pop("OUTREACH_EXTERNAL_KAFKA", None)
+    env.pop("OUTREACH_EVENT_STORE", None)
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up", "--demo", "--exit-after-demo",
+                           "--demo-size", "100", "--instances", "sender=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "sender x2" in output and output.count("complete") >= 2, output[-3000:]
+    logs = tmp_path / "var" / "logs"
+    for log in ("sender.log", "sender-1.log"):
+        assert "sender-work partitions owned: [" in (logs / log).read_text()
+    assert {p.name for p in (tmp_path / "var").glob("sender-journal*.db")} == {"sender-journal.db",
+                                                                              "sender-journal-1.db"}
+
+
+@pytest.mark.parametrize("spec, complaint", [("api=2", "cannot run as several instances"),
+                                             ("sender=0", "from 1 to 8"), ("sender=two", "from 1 to 8")])
+def test_outreach_up_refuses_instances_it_cannot_run(spec, complaint):
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up", "--instances", spec],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and complaint in done.stderr, done.stderr
