@@ -84,6 +84,18 @@ def kafka_bootstrap() -> Iterator[str]:
         yield broker.bootstrap
 
 
+@pytest.fixture(scope="module")
+def stack_bootstrap(kafka_bootstrap) -> Iterator[str]:
+    """A whole-stack module's broker: on the embedded broker, one of its own (they start in milliseconds), so a
+    stack never reads another module's campaigns (every sender reads every campaign event, and a claim for
+    a campaign its event store does not know is never answered); on Kafka, the session's."""
+    if not _broker_choice()[0].startswith("embedded"):
+        yield kafka_bootstrap
+        return
+    with EmbeddedBroker("127.0.0.1", free_port()) as broker:
+        yield broker.bootstrap
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 def _pg_admin():

@@ -27,8 +27,8 @@ REFUSED = "+15005550001"  # the simulator refuses it: failed, invalid_destinatio
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("api-e2e-data"))
+def env(stack_bootstrap, tmp_path_factory):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("api-e2e-data"))
 
 
 STACK_SERVICES = tuple(SERVICES)  # the API too

@@ -29,8 +29,8 @@ WRONG = {**RIGHT, "auth_token": "e2e-wrong-auth-token-4567"}
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("channel-settings-e2e-data"))
+def env(stack_bootstrap, tmp_path_factory):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("channel-settings-e2e-data"))
 
 
 # The simulator (the provider) knows only RIGHT; every other service starts with the environment's (default)

@@ -35,9 +35,9 @@ TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DL
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
+def env(stack_bootstrap, tmp_path_factory):
     # A campaign of SMS_SIZE lasts several seconds: Stop and channel_busy land mid-run.
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("core-data"),
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("core-data"),
                              OUTREACH_SMS_RATE="100",  # the default rate: claims of 200, two in flight
                              OUTREACH_EMAIL_RATE="250", OUTREACH_PRESEND_BACKOFF_S="0.05")
 

@@ -48,9 +48,9 @@ EMAIL_OUTCOMES = {
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
+def env(stack_bootstrap, tmp_path_factory):
     return stack_environment(
-        kafka_bootstrap, tmp_path_factory.mktemp("outcomes-data"),
+        stack_bootstrap, tmp_path_factory.mktemp("outcomes-data"),
         OUTREACH_SENDING_TIMEOUT_S="4", OUTREACH_SENT_TIMEOUT_S="2", OUTREACH_RETRY_WINDOW_S="5",
         OUTREACH_SIM_DEFER_INTERVAL_S="0.5", OUTREACH_EMAIL_BATCH="1",  # one call per address: outcomes stay apart
     )

@@ -13,8 +13,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("slow-data"), OUTREACH_SMS_RATE="50")
+def env(stack_bootstrap, tmp_path_factory):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("slow-data"), OUTREACH_SMS_RATE="50")
 
 
 async def test_sms_rate_50_makes_500_messages_take_at_least_9_5_s(env, stack, tail, commands):

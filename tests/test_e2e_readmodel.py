@@ -51,8 +51,8 @@ def contacts(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("readmodel-data"),
+def env(stack_bootstrap, tmp_path_factory):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("readmodel-data"),
                              OUTREACH_READ_MODEL_URL=fresh_postgres_database("outreach_e2e_rm"),
                              OUTREACH_SMS_RATE="300")
 

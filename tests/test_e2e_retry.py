@@ -20,8 +20,8 @@ FINAL = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("retry-data"),
+def env(stack_bootstrap, tmp_path_factory):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("retry-data"),
                              OUTREACH_SENDING_TIMEOUT_S="2", OUTREACH_SENT_TIMEOUT_S="2",
                              OUTREACH_RETRY_WINDOW_S="2")
 

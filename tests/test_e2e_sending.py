@@ -28,10 +28,10 @@ def deliverable_sms(n: int, exchange: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory):
+def env(stack_bootstrap, tmp_path_factory):
     # The contract's default rates (SMS 100 segments/s, email 1000/s); a Sending limit that leaves the
     # messages a killed sender stranded mid-call a bounded wait.
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("sending-data"),
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("sending-data"),
                              OUTREACH_SENDING_TIMEOUT_S="30")
 
 

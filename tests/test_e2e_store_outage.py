@@ -81,8 +81,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, tmp_path_factory, cluster):
-    return stack_environment(kafka_bootstrap, tmp_path_factory.mktemp("store-outage-data"),
+def env(stack_bootstrap, tmp_path_factory, cluster):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("store-outage-data"),
                              OUTREACH_POSTGRES_DSN=cluster.dsn, OUTREACH_SMS_RATE="150")
 
 
