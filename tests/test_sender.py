@@ -398,8 +398,8 @@ def test_journal_campaigns(tmp_path):
     active = journal.activate(cid, 1)
     assert active.channel == "email" and active.run_no == 1
     assert journal.activate(cid, 1) is None  # a redelivered CampaignRunStarted
-    journal.deactivate(cid)
-    assert journal.activate(cid, 1) is None  # ... even after it drained
+    journal.end(cid)
+    assert journal.activate(cid, 1) is None and journal.reactivate(cid) is None  # ... even after it ended
     assert journal.activate(cid, 2).run_no == 2  # a retry
     journal.close()
     reopened = Journal.open(settings)  # a restart resumes the active campaigns
@@ -533,19 +533,35 @@ def test_claim_book_pauses_a_held_campaign_and_resumes_it_even_drained():
     assert book.resume("gone") is False
 
 
-async def test_a_resumed_campaign_the_sender_had_drained_is_claimed_again(tmp_path):
+async def test_a_resumed_campaign_is_claimed_again_unless_it_ended(tmp_path):
     async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, producer):
-        cid = str(uuid.uuid4())
-        sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": cid, "channel": "sms",
-                                  "template": SMS_TEMPLATE})
-        sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
-        sender.on_campaign_event({"type": "CampaignStatusChanged", "campaign_id": cid, "status": "complete"})
-        assert cid not in sender.book.campaigns and sender.journal.active_campaigns() == []
-        sender.on_campaign_event({"type": "CampaignSendingHeld", "campaign_id": cid, "provider": "inprocess"})
-        sender.on_campaign_event({"type": "CampaignSendingResumed", "campaign_id": cid, "provider": "inprocess"})
+        cid, ended = str(uuid.uuid4()), str(uuid.uuid4())
+        for campaign_id in (cid, ended):
+            sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": campaign_id, "channel": "sms",
+                                      "template": SMS_TEMPLATE})
+            sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": campaign_id, "run_no": 1})
+        sender.book.remove(cid)  # (a restart that lost the book's state)
+        sender.on_campaign_event({"type": "CampaignStatusChanged", "campaign_id": ended, "status": "complete"})
         assert [a.campaign_id for a in sender.journal.active_campaigns()] == [cid]
+        for campaign_id in (cid, ended):
+            sender.on_campaign_event({"type": "CampaignSendingHeld", "campaign_id": campaign_id, "provider": "inprocess"})
+            sender.on_campaign_event({"type": "CampaignSendingResumed", "campaign_id": campaign_id,
+                                      "provider": "inprocess"})
+        assert [a.campaign_id for a in sender.journal.active_campaigns()] == [cid]  # the ended one stays ended
         await sender._request_claims(sender.book.due(0.0))
         assert [request["campaign_id"] for request in producer.values(topics.CLAIM_REQUESTS)] == [cid, cid]
+
+
+async def test_a_hold_seen_before_a_restart_still_pauses_claims_after_it(tmp_path):
+    """The CampaignSendingHeld read before a restart does not come again: the journal keeps it."""
+    cid = str(uuid.uuid4())
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (sender, _):
+        sender.on_campaign_event({"type": "CampaignRunStarted", "campaign_id": cid, "run_no": 1})
+        sender.on_campaign_event({"type": "CampaignSendingHeld", "campaign_id": cid, "provider": "twilio"})
+    async with simulated_sender(Settings(data_dir=tmp_path)) as (restarted, _):
+        assert restarted.book.campaigns[cid].held and restarted.book.due(0.0) == []
+        restarted.on_campaign_event({"type": "CampaignSendingResumed", "campaign_id": cid, "provider": "twilio"})
+        assert len(restarted.book.due(0.0)) == 2 and restarted.journal.holds_seen() == []
 
 
 def test_claim_book_claims_only_for_owned_campaigns_and_disowns_on_a_revoke():

@@ -208,7 +208,7 @@ class Sender:
             if campaign_id in self.book.campaigns:
                 log.info("campaign %s: %s; claiming ended", campaign_id,
                          value.get("status") if kind == "CampaignStatusChanged" else kind)
-            self.journal.deactivate(campaign_id)
+            self.journal.end(campaign_id)
             self.book.remove(campaign_id)
 
     def _learn_template(self, campaign_id: str, template: Any) -> None:

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS campaigns (
     campaign_id TEXT PRIMARY KEY,
     channel     TEXT,
     run_no      INTEGER NOT NULL DEFAULT 0,  -- last run (or retry) started
-    segments    REAL                         -- SMS: segments per message, once known
+    segments    REAL,                        -- SMS: segments per message, once known
+    ended       INTEGER NOT NULL DEFAULT 0   -- the last run ended (stopped, deleted, final status)
 );
 -- Campaigns told `held: true` by a breaker and not yet told `held: false`: kept so that a sender restarted
 -- during an outage still tells them when sending resumes.
@@ -97,8 +98,11 @@ class Journal:
     def __init__(self, path: Path):
         self._db = open_sqlite(path, busy_timeout_s=BUSY_TIMEOUT_S)  # autocommit: explicit BEGIN/COMMIT below
         self._db.executescript(_SCHEMA)
-        if "segments" not in {row[1] for row in self._db.execute("PRAGMA table_info(campaigns)")}:
-            self._db.execute("ALTER TABLE campaigns ADD COLUMN segments REAL")  # a journal from before it
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(campaigns)")}
+        if "segments" not in columns:  # a journal from before it
+            self._db.execute("ALTER TABLE campaigns ADD COLUMN segments REAL")
+        if "ended" not in columns:
+            self._db.execute("ALTER TABLE campaigns ADD COLUMN ended INTEGER NOT NULL DEFAULT 0")
 
     @classmethod
     def open(cls, settings: Settings) -> "Journal":
@@ -197,7 +201,7 @@ class Journal:
             if run_no <= last_run:
                 return None
             db.execute("INSERT INTO campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?) "
-                       "ON CONFLICT (campaign_id) DO UPDATE SET run_no = excluded.run_no",
+                       "ON CONFLICT (campaign_id) DO UPDATE SET run_no = excluded.run_no, ended = 0",
                        (campaign_id, channel, run_no))
             db.execute("INSERT OR REPLACE INTO active_campaigns (campaign_id, channel, run_no) VALUES (?, ?, ?)",
                        (campaign_id, channel, run_no))
@@ -206,10 +210,11 @@ class Journal:
         return self._write(write)
 
     def reactivate(self, campaign_id: str) -> ActiveCampaign | None:
-        """Claim again for the last run started (messages went back to the queue); None if none started."""
+        """Claim again for the last run started (messages went back to the queue); None if none started or
+        it ended."""
 
         def write(db: sqlite3.Connection) -> ActiveCampaign | None:
-            row = db.execute("SELECT channel, run_no, segments FROM campaigns WHERE campaign_id = ?",
+            row = db.execute("SELECT channel, run_no, segments FROM campaigns WHERE campaign_id = ? AND NOT ended",
                              (campaign_id,)).fetchone()
             if row is None or not row[1]:
                 return None
@@ -219,8 +224,14 @@ class Journal:
 
         return self._write(write)
 
-    def deactivate(self, campaign_id: str) -> None:
-        self._write(lambda db: db.execute("DELETE FROM active_campaigns WHERE campaign_id = ?", (campaign_id,)))
+    def end(self, campaign_id: str) -> None:
+        """The last run ended (stopped, deleted, final): no claims until a new run, not even after a resume."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM active_campaigns WHERE campaign_id = ?", (campaign_id,))
+            db.execute("UPDATE campaigns SET ended = 1 WHERE campaign_id = ?", (campaign_id,))
+
+        self._write(write)
 
     # ------------------------------------------------------------------ campaign-event positions
 
