@@ -130,13 +130,42 @@ class Stack:
         self.stop()
 
 
+class BrokerPortTaken(RuntimeError):
+    """Something already answers on the port `outreach up` would start its broker on."""
+
+
+def listener_on(port: int) -> str | None:
+    """The process listening on a local TCP port: "NAME (pid N: COMMAND LINE)", or None if unknown."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):  # not allowed to look (another user's sockets)
+        return None
+    for connection in connections:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port \
+                and connection.pid:
+            try:
+                process = psutil.Process(connection.pid)
+                return f"{process.name()} (pid {connection.pid}: {' '.join(process.cmdline())[:160]})"
+            except psutil.Error:
+                return f"pid {connection.pid}"
+    return None
+
+
 def start_embedded_broker_if_needed(bootstrap: str, external: bool) -> EmbeddedBroker | None:
+    """The embedded broker at `bootstrap`, unless told to use an external one. Something already answering
+    there is refused, named: a second stack on one broker would share the first one's consumer groups and
+    split its work (say OUTREACH_EXTERNAL_KAFKA=true to mean it)."""
     host, port = parse_bootstrap(bootstrap)
     if external:
         return None
     if port_answers(host, port):
-        print(f"A broker already answers at {bootstrap}: using it.")
-        return None
+        what = listener_on(port) or "a process this user cannot see"
+        raise BrokerPortTaken(
+            f"Something already answers at {bootstrap}: {what}. `outreach up` starts its own broker there. "
+            "Stop it, choose another KAFKA_BOOTSTRAP_SERVERS, or set OUTREACH_EXTERNAL_KAFKA=true to use "
+            "that broker (give each stack its own OUTREACH_DEPLOYMENT, or they share consumer groups).")
     broker = EmbeddedBroker(host, port)
     broker.start()
     print(f"Embedded broker (tansu, memory only) listening at {bootstrap}.")
@@ -150,7 +179,11 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
     settings = get_settings()
     env = dict(os.environ)
     data_dir = Path(settings.data_dir)
-    broker = start_embedded_broker_if_needed(settings.kafka_bootstrap_servers, settings.external_kafka)
+    try:
+        broker = start_embedded_broker_if_needed(settings.kafka_bootstrap_servers, settings.external_kafka)
+    except BrokerPortTaken as exc:
+        print(exc, file=sys.stderr)
+        return 1
     stack = Stack(env=env, log_dir=data_dir / "logs", instances=instances or {})
     interrupted = False
 

@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import topics
-from services.command_handler.app import GROUP_ID as HANDLER_GROUP
+from services.command_handler.app import GROUP_ROLE as HANDLER_ROLE
 from services.common import ids
 from services.common.records import encode
 from services.common.settings import Settings
@@ -91,7 +91,7 @@ async def handler_committed(env: dict, tp: TopicPartition) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
     await admin.start()
     try:  # tansu needs the partitions named explicitly
-        meta = (await admin.list_consumer_group_offsets(HANDLER_GROUP, partitions=[tp])).get(tp)
+        meta = (await admin.list_consumer_group_offsets(Settings().group_id(HANDLER_ROLE), partitions=[tp])).get(tp)
     finally:
         await admin.close()
     return meta.offset if meta is not None else -1

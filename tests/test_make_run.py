@@ -69,3 +69,24 @@ def test_outreach_up_refuses_instances_it_cannot_run(spec, complaint):
     done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up", "--instances", spec],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and complaint in done.stderr, done.stderr
+
+
+def test_outreach_up_refuses_a_broker_port_something_answers_on(tmp_path):
+    """A second stack on the first one's broker would share its consumer groups and split its work: `outreach
+    up` names what answers on the port and stops, unless told to use an external broker."""
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "OUTREACH_DATA_DIR": str(tmp_path)}
+        env.pop("OUTREACH_EXTERNAL_KAFKA", None)
+        done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up"], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"Something already answers at 127.0.0.1:{port}" in done.stderr
+    assert f"pid {os.getpid()}" in done.stderr and sys.executable.rsplit("/", 1)[-1] in done.stderr  # named
+    assert "OUTREACH_EXTERNAL_KAFKA=true" in done.stderr
+    assert not (tmp_path / "logs").exists()  # nothing was started

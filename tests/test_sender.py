@@ -613,6 +613,14 @@ async def test_a_stopped_campaign_is_no_longer_claimed_for(tmp_path):
         assert [a.run_no for a in sender.journal.active_campaigns()] == [2]
 
 
+def test_consumer_groups_are_named_by_the_deployment():
+    assert Settings().group_id("sender-work") == "outreach-sender-work"
+    assert Settings(deployment="blue").group_id("sender-work") == "blue-sender-work"
+    for bad in ("", "Blue", "-x", "a b", "x" * 49):
+        with pytest.raises(ValidationError):
+            Settings(deployment=bad)
+
+
 def test_journal_keeps_the_campaign_event_positions_per_instance(tmp_path):
     first, second = Settings(data_dir=tmp_path), Settings(data_dir=tmp_path, instance_name="1")
     assert Journal.open(first).event_positions() == {}

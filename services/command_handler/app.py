@@ -30,7 +30,7 @@ from services.command_handler.handlers import DLQ_VALUE_LIMIT, DeadLetter, Recor
 
 log = logging.getLogger("outreach.command_handler")
 
-GROUP_ID = "outreach-command-handler"
+GROUP_ROLE = "command-handler"  # the group: settings.group_id(GROUP_ROLE)
 INPUT_TOPICS = (topics.COMMANDS, topics.CLAIM_REQUESTS, topics.SENDER_RESULTS, topics.EXPIRIES, topics.OPT_OUTS)
 MAX_RECORDS = 1000
 TRIES_BEFORE_DLQ = 3
@@ -46,7 +46,7 @@ def build_broker(settings: Settings, handler: RecordHandler | None = None) -> Ka
     broker = kafka.make_faststream_broker(settings, client_id="command-handler")
     dead_letters = broker.publisher(topics.COMMANDS_DLQ, schema=bytes, description="records that cannot be answered")
 
-    @kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=GROUP_ID, max_records=MAX_RECORDS, settings=settings)
+    @kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=settings.group_id(GROUP_ROLE), max_records=MAX_RECORDS, settings=settings)
     async def on_batch(values: list[InputRecord], msg: KafkaMessage) -> None:
         for record in msg.raw_message:
             await _process(handler, dead_letters, record)

@@ -14,6 +14,9 @@ class Settings(BaseSettings):
         "127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS")
     )
     external_kafka: bool = False
+    # Names this deployment's consumer groups (`{deployment}-sender-work`...), so operators can tell two
+    # deployments on one Kafka apart and they never share (split) each other's work.
+    deployment: str = Field("outreach", pattern=r"^[a-z0-9][a-z0-9_.-]{0,47}$")
     partitions: int = Field(8, ge=1)
     kafka_session_timeout_ms: int = 6000
     kafka_heartbeat_ms: int = 500
@@ -83,6 +86,10 @@ class Settings(BaseSettings):
     @property
     def event_store_sqlite_path(self) -> Path:
         return self.sqlite_path or self.data_dir / "outreach-events.db"
+
+    def group_id(self, role: str) -> str:
+        """The consumer group of one service role in this deployment, e.g. `outreach-sender-work`."""
+        return f"{self.deployment}-{role}"
 
     def instance_file(self, file_name: str) -> Path:
         """`data_dir/file_name`, the instance's name inserted before the suffix when it has one."""

@@ -28,7 +28,7 @@ from services.projections.projector import ReadModel, apply_isolating_poison, de
 
 log = logging.getLogger("outreach.projections")
 
-GROUP_ID = "outreach-projections"
+GROUP_ROLE = "projections"  # the group: settings.group_id(GROUP_ROLE)
 INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
 MAX_RECORDS = 20_000
 RETRY_S = 1.0  # longest wait between tries while the read model is unavailable
@@ -36,14 +36,14 @@ EventValue = kafka.records_of(*CAMPAIGN_EVENT_CLASSES, MessageStatusChanged, mod
 
 
 def build_broker(settings: Settings, model: ReadModel | None = None, stop: asyncio.Event | None = None,
-                 failed: asyncio.Future[None] | None = None, group_id: str = GROUP_ID) -> KafkaBroker:
+                 failed: asyncio.Future[None] | None = None, group_id: str | None = None) -> KafkaBroker:
     """The projections' FastStream broker, its subscriber declared, not connected (`model` None: for its
     AsyncAPI document only). A batch that cannot be applied for another reason than an unavailable read
     model sets `stop` and `failed`: the process ends, as a bug must not be skipped over."""
     broker = kafka.make_faststream_broker(settings, client_id="projections")
     feed = _FeedFromStartIfNew(model)
-    subscriber = kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=group_id, max_records=MAX_RECORDS,
-                                        settings=settings, listener=feed)
+    subscriber = kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=group_id or settings.group_id(GROUP_ROLE),
+                                        max_records=MAX_RECORDS, settings=settings, listener=feed)
     feed.subscriber = subscriber
 
     @subscriber
@@ -69,7 +69,7 @@ def build_broker(settings: Settings, model: ReadModel | None = None, stop: async
 
 
 async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel | None = None,
-                group_id: str = GROUP_ID) -> None:
+                group_id: str | None = None) -> None:
     """Consume until `stop` is set (into `read_model`, default the one in settings.data_dir)."""
     await kafka.ensure_topics(settings)
     model = read_model or ReadModel.open(settings)

@@ -6,7 +6,7 @@
   CampaignStatusChanged end it (a drained campaign is polled until then: claims.py); a hold
   (CampaignSendingHeld) pauses every instance's claims and sets every instance probing.
 - Ownership: a campaign is claimed for by the instance that holds its partition of
-  `outreach.internal.sender-work` (group `outreach-sender-work`; the relay keys work by campaign id), so
+  `outreach.internal.sender-work` (group `{deployment}-sender-work`; the relay keys work by campaign id), so
   the answers to its claims come to it, and ownership moves with a rebalance or a crash.
 - Claim loop: up to 2 claims outstanding per owned active campaign, each a `ClaimRequest` on
   `outreach.internal.claim-requests` (see claims.py for the bookkeeping and its timeout).
@@ -59,7 +59,7 @@ log = logging.getLogger("outreach.sender")
 
 AdapterFactory = Callable[[Settings, str], ProviderAdapter]  # (settings, channel) -> that channel's adapter
 
-WORK_GROUP = "outreach-sender-work"
+WORK_GROUP_ROLE = "sender-work"  # the group: settings.group_id(WORK_GROUP_ROLE)
 MAX_JOBS = 64  # WorkClaimed records worked on at once (more waits in the broker)
 DRAIN_TIMEOUT_S = 15.0
 PRUNE_EVERY_S = 3600.0
@@ -476,7 +476,7 @@ class Sender:
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[str, ProviderAdapter] | None = None,
-                claim_timeout_s: float = CLAIM_TIMEOUT_S, work_group: str = WORK_GROUP, adapter_factory: AdapterFactory = adapter_for) -> None:
+                claim_timeout_s: float = CLAIM_TIMEOUT_S, work_group: str | None = None, adapter_factory: AdapterFactory = adapter_for) -> None:
     """Run the sender until `stop` is set (groups, timeout and adapters overridable for tests).
 
     Without `adapters`, the channel settings set over the API apply: the channel-settings topic is read to
@@ -505,7 +505,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     producer = kafka.make_producer(settings)
     config = kafka.consumer_config(settings)
     events = AIOKafkaConsumer(group_id=None, **config)
-    work = AIOKafkaConsumer(group_id=work_group, **config)
+    work = AIOKafkaConsumer(group_id=work_group or settings.group_id(WORK_GROUP_ROLE), **config)
     sender = Sender(settings, journal, producer, adapters, claim_timeout_s, fence=fence, feed=feed,
                     adapter_factory=adapter_factory, environment=environment)
     work.subscribe([topics.SENDER_WORK], listener=_Rebalance(sender, work))

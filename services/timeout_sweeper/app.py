@@ -26,7 +26,7 @@ from services.timeout_sweeper.timers import STATUS_RECORD, StatusRecord, Timeout
 
 log = logging.getLogger("outreach.timeout_sweeper")
 
-GROUP_ID = "outreach-timeout-sweeper"
+GROUP_ROLE = "timeout-sweeper"  # the group: settings.group_id(GROUP_ROLE)
 MAX_RECORDS = 5000
 TICK_S = 0.1
 # The public record; the sweeper reads the part of it that is a StatusRecord.
@@ -80,7 +80,7 @@ def _declare(settings: Settings, store: TimerStore | None = None,
     broker = kafka.make_faststream_broker(settings, client_id="timeout-sweeper")
     expiries = broker.publisher(topics.EXPIRIES, schema=Expiry, description="a message's timer ran out")
 
-    @kafka.batch_subscriber(broker, topics.MESSAGE_STATUS, group_id=GROUP_ID, max_records=MAX_RECORDS,
+    @kafka.batch_subscriber(broker, topics.MESSAGE_STATUS, group_id=settings.group_id(GROUP_ROLE), max_records=MAX_RECORDS,
                             settings=settings)
     async def on_batch(values: list[StatusValue], msg: KafkaMessage) -> None:
         parsed = [status for value in values if (status := parse_status(value))]
