@@ -234,16 +234,16 @@ class Sender:
     async def events_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
-            for records in batches.values():
-                for record in records:
+            for fetched in batches.values():
+                for record in fetched:
                     try:
                         self.on_campaign_event(jsoncodec.loads(record.value or b"null"))
                     except jsoncodec.JSONDecodeError:
                         log.warning("campaign event %s[%d]@%d is not JSON; skipped",
                                     record.topic, record.partition, record.offset)
             # After their effects (handling is idempotent: a crash in between reads a few again).
-            self.journal.save_event_positions({tp.partition: records[-1].offset + 1
-                                               for tp, records in batches.items() if records})
+            self.journal.save_event_positions({tp.partition: fetched[-1].offset + 1
+                                               for tp, fetched in batches.items() if fetched})
 
     # ------------------------------------------------------------------ claims
 
@@ -281,8 +281,8 @@ class Sender:
                 await asyncio.wait(self.jobs, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
             else:
                 batches = await consumer.getmany(timeout_ms=100, max_records=MAX_JOBS - len(self.jobs))
-                for tp, records in batches.items():
-                    for record in records:
+                for tp, fetched in batches.items():
+                    for record in fetched:
                         self.tracker.begin(tp, record.offset)
                         self._start_job(tp, record)
             await self.commit_work(consumer)
