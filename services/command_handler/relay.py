@@ -6,16 +6,23 @@ fence rows exist before any sender can see the WorkClaimed they govern; a rewind
 (a claim's rows are opened once, by its version). On a send error it drops its producer and rewinds to the checkpoint, so records
 are never reordered (a resend repeats records; consumers dedupe on event_id). It also notices a new, empty
 broker (the embedded one keeps nothing) and republishes the whole history.
+
+Several relays may run: one publishes, the others stand by. The active one holds the deployment's relay lock
+(services/common/leader.py: a PostgreSQL advisory lock, or a file lock beside a SQLite store) and checks it
+between pages; a standby tries for it every `STANDBY_POLL_S`, and when it gets it, it starts from the
+checkpoint the previous one saved (a page published and not yet saved goes out again: consumers dedupe).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 from schemas import topics
 from services.common import kafka
 from services.common.fence import ClaimedMessage, HandoffFence
+from services.common.leader import LeaderLock, leader_lock
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
@@ -31,11 +38,15 @@ IDLE_POLL_S = 0.02
 BROKER_CHECK_S = 5.0  # an empty broker is noticed within seconds; checking costs new connections
 REWIND_FIRST_WAIT_S = 0.1  # after a failed page: 0.1 s, doubling up to 5 s (plus jitter) while it fails
 REWIND_LONGEST_WAIT_S = 5.0
+STANDBY_POLL_S = 0.5  # a standby tries for the lock this often: the takeover delay after a crash
+LOCK_CHECK_S = 0.5  # the active relay checks it still holds the lock this often (between pages)
 
 
 class Relay:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, lock: LeaderLock | None = None):
         self.settings = settings
+        self.lock = lock or leader_lock(settings, "relay")
+        self._lock_checked = 0.0
         self.app = open_app(settings)
         self.checkpoints = open_checkpoint_store(settings)
         self.checkpoint = self.checkpoints.load()
@@ -100,7 +111,40 @@ class Relay:
         return covered
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Stand by until this relay holds the lock, then publish while it does; until `stop`."""
+        standing_by = False
         while not stop.is_set():
+            if not await asyncio.to_thread(self.lock.try_acquire):
+                if not standing_by:
+                    log.info("standing by: another relay holds the lock and publishes")
+                    standing_by = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), STANDBY_POLL_S)
+                continue
+            standing_by = False
+            try:  # where the previous holder stopped (this one's own view may be minutes old)
+                self.checkpoint = await asyncio.to_thread(self.checkpoints.load)
+            except Exception:  # the store is down: let go, and try again (a standby may take over)
+                log.warning("the relay checkpoint could not be read; trying again", exc_info=True)
+                await asyncio.to_thread(self.lock.release)
+                await asyncio.sleep(STANDBY_POLL_S)
+                continue
+            log.info("active: this relay holds the lock; publishing from position %d", self.checkpoint.position)
+            await self._publish_while_held(stop)
+        await asyncio.to_thread(self.lock.release)
+
+    async def _still_held(self) -> bool:
+        if time.monotonic() - self._lock_checked < LOCK_CHECK_S:
+            return True
+        self._lock_checked = time.monotonic()
+        return await asyncio.to_thread(self.lock.still_held)
+
+    async def _publish_while_held(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not await self._still_held():
+                log.warning("lost the relay lock (its connection ended): standing down")
+                await self._drop_producer()
+                return
             covered = 0
             async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=REWIND_FIRST_WAIT_S,
                                           longest_wait_s=REWIND_LONGEST_WAIT_S):
