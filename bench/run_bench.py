@@ -10,7 +10,11 @@ Prints messages/s from publishing RunCampaign to consuming the last final status
 runs), when each stage finished for the last message (queued, claimed, sent, final) and when the read
 model showed the campaign complete.
 
-    python bench/run_bench.py [--messages 20000] [--runs 3] [--scenarios engine-sqlite,...]
+`--senders 1,2` runs each scenario with one sender process and again with two (`outreach up --instances
+sender=2`): a campaign is sent by the one sender that owns its partition, so a second one adds a standby
+and a share of other campaigns, not speed for one campaign; the figures side by side show what it costs.
+
+    python bench/run_bench.py [--messages 20000] [--runs 3] [--scenarios engine-sqlite,...] [--senders 1,2]
 """
 from __future__ import annotations
 
@@ -200,7 +204,7 @@ async def read_model_complete(path: Path, campaign_id: str, since: float) -> flo
     return float("nan")
 
 
-def bench_scenario(name: str, messages: int, runs: int) -> list[dict]:
+def bench_scenario(name: str, messages: int, runs: int, senders: int = 1) -> list[dict]:
     store, channel, sms_provider, email_provider = SCENARIOS[name]
     results = []
     for run in range(runs):
@@ -222,7 +226,7 @@ def bench_scenario(name: str, messages: int, runs: int) -> list[dict]:
             "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
         })
         if run == 0:
-            print(f"{name}: {messages:,} {channel} messages, {store} store, providers sms={sms_provider} "
+            print(f"{name}, {senders} sender(s): {messages:,} {channel} messages, {store} store, providers sms={sms_provider} "
                   f"email={email_provider}, rates sms={env['OUTREACH_SMS_RATE']}/s "
                   f"email={env['OUTREACH_EMAIL_RATE']}/s", flush=True)
         dsn = None
@@ -231,7 +235,7 @@ def bench_scenario(name: str, messages: int, runs: int) -> list[dict]:
         settings = Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
         with EmbeddedBroker("127.0.0.1", port):
             asyncio.run(kafka.ensure_topics(settings))
-            with Stack(env=env, log_dir=data_dir / "logs"):
+            with Stack(env=env, log_dir=data_dir / "logs", instances={"sender": senders}):
                 result = asyncio.run(one_run(settings, channel, messages, data_dir / "read-model.db"))
         if dsn:
             drop_postgres(dsn)
@@ -247,16 +251,20 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--senders", default="1", help="sender processes, a comma list (e.g. 1,2): each is run")
     args = parser.parse_args()
+    counts = [int(n) for n in args.senders.split(",")]
     print(f"Benchmark: every service a process; {args.runs} run(s) per scenario, median reported.")
     summary = {}
     for name in args.scenarios.split(","):
-        results = bench_scenario(name, args.messages, args.runs)
-        summary[name] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        for senders in counts:
+            results = bench_scenario(name, args.messages, args.runs, senders)
+            summary[name, senders] = {k: statistics.median(r[k] for r in results) for k in results[0]}
     print("\nMedian per scenario (Run published -> last final status consumed):")
-    for name, m in summary.items():
+    for (name, senders), m in summary.items():
         stages = "  ".join(f"{s} {m[f'{s}_done_s']:.1f} s" for s in STAGES if m[f"{s}_done_s"] == m[f"{s}_done_s"])
-        print(f"  {name:20s} {m['messages_per_s']:7.0f} msg/s  {m['seconds']:.1f} s;  {stages};  "
+        label = f"{name} x{senders}" if len(counts) > 1 else name
+        print(f"  {label:23s} {m['messages_per_s']:7.0f} msg/s  {m['seconds']:.1f} s;  {stages};  "
               f"read model {m['read_model_complete_s']:.1f} s")
 
 

@@ -195,7 +195,7 @@ def up(
     instances: list[str] = typer.Option(
         [], "--instances", metavar="SERVICE=N",
         help="Run N instances of a service (repeatable), e.g. --instances sender=2. Scalable: sender, relay "
-             "(one publishes, the others stand by)."),
+             "(one publishes, the others stand by), timeout-sweeper."),
 ) -> None:
     """Run the embedded broker and every service in the foreground; Ctrl-C stops them all.
 

@@ -27,7 +27,7 @@ SERVICES: dict[str, str] = {
 }
 
 # Services proven to run as several instances at once (docs/design.md says each one's rule).
-SCALABLE = ("sender", "relay")  # the relay: one active, the others standing by
+SCALABLE = ("sender", "relay", "timeout-sweeper")  # the relay: one active, the others standing by
 
 
 def parse_instances(specs: list[str]) -> dict[str, int]:

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -134,7 +135,8 @@ class Expected:
 
 async def test_expiries_survive_a_sweeper_crash_once_each_and_never_early(stack, env, tail, commands):
     """Every timeout 2 s: no-receipt and never-answers SMS, deferred-forever and never-answers email. The
-    sweeper is SIGKILLed while their timers are pending and restarted after they all came due: each expiry
+    sweeper is SIGKILLed while their timers are pending and restarted, its data folder's files gone, after
+    they all came due: each expiry
     appears exactly once, none missing, none before its transition's time + timeout, and both campaigns end
     complete_with_errors."""
     sms_rows = ([contact(2 + i, f"+1{301 + i}5550101") for i in range(6)]  # no receipt ever: stays sent
@@ -174,6 +176,9 @@ async def test_expiries_survive_a_sweeper_crash_once_each_and_never_early(stack,
         # Only the sweeper fires expiries, and it was dead before these came due.
         assert not [mid for mid in pending if final(tail, mid)], "an expiry fired while the sweeper was dead"
     finally:
+        # Its volume lost too: whatever it kept in the data folder goes (the timers are in the store's database).
+        for own_file in Path(env["OUTREACH_DATA_DIR"]).glob("timers.db*"):
+            own_file.unlink()
         stack.start_service("timeout-sweeper")
     restarted_at = time.time()
 
@@ -312,3 +317,29 @@ async def test_deferred_email_passes_through_active_retries_with_its_channel_fre
     assert at(in_retries) <= at(started[0]) <= at(completed)  # the other run was accepted during active_retries
     # The second deferral is no status change (and SendGrid's is no SMTP re-submission): no record of its own.
     assert [r["status"] for r in history(tail, mid)] == ["waiting", "queued", "sending", "retrying", "delivered"]
+
+
+async def test_timers_outlive_every_sweeper_that_applied_them(stack, env, tail, commands):
+    """Two sweepers apply a campaign's records into the shared timers (the store's database); both die, their
+    data folder's files gone, before the timers come due. A new sweeper instance, with nothing of its own
+    and every partition, fires every one of them."""
+    stack.start_service("timeout-sweeper", 1)
+    try:
+        rows = [contact(2 + i, f"+1{601 + i}5550101") for i in range(8)]  # accepted, no receipt: stays sent
+        sms = await commands.create_ready_campaign("sms", rows)
+        await commands.send("RunCampaign", sms, disclaimer=ALL_TRUE)
+        mids = [ids.message_id(sms, row["row"]) for row in rows]
+        await async_wait_until(lambda: all(first(tail, mid, "sent") for mid in mids), 30,
+                               message="not every message was sent")
+        stack.kill("timeout-sweeper", 0)
+        stack.kill("timeout-sweeper", 1)
+        for own_file in Path(env["OUTREACH_DATA_DIR"]).glob("timers*.db*"):
+            own_file.unlink()
+        assert not all(final(tail, mid) for mid in mids), "every timer fired before the sweepers died"
+        stack.start_service("timeout-sweeper", 2)
+        await async_wait_until(lambda: all((final(tail, mid) or {}).get("status") == "assumed_delivered"
+                                           for mid in mids), 30, message="a timer was lost with the sweepers")
+    finally:
+        for instance in (1, 2):
+            stack.kill("timeout-sweeper", instance)
+        stack.start_service("timeout-sweeper", 0)

@@ -7,9 +7,12 @@ import threading
 import uuid
 from datetime import datetime, timezone
 
+import pytest
+
 from services.common import jsoncodec
 from services.timeout_sweeper.app import expiry_record, parse_status
 from services.timeout_sweeper.timers import StatusRecord, TimeoutSettings, TimerStore
+from tests.conftest import fresh_postgres_database
 
 T = TimeoutSettings(sending_s=10, sent_s=20, retry_window_s=30)
 # Wire ids where a test builds Expiry records (validated): the other tests use readable names.
@@ -170,3 +173,55 @@ def test_applying_and_firing_from_two_threads_keeps_every_transaction_whole(tmp_
     kinds = [t.kind for t in store.due(10_000, limit=20_000)]
     assert len(kinds) == 200 * 50  # every email's timer is there: none lost
     assert kinds.count("retry_window") == fired and kinds.count("sending") == 200 * 50 - fired
+
+
+# ---------------------------------------------------------------- shared by several sweepers (issue 11)
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared(request, tmp_path):
+    """Two TimerStore connections on one shared store, as two sweeper instances have: (first, second)."""
+    if request.param == "sqlite":
+        stores = [TimerStore(tmp_path / "shared.timers.db") for _ in range(2)]
+    else:
+        request.getfixturevalue("postgres_dsn")
+        from services.common.settings import Settings
+        settings = Settings(event_store="postgres", postgres_dsn=fresh_postgres_database())
+        stores = [TimerStore.open(settings) for _ in range(2)]
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def test_two_sweepers_never_take_the_same_due_timer_until_its_lease_ends(shared):
+    first, second = shared
+    first.apply([rec(200, "sent", "sending", mid=f"m{n}") for n in range(10)], T)
+    taken = first.take_due(5000.0, lease_s=10, limit=6)
+    rest = second.take_due(5000.0, lease_s=10)
+    assert len(taken) == 6 and len(rest) == 4
+    assert {t.message_id for t in taken}.isdisjoint(t.message_id for t in rest)
+    assert second.take_due(5005.0, lease_s=10) == []  # all leased
+    second.fired(rest, T)  # published: forgotten
+    # The first sweeper died before `fired`: once its lease ends, the second fires them.
+    assert {t.message_id for t in second.take_due(5010.5, lease_s=10)} == {t.message_id for t in taken}
+    assert second.pending() == 6
+
+
+def test_a_batch_applied_late_by_a_partitions_previous_owner_changes_nothing(shared):
+    """A partition moved: the new owner applied newer records; the old one's batch lands after it."""
+    old_owner, new_owner = shared
+    new_owner.apply([rec(200, "sending", "queued"), rec(400, "sent", "sending")], T)
+    old_owner.apply([rec(200, "sending", "queued")], T)
+    assert (new_owner.get("m1").kind, new_owner.get("m1").since_sequence) == ("sent", 400)
+    new_owner.apply([rec(500, "delivered", "sent")], T)
+    old_owner.apply([rec(400, "sent", "sending")], T)  # redelivered to the old owner: the timer stays gone
+    assert new_owner.get("m1") is None and new_owner.pending() == 0
+
+
+def test_a_sweepers_own_timers_file_is_imported_into_the_shared_store(shared, tmp_path):
+    own = TimerStore(tmp_path / "timers.db")
+    own.apply([rec(200, "sent", "sending", mid="pending"), rec(200, "sent", "sending", mid="m1")], T)
+    own.close()
+    first, _ = shared
+    first.apply([rec(300, "delivered", "sent")], T)  # the shared store saw m1 move on
+    assert first.import_local(tmp_path / "timers.db") == 1
+    assert [t.message_id for t in first.due(10_000)] == ["pending"]  # m1 moved on since: no stale timer

@@ -4,7 +4,9 @@ first wins), so a timer fired twice or late changes nothing it should not.
 
 A FastStream app (services.common.kafka.run_consumer): one batch subscriber folds each batch of status
 records into the timers in one transaction, then commits it; next to it, `fire_due` publishes the due
-expiries through the app's publisher.
+expiries through the app's publisher. The timers are shared by every sweeper instance (timers.py: in the
+event store's database), so any number of them may run: each applies its partitions' records and fires
+whatever is due.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ log = logging.getLogger("outreach.timeout_sweeper")
 GROUP_ROLE = "timeout-sweeper"  # the group: settings.group_id(GROUP_ROLE)
 MAX_RECORDS = 5000
 TICK_S = 0.1
+FIRE_LEASE_S = 10.0  # a sweeper that took due timers and died: the others fire them after this
 # The public record; the sweeper reads the part of it that is a StatusRecord.
 StatusValue = kafka.records_of(MessageStatusChanged, mode="serialization")
 
@@ -57,10 +60,12 @@ async def fire_due(store: TimerStore, expiries: DefaultPublisher, timeouts: Time
                    stop: asyncio.Event) -> None:
     """Publishes an Expiry for every due timer until `stop`; polls the due index every TICK_S when idle.
 
-    Publish, wait for every acknowledgement, then forget: a crash in between fires the same expiry (same
-    expiry_id) again, and the handler's judgement makes the repeat change nothing."""
+    Take (leased: other sweepers leave them), publish, wait for every acknowledgement, then forget: a crash
+    in between fires the same expiry (same expiry_id) again once the lease ends, and the handler's judgement
+    makes the repeat change nothing. Every sweeper fires every due timer of the shared store, whichever
+    partitions it reads: a timer never waits for its partition's owner."""
     while not stop.is_set():
-        due = await asyncio.to_thread(store.due, time.time())
+        due = await asyncio.to_thread(store.take_due, time.time(), FIRE_LEASE_S)
         if due:
             sent = [await expiries.publish(records.encode(expiry_record(timer)), key=timer.campaign_id.encode(),
                                            no_confirm=True) for timer in due]
@@ -93,7 +98,12 @@ def _declare(settings: Settings, store: TimerStore | None = None,
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await kafka.ensure_topics(settings)
-    store = TimerStore(settings.data_dir / "timers.db")
+    store = TimerStore.open(settings)
+    local = settings.data_dir / "timers.db"  # a sweeper's own file, from before timers were shared
+    if local.exists():
+        imported = store.import_local(local)
+        local.rename(local.with_suffix(".db.imported"))
+        log.info("imported %d pending timers from %s into the shared timer store", imported, local)
     timeouts = TimeoutSettings(settings.sending_timeout_s, settings.sent_timeout_s, settings.retry_window_s)
     try:
         broker, expiries = _declare(settings, store, timeouts)

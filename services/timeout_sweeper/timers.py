@@ -1,4 +1,6 @@
-"""Durable timers in one SQLite table: one row per message with a pending deadline.
+"""Durable timers in one shared table: one row per message with a pending deadline, in the event store's
+database (a SQLite file beside it, or its PostgreSQL database), so a sweeper's lost volume or a moved
+partition strands nothing: whichever sweeper runs fires every due timer.
 
 No task per timer: a due-time index is polled, so 100,000 pending timers cost one table, not 100,000
 coroutines. A timer lapses when the message moves on (its row is replaced or deleted).
@@ -15,16 +17,20 @@ Kinds (the contract's "Timers start at the recorded transition"):
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AwareDatetime, ConfigDict, Field, StrictInt, TypeAdapter, with_config
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
 from schemas.commands import Channel, WireId
 from schemas.events import MessageStatus
+from services.common.connections import ReconnectingConnection
+from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
 
 _COLUMNS = "message_id, campaign_id, kind, since_sequence, due, channel"
@@ -100,22 +106,74 @@ def after_firing(timer: Timer, timeouts: TimeoutSettings) -> Timer | None:
     return None
 
 
-class TimerStore:
-    """The timers table. One connection, used from the event loop and from worker threads: a lock keeps
-    each method's transaction whole."""
+@dataclass(frozen=True)
+class _Dialect:
+    timers: str
+    positions: str
+    placeholder: str
+    real: str
+    integer: str
+    begin: str
+    skip_locked: str  # rows another sweeper is taking are left to it
 
-    def __init__(self, path: Path):
+
+SQLITE = _Dialect(timers="timers", positions="positions", placeholder="?", real="REAL", integer="INTEGER",
+                  begin="BEGIN IMMEDIATE", skip_locked="")
+POSTGRES = _Dialect(timers="outreach_timers", positions="outreach_timer_positions", placeholder="%s",
+                    real="DOUBLE PRECISION", integer="BIGINT", begin="BEGIN", skip_locked=" FOR UPDATE SKIP LOCKED")
+
+
+class TimerStore:
+    """The timers table and the positions (highest status-record sequence applied per message), shared by
+    every sweeper instance: a SQLite file (one machine) or two tables in the event store's PostgreSQL
+    database (several). One autocommit DB-API connection, used from the event loop and from worker threads:
+    a lock keeps each method's transaction whole.
+
+    Several sweepers may apply and fire at once: writes are conditional on the sequence (a batch applied
+    late, by the partition's previous owner, changes nothing a newer one wrote), and `take_due` leases the
+    timers it returns, so two sweepers do not fire the same one (if they did, the handler's judgement makes
+    the repeat change nothing)."""
+
+    def __init__(self, path: Path | None = None, *, connect: Callable[[], Any] | None = None,
+                 dialect: _Dialect = SQLITE):
         self._lock = threading.Lock()
-        self.db = open_sqlite(path)  # WAL, synchronous=NORMAL: survives a crash of the process, cheap commits
-        self.db.execute("CREATE TABLE IF NOT EXISTS timers (message_id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL,"
-                        " kind TEXT NOT NULL, since_sequence INTEGER NOT NULL, due REAL NOT NULL,"
-                        " channel TEXT NOT NULL DEFAULT '')")
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(timers)")}
-        if "channel" not in columns:  # a data dir from before timers knew their channel
-            self.db.execute("ALTER TABLE timers ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
-        self.db.execute("CREATE INDEX IF NOT EXISTS timers_due ON timers (due)")
-        # Highest status-record sequence seen per message: a redelivered or older record changes nothing.
-        self.db.execute("CREATE TABLE IF NOT EXISTS positions (message_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL)")
+        # SQLite: WAL, synchronous=NORMAL: survives a crash of the process, cheap commits.
+        self._connection = ReconnectingConnection(connect or (lambda: open_sqlite(path)))
+        self._dialect = d = dialect
+        t, pos, p = d.timers, d.positions, d.placeholder
+        with self._lock, self._connection.reconnecting():
+            db = self._connection.db
+            db.execute(f"CREATE TABLE IF NOT EXISTS {t} (message_id TEXT PRIMARY KEY, campaign_id TEXT NOT NULL,"
+                       f" kind TEXT NOT NULL, since_sequence {d.integer} NOT NULL, due {d.real} NOT NULL,"
+                       f" channel TEXT NOT NULL DEFAULT '', lease_until {d.real} NOT NULL DEFAULT 0)")
+            if dialect is SQLITE:  # a data dir from before timers knew their channel, or were leased
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({t})")}
+                if "channel" not in columns:
+                    db.execute(f"ALTER TABLE {t} ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
+                if "lease_until" not in columns:
+                    db.execute(f"ALTER TABLE {t} ADD COLUMN lease_until REAL NOT NULL DEFAULT 0")
+            db.execute(f"CREATE INDEX IF NOT EXISTS {t}_due ON {t} (due)")
+            db.execute(f"CREATE TABLE IF NOT EXISTS {pos} (message_id TEXT PRIMARY KEY, "
+                       f"sequence {d.integer} NOT NULL)")
+        self._upsert_position = (f"INSERT INTO {pos} (message_id, sequence) VALUES ({p}, {p}) "
+                                 f"ON CONFLICT (message_id) DO UPDATE SET sequence = excluded.sequence "
+                                 f"WHERE {pos}.sequence < excluded.sequence")
+        self._upsert_timer = (f"INSERT INTO {t} ({_COLUMNS}) VALUES ({p}, {p}, {p}, {p}, {p}, {p}) "
+                              "ON CONFLICT (message_id) DO UPDATE SET campaign_id = excluded.campaign_id, "
+                              "kind = excluded.kind, since_sequence = excluded.since_sequence, due = excluded.due, "
+                              f"channel = excluded.channel, lease_until = 0 "
+                              f"WHERE {t}.since_sequence <= excluded.since_sequence")
+        self._delete_timer = f"DELETE FROM {t} WHERE message_id = {p} AND since_sequence < {p}"
+
+    @classmethod
+    def open(cls, settings: Settings) -> "TimerStore":
+        """The timers of these settings' event store: beside the SQLite file, or in the PostgreSQL database."""
+        if settings.event_store == "postgres":
+            import psycopg
+
+            return cls(connect=lambda: psycopg.connect(settings.postgres_dsn, autocommit=True, connect_timeout=5),
+                       dialect=POSTGRES)
+        return cls(timers_path(settings))
 
     def apply(self, records: list[StatusRecord], timeouts: TimeoutSettings) -> None:
         """Applies a batch of status records in one transaction: read the batch's messages once, fold their
@@ -124,17 +182,18 @@ class TimerStore:
         for record in records:
             by_message.setdefault(record["message_id"], []).append(record)
         ids = list(by_message)
-        with self._lock, self.db:
-            self.db.execute("BEGIN")
+        t, pos, p = self._dialect.timers, self._dialect.positions, self._dialect.placeholder
+
+        def work(db: Any) -> None:
             positions: dict[str, int] = {}
             timers: dict[str, Timer] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                positions.update(self.db.execute(
-                    f"SELECT message_id, sequence FROM positions WHERE message_id IN ({marks})", chunk).fetchall())
-                timers.update((row[0], Timer(*row)) for row in self.db.execute(
-                    f"SELECT {_COLUMNS} FROM timers WHERE message_id IN ({marks})", chunk))
+                marks = ",".join([p] * len(chunk))
+                positions.update(db.execute(
+                    f"SELECT message_id, sequence FROM {pos} WHERE message_id IN ({marks})", chunk).fetchall())
+                timers.update((row[0], Timer(*row)) for row in db.execute(
+                    f"SELECT {_COLUMNS} FROM {t} WHERE message_id IN ({marks})", chunk))
             new_positions, upserts, deletes = [], [], []
             for mid, items in by_message.items():
                 position = positions.get(mid, -1)
@@ -150,46 +209,107 @@ class TimerStore:
                     continue
                 new_positions.append((mid, position))
                 if current is None:
-                    deletes.append((mid,))
+                    deletes.append((mid, position))
                 else:
                     upserts.append((current.message_id, current.campaign_id, current.kind, current.since_sequence,
                                     current.due, current.channel))
-            self.db.executemany("INSERT INTO positions VALUES (?, ?) ON CONFLICT (message_id) DO UPDATE "
-                                "SET sequence = excluded.sequence", new_positions)
-            self.db.executemany("DELETE FROM timers WHERE message_id = ?", deletes)
-            self.db.executemany(f"INSERT OR REPLACE INTO timers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", upserts)
+            if new_positions:
+                db.executemany(self._upsert_position, new_positions)
+            if deletes:
+                db.executemany(self._delete_timer, deletes)
+            if upserts:
+                db.executemany(self._upsert_timer, upserts)
+
+        self._transaction(work)
 
     def get(self, message_id: str) -> Timer | None:
-        with self._lock:
-            row = self.db.execute(f"SELECT {_COLUMNS} FROM timers WHERE message_id = ?", (message_id,)).fetchone()
-        return Timer(*row) if row else None
+        t, p = self._dialect.timers, self._dialect.placeholder
+        rows = self._read(f"SELECT {_COLUMNS} FROM {t} WHERE message_id = {p}", (message_id,))
+        return Timer(*rows[0]) if rows else None
 
     def due(self, now: float, limit: int = 1000) -> list[Timer]:
-        with self._lock:
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM timers WHERE due <= ? ORDER BY due LIMIT ?",
-                                   (now, limit)).fetchall()
+        """The timers due at `now`, earliest first (a read: see `take_due` to fire them)."""
+        t, p = self._dialect.timers, self._dialect.placeholder
+        rows = self._read(f"SELECT {_COLUMNS} FROM {t} WHERE due <= {p} ORDER BY due LIMIT {p}", (now, limit))
         return [Timer(*r) for r in rows]
+
+    def take_due(self, now: float, lease_s: float, limit: int = 1000) -> list[Timer]:
+        """The due timers no other sweeper is firing, leased to this one for `lease_s` (a sweeper that dies
+        before `fired` leaves them to the others once the lease ends)."""
+        d, p = self._dialect, self._dialect.placeholder
+        t = d.timers
+        return [Timer(*row) for row in self._transaction(lambda db: db.execute(
+            f"UPDATE {t} SET lease_until = {p} WHERE message_id IN (SELECT message_id FROM {t} "
+            f"WHERE due <= {p} AND lease_until <= {p} ORDER BY due LIMIT {p}{d.skip_locked}) "
+            f"RETURNING {_COLUMNS}", (now + lease_s, now, now, limit)).fetchall())]
 
     def fired(self, timers: list[Timer], timeouts: TimeoutSettings) -> None:
         """Fired timers are forgotten or re-armed (`after_firing`), each only if the message has not moved on
         since it was read (same since_sequence and kind)."""
+        t, p = self._dialect.timers, self._dialect.placeholder
         forget, rearm = [], []
-        for t in timers:
-            following = after_firing(t, timeouts)
+        for timer in timers:
+            following = after_firing(timer, timeouts)
             if following is None:
-                forget.append((t.message_id, t.since_sequence, t.kind))
+                forget.append((timer.message_id, timer.since_sequence, timer.kind))
             else:
-                rearm.append((following.kind, following.due, t.message_id, t.since_sequence, t.kind))
-        with self._lock, self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM timers WHERE message_id = ? AND since_sequence = ? AND kind = ?", forget)
-            self.db.executemany("UPDATE timers SET kind = ?, due = ? "
-                                "WHERE message_id = ? AND since_sequence = ? AND kind = ?", rearm)
+                rearm.append((following.kind, following.due, timer.message_id, timer.since_sequence, timer.kind))
+
+        def work(db: Any) -> None:
+            if forget:
+                db.executemany(f"DELETE FROM {t} WHERE message_id = {p} AND since_sequence = {p} AND kind = {p}",
+                               forget)
+            if rearm:
+                db.executemany(f"UPDATE {t} SET kind = {p}, due = {p}, lease_until = 0 "
+                               f"WHERE message_id = {p} AND since_sequence = {p} AND kind = {p}", rearm)
+
+        self._transaction(work)
 
     def pending(self) -> int:
-        with self._lock:
-            return self.db.execute("SELECT count(*) FROM timers").fetchone()[0]
+        return self._read(f"SELECT count(*) FROM {self._dialect.timers}")[0][0]
+
+    def import_local(self, path: Path) -> int:
+        """Pending timers of a sweeper's own SQLite file from before timers were shared (`data_dir/timers.db`),
+        added unless the shared store knows the message already (a timer, or a newer record); returns how
+        many were added."""
+        old = open_sqlite(path)
+        try:
+            rows = old.execute(f"SELECT {_COLUMNS} FROM timers").fetchall()
+        finally:
+            old.close()
+        t, pos, p = self._dialect.timers, self._dialect.positions, self._dialect.placeholder
+        before = self.pending()
+        if rows:
+            self._transaction(lambda db: db.executemany(
+                f"INSERT INTO {t} ({_COLUMNS}) SELECT {p}, {p}, {p}, {p}, {p}, {p} WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {pos} WHERE message_id = {p} AND sequence >= {p}) "
+                "ON CONFLICT (message_id) DO NOTHING", [(*row, row[0], row[3]) for row in rows]))
+        return self.pending() - before
 
     def close(self) -> None:
         with self._lock:
-            self.db.close()
+            self._connection.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _read(self, statement: str, params: tuple = ()) -> list[tuple]:
+        with self._lock, self._connection.reconnecting():
+            return self._connection.db.execute(statement, params).fetchall()
+
+    def _transaction(self, work: Callable[[Any], Any]) -> Any:
+        with self._lock, self._connection.reconnecting():
+            cursor = self._connection.db.cursor()  # both drivers' cursors have executemany
+            cursor.execute(self._dialect.begin)
+            try:
+                result = work(cursor)
+            except BaseException:
+                with contextlib.suppress(Exception):  # a dead connection cannot roll back: it is dropped
+                    cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
+            return result
+
+
+def timers_path(settings: Settings) -> Path:
+    """The shared timers of a SQLite event store: a file beside it (every sweeper of the machine sees it)."""
+    return settings.event_store_sqlite_path.with_suffix(".timers.db")
