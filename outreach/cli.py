@@ -194,8 +194,8 @@ def up(
     demo_size: int = typer.Option(200, "--demo-size", min=1, max=10_000, help="Messages per demo campaign."),
     instances: list[str] = typer.Option(
         [], "--instances", metavar="SERVICE=N",
-        help="Run N instances of a service (repeatable), e.g. --instances sender=2. Scalable: sender, relay "
-             "(one publishes, the others stand by), timeout-sweeper."),
+        help="Run N instances of a service (repeatable), e.g. --instances sender=2. Scalable: command-handler, relay "
+             "(one publishes, the others stand by), sender, timeout-sweeper, projections."),
 ) -> None:
     """Run the embedded broker and every service in the foreground; Ctrl-C stops them all.
 

@@ -196,9 +196,12 @@ def _insert(table: str, columns: tuple[str, ...]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+# A fold never replaces a newer one: two projections instances may fold one campaign while its partition
+# moves between them, and the later commit may be the older fold.
 _UPSERT_CAMPAIGN = (
     _insert("campaigns", CAMPAIGN_COLUMNS) + " ON CONFLICT (campaign_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in CAMPAIGN_COLUMNS[1:])
+    + " WHERE excluded.last_sequence >= campaigns.last_sequence"
 )
 _INSERT_EVENT = _insert("campaign_events", EVENT_COLUMNS) + " ON CONFLICT (event_id) DO NOTHING"
 _INSERT_STATUS = _insert("message_events", STATUS_COLUMNS) + " ON CONFLICT (event_id) DO NOTHING"
