@@ -195,7 +195,7 @@ def up(
     instances: list[str] = typer.Option(
         [], "--instances", metavar="SERVICE=N",
         help="Run N instances of a service (repeatable), e.g. --instances sender=2. Scalable: command-handler, relay "
-             "(one publishes, the others stand by), sender, timeout-sweeper, projections."),
+             "(one publishes, the others stand by), sender, timeout-sweeper, projections, webhooks (sharing the port)."),
 ) -> None:
     """Run the embedded broker and every service in the foreground; Ctrl-C stops them all.
 

@@ -27,8 +27,8 @@ SERVICES: dict[str, str] = {
 }
 
 # Services proven to run as several instances at once (docs/design.md says each one's rule).
-# (docs/design.md, "Scaling out": the webhook receiver and the API keep state of their own for now.)
-SCALABLE = ("command-handler", "relay", "sender", "timeout-sweeper", "projections")
+# (docs/design.md, "Scaling out": the API keeps state of its own for now.)
+SCALABLE = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks")
 
 
 def parse_instances(specs: list[str]) -> dict[str, int]:

@@ -1,6 +1,6 @@
-"""Several instances of every service that scales, under kills (issue 11's acceptance test, on the services
-proven so far: command handler, relay with its standby, sender, timeout sweeper, projections; the webhook
-receiver and the simulator run once).
+"""Several instances of every service that scales, under kills (issue 11's acceptance test): command handler,
+relay with its standby, sender, timeout sweeper, projections and webhook receiver (two processes on one
+port); the simulator runs once, and the HTTP API is not part of it (its state is not shared yet).
 
 On the PostgreSQL stores (events, fence, timers, read model): an SMS campaign and an email campaign of
 2,500 messages each, and a third (email) campaign stopped mid-run, while a random instance of a scaled
@@ -30,7 +30,7 @@ from tests.e2e_support import ALL_TRUE
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 SIZE = 2500
-SCALED = ("command-handler", "relay", "sender", "timeout-sweeper", "projections")
+SCALED = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks")
 FINAL = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
 TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ)
 KILLS = 10  # at most: the killing stops when the campaigns are final

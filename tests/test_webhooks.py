@@ -193,9 +193,10 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-async def client(kafka_bootstrap):
+async def client(kafka_bootstrap, tmp_path_factory):
     settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, webhook_host="127.0.0.1", webhook_port=free_port(),
-                        twilio_auth_token=TOKEN, sendgrid_webhook_public_key=PUBLIC_KEY_B64)
+                        twilio_auth_token=TOKEN, sendgrid_webhook_public_key=PUBLIC_KEY_B64,
+                        data_dir=tmp_path_factory.mktemp("webhooks"))
     tail = await Tail(settings, topics.SENDER_RESULTS, topics.OPT_OUTS).start()
     async with running(settings), aiohttp.ClientSession() as session:
         yield Client(settings, session, tail)
@@ -511,3 +512,25 @@ async def test_publishing_failure_answers_503_and_the_retry_publishes():
     finally:
         await runner.cleanup()
         await outbox.close()
+
+
+async def test_a_sendgrid_retry_reaching_another_receiver_instance_is_not_published_again(client):
+    """Receiver instances share the published event ids (in the store's database): a batch one of them
+    published is skipped by another when SendGrid retries it there. Instances may share one port (reuse_port)."""
+    campaign_id, message_id = new_ids()
+    batch = [{"email": "twice@example.com", "timestamp": 1_700_000_000, "event": "deferred", "attempt": "1",
+              "response": "451 later", "sg_event_id": uuid.uuid4().hex, "message_id": message_id,
+              "campaign_id": campaign_id}]
+    assert await client.sendgrid(batch) == 200
+    await client.wait(lambda: client.results_of(campaign_id, message_id))
+
+    async with running(client.settings):  # a second process on the first one's port starts (reuse_port)
+        pass
+    elsewhere = client.settings.model_copy(update={"webhook_port": free_port()})
+    async with running(elsewhere), aiohttp.ClientSession() as session:  # another instance, reached directly
+        other = Client(elsewhere, session, client.tail)
+        assert await other.sendgrid(batch) == 200  # SendGrid's retry of the batch, on that instance
+    marker_id = str(uuid.uuid4())
+    assert await client.sendgrid([{**batch[0], "sg_event_id": uuid.uuid4().hex, "message_id": marker_id}]) == 200
+    await client.wait(lambda: client.results_of(campaign_id, marker_id))
+    assert len(client.results_of(campaign_id, message_id)) == 1  # published once, by the first instance

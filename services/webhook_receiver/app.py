@@ -22,6 +22,7 @@ from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.webhook_receiver.publishing import Outbox, Publisher, declare_publishers
 from services.webhook_receiver.routes import RECEIVER, create_app
+from services.webhook_receiver.seen import open_seen_store
 
 log = logging.getLogger("outreach.webhooks")
 
@@ -52,6 +53,9 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
         raise
     broker, publishers = broker_with_publishers(settings)
     outbox = Outbox(publishers)
+    own_store = None
+    if "seen_store" not in receiver_options:  # shared with the other instances, in the event store's database
+        own_store = receiver_options["seen_store"] = open_seen_store(settings)
     runner = None
     following_stop = asyncio.Event()
     following = None
@@ -65,7 +69,8 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
         following = asyncio.create_task(feed.follow(following_stop, secrets.apply_channel_settings))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
-        await web.TCPSite(runner, settings.webhook_host, settings.webhook_port).start()
+        # reuse_port: several receiver processes on one machine share the port (the kernel spreads connections).
+        await web.TCPSite(runner, settings.webhook_host, settings.webhook_port, reuse_port=True).start()
         log.info("webhook receiver on %s:%s (public %s)", settings.webhook_host, settings.webhook_port,
                  settings.webhook_url)
         yield app
@@ -78,6 +83,8 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
             await runner.cleanup()  # stop accepting, let requests in hand finish (their records flush)
         await outbox.close()
         await broker.stop()
+        if own_store is not None:
+            own_store.close()
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -39,6 +39,7 @@ from services.common.unsubscribe import verify_unsubscribe as verify_unsubscribe
 from services.webhook_receiver.callbacks import (inbound_action, normalize_email, opt_out, result,
                                                  sendgrid_records, submission_number, text,
                                                  twilio_status_records, twiml)
+from services.webhook_receiver.seen import SeenEventStore
 from services.webhook_receiver.publishing import Outbox
 from services.webhook_receiver.signatures import CallbackSecrets
 
@@ -80,11 +81,13 @@ class Receiver:
 
     def __init__(self, settings: Settings, outbox: Outbox | None, *,
                  verify_unsubscribe: UnsubscribeVerifier = verify_unsubscribe_link,
-                 sendgrid_public_key: Any = None, seen_events_max: int = SEEN_EVENTS_MAX):
+                 sendgrid_public_key: Any = None, seen_events_max: int = SEEN_EVENTS_MAX,
+                 seen_store: SeenEventStore | None = None):
         self.secrets = CallbackSecrets(settings, sendgrid_public_key=sendgrid_public_key)
         self.outbox = outbox
         self._verify_unsubscribe = verify_unsubscribe
-        self.seen_events = SeenEvents(seen_events_max)
+        self.seen_events = SeenEvents(seen_events_max)  # this instance's recent ones, in front of the store
+        self.seen_store = seen_store  # every instance's (None: this instance's memory only)
 
     @property
     def settings(self) -> Settings:
@@ -146,12 +149,17 @@ class Receiver:
         results: dict[str, list[SenderResult]] = defaultdict(list)
         opt_outs: list[OptOutChanged] = []
         batch_ids: set[str] = set()
+        published_elsewhere: set[str] = set()
+        if self.seen_store is not None:  # one query per batch: published by any instance (a retry)
+            candidates = {i for e in events if isinstance(e, dict) and (i := text(e.get("sg_event_id")))
+                          and i not in self.seen_events}
+            published_elsewhere = await asyncio.to_thread(self.seen_store.seen, candidates) if candidates else set()
         for event in events:
             if not isinstance(event, dict):
                 continue
             sg_event_id = text(event.get("sg_event_id"))
             if sg_event_id is not None:
-                if sg_event_id in batch_ids or sg_event_id in self.seen_events:
+                if sg_event_id in batch_ids or sg_event_id in self.seen_events or sg_event_id in published_elsewhere:
                     continue
                 batch_ids.add(sg_event_id)
             mapped = sendgrid_records(event)
@@ -166,6 +174,11 @@ class Receiver:
             return failed
         for sg_event_id in batch_ids:  # only once published: a failed batch is retried in full
             self.seen_events.add(sg_event_id)
+        if self.seen_store is not None and batch_ids:
+            try:
+                await asyncio.to_thread(self.seen_store.record, batch_ids)
+            except Exception:  # published already: a retry elsewhere may publish them again (at least once)
+                log.warning("could not record %d published event ids", len(batch_ids), exc_info=True)
         return web.Response(status=200)
 
     async def _verified_unsubscribe(self, request: web.Request):
