@@ -116,7 +116,8 @@ async def soak(env: dict[str, str], stack: Stack, minutes: float, size: int, kil
             if record["status"] == "cancelled":
                 at = datetime.fromisoformat(record["occurred_at"].replace("Z", "+00:00")).timestamp()
                 after_cancel += any(e["at"] > at for e in log.get(mid, []))
-    outcome = Counter(r["status"] for c in campaigns for r in latest[c].values())
+    outcome = Counter(f"{r['status']}/{r['reason']}" if r["reason"] else r["status"]
+                      for c in campaigns for r in latest[c].values())
     takeovers = sum(p.read_text(errors="replace").count("active: this relay holds the lock")
                     for p in stack.log_dir.glob("relay*.log"))
     print(f"\n{round_no} rounds, {len(campaigns)} campaigns, {sum(campaigns.values()):,} messages in "
@@ -143,6 +144,7 @@ def main() -> None:
         "OUTREACH_READ_MODEL_URL": fresh_postgres_dsn(), "OUTREACH_DATA_DIR": str(data_dir),
         "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000", "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
         "OUTREACH_SENDING_TIMEOUT_S": "10", "OUTREACH_SENT_TIMEOUT_S": "5",
+        "OUTREACH_EMAIL_RATE": "200",  # slow enough that a Stop finds messages still queued
         "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")), "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
     })
     names = tuple(name for name in SERVICES if name != "api")
