@@ -81,7 +81,7 @@ def test_services_share_one_image_and_configuration():
         assert service["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
         assert service["environment"]["OUTREACH_EVENT_STORE"] == "postgres"
         assert service["environment"]["OUTREACH_DATA_DIR"] == "/data"
-        assert any(volume.endswith(":/data") for volume in service["volumes"])
+        assert any(volume == "/data" or volume.endswith(":/data") for volume in service["volumes"])
         # The read model is shared between containers, so it cannot be a file in one of their volumes.
         assert service["environment"]["OUTREACH_READ_MODEL_URL"].startswith("postgresql://")
         assert service["environment"]["OUTREACH_TWILIO_BASE_URL"] == "http://simulator:8930"
@@ -90,6 +90,19 @@ def test_services_share_one_image_and_configuration():
     assert services["simulator"]["environment"]["OUTREACH_SIMULATOR_HOST"] == "0.0.0.0"
     assert services["webhooks"]["environment"]["OUTREACH_WEBHOOK_HOST"] == "0.0.0.0"
     assert services["api"]["environment"]["OUTREACH_API_HOST"] == "0.0.0.0"
+
+
+def test_every_service_that_scales_runs_two_replicas_each_with_its_own_data():
+    """Two of each (docs/design.md, "Scaling out"); a named volume would be one /data for both replicas (two
+    senders on one journal), so each replica has an anonymous volume of its own."""
+    from outreach.up import SCALABLE
+
+    services = load_compose()["services"]
+    for name in SCALABLE:
+        assert services[name]["deploy"]["replicas"] == 2, name
+        assert services[name]["volumes"] == ["/data"], name
+    for name in ("simulator", "api"):
+        assert "deploy" not in services[name], name
 
 
 def test_every_service_takes_the_one_encryption_key():
