@@ -195,7 +195,8 @@ def up(
     instances: list[str] = typer.Option(
         [], "--instances", metavar="SERVICE=N",
         help="Run N instances of a service (repeatable), e.g. --instances sender=2. Scalable: command-handler, relay "
-             "(one publishes, the others stand by), sender, timeout-sweeper, projections, webhooks (sharing the port)."),
+             "(one publishes, the others stand by), sender, timeout-sweeper, projections, webhooks and api (sharing "
+             "their port; with OUTREACH_EVENT_STORE=postgres for the API)."),
 ) -> None:
     """Run the embedded broker and every service in the foreground; Ctrl-C stops them all.
 

@@ -27,8 +27,8 @@ SERVICES: dict[str, str] = {
 }
 
 # Services proven to run as several instances at once (docs/design.md says each one's rule).
-# (docs/design.md, "Scaling out": the API keeps state of its own for now.)
-SCALABLE = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks")
+# (docs/design.md, "Scaling out"; the API and the webhook receiver share their port.)
+SCALABLE = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks", "api")
 
 
 def parse_instances(specs: list[str]) -> dict[str, int]:

@@ -101,8 +101,8 @@ def test_every_service_that_scales_runs_two_replicas_each_with_its_own_data():
     for name in SCALABLE:
         assert services[name]["deploy"]["replicas"] == 2, name
         assert services[name]["volumes"] == ["/data"], name
-    for name in ("simulator", "api"):
-        assert "deploy" not in services[name], name
+    assert "deploy" not in services["simulator"]
+    assert services["api"]["ports"] == ["8080-8081:8080"]  # a host port per replica
 
 
 def test_every_service_takes_the_one_encryption_key():

@@ -36,7 +36,9 @@ STACK_SERVICES = tuple(SERVICES)  # the API too
 
 @pytest.fixture(scope="module")
 def token(env) -> str:
-    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"])) as store:
+    # The stack's store: on PostgreSQL the API's tokens are in its database (every API instance sees them).
+    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
+                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
         return store.create_token("grace", "campaigner")[0]
 
 
@@ -160,3 +162,24 @@ async def _campaign_if(api: httpx.AsyncClient, campaign_id: str, condition) -> d
         return None
     campaign = response.json()
     return campaign if condition(campaign) else None
+
+
+async def test_two_api_processes_share_the_port_and_the_tokens(api, stack, token):
+    """A second API instance (the same port, SO_REUSEPORT; tokens and settings in PostgreSQL) keeps answering
+    the same client, with the same token, when the first one is killed."""
+    stack.start_service("api", 1)
+    try:
+        await async_wait_until(lambda: "HTTP API on" in (stack.log_dir / "api-1.log").read_text(errors="replace"),
+                               30, message="the second API did not start")
+        stack.kill("api", 0)
+        async def answers() -> bool:
+            try:
+                return (await api.get("/campaigns")).status_code == 200
+            except httpx.TransportError:  # a connection the dead process had
+                return False
+        await async_wait_until(answers, 30, 0.2, message="the second API did not answer")
+        for _ in range(5):  # every request now reaches the second process, which knows the token
+            assert (await api.get("/campaigns")).status_code == 200
+    finally:
+        stack.kill("api", 1)
+        stack.start_service("api", 0)

@@ -42,7 +42,8 @@ STACK_SERVICE_ENV = {"simulator": {"OUTREACH_TWILIO_ACCOUNT_SID": RIGHT["account
 
 @pytest.fixture(scope="module")
 def token(env) -> str:
-    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"])) as store:
+    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
+                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
         return store.create_token("olga", "org_admin")[0]
 
 

@@ -63,7 +63,7 @@ def test_outreach_up_runs_two_senders_on_the_embedded_defaults(tmp_path):
                                                                               "sender-journal-1.db"}
 
 
-@pytest.mark.parametrize("spec, complaint", [("api=2", "cannot run as several instances"),
+@pytest.mark.parametrize("spec, complaint", [("simulator=2", "cannot run as several instances"),
                                              ("sender=0", "from 1 to 8"), ("sender=two", "from 1 to 8")])
 def test_outreach_up_refuses_instances_it_cannot_run(spec, complaint):
     done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up", "--instances", spec],

@@ -3,12 +3,13 @@
     python -m services.api      # serves at OUTREACH_API_HOST:OUTREACH_API_PORT (127.0.0.1:8080)
 
 Reads come from the projections' read model, commands go to `outreach.commands`, tokens and channel settings
-live in `data_dir/api.db`. Interactive documentation at /docs, the OpenAPI document at /openapi.json.
+live in the event store's PostgreSQL database, or in `data_dir/api.db` (store.py). Interactive documentation at /docs, the OpenAPI document at /openapi.json.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -137,7 +138,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
     log.info("HTTP API on http://%s:%d (docs at /docs)", settings.api_host, settings.api_port)
-    uvicorn.Server(uvicorn_config(settings)).run()
+    uvicorn.Server(uvicorn_config(settings)).run(sockets=[shared_listening_socket(settings.api_host,
+                                                                                 settings.api_port)])
+
+
+def shared_listening_socket(host: str, port: int) -> socket.socket:
+    """The API's port, bound with SO_REUSEPORT: several API processes on one machine share it (the kernel
+    spreads the connections); their state (tokens, settings) is shared in PostgreSQL."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 class BackgroundServer:

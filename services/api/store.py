@@ -1,4 +1,7 @@
-"""The API's own small SQLite file (`data_dir/api.db`): bearer tokens and channel settings.
+"""The API's state: bearer tokens and channel settings. In the event store's PostgreSQL database when the
+event store is PostgreSQL (tables `outreach_api_tokens`, `outreach_api_channel_settings`: every API
+instance, and `outreach token` from any machine, sees the same), else in the API's own small SQLite file
+(`data_dir/api.db`: one machine, one API). An `api.db` found beside a PostgreSQL deployment is imported once.
 
 Tokens are kept only as SHA-256 hashes: a leaked file lets no one in. A token is 32 random bytes, so a
 plain hash (no salt, no slow KDF) is enough: there is nothing to brute-force. Channel credentials are
@@ -10,18 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from schemas.times import utc_now
 from services.common import jsoncodec
+from services.common.connections import ReconnectingConnection
 from services.common.secrets import encryption_key
 from services.common.sqlite import open_sqlite
 from services.common.settings import Settings
@@ -33,7 +38,7 @@ Role = Literal["org_admin", "admin", "campaigner", "operations"]
 ROLES: tuple[Role, ...] = get_args(Role)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
+CREATE TABLE IF NOT EXISTS {tokens} (
     token_id    TEXT PRIMARY KEY,
     token_hash  TEXT NOT NULL UNIQUE,
     principal   TEXT NOT NULL,
@@ -43,10 +48,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_by  TEXT,               -- who made it (a principal, or cli:<OS user>); null before it was kept
     revoked_by  TEXT
 );
-CREATE TABLE IF NOT EXISTS channel_settings (
+CREATE TABLE IF NOT EXISTS {settings} (
     channel     TEXT PRIMARY KEY,
     provider    TEXT NOT NULL,
-    credentials BLOB NOT NULL,      -- Fernet token of the credentials' JSON
+    credentials {blob} NOT NULL,    -- Fernet token of the credentials' JSON
     updated_by  TEXT NOT NULL,
     updated_at  TEXT NOT NULL,
     settings_id TEXT                -- the ChannelSettingsChanged record's id (outreach.internal.channel-settings)
@@ -100,31 +105,103 @@ class SealedChannelSettings:
     updated_at: str
 
 
-class ApiStore:
-    """Tokens and channel settings in `data_dir/api.db`. Thread-safe (one connection, one lock)."""
+class _Conn:
+    """The store's one connection: SQL written with `?` placeholders and the tables' SQLite names, turned
+    into the PostgreSQL dialect (`%s`, `outreach_api_*`) when it is PostgreSQL."""
 
-    def __init__(self, path: Path | str, encryption_key: bytes | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():  # private from the start (SQLite gives its -wal and -shm files the same mode)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+    def __init__(self, connect: Any, postgres: bool):
+        self._connection = ReconnectingConnection(connect)
+        self.postgres = postgres
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if self.postgres:
+            sql = (sql.replace("?", "%s").replace(" tokens ", " outreach_api_tokens ")
+                   .replace(" channel_settings ", " outreach_api_channel_settings "))
+        with self._connection.reconnecting():
+            return self._connection.db.execute(sql, params)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class ApiStore:
+    """Tokens and channel settings (see the module). Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path | str | None = None, encryption_key: bytes | None = None, *,
+                 postgres_dsn: str | None = None):
         self._lock = threading.Lock()
-        # FULL: a token is shown once and settings are answered 200 once stored, so a commit survives a power cut.
-        self._conn = open_sqlite(self.path, synchronous="FULL", busy_timeout_s=30)
-        self._conn.executescript(_SCHEMA)
-        token_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(tokens)")}
-        for column in ("created_by", "revoked_by"):  # an api.db from before token audit
-            if column not in token_columns:
-                self._conn.execute(f"ALTER TABLE tokens ADD COLUMN {column} TEXT")
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(channel_settings)")}
-        if "settings_id" not in columns:  # an api.db from before the settings were published
-            self._conn.execute("ALTER TABLE channel_settings ADD COLUMN settings_id TEXT")
+        if postgres_dsn is not None:
+            import psycopg
+
+            self.path = None
+            self._conn = _Conn(lambda: psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=5), True)
+            schema = _SCHEMA.format(tokens="outreach_api_tokens", settings="outreach_api_channel_settings", blob="BYTEA")
+            for statement in re.sub(r"--[^\n]*", "", schema).split(";"):  # comments hold semicolons
+                if statement.strip():
+                    self._retry_create(statement)
+        else:
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():  # private from the start (SQLite gives its -wal and -shm files the same mode)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            # FULL: a token is shown once and settings are answered 200 once stored: a commit survives a power cut.
+            sqlite = open_sqlite(self.path, synchronous="FULL", busy_timeout_s=30)
+            sqlite.executescript(_SCHEMA.format(tokens="tokens", settings="channel_settings", blob="BLOB"))
+            token_columns = {row[1] for row in sqlite.execute("PRAGMA table_info(tokens)")}
+            for column in ("created_by", "revoked_by"):  # an api.db from before token audit
+                if column not in token_columns:
+                    sqlite.execute(f"ALTER TABLE tokens ADD COLUMN {column} TEXT")
+            columns = {row[1] for row in sqlite.execute("PRAGMA table_info(channel_settings)")}
+            if "settings_id" not in columns:  # an api.db from before the settings were published
+                sqlite.execute("ALTER TABLE channel_settings ADD COLUMN settings_id TEXT")
+            self._conn = _Conn(lambda: sqlite, False)
         self._fernet = Fernet(encryption_key) if encryption_key else None
+
+    def _retry_create(self, statement: str) -> None:
+        """PostgreSQL's IF NOT EXISTS races between instances creating one table: the loser finds it made."""
+        import psycopg
+
+        for _ in range(5):
+            try:
+                self._conn.execute(statement)
+                return
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
+                continue
 
     @classmethod
     def open(cls, settings: Settings, *, with_encryption: bool = True) -> ApiStore:
         key = encryption_key(settings) if with_encryption else None
-        return cls(settings.data_dir / FILE_NAME, key)
+        if settings.event_store != "postgres":
+            return cls(settings.data_dir / FILE_NAME, key)
+        store = cls(encryption_key=key, postgres_dsn=settings.postgres_dsn)
+        local = settings.data_dir / FILE_NAME
+        if local.exists():  # from before the API kept its state in PostgreSQL
+            store.import_from(local)
+            local.rename(local.with_suffix(".db.imported"))
+        return store
+
+    def import_from(self, path: Path) -> None:
+        """Tokens and channel settings of an `api.db`, added where this store has none with their id."""
+        old = open_sqlite(path)
+        try:
+            old_store_columns = {row[1] for row in old.execute("PRAGMA table_info(tokens)")}
+            audit = "created_by, revoked_by" if "created_by" in old_store_columns else "NULL, NULL"
+            tokens = old.execute(f"SELECT token_id, token_hash, principal, role, created_at, revoked_at, {audit} "
+                                 "FROM tokens").fetchall()
+            with_id = "settings_id" in {row[1] for row in old.execute("PRAGMA table_info(channel_settings)")}
+            settings = old.execute("SELECT channel, provider, credentials, updated_by, updated_at, "
+                                   f"{'settings_id' if with_id else 'NULL'} FROM channel_settings").fetchall()
+        finally:
+            old.close()
+        with self._lock:
+            for row in tokens:
+                self._conn.execute("INSERT INTO tokens (token_id, token_hash, principal, role, created_at, revoked_at, "
+                                   "created_by, revoked_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                                   "ON CONFLICT (token_id) DO NOTHING", row)
+            for channel, provider, sealed, updated_by, updated_at, settings_id in settings:
+                self._conn.execute("INSERT INTO channel_settings (channel, provider, credentials, updated_by, "
+                                   "updated_at, settings_id) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel) DO NOTHING",
+                                   (channel, provider, bytes(sealed), updated_by, updated_at, settings_id))
 
     def close(self) -> None:
         with self._lock:

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     webhook_public_url: str | None = None  # how providers reach the receiver; default http://host:port
     unsubscribe_secret: SecretStr = SecretStr("change-me-unsubscribe-secret")
 
-    # HTTP API (services/api): bearer tokens live hashed in data_dir/api.db (`outreach token create`).
+    # HTTP API (services/api): bearer tokens live hashed in the PostgreSQL store, else data_dir/api.db.
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     # Fernet key that encrypts stored channel credentials; default: generated once into
