@@ -146,8 +146,9 @@ def main() -> None:
         "OUTREACH_SENDING_TIMEOUT_S": "10", "OUTREACH_SENT_TIMEOUT_S": "5",
         "OUTREACH_EMAIL_RATE": "200",  # slow enough that a Stop finds messages still queued
         "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")), "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_API_PORT": str(free_port("127.0.0.1")),
     })
-    names = tuple(name for name in SERVICES if name != "api")
+    names = tuple(SERVICES)
     print(f"Soak: {args.minutes:.0f} min, rounds of an SMS and an email campaign of {args.size:,} each, two of "
           f"{', '.join(SCALABLE)}; a kill every ~{args.kill_every:.0f} s; logs in {data_dir}/logs", flush=True)
     try:

@@ -1,6 +1,6 @@
 """Several instances of every service that scales, under kills (issue 11's acceptance test): command handler,
-relay with its standby, sender, timeout sweeper, projections and webhook receiver (two processes on one
-port); the simulator runs once, and the HTTP API is not part of it (its state is not shared yet).
+relay with its standby, sender, timeout sweeper, projections, webhook receiver and HTTP API (two processes
+on one port each); the simulator runs once.
 
 On the PostgreSQL stores (events, fence, timers, read model): an SMS campaign and an email campaign of
 2,500 messages each, and a third (email) campaign stopped mid-run, while a random instance of a scaled
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from outreach.replay import compare_dumps, run_replay
+from outreach.up import SERVICES
 from schemas import topics
 from services.common.settings import Settings
 from services.projections.projector import ReadModel
@@ -30,7 +31,8 @@ from tests.e2e_support import ALL_TRUE
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 SIZE = 2500
-SCALED = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks")
+SCALED = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks", "api")
+STACK_SERVICES = tuple(SERVICES)  # the HTTP API too: two of it, killed in turn like the others
 FINAL = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
 TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ)
 KILLS = 10  # at most: the killing stops when the campaigns are final
