@@ -32,8 +32,11 @@ def test_an_advisory_lock_is_lost_with_its_session(postgres_dsn):
     assert first.try_acquire() and first.still_held()
     assert not second.try_acquire()
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:  # the holder's connection dies
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                      "AND ((classid::bigint << 32) | objid::bigint) = %s", (first.key & 0xFFFFFFFFFFFFFFFF,))
+        holder = admin.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s AND objid = %s "
+            "AND objsubid = 1", ((first.key >> 32) & 0xFFFFFFFF, first.key & 0xFFFFFFFF)).fetchone()
+        assert holder is not None  # the lock as PostgreSQL shows it (a bigint key: high and low 32 bits)
+        admin.execute("SELECT pg_terminate_backend(%s)", holder)
     assert not first.still_held()  # it stands down
     assert second.try_acquire()
     second.release()
