@@ -26,7 +26,8 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from schemas.times import utc_now
 from services.common import jsoncodec
-from services.common.connections import ReconnectingConnection
+from services.common.connections import ReconnectingConnection, created_meanwhile
+from services.common.retry import retrying
 from services.common.secrets import encryption_key
 from services.common.sqlite import open_sqlite
 from services.common.settings import Settings
@@ -159,14 +160,9 @@ class ApiStore:
 
     def _retry_create(self, statement: str) -> None:
         """PostgreSQL's IF NOT EXISTS races between instances creating one table: the loser finds it made."""
-        import psycopg
-
-        for _ in range(5):
-            try:
+        for attempt in retrying(on=created_meanwhile, timeout_s=None, attempts=5):
+            with attempt:
                 self._conn.execute(statement)
-                return
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
-                continue
 
     @classmethod
     def open(cls, settings: Settings, *, with_encryption: bool = True) -> ApiStore:

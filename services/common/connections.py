@@ -13,6 +13,14 @@ from typing import Any
 from services.common.retry import is_transient
 
 
+def created_meanwhile(exc: Exception) -> bool:
+    """PostgreSQL's CREATE ... IF NOT EXISTS racing another process's: the loser finds the table made (retry)."""
+    import psycopg
+
+    return isinstance(exc, (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
+                            psycopg.errors.DuplicateObject))
+
+
 class ReconnectingConnection:
     """The connection `connect` makes (at once, so a wrong address fails at start), made again on the first
     use after a transient failure inside `reconnecting()`."""
@@ -38,6 +46,22 @@ class ReconnectingConnection:
                     self._connection.close()
                 self._connection = None
             raise
+
+    def transaction(self, begin: str, work: Callable[[Any], Any]) -> Any:
+        """`work(cursor)` between `begin` ("BEGIN", "BEGIN IMMEDIATE") and COMMIT on the autocommit connection,
+        rolled back if it raises; both drivers' cursors have execute and executemany. Callers sharing the
+        connection between threads hold their lock around it."""
+        with self.reconnecting():
+            cursor = self.db.cursor()
+            cursor.execute(begin)
+            try:
+                result = work(cursor)
+            except BaseException:
+                with contextlib.suppress(Exception):  # a dead connection cannot roll back: it is dropped
+                    cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
+            return result
 
     def close(self) -> None:
         if self._connection is not None:

@@ -22,13 +22,12 @@ rewind over old claims or an SMTP re-submission after a restart all ask the same
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.connections import ReconnectingConnection
+from services.common.connections import ReconnectingConnection, created_meanwhile
 from services.common.retry import retrying
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
@@ -78,7 +77,7 @@ class HandoffFence:
                f"CREATE INDEX IF NOT EXISTS {t}_by_campaign ON {t} (campaign_id, state)"]
         # PostgreSQL's IF NOT EXISTS races between processes creating the same table (a unique violation on
         # its catalog): the loser tries again and finds it made.
-        for attempt in retrying(on=_created_meanwhile, timeout_s=None, attempts=5):
+        for attempt in retrying(on=created_meanwhile, timeout_s=None, attempts=5):
             with attempt, self._lock, self._connection.reconnecting():
                 for statement in ddl:
                     self._connection.db.execute(statement)
@@ -208,24 +207,8 @@ class HandoffFence:
             (*params, claim_id, *message_ids)))
 
     def _transaction(self, work: Any) -> Any:
-        with self._lock, self._connection.reconnecting():
-            cursor = self._connection.db.cursor()
-            cursor.execute(self._dialect.begin)
-            try:
-                result = work(cursor)
-            except BaseException:
-                with contextlib.suppress(Exception):  # a dead connection cannot roll back: it is dropped
-                    cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT")
-            return result
-
-
-def _created_meanwhile(exc: Exception) -> bool:
-    import psycopg
-
-    return isinstance(exc, (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
-                            psycopg.errors.DuplicateObject))
+        with self._lock:
+            return self._connection.transaction(self._dialect.begin, work)
 
 
 def fence_path(settings: Settings):

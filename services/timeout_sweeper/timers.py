@@ -17,7 +17,6 @@ Kinds (the contract's "Timers start at the recorded transition"):
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,17 +296,8 @@ class TimerStore:
             return self._connection.db.execute(statement, params).fetchall()
 
     def _transaction(self, work: Callable[[Any], Any]) -> Any:
-        with self._lock, self._connection.reconnecting():
-            cursor = self._connection.db.cursor()  # both drivers' cursors have executemany
-            cursor.execute(self._dialect.begin)
-            try:
-                result = work(cursor)
-            except BaseException:
-                with contextlib.suppress(Exception):  # a dead connection cannot roll back: it is dropped
-                    cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT")
-            return result
+        with self._lock:
+            return self._connection.transaction(self._dialect.begin, work)
 
 
 def timers_path(settings: Settings) -> Path:

@@ -9,7 +9,6 @@ at the same moment may both publish it, which the handler's rules absorb). Rows 
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -67,20 +66,16 @@ class SeenEventStore:
         prune = now - self._pruned_at > PRUNE_EVERY_S
         if not rows and not prune:
             return
-        with self._lock, self._connection.reconnecting():
-            cursor = self._connection.db.cursor()
-            cursor.execute(self._dialect.begin)
-            try:
-                if rows:
-                    cursor.executemany(f"INSERT INTO {t} (event_id, seen_at) VALUES ({p}, {p}) "
-                                       "ON CONFLICT (event_id) DO NOTHING", rows)
-                if prune:
-                    cursor.execute(f"DELETE FROM {t} WHERE seen_at < {p}", (now - KEEP_S,))
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT")
+
+        def work(cursor: Any) -> None:
+            if rows:
+                cursor.executemany(f"INSERT INTO {t} (event_id, seen_at) VALUES ({p}, {p}) "
+                                   "ON CONFLICT (event_id) DO NOTHING", rows)
+            if prune:
+                cursor.execute(f"DELETE FROM {t} WHERE seen_at < {p}", (now - KEEP_S,))
+
+        with self._lock:
+            self._connection.transaction(self._dialect.begin, work)
         if prune:
             self._pruned_at = now
 
