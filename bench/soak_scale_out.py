@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +32,7 @@ from services.common.settings import Settings  # noqa: E402
 from services.projections.projector import ReadModel  # noqa: E402
 from bench.run_bench import drop_postgres, fresh_postgres_dsn  # noqa: E402
 # The whole-stack tests' helpers: a tail of the public topics, and commands answered through it.
-from tests.e2e_support import ALL_TRUE, Commands, Tail  # noqa: E402
-
-FINAL = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
-
+from tests.e2e_support import ALL_TRUE, FINAL_MESSAGE_STATUSES, Commands, Tail, occurred_at  # noqa: E402
 
 def contacts(channel: str, n: int, round_no: int) -> list[dict]:
     if channel == "sms":
@@ -44,11 +40,6 @@ def contacts(channel: str, n: int, round_no: int) -> list[dict]:
                  "variables": {"name": f"P{i}"}} for i in range(n)]
     return [{"row": i + 2, "destination": f"success+r{round_no}x{i}@simulator.amazonses.com",
              "variables": {"name": f"E{i}"}} for i in range(n)]
-
-
-def finished(tail: Tail, campaign: str, size: int) -> bool:
-    last = tail.latest_per_message(campaign)
-    return len(last) == size and all(r["status"] in FINAL for r in last.values())
 
 
 async def kill_loop(stack: Stack, stop: asyncio.Event, every_s: float, kills: list[str]) -> None:
@@ -90,7 +81,7 @@ async def soak(env: dict[str, str], stack: Stack, minutes: float, size: int, kil
                     await asyncio.sleep(0.5)
                 await commands.send("StopCampaign", email, confirmed=True, timeout_s=60)
                 stopped.add(email)
-            while not (finished(tail, sms, size) and finished(tail, email, size)):
+            while not (tail.all_final(sms, size) and tail.all_final(email, size)):
                 if time.monotonic() > ends + 120:
                     break
                 await asyncio.sleep(1)
@@ -99,7 +90,7 @@ async def soak(env: dict[str, str], stack: Stack, minutes: float, size: int, kil
         stop.set()
         await killer
     deadline = time.monotonic() + 120
-    while not all(finished(tail, c, n) for c, n in campaigns.items()) and time.monotonic() < deadline:
+    while not all(tail.all_final(c, n) for c, n in campaigns.items()) and time.monotonic() < deadline:
         await asyncio.sleep(1)
     import aiohttp
 
@@ -107,15 +98,14 @@ async def soak(env: dict[str, str], stack: Stack, minutes: float, size: int, kil
         async with session.get(f"http://127.0.0.1:{env['OUTREACH_SIMULATOR_PORT']}/_simulator/submissions") as r:
             log = await r.json()
     latest = {c: tail.latest_per_message(c) for c in campaigns}
-    stranded = sum(1 for c, n in campaigns.items() for r in latest[c].values() if r["status"] not in FINAL) + sum(
+    stranded = sum(1 for c, n in campaigns.items() for r in latest[c].values() if r["status"] not in FINAL_MESSAGE_STATUSES) + sum(
         n - len(latest[c]) for c, n in campaigns.items())
     twice = sum(1 for entries in log.values() if sum(e["outcome"] == "accepted" for e in entries) > 1)
     after_cancel = 0
     for c in stopped:
         for mid, record in latest[c].items():
             if record["status"] == "cancelled":
-                at = datetime.fromisoformat(record["occurred_at"].replace("Z", "+00:00")).timestamp()
-                after_cancel += any(e["at"] > at for e in log.get(mid, []))
+                after_cancel += any(e["at"] > occurred_at(record) for e in log.get(mid, []))
     outcome = Counter(f"{r['status']}/{r['reason']}" if r["reason"] else r["status"]
                       for c in campaigns for r in latest[c].values())
     takeovers = sum(p.read_text(errors="replace").count("active: this relay holds the lock")

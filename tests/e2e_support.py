@@ -14,6 +14,12 @@ from services.common.settings import Settings
 from tests.conftest import async_wait_until
 
 ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
+FINAL_MESSAGE_STATUSES = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
+
+
+def occurred_at(record: dict) -> float:
+    """A record's `occurred_at` as a POSIX timestamp (comparable with the simulator's log times)."""
+    return datetime.fromisoformat(record["occurred_at"].replace("Z", "+00:00")).timestamp()
 
 
 class Tail:
@@ -85,6 +91,11 @@ class Tail:
             if r["message_id"] not in latest or r["sequence"] > latest[r["message_id"]]["sequence"]:
                 latest[r["message_id"]] = r
         return latest
+
+    def all_final(self, campaign_id: str, size: int) -> bool:
+        """All `size` messages of the campaign seen, each in a final status."""
+        last = self.latest_per_message(campaign_id)
+        return len(last) == size and all(r["status"] in FINAL_MESSAGE_STATUSES for r in last.values())
 
     def latest_status(self, campaign_id: str) -> str | None:
         changes = [e for e in self.campaign_events(campaign_id) if e["type"] == "CampaignStatusChanged"]

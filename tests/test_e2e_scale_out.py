@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,13 @@ from services.common.settings import Settings
 from services.projections.projector import ReadModel
 from tests.conftest import async_wait_until, fresh_postgres_database
 from tests.e2e_stack import simulator_submissions, stack_environment
-from tests.e2e_support import ALL_TRUE
+from tests.e2e_support import ALL_TRUE, occurred_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 SIZE = 2500
 SCALED = ("command-handler", "relay", "sender", "timeout-sweeper", "projections", "webhooks", "api")
 STACK_SERVICES = tuple(SERVICES)  # the HTTP API too: two of it, killed in turn like the others
-FINAL = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
 TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ)
 KILLS = 10  # at most: the killing stops once the campaigns are final and every service was killed
 
@@ -62,15 +60,6 @@ def sms_contacts(n: int) -> list[dict]:
 def email_contacts(n: int, tag: str) -> list[dict]:
     return [{"row": i + 2, "destination": f"success+{tag}{i}@simulator.amazonses.com", "variables": {"name": f"E{i}"}}
             for i in range(n)]
-
-
-def _at(record: dict) -> float:
-    return datetime.fromisoformat(record["occurred_at"].replace("Z", "+00:00")).timestamp()
-
-
-def all_final(tail, campaign: str, size: int) -> bool:
-    last = tail.latest_per_message(campaign)
-    return len(last) == size and all(r["status"] in FINAL for r in last.values())
 
 
 def active_relay(log_dir: Path) -> int | None:
@@ -131,10 +120,10 @@ async def test_two_of_every_scaled_service_under_kills_lose_nothing_and_send_not
         [stopped] = [e for e in await commands.send("StopCampaign", third, confirmed=True, timeout_s=30)
                      if e["type"] == "CampaignStopped"]
         assert stopped["cancelled_count"] > 0
-        await async_wait_until(lambda: all_final(tail, third, SIZE), 120, interval_s=1.0,
+        await async_wait_until(lambda: tail.all_final(third, SIZE), 120, interval_s=1.0,
                                message="the stopped campaign's messages did not all end")
         await commands.send("RunCampaign", email, disclaimer=ALL_TRUE, timeout_s=30)  # the email channel is free
-        await async_wait_until(lambda: all_final(tail, sms, SIZE) and all_final(tail, email, SIZE), 240,
+        await async_wait_until(lambda: tail.all_final(sms, SIZE) and tail.all_final(email, SIZE), 240,
                                interval_s=1.0, message="not every message became final")
         # Every scaled service killed at least once, also if the campaigns were quicker than the plan.
         await async_wait_until(lambda: {service for service, _ in kills} >= set(SCALED), 60, interval_s=0.5,
@@ -152,7 +141,7 @@ async def test_two_of_every_scaled_service_under_kills_lose_nothing_and_send_not
     log = await simulator_submissions(env)
     accepted_twice = [mid for mid, entries in log.items() if sum(e["outcome"] == "accepted" for e in entries) > 1]
     assert not accepted_twice, f"{len(accepted_twice)} messages accepted twice"
-    cancelled = {mid: _at(r) for mid, r in tail.latest_per_message(third).items() if r["status"] == "cancelled"}
+    cancelled = {mid: occurred_at(r) for mid, r in tail.latest_per_message(third).items() if r["status"] == "cancelled"}
     after_cancel = [mid for mid, at in cancelled.items() if any(e["at"] > at for e in log.get(mid, []))]
     assert not after_cancel, after_cancel[:5]
     outcomes = {campaign: Counter(r["status"] for r in tail.latest_per_message(campaign).values())

@@ -23,7 +23,7 @@ from schemas import topics
 from services.common import ids
 from tests.conftest import async_wait_until
 from tests.e2e_stack import simulator_submissions, simulator_url, stack_environment
-from tests.e2e_support import ALL_TRUE
+from tests.e2e_support import ALL_TRUE, occurred_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -33,7 +33,6 @@ NO_ANSWER_SMS = 5  # +1NXX5550106: held open, never answered (handed off, no ans
 SENDING_TIMEOUT_S = 6
 OUTAGE_S = 8  # longer than the Sending limit
 KILLS = 5
-FINAL = {"delivered", "assumed_delivered", "failed", "opted_out", "cancelled"}
 TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ)
 
 
@@ -64,17 +63,8 @@ def email_contacts() -> list[dict]:
             for i in range(EMAIL_SIZE)]
 
 
-def _at(record: dict) -> float:
-    return datetime.fromisoformat(record["occurred_at"].replace("Z", "+00:00")).timestamp()
-
-
 def held(tail, campaign: str) -> bool:
     return any(e["type"] == "CampaignSendingHeld" for e in tail.campaign_events(campaign))
-
-
-def all_final(tail, campaign: str, size: int) -> bool:
-    last = tail.latest_per_message(campaign)
-    return len(last) == size and all(r["status"] in FINAL for r in last.values())
 
 
 async def kill_senders_now_and_then(stack, stop: asyncio.Event, kills: list[int]) -> None:
@@ -128,7 +118,7 @@ async def test_two_senders_kills_an_outage_a_stop_and_a_retry_never_send_twice(s
         assert time.monotonic() - outage_began < OUTAGE_S, "the Stop came after the outage"
         assert stopped["cancelled_count"] > 0
 
-        await async_wait_until(lambda: all_final(tail, sms, SMS_SIZE) and all_final(tail, email, EMAIL_SIZE),
+        await async_wait_until(lambda: tail.all_final(sms, SMS_SIZE) and tail.all_final(email, EMAIL_SIZE),
                                240, interval_s=1.0, message="not every message became final")
     finally:
         stop_killing.set()
@@ -145,8 +135,8 @@ async def test_two_senders_kills_an_outage_a_stop_and_a_retry_never_send_twice(s
     retried_at = datetime.now().timestamp()
     answer = await commands.send("RetryFailedMessages", sms, message_ids=lost, timeout_s=30)
     assert answer[0]["type"] == "RetryStarted", answer
-    await async_wait_until(lambda: all_final(tail, sms, SMS_SIZE)
-                           and all(_at(tail.latest_per_message(sms)[mid]) > retried_at for mid in lost), 120,
+    await async_wait_until(lambda: tail.all_final(sms, SMS_SIZE)
+                           and all(occurred_at(tail.latest_per_message(sms)[mid]) > retried_at for mid in lost), 120,
                            interval_s=1.0, message="the retried messages did not become final")
     await asyncio.sleep(2)  # late receipts of the last acceptances (the simulator answers within a second)
 
@@ -168,8 +158,8 @@ async def test_two_senders_kills_an_outage_a_stop_and_a_retry_never_send_twice(s
         for n, record in enumerate(records):
             if record["status"] not in ("cancelled", "failed"):
                 continue
-            requeued = next((_at(r) for r in records[n + 1:] if r["status"] == "queued"), float("inf"))
-            late = [e for e in log.get(mid, []) if _at(record) < e["at"] < requeued]
+            requeued = next((occurred_at(r) for r in records[n + 1:] if r["status"] == "queued"), float("inf"))
+            late = [e for e in log.get(mid, []) if occurred_at(record) < e["at"] < requeued]
             if late:
                 after_end.append((mid, record["status"], record["reason"], late))
     if after_end:

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_make_run_reaches_the_demo_summary(tmp_path):
+def embedded_defaults(tmp_path: Path) -> dict[str, str]:
+    """A newcomer's environment (SQLite, the embedded broker) on free ports, data in tmp_path/var."""
     env = dict(os.environ)
     env.update({
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port('127.0.0.1')}",
@@ -22,9 +23,15 @@ def test_make_run_reaches_the_demo_summary(tmp_path):
         "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
         "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
         "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_API_PORT": str(free_port("127.0.0.1")),
     })
     env.pop("OUTREACH_EXTERNAL_KAFKA", None)
     env.pop("OUTREACH_EVENT_STORE", None)  # the embedded defaults: SQLite, embedded broker
+    return env
+
+
+def test_make_run_reaches_the_demo_summary(tmp_path):
+    env = embedded_defaults(tmp_path)
     done = subprocess.run(["make", "run", "UP_ARGS=--exit-after-demo"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     output = done.stdout + done.stderr
@@ -38,18 +45,7 @@ def test_make_run_reaches_the_demo_summary(tmp_path):
 def test_outreach_up_runs_two_senders_on_the_embedded_defaults(tmp_path):
     """`outreach up --instances sender=2`: both senders own work partitions, each has its own journal, and the
     demo still completes (SQLite event store and fence)."""
-    env = dict(os.environ)
-    env.update({
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port('127.0.0.1')}",
-        "OUTREACH_DATA_DIR": str(tmp_path / "var"),
-        "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
-        "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
-        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
-        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
-        "OUTREACH_API_PORT": str(free_port("127.0.0.1")),
-    })
-    env.pop("OUTREACH_EXTERNAL_KAFKA", None)
-    env.pop("OUTREACH_EVENT_STORE", None)
+    env = embedded_defaults(tmp_path)
     done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up", "--demo", "--exit-after-demo",
                            "--demo-size", "100", "--instances", "sender=2"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
