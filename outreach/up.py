@@ -1,18 +1,27 @@
 """`outreach up`: the embedded broker and every service as its own process, in the foreground.
 
 The same `Stack` runs the end-to-end tests and the benchmark, so what a newcomer runs is what is tested.
+`outreach up` adds a `Supervisor`: a service that exits is started again after a back-off, and a crash loop
+is reported without stopping the other services or the broker. The tests' `Stack` is not supervised (they
+kill services on purpose and look at `Stack.dead()`).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.embedded_broker import EmbeddedBroker, parse_bootstrap, port_answers
+from services.common.retry import backoff_s
 
 # name -> python module run as `python -m MODULE`
 SERVICES: dict[str, str] = {
@@ -87,6 +96,7 @@ class Stack:
     processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per-service overrides
     instances: dict[str, int] = field(default_factory=dict)  # how many of a service (default one)
+    modules: dict[str, str] = field(default_factory=lambda: dict(SERVICES))  # name -> module (tests add theirs)
 
     def start(self) -> "Stack":
         for name in self.names:
@@ -99,7 +109,7 @@ class Stack:
         env = {**self.env, **self.service_env.get(name, {})}
         if instance:  # its own local files (the sender's journal...) beside the first instance's
             env["OUTREACH_INSTANCE_NAME"] = str(instance)
-        proc = ServiceProcess(name, SERVICES[name], env, self.log_dir / f"{name}{suffix}.log")
+        proc = ServiceProcess(name, self.modules[name], env, self.log_dir / f"{name}{suffix}.log")
         proc.start()
         instances = self.processes.setdefault(name, [])
         instances[instance:instance + 1] = [proc]
@@ -129,6 +139,204 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------ supervision (`outreach up` only)
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When an exited service is started again, and when its exits count as a crash loop.
+
+    The wait is the project's one back-off rule (services.common.retry.backoff_s): it doubles from
+    `first_wait_s` with up to `first_wait_s` of jitter, at most `longest_wait_s`. It starts over once the
+    service has stayed up `healthy_after_s`. `crash_loop_exits` exits within `crash_loop_window_s` is a crash
+    loop: reported once, and the service is still restarted at the capped back-off."""
+    first_wait_s: float = 0.5
+    longest_wait_s: float = 30.0
+    healthy_after_s: float = 60.0
+    crash_loop_exits: int = 5
+    crash_loop_window_s: float = 60.0
+
+    def wait_s(self, failures: int) -> float:
+        return backoff_s(failures, first_wait_s=self.first_wait_s, longest_wait_s=self.longest_wait_s)
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit as the supervisor's lines show it: `exit 3`, or `exit -9, SIGKILL` when a signal ended it."""
+    if code is not None and code < 0:
+        try:
+            return f"exit {code}, {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit {code}"
+
+
+def log_tail(path: Path, lines: int = 8) -> list[str]:
+    """The last `lines` lines of a log file (its last 8 KiB), [] if there is none."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 8192))
+            return log.read().decode("utf-8", "replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+@dataclass
+class ServiceStatus:
+    """What the supervisor knows of one service instance (also written to `supervision.json`)."""
+    name: str
+    instance: int
+    log_path: Path
+    pid: int | None
+    started_at: float  # supervisor clock
+    restarts: int = 0  # every restart since `outreach up` began
+    failures: int = 0  # exits in a row without staying up `healthy_after_s`: drives the back-off
+    last_exit: int | None = None
+    last_exit_time: str | None = None  # wall clock, ISO 8601
+    restart_at: float | None = None  # supervisor clock; set while waiting to restart
+    wait_s: float = 0.0  # the wait before the pending (or last) restart
+    crash_loop: bool = False
+    exits: deque[float] = field(default_factory=deque)  # exit times within the crash-loop window
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.instance}" if self.instance else self.name
+
+    def as_dict(self) -> dict:
+        return {"service": self.name, "instance": self.instance, "pid": self.pid,
+                "state": "waiting to restart" if self.restart_at is not None else "running",
+                "restarts": self.restarts, "last_exit": self.last_exit, "last_exit_time": self.last_exit_time,
+                "crash_loop": self.crash_loop, "log": str(self.log_path)}
+
+
+class Supervisor:
+    """Keeps a `Stack`'s services running: `poll()` restarts each exited one after its back-off, reports every
+    exit and restart in one line, and a crash loop once, prominently. `start()` polls in a background thread.
+
+    The clock and the reporting are injectable (tests drive `poll()` with a fake clock)."""
+
+    def __init__(self, stack: Stack, policy: RestartPolicy = RestartPolicy(), *,
+                 clock: Callable[[], float] = time.monotonic, report: Callable[[str], None] | None = None,
+                 status_path: Path | None = None, poll_interval_s: float = 0.5) -> None:
+        self.stack = stack
+        self.policy = policy
+        self.clock = clock
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.status_path = status_path
+        self.poll_interval_s = poll_interval_s
+        self.statuses: dict[tuple[str, int], ServiceStatus] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        """One look at every process: note exits, start those whose wait is over, reset recovered back-offs."""
+        now = self.clock()
+        changed = False
+        for name, processes in list(self.stack.processes.items()):
+            for instance, proc in enumerate(list(processes)):
+                status = self.statuses.get((name, instance))
+                pid = proc.process.pid if proc.process is not None else None
+                if status is None or (status.restart_at is None and status.pid != pid):
+                    # new to us, or started again by someone else (Stack.restart): up since now
+                    status = self._watch(status, name, instance, proc, now)
+                    changed = True
+                if status.restart_at is not None:
+                    if now >= status.restart_at:
+                        self._restart(status, now)
+                        changed = True
+                elif proc.running:
+                    self._maybe_recovered(status, now)
+                else:
+                    self._exited(status, proc.process.returncode if proc.process else None, now)
+                    changed = True
+        if changed:
+            self._write_status()
+
+    def _watch(self, status: ServiceStatus | None, name: str, instance: int, proc: ServiceProcess,
+               now: float) -> ServiceStatus:
+        pid = proc.process.pid if proc.process is not None else None
+        if status is None:
+            status = self.statuses[(name, instance)] = ServiceStatus(name, instance, proc.log_path, pid, now)
+        status.pid, status.started_at = pid, now
+        return status
+
+    def _exited(self, status: ServiceStatus, code: int | None, now: float) -> None:
+        policy = self.policy
+        if now - status.started_at >= policy.healthy_after_s:
+            status.failures = 0
+        status.failures += 1
+        status.last_exit, status.last_exit_time = code, datetime.now(UTC).isoformat(timespec="seconds")
+        status.exits.append(now)
+        while status.exits and status.exits[0] < now - policy.crash_loop_window_s:
+            status.exits.popleft()
+        status.wait_s = policy.wait_s(status.failures)
+        status.restart_at = now + status.wait_s
+        self.report(f"{status.label} exited ({describe_exit(code)}) after {now - status.started_at:.1f} s up; "
+                    f"restart {status.restarts + 1} in {status.wait_s:.1f} s")
+        if not status.crash_loop and len(status.exits) >= policy.crash_loop_exits:
+            status.crash_loop = True
+            tail = "".join(f"\n    | {line}" for line in log_tail(status.log_path))
+            self.report(f"CRASH LOOP: {status.label} exited {len(status.exits)} times within "
+                        f"{policy.crash_loop_window_s:g} s (last: {describe_exit(code)}). Still restarting it "
+                        f"(waiting up to {policy.longest_wait_s:g} s between tries); the other services keep running. "
+                        f"Read {status.log_path}" + (f"; its last lines:{tail}" if tail else ""))
+
+    def _restart(self, status: ServiceStatus, now: float) -> None:
+        status.restart_at = None
+        try:
+            proc = self.stack.start_service(status.name, status.instance)
+        except OSError as exc:  # could not even start it (no such interpreter, no file handles...)
+            self.report(f"could not restart {status.label}: {exc}")
+            status.started_at = now
+            self._exited(status, status.last_exit, now)
+            return
+        status.restarts += 1
+        status.pid, status.started_at = proc.process.pid, now
+        self.report(f"restarted {status.label} ({describe_exit(status.last_exit)}) after {status.wait_s:.1f} s, "
+                    f"restart {status.restarts}, pid {status.pid}" + (" (crash loop)" if status.crash_loop else ""))
+
+    def _maybe_recovered(self, status: ServiceStatus, now: float) -> None:
+        if status.failures and now - status.started_at >= self.policy.healthy_after_s:
+            status.failures = 0
+            if status.crash_loop:
+                status.crash_loop = False
+                status.exits.clear()
+                self.report(f"{status.label} has stayed up {self.policy.healthy_after_s:g} s: crash loop over "
+                            f"({status.restarts} restarts in all)")
+                self._write_status()
+
+    def _write_status(self) -> None:
+        if self.status_path is None:
+            return
+        try:
+            self.status_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.status_path.with_suffix(".tmp")
+            partial.write_text(json.dumps([s.as_dict() for s in self.statuses.values()], indent=1))
+            os.replace(partial, self.status_path)
+        except OSError:
+            pass  # the record is a convenience; supervision goes on without it
+
+    def start(self) -> "Supervisor":
+        """Poll every `poll_interval_s` in a background thread until `stop()`."""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="outreach-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.poll_interval_s):
+            try:
+                self.poll()
+            except Exception as exc:  # never let one bad look end supervision
+                self.report(f"supervisor: {exc!r}")
+
+    def stop(self) -> None:
+        """Stop polling (before the stack stops, so that nothing is started while it does)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 class BrokerPortTaken(RuntimeError):
@@ -186,6 +394,7 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
         print(exc, file=sys.stderr)
         return 1
     stack = Stack(env=env, log_dir=data_dir / "logs", instances=instances or {})
+    supervisor = Supervisor(stack, status_path=stack.log_dir / "supervision.json")
     interrupted = False
 
     def on_signal(signum, frame):
@@ -194,6 +403,7 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
     signal.signal(signal.SIGTERM, on_signal)
     try:
         stack.start()
+        supervisor.start()  # from now on (the demo too): an exited service is restarted, never the end
         started = [f"{name} x{stack.instances[name]}" if stack.instances.get(name, 1) > 1 else name
                    for name in stack.names]
         print(f"Services started ({', '.join(started)}); logs in {stack.log_dir}/.")
@@ -208,17 +418,14 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
                   f"http://{settings.api_host}:{settings.api_port}/campaigns")
             if exit_after_summary:
                 return 0 if ok else 1
-        print("Serving. Press Ctrl-C to stop.")
+        print("Serving (a service that exits is restarted). Press Ctrl-C to stop.")
         while True:
-            time.sleep(0.5)
-            dead = stack.dead()
-            if dead:
-                print(f"Service(s) exited: {', '.join(dead)}; see {stack.log_dir}/.", file=sys.stderr)
-                return 1
+            time.sleep(1)
     except KeyboardInterrupt:
         interrupted = True
         return 0
     finally:
+        supervisor.stop()
         stack.stop()
         if broker is not None:
             broker.stop()
