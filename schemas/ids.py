@@ -9,4 +9,4 @@ _UUID_RE = re.compile(UUID_PATTERN)
 
 def is_wire_uuid(value: object) -> bool:
     """True for a string in the lowercase 8-4-4-4-12 form the contract requires."""
-    return isinstance(value, str) and _UUID_RE.match(value) is not None
+    return isinstance(value, str) and _UUID_RE.fullmatch(value) is not None  # `$` alone admits a final "\n"

@@ -26,7 +26,7 @@ from services.common.retry import backoff_s, is_transient
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.command_handler.application import open_app
-from services.command_handler.handlers import DLQ_VALUE_LIMIT, DeadLetter, RecordHandler
+from services.command_handler.handlers import DeadLetter, RecordHandler
 
 log = logging.getLogger("outreach.command_handler")
 
@@ -49,7 +49,7 @@ def build_broker(settings: Settings, handler: RecordHandler | None = None) -> Ka
     @kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=settings.group_id(GROUP_ROLE), max_records=MAX_RECORDS, settings=settings)
     async def on_batch(values: list[InputRecord], msg: KafkaMessage) -> None:
         for record in msg.raw_message:
-            await _process(handler, dead_letters, record)
+            await _process(handler, dead_letters, record, consumer=settings.group_id(GROUP_ROLE))
         await kafka.commit(msg)
 
     return broker
@@ -67,7 +67,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, record: ConsumerRecord,
-                   sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+                   sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, consumer: str = GROUP_ROLE) -> None:
     """Answer one record. A transient fault (the event store or the fence unreachable or busy) is waited out
     without limit, with back-off and jitter, consumption paused: such a record is never parked. A record the
     handler refuses, or that fails TRIES_BEFORE_DLQ times for any other reason (a bug), is parked in the DLQ
@@ -95,14 +95,12 @@ async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, recor
             break
     if isinstance(outcome, DeadLetter):
         PARKED[record.topic] += 1
-        await _dead_letter(dead_letters, record, outcome.error or "failed")
+        await _dead_letter(dead_letters, record, outcome.error or "failed", consumer)
 
 
-async def _dead_letter(dead_letters: DefaultPublisher, record: ConsumerRecord, error: str) -> None:
-    value = (record.value or b"")[:DLQ_VALUE_LIMIT]
-    headers = {"x-error": error.encode()[:1000].decode(errors="ignore"), "x-source-topic": record.topic,
-               "x-source-offset": f"{record.partition}:{record.offset}"}
-    await dead_letters.publish(value, key=record.key, headers=headers)
+async def _dead_letter(dead_letters: DefaultPublisher, record: ConsumerRecord, error: str, consumer: str) -> None:
+    value = (record.value or b"")[:kafka.DLQ_VALUE_LIMIT]
+    await dead_letters.publish(value, key=record.key, headers=kafka.dead_letter_headers(record, error, consumer))
     log.error("ALARM: record %s[%d]@%d parked in the DLQ (%d from this topic since start): %s", record.topic,
               record.partition, record.offset, PARKED[record.topic], error)
 

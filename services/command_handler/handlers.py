@@ -17,9 +17,6 @@ from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults,
 from services.common import ids, jsoncodec, records
 from services.command_handler.application import OutreachApp
 
-
-DLQ_VALUE_LIMIT = 64 * 1024
-
 # The sender's results and its circuit breakers' holds share a topic (same key, in order): told by `type`.
 SENDER_RESULTS_RECORD: TypeAdapter[SenderResults | SendingHold] = TypeAdapter(
     Annotated[Union[SenderResults, SendingHold], Field(discriminator="type")])

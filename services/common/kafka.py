@@ -28,15 +28,18 @@ from faststream.message import StreamMessage
 from pydantic import TypeAdapter, WithJsonSchema
 from pydantic.json_schema import JsonSchemaMode
 
+from schemas import topics
 from schemas.topics import ALL_TOPICS, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
 from services.common.retry import backoff_s, retrying
 from services.common.settings import Settings, get_settings
+from services.common.undecodable import undecodable_error  # importing it installs the tolerant fetch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Largest record a producer sends and a topic accepts: the contract's 1 MiB value plus key/headers/batch overhead.
 MAX_REQUEST_BYTES = MAX_RECORD_BYTES + 64 * 1024
+DLQ_VALUE_LIMIT = 64 * 1024  # the contract: a parked value is cut to 64 KiB
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_REQUEST_BYTES)}
 BROKER_TIMEOUT_S = 30.0
 
@@ -265,7 +268,7 @@ def batch_subscriber(
 
     A handler that raises has its batch rewound and delivered again after a back-off (see `BatchSubscriber`).
     """
-    return BatchSubscriber(broker.subscriber(
+    return BatchSubscriber(broker, group_id, broker.subscriber(
         *topic_names,
         group_id=group_id,
         batch=True,
@@ -288,7 +291,9 @@ class BatchSubscriber:
     down) is waited out, and a bug shows as a repeated, logged failure rather than as lost records.
     """
 
-    def __init__(self, subscriber: Any):
+    def __init__(self, broker: KafkaBroker, group_id: str, subscriber: Any):
+        self.broker = broker
+        self.group_id = group_id
         self.subscriber = subscriber
         self.failures_in_a_row = 0
 
@@ -298,10 +303,12 @@ class BatchSubscriber:
     def __call__(self, handler: Callable[..., Awaitable[None]]) -> Any:
         @functools.wraps(handler)  # FastStream reads the handler's signature (payload type, KafkaMessage)
         async def rewinding_on_error(*args: Any, **kwargs: Any) -> None:
+            msg = next(a for a in (*args, *kwargs.values()) if isinstance(a, StreamMessage))
             try:
+                if any(undecodable_error(r) for r in msg.raw_message):
+                    args, kwargs = await self._park_undecodable(msg, args, kwargs)
                 await handler(*args, **kwargs)
             except Exception:
-                msg = next(a for a in (*args, *kwargs.values()) if isinstance(a, StreamMessage))
                 self.failures_in_a_row += 1
                 wait_s = backoff_s(self.failures_in_a_row, first_wait_s=REWIND_FIRST_WAIT_S,
                                    longest_wait_s=REWIND_LONGEST_WAIT_S)
@@ -316,6 +323,20 @@ class BatchSubscriber:
                 self.failures_in_a_row = 0
 
         return self.subscriber(rewinding_on_error)
+
+    async def _park_undecodable(self, msg: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Park the batch's undecodable record batches (`services.common.undecodable`), then hand the handler
+        the rest: the message's records and values, and the handler's values argument, without them."""
+        kept = []
+        for record in msg.raw_message:
+            if (error := undecodable_error(record)) is None:
+                kept.append(record)
+            else:
+                await park(self.broker, record, error, consumer=self.group_id)
+        msg.raw_message = tuple(kept)
+        msg.body = [record.value or b"" for record in kept]
+        return (tuple(msg.body if isinstance(a, list) else a for a in args),
+                {k: msg.body if isinstance(v, list) else v for k, v in kwargs.items()})
 
 
 REWIND_FIRST_WAIT_S = 0.2
@@ -344,6 +365,27 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
         return node
 
     return inline(schema)
+
+
+def dead_letter_headers(record: Any, error: str, consumer: str) -> dict[str, str]:
+    """What a parked record carries besides its value: why, where it came from, and who parked it."""
+    return {"x-error": error.encode()[:1000].decode(errors="ignore"), "x-source-topic": record.topic,
+            "x-source-offset": f"{record.partition}:{record.offset}", "x-consumer": consumer}
+
+
+async def park(target: KafkaBroker | AIOKafkaProducer, record: Any, error: str, *, consumer: str) -> None:
+    """Put `record` in the DLQ (value cut to DLQ_VALUE_LIMIT, error and source in headers) through `target`
+    (a FastStream broker or an aiokafka producer), and log it as an alarm. Raises if the broker does not take
+    it, so the caller does not commit past a record that was neither handled nor parked."""
+    value = (record.value or b"")[:DLQ_VALUE_LIMIT]
+    headers = dead_letter_headers(record, error, consumer)
+    if isinstance(target, AIOKafkaProducer):
+        await target.send_and_wait(topics.COMMANDS_DLQ, value, key=record.key,
+                                   headers=[(k, v.encode()) for k, v in headers.items()])
+    else:
+        await target.publish(value, topic=topics.COMMANDS_DLQ, key=record.key, headers=headers)
+    log.error("ALARM: record %s[%d]@%d parked in %s by %s: %s", record.topic, record.partition, record.offset,
+              topics.COMMANDS_DLQ, consumer, error)
 
 
 async def commit(msg: KafkaMessage) -> None:

@@ -49,6 +49,7 @@ from services.common.fence import HandoffFence, open_fence
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
+from services.common.undecodable import undecodable_error
 from services.sender.claims import CLAIM_TIMEOUT_S, ClaimBook, claim_size
 from services.sender.dispatch import Dispatcher, results_batcher
 from services.sender.journal import Journal
@@ -125,6 +126,7 @@ class Sender:
         self.settings = settings
         self.journal = journal
         self.producer = producer
+        self.consumer_name = f"{settings.group_id('sender')}{'-' + settings.instance_name if settings.instance_name else ''}"
         self.book = ClaimBook(timeout_s=claim_timeout_s)
         self.tracker = OffsetTracker()
         self.adapters = dict(adapters)  # the dispatcher's too: a channel's entry is replaced on a settings change
@@ -236,6 +238,9 @@ class Sender:
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
             for fetched in batches.values():
                 for record in fetched:
+                    if (error := undecodable_error(record)) is not None:
+                        await kafka.park(self.producer, record, error, consumer=self.consumer_name)
+                        continue
                     try:
                         self.on_campaign_event(jsoncodec.loads(record.value or b"null"))
                     except jsoncodec.JSONDecodeError:
@@ -284,6 +289,10 @@ class Sender:
                 for tp, fetched in batches.items():
                     for record in fetched:
                         self.tracker.begin(tp, record.offset)
+                        if (error := undecodable_error(record)) is not None:
+                            await kafka.park(self.producer, record, error, consumer=self.consumer_name)
+                            self.tracker.finish(tp, record.offset)
+                            continue
                         self._start_job(tp, record)
             await self.commit_work(consumer)
 
