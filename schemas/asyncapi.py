@@ -53,7 +53,11 @@ _CHANNELS: tuple[dict[str, Any], ...] = (
 _DLQ = {
     "id": "commandsDlq", "address": topics.COMMANDS_DLQ, "operation": "publishDeadLetters",
     "description": "Records on outreach.commands that are not a JSON object with a string type and ids "
-                   "command_id and campaign_id: the original key, the value cut to 64 KiB, the error in a header.",
+                   "command_id and campaign_id: the original key, the value cut to 64 KiB, the error in a header. "
+                   "Also parked here: records of the internal topics the command handler cannot read, and any "
+                   "record batch a consumer cannot decode (a codec or CRC failure), from any topic it reads: "
+                   "the raw batch, cut to 64 KiB, x-error starting 'undecodable record batch'. Several consumer "
+                   "groups read the event topics, so each parks such a batch once (x-consumer says which).",
 }
 
 
@@ -101,12 +105,13 @@ def generate() -> dict[str, Any]:
     messages["DeadLetter"] = {
         "name": "DeadLetter",
         "title": "DeadLetter",
-        "summary": "A command record that could not be read as a command.",
+        "summary": "A record, or a record batch, that could not be read.",
         "contentType": "application/octet-stream",
         "headers": {"type": "object", "properties": {
             "x-error": {"type": "string", "description": "why the record was rejected (at most 1,000 bytes)"},
             "x-source-topic": {"type": "string", "description": "the topic it was read from"},
             "x-source-offset": {"type": "string", "description": "partition:offset it was read from"},
+            "x-consumer": {"type": "string", "description": "the consumer group (or sender instance) that parked it"},
         }},
         "payload": {"type": "string", "description": "the original value, cut to 64 KiB"},
     }
@@ -127,7 +132,10 @@ def generate() -> dict[str, Any]:
             "title": "Outreach public topics",
             "version": CONTRACT_VERSION,
             "description": "The Kafka interface of Outreach (wire contract v1). Values are UTF-8 JSON objects "
-                           "with snake_case keys; times are RFC 3339 UTC; ids are lowercase UUIDs. Generated "
+                           "with snake_case keys; times are RFC 3339 UTC; ids are lowercase UUIDs (matched whole: "
+                           "no surrounding whitespace). Records are at most 1 MiB, in any codec Kafka defines "
+                           "(none, gzip, snappy, lz4, zstd). JSON nested deeper than 1,024 levels is not read as "
+                           "JSON (a command: the DLQ); a number past 64-bit integers is no integer. Generated "
                            "by `python -m schemas.asyncapi` from the pydantic models in schemas/.",
         },
         "defaultContentType": "application/json",

@@ -96,6 +96,9 @@ def _strict_config(**extra: Any) -> ConfigDict:
 
 SMS_BODY_MAX_CHARS = 1600
 ATTACHMENTS_MAX_BYTES = 20 * 1024 * 1024
+# (v1.1) An email subject or html over this many bytes of UTF-8 is invalid: every record that carries a
+# template stays under the 1 MiB record limit.
+EMAIL_TEXT_MAX_BYTES = 512 * 1024
 
 
 class SmsTemplate(BaseModel):
@@ -129,6 +132,14 @@ class EmailTemplate(BaseModel):
     from_name: str = ""
     reply_to: EmailAddress | None = None
     attachments: list[Attachment] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _texts_fit(self) -> "EmailTemplate":
+        for name in ("subject", "html"):
+            size = len(getattr(self, name).encode())
+            if size > EMAIL_TEXT_MAX_BYTES:
+                raise ValueError(f"{name} is {size} bytes of UTF-8, more than the {EMAIL_TEXT_MAX_BYTES} allowed")
+        return self
 
     @model_validator(mode="after")
     def _attachments_fit(self) -> "EmailTemplate":

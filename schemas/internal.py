@@ -3,20 +3,30 @@
 Written and read only by our services, so validated in lax mode; unknown fields are ignored so a
 newer writer does not stop an older reader during a rolling restart.
 """
-from typing import Annotated, Literal, get_args
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.commands import (
     Channel,
-    Template,
     WireTime,
     WireId,
     mark_type_required,
-    template_matches_channel,
 )
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
+TemplateDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def template_digest(template: Mapping[str, Any]) -> str:
+    """The SHA-256 of a template's canonical JSON: how a work record names the template its messages are
+    rendered with (a template may be up to 1 MiB, so work records carry this, not the template; the sender
+    knows the template from the campaign's CampaignCreated / TemplateUpdated)."""
+    canonical = json.dumps(template, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _internal_config(**extra) -> ConfigDict:
@@ -61,16 +71,10 @@ class WorkClaimed(BaseModel):
     campaign_id: WireId
     channel: Channel
     run_no: Annotated[int, Field(ge=1)]
-    template: Template
+    template_digest: TemplateDigest  # `template_digest(the template)`: the campaign events carry the template
     items: list[WorkItem] = Field(default_factory=list)
     remaining_queued: NonNegativeInt
     holds_channel: bool
-
-    @model_validator(mode="after")
-    def _template_fits_channel(self) -> "WorkClaimed":
-        if not template_matches_channel(self.template, self.channel):
-            raise ValueError(f"template does not match channel {self.channel!r}")
-        return self
 
 
 SenderOutcome = Literal[

@@ -35,7 +35,7 @@ from schemas.events import (
     parse_campaign_event,
     parse_message_status,
 )
-from schemas.internal import ClaimRequest, Expiry, SenderResults, WorkClaimed
+from schemas.internal import ClaimRequest, Expiry, SenderResults, WorkClaimed, template_digest
 from schemas.times import utc_now
 
 COMMAND_ID = "0b6f1c1e-3f8a-4c2d-9e55-1a2b3c4d5e6f"
@@ -528,12 +528,12 @@ INTERNAL_EXAMPLES = [
     (ClaimRequest, {"type": "ClaimRequest", "claim_id": OTHER_ID, "campaign_id": CAMPAIGN_ID,
                     "max_messages": 200, "requested_at": "2024-05-01T12:00:00.000000Z"}),
     (WorkClaimed, {"type": "WorkClaimed", "event_id": EVENT_ID, "claim_id": OTHER_ID, "campaign_id": CAMPAIGN_ID,
-                   "channel": "sms", "run_no": 1, "template": SMS_TEMPLATE,
+                   "channel": "sms", "run_no": 1, "template_digest": template_digest(SMS_TEMPLATE),
                    "items": [{"message_id": MESSAGE_ID, "row": 2, "destination": "+15005550006",
                               "variables": {"first_name": "Ann"}, "attempt": 0}],
                    "remaining_queued": 10, "holds_channel": True}),
     (WorkClaimed, {"type": "WorkClaimed", "event_id": EVENT_ID, "claim_id": OTHER_ID, "campaign_id": CAMPAIGN_ID,
-                   "channel": "email", "run_no": 2, "template": EMAIL_TEMPLATE, "items": [],
+                   "channel": "email", "run_no": 2, "template_digest": template_digest(EMAIL_TEMPLATE), "items": [],
                    "remaining_queued": 0, "holds_channel": False}),
     (SenderResults, {"type": "SenderResults", "result_id": OTHER_ID, "campaign_id": CAMPAIGN_ID, "results": [
         {"message_id": MESSAGE_ID, "outcome": "presend_error", "attempt": 4, "provider_code": "503",
@@ -552,10 +552,12 @@ def test_internal_record_validates_and_round_trips(model, value: dict):
     assert json.loads(parsed.model_dump_json()) == value
 
 
-def test_internal_records_reject_unknown_enums_and_mismatched_templates():
+def test_internal_records_reject_unknown_enums_and_bad_digests():
     claimed = dict(INTERNAL_EXAMPLES[1][1])
     with pytest.raises(ValidationError):
-        WorkClaimed.model_validate_json(raw({**claimed, "channel": "email"}))
+        WorkClaimed.model_validate_json(raw({**claimed, "channel": "fax"}))
+    with pytest.raises(ValidationError):  # work records name a template by digest; they never carry one
+        WorkClaimed.model_validate_json(raw({**claimed, "template_digest": "body"}))
     results = dict(INTERNAL_EXAMPLES[3][1])
     with pytest.raises(ValidationError):
         SenderResults.model_validate_json(raw({**results, "results": [{**results["results"][0], "outcome": "exploded"}]}))
@@ -581,3 +583,17 @@ def test_internal_record_times_take_what_utc_now_writes():
     now = utc_now()
     request = ClaimRequest(claim_id=OTHER_ID, campaign_id=CAMPAIGN_ID, max_messages=1, requested_at=now)
     assert request.requested_at == now and json.loads(request.model_dump_json())["requested_at"] == now
+
+
+def test_an_email_text_over_512_kib_of_utf8_is_invalid():
+    """v1.1: counted in bytes of UTF-8, not characters, so every record carrying a template fits in 1 MiB."""
+    fits = {**EMAIL_TEMPLATE, "html": "é" * (256 * 1024)}  # 262,144 characters, 524,288 bytes
+    EmailTemplate.model_validate(fits)
+    for field in ("html", "subject"):
+        with pytest.raises(ValidationError, match=f"{field} is 524290 bytes"):
+            EmailTemplate.model_validate({**fits, field: "é" * (256 * 1024 + 1)})
+
+
+def test_the_template_digest_ignores_key_order():
+    assert template_digest({"a": 1, "b": "é"}) == template_digest({"b": "é", "a": 1})
+    assert template_digest({"body": "a"}) != template_digest({"body": "b"})

@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from schemas import topics
-from schemas.internal import ClaimRequest, SenderResults
+from schemas.internal import ClaimRequest, SenderResults, template_digest
 from services.common import jsoncodec
 from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.fence import ClaimedMessage, open_fence
@@ -60,6 +60,7 @@ class FakeHandler:
         self.answers: dict[str, list[int]] = defaultdict(list)  # campaign_id -> items per WorkClaimed
         self.results: dict[str, list[dict]] = defaultdict(list)  # campaign_id -> results in order
         self.answering: set[str] = set()
+        self.created: set[str] = set()  # campaigns whose CampaignCreated was published
         self.lose: dict[str, int] = defaultdict(int)  # campaign_id -> how many more claims to lose
         self.producer = make_producer(settings)
         self.fence = open_fence(settings)  # the senders' (same data dir): opened per claim, as the relay does
@@ -89,6 +90,13 @@ class FakeHandler:
             self.answering.add(campaign_id)
 
     async def publish_event(self, campaign_id: str, type_: str, **fields) -> None:
+        if type_ == "CampaignCreated":
+            self.created.add(campaign_id)
+        elif type_ == "CampaignRunStarted" and campaign_id not in self.created and campaign_id in self.channels:
+            # As the handler does, a campaign's template (which work records name by digest) comes first.
+            channel = self.channels[campaign_id]
+            await self.publish_event(campaign_id, "CampaignCreated", name="auto", channel=channel, created_by="t",
+                                     template=SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE)
         value = {"type": type_, "event_id": str(uuid.uuid4()), "campaign_id": campaign_id, "sequence": 1,
                  "occurred_at": "2026-01-01T00:00:00.000000Z", "causation_id": str(uuid.uuid4()), **fields}
         await self.producer.send_and_wait(topics.CAMPAIGN_EVENTS, jsoncodec.dumps(value), key=campaign_id.encode())
@@ -100,7 +108,8 @@ class FakeHandler:
         channel = self.channels[campaign_id]
         work = {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": request["claim_id"],
                 "campaign_id": campaign_id, "channel": channel, "run_no": 1,
-                "template": SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE, "items": take,
+                "template_digest": template_digest(SMS_TEMPLATE if channel == "sms" else EMAIL_TEMPLATE),
+                "items": take,
                 "remaining_queued": len(self.queued[campaign_id]), "holds_channel": bool(take)}
         self.answers[campaign_id].append(len(take))
         self.fence.open_claim(campaign_id=campaign_id, claim_id=request["claim_id"],

@@ -16,7 +16,7 @@ from typing import Any, Union
 from pydantic import BaseModel, ValidationError
 
 from schemas import topics
-from schemas.internal import WorkClaimed
+from schemas.internal import WorkClaimed, template_digest
 from schemas.times import rfc3339
 from services.common import ids, jsoncodec, records
 from services.command_handler.domain.model import SEQUENCE_STEP, Campaign, CommandLog, MessageBlock, message_sequences
@@ -195,7 +195,8 @@ def _rejected(e: Any) -> list:
 
 def _work_claimed(e: Any) -> list:
     return [(topics.SENDER_WORK, "WorkClaimed", {
-        "claim_id": e.claim_id, "channel": e.channel, "run_no": e.run_no, "template": e.template,
+        "claim_id": e.claim_id, "channel": e.channel, "run_no": e.run_no,
+        "template_digest": getattr(e, "template_digest", None) or template_digest(e.template),
         "items": e.items, "remaining_queued": e.counts["queued"], "holds_channel": e.holds_channel,
     })]
 

@@ -41,7 +41,7 @@ from aiokafka.partitioner import murmur2
 from pydantic import BaseModel
 
 from schemas import topics
-from schemas.internal import ClaimRequest, WorkClaimed
+from schemas.internal import ClaimRequest, WorkClaimed, template_digest
 from schemas.times import utc_now
 from services.common import channel_settings, ids, jsoncodec, kafka, records
 from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
@@ -70,6 +70,9 @@ ENDING_EVENTS = ("CampaignStopped", "CampaignDeleted")  # nothing left to claim 
 # Campaign statuses with nothing queued, sending or sent: claiming ends (a retry comes as RetryStarted).
 FINAL_STATUSES = ("complete", "complete_with_errors", "failed", "deleted")
 JOB_FIRST_WAIT_S, JOB_LONGEST_WAIT_S = 0.5, 10.0  # a claim that failed is tried again after these
+TEMPLATE_POLL_S = 0.05  # a work record whose template's event is not read yet waits for it this often
+TEMPLATE_LATE_S = 10.0  # ... and says so in the log after this long
+TEMPLATES_CACHED = 8  # templates kept decoded (one per running campaign is what is needed)
 
 
 class OffsetTracker:
@@ -126,6 +129,7 @@ class Sender:
         self.settings = settings
         self.journal = journal
         self.producer = producer
+        self._templates: dict[tuple[str, str], dict] = {}  # (campaign, digest) -> template, the last few used
         self.consumer_name = f"{settings.group_id('sender')}{'-' + settings.instance_name if settings.instance_name else ''}"
         self.book = ClaimBook(timeout_s=claim_timeout_s)
         self.tracker = OffsetTracker()
@@ -212,9 +216,14 @@ class Sender:
                          value.get("status") if kind == "CampaignStatusChanged" else kind)
             self.journal.end(campaign_id)
             self.book.remove(campaign_id)
+            if kind == "CampaignDeleted":
+                self.journal.forget_template(campaign_id)
 
     def _learn_template(self, campaign_id: str, template: Any) -> None:
-        """An SMS template's segments (placeholders as written): the claim size until work shows better."""
+        """The template, which work records name by digest; for SMS its segments (placeholders as written),
+        the claim size until work shows better."""
+        if isinstance(template, dict):
+            self.journal.learn_template(campaign_id, template_digest(template), template)
         if isinstance(template, dict) and isinstance(template.get("body"), str):
             segments = float(sms_cost(template, None))
             self.journal.learn_segments(campaign_id, segments)
@@ -309,8 +318,6 @@ class Sender:
         if self.journal.channel(campaign_id) != value["channel"]:
             self.journal.learn_channel(campaign_id, value["channel"])
             self.book.learn_channel(campaign_id, value["channel"])
-        if value["channel"] == "sms" and value["items"]:  # the rendered messages: the best estimate
-            self.book.learn_segments(campaign_id, mean_segments(value["template"], value["items"]))
         self.book.answered(campaign_id, claim_id, value["run_no"], empty=not value["items"])
         self._wake.set()
 
@@ -323,6 +330,9 @@ class Sender:
         task.add_done_callback(self.jobs.discard)
 
     async def _job(self, tp: TopicPartition, offset: int, work: dict, submitted) -> None:
+        work["template"] = await self._template(work["campaign_id"], work["template_digest"])
+        if work["channel"] == "sms" and work["items"]:  # the rendered messages: the best estimate
+            self.book.learn_segments(work["campaign_id"], mean_segments(work["template"], work["items"]))
         # Journal trouble or a bug: keep the offset uncommitted and try again (a stop cancels the job).
         async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=JOB_FIRST_WAIT_S,
                                       longest_wait_s=JOB_LONGEST_WAIT_S):
@@ -333,6 +343,26 @@ class Sender:
                     log.exception("claim %s failed; trying it again", work["claim_id"])
                     raise
         self.tracker.finish(tp, offset)
+
+    async def _template(self, campaign_id: str, digest: str) -> dict:
+        """The template a work record names. Its campaign event was published before the work record, but on
+        another topic: if this sender has not read it yet, the work waits for it (a stop cancels the wait)."""
+        key = (campaign_id, digest)
+        started = time.monotonic()
+        warned = False
+        while (template := self._templates.get(key)) is None:
+            template = self.journal.template(campaign_id, digest)
+            if template is not None:
+                self._templates[key] = template
+                while len(self._templates) > TEMPLATES_CACHED:
+                    self._templates.pop(next(iter(self._templates)))
+                break
+            if not warned and time.monotonic() - started > TEMPLATE_LATE_S:
+                warned = True
+                log.warning("campaign %s: work waits for its template %s, not read from the campaign events yet",
+                            campaign_id, digest[:12])
+            await asyncio.sleep(TEMPLATE_POLL_S)
+        return template
 
     async def commit_work(self, consumer: AIOKafkaConsumer) -> None:
         commits = self.tracker.committable()

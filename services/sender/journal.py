@@ -68,6 +68,13 @@ CREATE TABLE IF NOT EXISTS event_positions (
     partition   INTEGER PRIMARY KEY,
     next_offset INTEGER NOT NULL
 );
+-- Each campaign's template as its campaign events last gave it: work records name it by digest (a template
+-- may be up to 1 MiB), and a restarted sender does not read those events again.
+CREATE TABLE IF NOT EXISTS templates (
+    campaign_id TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,
+    template    TEXT NOT NULL        -- JSON
+);
 CREATE TABLE IF NOT EXISTS held_campaigns (
     provider    TEXT NOT NULL,
     campaign_id TEXT NOT NULL,
@@ -186,6 +193,21 @@ class Journal:
         self._write(lambda db: db.execute(
             "INSERT INTO campaigns (campaign_id, segments) VALUES (?, ?) "
             "ON CONFLICT (campaign_id) DO UPDATE SET segments = excluded.segments", (campaign_id, segments)))
+
+    def learn_template(self, campaign_id: str, digest: str, template: dict) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT INTO templates (campaign_id, digest, template) VALUES (?, ?, ?) ON CONFLICT (campaign_id) "
+            "DO UPDATE SET digest = excluded.digest, template = excluded.template",
+            (campaign_id, digest, jsoncodec.dumps(template).decode())))
+
+    def template(self, campaign_id: str, digest: str) -> dict | None:
+        """The campaign's template if the last one learnt has this digest, else None."""
+        row = self._db.execute("SELECT template FROM templates WHERE campaign_id = ? AND digest = ?",
+                               (campaign_id, digest)).fetchone()
+        return jsoncodec.loads(row[0]) if row else None
+
+    def forget_template(self, campaign_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM templates WHERE campaign_id = ?", (campaign_id,)))
 
     def channel(self, campaign_id: str) -> str | None:
         row = self._db.execute("SELECT channel FROM campaigns WHERE campaign_id = ?", (campaign_id,)).fetchone()
