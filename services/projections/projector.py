@@ -23,7 +23,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from schemas import topics
+from schemas.events import CAMPAIGN_EVENT_ADAPTER, CAMPAIGN_EVENT_TYPES, MessageStatusChanged
 from services.common import jsoncodec
 from services.common.records import InvalidRecord
 from services.projections import schema
@@ -58,8 +61,22 @@ def _optional(value: Mapping[str, Any], key: str, kind: type | tuple[type, ...])
         raise InvalidRecord(f"{key!r} is not {getattr(kind, '__name__', kind)}")
 
 
+_MESSAGE_STATUS = TypeAdapter(MessageStatusChanged)
+
+
+def _conforms(model: TypeAdapter, value: dict[str, Any]) -> None:
+    """InvalidRecord unless `value` is a valid `model` (the contract's own models: ids in their exact form,
+    statuses and reasons from their lists), so nothing a stranger publishes half-right reaches the model."""
+    try:
+        model.validate_python(value)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise InvalidRecord(f"{'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']}") from None
+
+
 def check_campaign_event(value: Any) -> dict[str, Any]:
-    """The record if it has what a campaign event needs; InvalidRecord otherwise."""
+    """The record if it is a campaign event of a type the contract (or this version) knows, as it words it;
+    InvalidRecord otherwise."""
     if not isinstance(value, dict):
         raise InvalidRecord("not a JSON object")
     for key in ("type", "event_id", "campaign_id"):
@@ -68,6 +85,9 @@ def check_campaign_event(value: Any) -> dict[str, Any]:
         raise InvalidRecord("negative sequence")
     for key in ("occurred_at", "causation_id"):
         _optional(value, key, str)
+    if value["type"] not in CAMPAIGN_EVENT_TYPES:  # nothing to fold it into; it must not make a campaign row
+        raise InvalidRecord(f"unknown campaign event type {value['type'][:64]!r}")
+    _conforms(CAMPAIGN_EVENT_ADAPTER, value)
     return value
 
 
@@ -86,6 +106,7 @@ def check_message_status(value: Any) -> dict[str, Any]:
                 "destination"):
         _optional(value, key, str)
     _optional(value, "variables", dict)
+    _conforms(_MESSAGE_STATUS, value)
     return value
 
 
