@@ -17,6 +17,7 @@ from services.api.app import BackgroundServer, create_app
 from services.api.store import ApiStore
 from services.common import channel_settings as cs
 from services.common import jsoncodec, secrets
+from services.common import webhook_signatures as sigs
 from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.kafka import ensure_topics, make_producer
 from services.common.settings import Settings
@@ -26,6 +27,11 @@ from tests.test_sender_broker import SMS_TEMPLATE, FakeHandler, by_message, chec
 
 TWILIO = {"account_sid": "ACnew000000000000000000000000000", "auth_token": "new-auth-token-0123456789",
           "messaging_service_sid": "MGnew000000000000000000000000000"}
+# Secrets of this deployment's own: settings pointing at a real provider (SMTP at mail.example.org) are applied
+# only with them (services/common/safe_defaults.py).
+OWN_SECRETS = {"unsubscribe_secret": "channel-settings-test-unsubscribe-secret",
+               "sendgrid_webhook_public_key": "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1"
+                                              "flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g=="}
 
 
 # ------------------------------------------------------------------ the mapping (pure)
@@ -151,7 +157,7 @@ async def publish(settings: Settings, *values: bytes, key: str = "sms") -> None:
 
 
 async def test_the_feed_loads_the_latest_good_record_then_follows_skipping_poison(kafka_bootstrap, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, **OWN_SECRETS)
     await ensure_topics(settings)
     cipher = secrets.cipher(settings)
     older = sealed_record(cipher, "sms", "twilio", {**TWILIO, "auth_token": "older-token-000000"})
@@ -167,10 +173,17 @@ async def test_the_feed_loads_the_latest_good_record_then_follows_skipping_poiso
         stop = asyncio.Event()
         follower = asyncio.create_task(feed.follow(stop, seen.append))
         email = sealed_record(cipher, "email", "smtp", {"host": "mail.example.org", "port": "587"})
+        # The real SendGrid with the simulator's (public) Event Webhook key: skipped, as the API refuses it.
+        public_key = sealed_record(cipher, "email", "sendgrid", {
+            "api_key": "SG.k", "base_url": "https://api.sendgrid.com",
+            "webhook_public_key": sigs.SIMULATOR_SENDGRID_PUBLIC_KEY})
         await publish(settings, b"[]", jsoncodec.dumps(email), key="email")
         await async_wait_until(lambda: seen, 30, message="the followed record never came")
+        skipped = feed.skipped
+        await publish(settings, jsoncodec.dumps(public_key), key="email")
+        await async_wait_until(lambda: feed.skipped > skipped, 30, message="the unsafe record was not skipped")
         assert [c.settings_id for c in seen] == [email["settings_id"]] and not follower.done()
-        assert set(feed.current) == {"sms", "email"}
+        assert set(feed.current) == {"sms", "email"} and feed.current["email"].provider == "smtp"
         stop.set()
         await asyncio.wait_for(follower, 10)
     finally:
@@ -178,7 +191,7 @@ async def test_the_feed_loads_the_latest_good_record_then_follows_skipping_poiso
 
 
 async def test_the_api_publishes_what_it_stores_and_again_when_it_starts(kafka_bootstrap, tmp_path):
-    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    settings = Settings(kafka_bootstrap_servers=kafka_bootstrap, data_dir=tmp_path, **OWN_SECRETS)
     await ensure_topics(settings)
     with ApiStore.open(settings) as store:
         token = store.create_token("olga", "org_admin")[0]

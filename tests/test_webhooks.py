@@ -119,6 +119,26 @@ def test_seen_events_is_bounded_lru():
     assert len(seen) == 3 and "b" not in seen and "a" in seen and "c" in seen and "d" in seen
 
 
+def test_untrusted_values_count_as_absent_when_of_the_wrong_type_and_are_clipped():
+    from services.webhook_receiver.callbacks import MAX_CODE_CHARS, clipped, destination, submission_number, text
+
+    assert [text(v) for v in ("  a ", 7, 2.5, "", " ", None, True, [1], {"a": 1})] == [
+        "a", "7", "2.5", None, None, None, None, None, None]
+    assert len(clipped("x" * 10_000)) == MAX_CODE_CHARS and clipped(["x"]) is None
+    assert destination("+12025550100") == "+12025550100" and destination("9" * 400) is None
+    assert [submission_number(v) for v in ("3", 3, "0", "9" * 5000, "1e3", True, "٣", 2**31)] == [
+        3, 3, None, None, None, None, None, None]
+
+
+def test_remembered_event_ids_are_namespaced_and_bounded():
+    from services.webhook_receiver.routes import MAX_KEY_CHARS, event_key
+
+    assert event_key("sendgrid", "abc") == "abc"  # as stored before inbound messages were remembered too
+    assert event_key("twilio-inbound", "SM1") == "twilio-inbound:SM1"
+    long_ids = [event_key("sendgrid", "x" * 1000), event_key("sendgrid", "x" * 999 + "y")]
+    assert all(len(key) <= MAX_KEY_CHARS for key in long_ids) and long_ids[0] != long_ids[1]
+
+
 def test_sendgrid_key_defaults_to_the_simulators():
     from services.simulator.signing import SIMULATOR_SENDGRID_PRIVATE_KEY_PEM
 

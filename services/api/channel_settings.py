@@ -7,12 +7,19 @@ A PUT is published as `ChannelSettingsChanged` on `outreach.internal.channel-set
 sealed with the same key); the sender and the webhook receiver follow that topic and apply the latest
 settings of each channel (services/common/channel_settings.py). `applied_to_sender` is true once the
 broker acknowledged the record.
+
+A PUT is refused (422) when the settings it would put in force, over the environment and the other channel's
+stored settings, point at a real provider while a secret keeps its public development value
+(`unsafe_with`, services/common/safe_defaults.py): the sender and the webhook receiver would skip it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from services.api.store import StoredChannelSettings
+from services.api.store import CredentialsUnreadable, StoredChannelSettings
+from services.common import safe_defaults
+from services.common.channel_settings import CHANNELS, SettingsError, overrides
 from services.common.settings import Settings
 
 MASK = "****"
@@ -57,3 +64,35 @@ def environment_view(channel: str, settings: Settings) -> dict[str, Any]:
             values = {}
     return {"channel": channel, "provider": provider, "credentials": {k: mask(v) for k, v in values.items() if v},
             "source": "environment", "updated_by": None, "updated_at": None, "applied_to_sender": True}
+
+
+def in_force_with(settings: Settings, channel: str, provider: str, credentials: dict[str, str],
+                  stored: Callable[[str], StoredChannelSettings | None]) -> Settings:
+    """The settings the services would apply once `channel` has these: the environment's, the other channels'
+    stored settings over them (those that do not open or no longer check are left out, as the services skip
+    them), then these."""
+    update: dict[str, Any] = {}
+    for other in CHANNELS:
+        if other == channel:
+            continue
+        try:
+            kept = stored(other)
+            if kept is not None:
+                update.update(overrides(other, kept.provider, kept.credentials))
+        except (CredentialsUnreadable, SettingsError):
+            continue
+    update.update(overrides(channel, provider, credentials))
+    return settings.model_copy(update=update)
+
+
+def unsafe_with(settings: Settings, channel: str, provider: str, credentials: dict[str, str],
+                stored: Callable[[str], StoredChannelSettings | None]) -> str | None:
+    """Why these settings are refused (a real provider endpoint while secrets keep their public development
+    values, each named), or None."""
+    in_force = in_force_with(settings, channel, provider, credentials, stored)
+    problems = safe_defaults.unsafe_defaults(in_force)
+    if not problems:
+        return None
+    return (f"refused: these settings use a real provider endpoint "
+            f"({', '.join(safe_defaults.real_endpoints(in_force))}) while secrets keep their public development "
+            f"values; set each first: " + "; ".join(str(problem) for problem in problems))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request, status
@@ -11,9 +13,23 @@ from services.api import channel_settings
 from services.api.auth import SETTINGS_RESPONSES, OrgAdmin
 from services.api.commands import BrokerUnavailable
 from services.api.models import ChannelSettingsBody, ChannelSettingsView
+from services.common import safe_defaults
 from services.common.channel_settings import PROVIDERS, SettingsError, check, overrides
 
-router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES)
+
+@asynccontextmanager
+async def refuse_unsafe_defaults(app: Any) -> AsyncIterator[None]:
+    """The API does not start with settings its services would refuse (services/common/safe_defaults.py): a
+    real provider endpoint while a secret keeps its public development value. Part of the app's lifespan
+    (after the app's own, which sets `app.state.settings`)."""
+    settings = getattr(app.state, "settings", None)
+    if settings is not None:
+        safe_defaults.check(settings, doing="the API refuses to start")
+    yield
+
+
+router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES,
+                   lifespan=refuse_unsafe_defaults)
 
 ChannelPath = Annotated[Channel, Path(description="sms or email")]
 
@@ -34,7 +50,9 @@ async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPa
                             f"{channel}/{provider}: {list(required)}; {list(optional)}"
                             for channel, providers in PROVIDERS.items()
                             for provider, (required, optional) in providers.items()),
-            responses={422: {"description": "Unknown provider, or credentials missing / not expected."},
+            responses={422: {"description": "Unknown provider, or credentials missing / not expected, or a real "
+                                            "provider endpoint (not the simulator's) while a secret keeps its "
+                                            "public development value (the detail names each setting to set)."},
                        503: {"description": "The broker did not acknowledge the change: the settings are stored "
                                             "and published when the API next starts (or with the next PUT)."}})
 async def put_channel_settings(request: Request, principal: OrgAdmin, channel: ChannelPath,
@@ -44,6 +62,11 @@ async def put_channel_settings(request: Request, principal: OrgAdmin, channel: C
         overrides(channel, body.provider, credentials)  # what the sender would refuse (a port that is no number)
     except SettingsError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    # A real provider with the public development secrets: what the services would refuse (safe_defaults).
+    unsafe = await asyncio.to_thread(channel_settings.unsafe_with, request.app.state.settings, channel,
+                                     body.provider, credentials, request.app.state.store.channel_settings)
+    if unsafe:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=unsafe)
     try:
         stored = await request.app.state.settings_publisher.save_and_publish(channel, body.provider, credentials,
                                                                              principal.name)

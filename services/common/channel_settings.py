@@ -8,7 +8,9 @@ record of each channel over what the environment configures:
 - `overrides(channel, provider, credentials)`: the `Settings` fields those set (pure);
 - `open_record(value, cipher)`: a record's value -> `ChannelConfig` (decrypted, checked) or `BadRecord`;
 - `ChannelSettingsFeed`: reads the topic from its beginning to its end (`load`), then follows it (`follow`),
-  handing each good record to a callback. A record it cannot decrypt or validate is logged and skipped.
+  handing each good record to a callback. A record it cannot decrypt or validate is logged and skipped, and
+  so is one that would point a channel at a real provider while a secret keeps its public development value
+  (services/common/safe_defaults.py; the API refuses such settings, this holds if one comes anyway).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pydantic import SecretStr
 
 from schemas import topics
 from schemas.internal import ChannelSettingsChanged
-from services.common import jsoncodec, kafka, records
+from services.common import jsoncodec, kafka, records, safe_defaults
 from services.common.secrets import cipher as settings_cipher
 from services.common.settings import Settings
 
@@ -142,6 +144,18 @@ def apply(settings: Settings, configs: Mapping[str, ChannelConfig] | Any) -> Set
     return settings.model_copy(update=update) if update else settings
 
 
+def unsafe_change(environment: Settings, current: Mapping[str, ChannelConfig], config: ChannelConfig) -> str | None:
+    """Why `config` may not be applied over `environment` and the `current` configs: it would leave a secret at
+    its public development value with a real provider endpoint (a problem the environment alone has not, so a
+    service started on it runs as before). None when it may."""
+    already = {problem.setting for problem in safe_defaults.unsafe_defaults(environment)}
+    in_force = apply(environment, {**current, config.channel: config})
+    new = [problem for problem in safe_defaults.unsafe_defaults(in_force) if problem.setting not in already]
+    if not new:
+        return None
+    return safe_defaults.refusal(in_force, new, doing=f"{config.channel} settings {config.settings_id} not applied")
+
+
 class BadRecord(ValueError):
     """A channel-settings record that is not JSON, not a ChannelSettingsChanged, does not decrypt with our
     key, or does not hold credentials the provider takes."""
@@ -241,6 +255,9 @@ class ChannelSettingsFeed:
     def _take(self, record) -> ChannelConfig | None:
         try:
             config = open_record(record.value, self.cipher)
+            refused = unsafe_change(self.settings, self.current, config)
+            if refused:
+                raise BadRecord(refused)
         except BadRecord as exc:
             self.skipped += 1
             log.error("%s[%d]@%d skipped: %s", record.topic, record.partition, record.offset, exc)

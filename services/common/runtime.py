@@ -1,20 +1,36 @@
-"""The entry point every service process shares: logging, settings from the environment, and a clean
-stop on SIGTERM / SIGINT (the `stop` event a service's `serve(settings, stop)` watches)."""
+"""The entry point every service process shares: logging, settings from the environment, the safe-defaults
+check, and a clean stop on SIGTERM / SIGINT (the `stop` event a service's `serve(settings, stop)` watches)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
+from services.common import safe_defaults
 from services.common.settings import Settings, get_settings
 
 Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is refused; restarting changes nothing
+
+log = logging.getLogger("outreach")
+
+
+def refuse_unsafe_defaults(settings: Settings) -> None:
+    """Exit (status 78) naming every setting to set, when a real provider endpoint is configured while a
+    secret keeps its public development value (services/common/safe_defaults.py)."""
+    problems = safe_defaults.unsafe_defaults(settings)
+    if problems:
+        log.critical("%s", safe_defaults.refusal(settings, problems))
+        sys.exit(EXIT_CONFIG)
 
 
 def run_service(serve: Serve) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
+    refuse_unsafe_defaults(settings)
 
     async def runner() -> None:
         stop = asyncio.Event()

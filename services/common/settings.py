@@ -7,7 +7,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTREACH_", extra="ignore", populate_by_name=True)
+    # An empty variable is an unset one (its default): docker-compose passes `${OUTREACH_X:-}` through to every
+    # container, and an empty secret must never be taken for a chosen one.
+    model_config = SettingsConfigDict(env_prefix="OUTREACH_", extra="ignore", populate_by_name=True,
+                                      env_ignore_empty=True)
 
     # Broker
     kafka_bootstrap_servers: str = Field(
@@ -50,9 +53,14 @@ class Settings(BaseSettings):
     sim_late_receipt_s: float | None = None
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 8930
+    # How the services reach the simulator; default http://simulator_host:simulator_port. A provider URL equal
+    # to it is the simulator's (services/common/safe_defaults.py), e.g. http://simulator:8930 in docker-compose.
+    simulator_public_url: str | None = None
 
     # Providers: the HTTP simulator speaks the Twilio and SendGrid APIs, so the real adapters are the default;
-    # `inprocess` uses the simulator's rules without HTTP (to measure the engine alone).
+    # `inprocess` uses the simulator's rules without HTTP (to measure the engine alone). With any provider
+    # endpoint that is not the simulator's, the secrets below must not keep their public development values:
+    # services refuse to start, the API refuses such channel settings (services/common/safe_defaults.py).
     sms_provider: Literal["twilio", "inprocess"] = "twilio"
     email_provider: Literal["sendgrid", "smtp", "inprocess"] = "sendgrid"
     provider_concurrency: int = Field(64, ge=1)
@@ -100,7 +108,7 @@ class Settings(BaseSettings):
 
     @property
     def simulator_url(self) -> str:
-        return f"http://{self.simulator_host}:{self.simulator_port}"
+        return (self.simulator_public_url or f"http://{self.simulator_host}:{self.simulator_port}").rstrip("/")
 
     @property
     def twilio_url(self) -> str:

@@ -20,6 +20,7 @@ from services.common import kafka
 from services.common.channel_settings import ChannelSettingsFeed
 from services.common.runtime import run_service
 from services.common.settings import Settings
+from services.webhook_receiver.bodies import LINGER_S
 from services.webhook_receiver.publishing import Outbox, Publisher, declare_publishers
 from services.webhook_receiver.routes import RECEIVER, create_app
 from services.webhook_receiver.seen import open_seen_store
@@ -67,7 +68,9 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
         for config in feed.current.values():
             secrets.apply_channel_settings(config)
         following = asyncio.create_task(feed.follow(following_stop, secrets.apply_channel_settings))
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        # lingering_time: the rest of a refused (413) body is discarded for at most LINGER_S, then the
+        # connection is closed (bodies.py).
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, lingering_time=LINGER_S)
         await runner.setup()
         # reuse_port: several receiver processes on one machine share the port (the kernel spreads connections).
         await web.TCPSite(runner, settings.webhook_host, settings.webhook_port, reuse_port=True).start()

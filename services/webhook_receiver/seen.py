@@ -1,5 +1,7 @@
 """The provider event ids already published, shared by every webhook receiver instance: SendGrid retries a
-batch it got no 2xx for (for up to three days), and the retry may reach another instance.
+batch it got no 2xx for (for up to three days), and the retry may reach another instance; an inbound STOP /
+START (by MessageSid) must act once, whoever replays it, before a restart of the receiver or after
+(routes.event_key names the ids).
 
 A table in the event store's database (`outreach_webhook_events` on PostgreSQL; a SQLite file beside the
 event store on one machine): `seen(ids)` before publishing, `record(ids)` once the broker acknowledged,

@@ -9,6 +9,7 @@ The algorithms are the kernel's (services/common/webhook_signatures.py), shared 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -53,15 +54,14 @@ class CallbackSecrets:
                 return None
         return self._sendgrid_key
 
-    async def twilio_form(self, request: web.Request):
-        """The form if the request carries Twilio's signature for it, else None."""
-        form = await request.post()
+    def twilio_signed(self, request: web.Request, form: Mapping[str, str]) -> bool:
+        """True when the request carries Twilio's signature for its URL and `form` (its parsed body)."""
         url = self.settings.webhook_url + request.raw_path
         signature = request.headers.get(sigs.TWILIO_SIGNATURE_HEADER)
         if not sigs.verify_twilio_signature(self._auth_token, url, form.items(), signature):
             log.warning("rejected %s: bad Twilio signature", request.path)
-            return None
-        return form
+            return False
+        return True
 
     def sendgrid_signed(self, request: web.Request, body: bytes) -> bool:
         """True when `body` carries SendGrid's signature under the key in force."""
