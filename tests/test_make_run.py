@@ -86,3 +86,43 @@ def test_outreach_up_refuses_a_broker_port_something_answers_on(tmp_path):
     assert f"pid {os.getpid()}" in done.stderr and sys.executable.rsplit("/", 1)[-1] in done.stderr  # named
     assert "OUTREACH_EXTERNAL_KAFKA=true" in done.stderr
     assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_a_service_killed_under_outreach_up_comes_back(tmp_path):
+    """SIGKILL one service of a running `outreach up`: it is restarted (logged), the rest and the broker stay."""
+    import signal
+    import time
+
+    import psutil
+
+    env = embedded_defaults(tmp_path)
+    output = tmp_path / "up.out"
+    with open(output, "wb") as out:
+        up = subprocess.Popen([str(ROOT / ".venv" / "bin" / "outreach"), "up"], cwd=tmp_path, env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+    try:
+        def service(module: str) -> psutil.Process | None:
+            return next((p for p in psutil.Process(up.pid).children(recursive=True)
+                         if module in " ".join(p.cmdline())), None)
+
+        def wait_for(predicate, what: str, timeout_s: float = 60):
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                assert up.poll() is None, output.read_text()[-3000:]
+                if (result := predicate()):
+                    return result
+                time.sleep(0.1)
+            raise AssertionError(f"{what}; output:\n{output.read_text()[-3000:]}")
+
+        wait_for(lambda: "Serving" in output.read_text(), "outreach up never served")
+        victim = wait_for(lambda: service("services.projections"), "no projections process")
+        others = {p.pid for p in psutil.Process(up.pid).children(recursive=True)} - {victim.pid}
+        victim.send_signal(signal.SIGKILL)
+        wait_for(lambda: "restarted projections" in output.read_text(), "projections was not restarted")
+        back = wait_for(lambda: service("services.projections"), "no projections process after the restart")
+        assert back.pid != victim.pid
+        assert others <= {p.pid for p in psutil.Process(up.pid).children(recursive=True)}  # nothing else restarted
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+    assert "Stopped." in output.read_text()
