@@ -1,12 +1,15 @@
 """The HTTP API over real HTTP (uvicorn on a free port): every endpoint and filter against a read model filled
 directly with records, the role matrix (401 / 403) on every route, and the command endpoints publishing to the
-session's broker (read back from `outreach.commands`)."""
+session's broker (read back from `outreach.commands`). No command handler runs here: the module's app answers
+commands 202 pending at once (answer_wait_s=0); the answers a waiting app returns (202 answered, 404 / 409 / 422
+rejected) are written into the read model by the tests, as the projections would."""
 from __future__ import annotations
 
 import asyncio
 import csv
 import io
 import json
+import re
 import threading
 import time
 import uuid
@@ -14,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from fastapi.routing import APIRoute
 from typer.testing import CliRunner
 
 from outreach.cli import app as cli_app
@@ -119,9 +121,17 @@ def sms_campaign_records() -> tuple[list[dict], list[dict]]:
     return events, statuses
 
 
+# Secrets of its own, not the public development values: channel settings pointing at a real provider (the SMTP
+# server of test_channel_settings_are_write_only_encrypted_and_masked) are refused without them.
+OWN_SECRETS = {"unsubscribe_secret": "api-test-unsubscribe-secret-0123",
+               "sendgrid_webhook_public_key": "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9m"
+                                              "N1flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g=="}
+
+
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, kafka_bootstrap) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("api-data"), kafka_bootstrap_servers=kafka_bootstrap)
+    return Settings(data_dir=tmp_path_factory.mktemp("api-data"), kafka_bootstrap_servers=kafka_bootstrap,
+                    **OWN_SECRETS)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +153,7 @@ def tokens(settings) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(settings, read_model, tokens):
-    app = create_app(settings)
+    app = create_app(settings, answer_wait_s=0)  # nothing answers commands here
     with BackgroundServer(app) as running:
         running.app = app
         yield running
@@ -244,14 +254,16 @@ def _status_of(client: httpx.Client, method: str, url: str, headers: dict, kwarg
 
 
 def test_role_matrix_covers_every_route(server):
-    routes = {(method, route.path) for route in server.app.routes if isinstance(route, APIRoute)
-              for method in route.methods if route.path != "/healthz"}
+    # From the OpenAPI document: FastAPI keeps an included router's routes inside it, not in app.routes.
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    routes = {(method.upper(), path) for path, operations in spec["paths"].items() for method in operations
+              if path != "/healthz"}
     called = set()
     for method, url, _ in _route_calls():
-        for route in server.app.routes:
-            if isinstance(route, APIRoute) and method in route.methods and route.path_regex.match(url):
-                called.add((method, route.path))
-    assert called == routes
+        for route_method, path in routes:
+            if route_method == method and re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", path), url):
+                called.add((method, path))
+    assert len(routes) == 19 and called == routes
 
 
 def test_no_or_unknown_token_is_401_everywhere(server, revocable_token_id):
@@ -332,6 +344,22 @@ def test_campaigns_list_newest_first_with_counts_filter_and_pagination(http):
     assert http.get("/campaigns", params={"limit": 1001}).status_code == 422
 
 
+def test_limit_and_offset_have_documented_maxima_that_no_database_overflows_on(http):
+    from services.api.reads import MAX_LIMIT, MAX_OFFSET
+
+    spec = http.get("/openapi.json").json()
+    for path in ("/campaigns", "/campaigns/{campaign_id}/messages", "/campaigns/{campaign_id}/history"):
+        parameters = {p["name"]: p["schema"] for p in spec["paths"][path]["get"]["parameters"]}
+        limit = parameters["limit"].get("anyOf", [parameters["limit"]])[0]
+        assert limit["maximum"] == MAX_LIMIT and parameters["offset"]["maximum"] == MAX_OFFSET, path
+    for url in ("/campaigns", f"/campaigns/{SMS_ID}/messages", f"/campaigns/{SMS_ID}/history"):
+        last = http.get(url, params={"offset": MAX_OFFSET, "limit": MAX_LIMIT})
+        assert last.status_code == 200, (url, last.text)  # an empty page, not a 500 from the database
+        assert (last.json() if url.endswith("history") else last.json()["items"]) == []
+        for params in ({"offset": MAX_OFFSET + 1}, {"offset": 10**30}, {"offset": -1}, {"limit": MAX_LIMIT + 1}):
+            assert http.get(url, params=params).status_code == 422, (url, params)
+
+
 def test_campaign_detail_unknown_and_malformed_ids(http):
     campaign = http.get(f"/campaigns/{SMS_ID}").json()
     assert campaign["counts"] == {**counts(delivered=1, failed=2, opted_out=1, queued=1)}
@@ -399,10 +427,35 @@ def test_as_of_shows_the_campaign_and_messages_as_they_stood(http):
         assert http.get(f"/campaigns/{SMS_ID}", params={"as_of": ancient}).status_code == 404
         assert http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": ancient}).status_code == 404
         assert http.get(f"/campaigns/{SMS_ID}/history", params={"as_of": ancient}).json() == []
-    # Before 0001-01-01 in UTC (or after 9999): a clear 422, not a 500 from the conversion to UTC.
-    for out_of_range in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-02:00"):
-        response = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": out_of_range})
-        assert response.status_code == 422 and "as_of" in response.text, response.text
+    # Before 0001-01-01 in UTC (or after 9999): valid RFC 3339 times, before (after) everything.
+    before_year_1, after_9999 = "0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-02:00"
+    assert http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": before_year_1}).status_code == 404
+    assert http.get(f"/campaigns/{SMS_ID}/history", params={"as_of": before_year_1}).json() == []
+    late = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": after_9999})
+    assert late.status_code == 200 and rows_of(late.json()) == [2, 3, 4, 5, 6], late.text
+    assert http.get(f"/campaigns/{SMS_ID}", params={"as_of": after_9999}).json()["counts"] == \
+        http.get(f"/campaigns/{SMS_ID}").json()["counts"]
+
+
+def test_as_of_is_an_rfc3339_date_time_with_its_offset(http):
+    mid_run = at(RUN_AT + 24)  # ...Z
+    expected = rows_of(http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": mid_run, "status": "failed"}).json())
+    same_moment = ["2026-01-05T10:02:04+01:00", "2026-01-05t09:02:04z", "2026-01-05T09:02:04.000000000Z",
+                   "2026-01-05T04:02:04-05:00"]
+    assert mid_run == "2026-01-05T09:02:04.000000Z"
+    for text in same_moment:
+        response = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": text, "status": "failed"})
+        assert response.status_code == 200 and rows_of(response.json()) == expected == [3, 4], (text, response.text)
+        assert response.json()["as_of"] == mid_run
+    leap = http.get(f"/campaigns/{SMS_ID}/messages", params={"as_of": "2026-01-05T09:02:60Z"})
+    assert leap.json()["as_of"] == "2026-01-05T09:02:59.999999Z"  # the last moment of its minute
+    not_date_times = ["0.5", "1767600000", "2026-01-05", "2026-01-05T09:02:04", "2026-01-05 09:02:04Z",
+                      "2026-02-30T00:00:00Z", "2026-01-05T24:00:00Z", "2026-01-05T09:02:04+24:00", "yesterday", ""]
+    for text in not_date_times:
+        for path in (f"/campaigns/{SMS_ID}", f"/campaigns/{SMS_ID}/messages", f"/campaigns/{SMS_ID}/history",
+                     f"/campaigns/{uuid.uuid4()}/history"):  # a malformed as_of is 422 before the campaign is looked up
+            response = http.get(path, params={"as_of": text})
+            assert response.status_code == 422 and "as_of" in response.text, (text, path, response.text)
 
 
 def test_as_of_endpoints_never_load_every_message(server, http, monkeypatch):
@@ -777,6 +830,202 @@ def test_commands_answer_503_when_the_broker_does_not_acknowledge(settings, read
         response = client.post(f"/campaigns/{uuid.uuid4()}/stop", json={"confirmed": True})
         assert response.status_code == 503 and "did not acknowledge" in response.json()["detail"]
         assert client.get(f"/campaigns/{SMS_ID}").status_code == 200  # reads carry on without the broker
+
+
+# ------------------------------------------------------------------ commands answered by the handler's answer
+
+ALL_TRUE = {"consent": True, "content_compliance": True, "opt_out": True, "data_responsibility": True}
+
+
+def test_every_rejection_reason_has_its_status():
+    from schemas.events import REJECTION_REASONS
+    from services.api.commands import REJECTION_STATUS
+
+    assert set(REJECTION_STATUS) == set(REJECTION_REASONS)
+    assert {reason for reason, code in REJECTION_STATUS.items() if code == 404} == {"unknown_campaign"}
+    assert {reason for reason, code in REJECTION_STATUS.items() if code == 409} == {
+        "campaign_exists", "campaign_not_ready", "campaign_not_running", "not_editable", "not_deletable",
+        "not_retryable", "contacts_closed", "too_many_contacts", "channel_busy"}
+    assert {reason for reason, code in REJECTION_STATUS.items() if code == 422} == {
+        "invalid_command", "disclaimer_not_accepted", "stop_not_confirmed", "no_valid_contacts",
+        "attachments_not_ready", "nothing_to_retry"}
+
+
+WAIT_S = 3
+
+
+@pytest.fixture(scope="module")
+def waiting_server(settings, read_model, tokens):
+    """An app that waits for its commands' answers, which the tests write into the read model as the projections
+    would (the ids are known beforehand: an Idempotency-Key fixes them)."""
+    with BackgroundServer(create_app(settings, answer_wait_s=WAIT_S)) as running:
+        yield running
+
+
+@pytest.fixture
+async def waiting_api(waiting_server, tokens):
+    async with httpx.AsyncClient(base_url=waiting_server.url, timeout=60, headers=as_role(tokens, "admin")) as client:
+        yield client
+
+
+def rejected(campaign_id: str, command_id: str, command_type: str, reason: str, detail: str = "") -> dict:
+    return campaign_event(campaign_id, 0, "CommandRejected", 3000, causation_id=command_id, command_id=command_id,
+                          command_type=command_type, reason=reason, detail=detail)
+
+
+async def test_a_rejected_command_is_answered_with_its_reason_and_status(waiting_api, read_model, commands_tail):
+    from services.api import idempotency
+
+    cases = [("POST", "run", {"disclaimer": ALL_TRUE}, "RunCampaign", "unknown_campaign", 404),
+             ("POST", "run", {"disclaimer": {**ALL_TRUE, "opt_out": False}}, "RunCampaign",
+              "disclaimer_not_accepted", 422),
+             ("POST", "stop", {"confirmed": True}, "StopCampaign", "campaign_not_running", 409),
+             ("POST", "retry", {}, "RetryFailedMessages", "nothing_to_retry", 422),
+             ("PUT", "template", {"template": {"body": "Hi"}}, "UpdateTemplate", "not_editable", 409),
+             ("DELETE", "", None, "DeleteCampaign", "not_deletable", 409),
+             ("POST", "run", {"disclaimer": ALL_TRUE}, "RunCampaign", "channel_busy", 409)]
+    for method, action, body, command_type, reason, code in cases:
+        campaign_id, key = str(uuid.uuid4()), str(uuid.uuid4())
+        command_id = idempotency.command_id("admin-user", command_type, campaign_id, key)
+        read_model.apply_batch([rejected(campaign_id, command_id, command_type, reason, f"why: {reason}")], [])
+        url = f"/campaigns/{campaign_id}" + (f"/{action}" if action else "")
+        response = await waiting_api.request(method, url, json=body, headers={"Idempotency-Key": key})
+        assert response.status_code == code, (reason, response.text)
+        answer = response.json()
+        assert answer["reason"] == reason and answer["detail"] == f"why: {reason}" and answer["state"] == "rejected"
+        assert answer["command_id"] == command_id and answer["campaign_id"] == campaign_id
+        assert answer["command_type"] == command_type and answer["events"][0]["type"] == "CommandRejected"
+    # the command went to the handler all the same (the audit trail keeps the rejection)
+    (record,) = await published(commands_tail, [command_id])
+    assert record["type"] == "RunCampaign" and record["disclaimer"] == ALL_TRUE
+
+
+async def test_a_command_answered_while_the_request_waits_is_202_with_its_answer(waiting_api, read_model):
+    from services.api import idempotency
+
+    campaign_id, key = str(uuid.uuid4()), str(uuid.uuid4())
+    command_id = idempotency.command_id("admin-user", "RunCampaign", campaign_id, key)
+    answer = [campaign_event(campaign_id, 10, "CampaignRunStarted", 3000, causation_id=command_id, run_no=1,
+                             accepted_by="admin-user", disclaimer=ALL_TRUE, message_count=1, suppressed_count=0),
+              campaign_event(campaign_id, 11, "CampaignStatusChanged", 3000, causation_id=command_id,
+                             status="in_progress", previous_status="ready", stopped=False, counts=counts(queued=1))]
+    first, later = (threading.Timer(0.5, read_model.apply_batch, ([answer[0]], [])),
+                    threading.Timer(0.8, read_model.apply_batch, ([answer[1]], [])))
+    first.start(), later.start()
+    started = time.monotonic()
+    response = await waiting_api.post(f"/campaigns/{campaign_id}/run", json={"disclaimer": ALL_TRUE},
+                                      headers={"Idempotency-Key": key})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["state"] == "answered" and body["command_id"] == command_id and body["command_type"] == "RunCampaign"
+    assert [e["type"] for e in body["events"]] == ["CampaignRunStarted", "CampaignStatusChanged"]
+    assert time.monotonic() - started < WAIT_S  # answered when the answer came, not at the end of the wait
+    # the same request again (a retry): the stored answer at once
+    again = await waiting_api.post(f"/campaigns/{campaign_id}/run", json={"disclaimer": ALL_TRUE},
+                                   headers={"Idempotency-Key": key})
+    assert again.status_code == 202 and again.json() == body
+
+
+async def test_a_command_not_answered_within_the_wait_is_202_pending(waiting_api):
+    campaign_id = str(uuid.uuid4())
+    started = time.monotonic()
+    response = await waiting_api.post(f"/campaigns/{campaign_id}/stop", json={"confirmed": True})
+    waited = time.monotonic() - started
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["state"] == "pending" and body["events"] == [] and body["campaign_id"] == campaign_id
+    assert WAIT_S - 0.1 <= waited < WAIT_S + 5, waited
+    assert (await waiting_api.get(f"/commands/{body['command_id']}")).json()["state"] == "pending"
+
+
+async def test_a_malformed_command_is_422_at_once_and_never_published(waiting_api, commands_tail, settings):
+    campaign_id = str(uuid.uuid4())
+    before = len(commands_tail.values(topics.COMMANDS))
+    started = time.monotonic()
+    malformed = [
+        ("POST", f"/campaigns/{campaign_id}/run", {"json": {"disclaimer": {"consent": "yes"}}}),
+        ("POST", f"/campaigns/{campaign_id}/run", {"content": b'{"disclaimer": {"consent": tr',
+                                                   "headers": {"Content-Type": "application/json"}}),
+        ("POST", f"/campaigns/{campaign_id}/stop", {"content": b'{"confirmed": "\xe9"}',  # not UTF-8
+                                                    "headers": {"Content-Type": "application/json"}}),
+        ("POST", "/campaigns/NOT-AN-ID/stop", {"json": {"confirmed": True}}),
+        ("POST", f"/campaigns/{campaign_id}/retry", {"json": {"message_ids": ["x"]}}),
+        ("PUT", f"/campaigns/{campaign_id}/template", {"json": {"template": {"body": "x" * 1601}}}),
+        ("PUT", f"/campaigns/{campaign_id}/template", {"json": {"template": {"body": "Hi"}},
+                                                       "headers": {"Idempotency-Key": "a\tb"}}),
+        ("POST", "/campaigns", {"content": b"--B\r\nContent-Disposition: form-data\r\n\r\nx\r\n--B--\r\n",
+                                "headers": {"Content-Type": "multipart/form-data; boundary=B"}}),
+        ("POST", "/campaigns", {"content": b"x", "headers": {"Content-Type": "multipart/form-data"}}),
+    ]
+    for method, url, kwargs in malformed:
+        response = await waiting_api.request(method, url, **kwargs)
+        assert response.status_code == 422, (url, kwargs, response.text)
+        assert "detail" in response.json()
+    assert time.monotonic() - started < WAIT_S  # none waited for an answer
+    await asyncio.sleep(1)  # anything wrongly published would have reached the tail by now
+    assert len(commands_tail.values(topics.COMMANDS)) == before
+
+
+async def test_a_csv_create_waits_for_the_create_and_the_last_chunk(waiting_api, read_model):
+    from services.api import idempotency
+
+    upload = {"files": {"contacts": ("c.csv", b"phone\n+15555550100\n+15555550101\n", "text/csv")},
+              "data": {"name": "Waited", "channel": "sms", "template": '{"body": "Hi"}', "consent_confirmed": "true"}}
+    key = str(uuid.uuid4())
+    campaign_id = idempotency.created_campaign_id("admin-user", key)
+    create_id = idempotency.command_id("admin-user", "CreateCampaign", campaign_id, key)
+    chunk_id = idempotency.contacts_command_id("admin-user", campaign_id, key, 0)
+    read_model.apply_batch([campaign_event(campaign_id, 10, "CampaignCreated", 4000, causation_id=create_id,
+                                           name="Waited", description=None, channel="sms", template={"body": "Hi"},
+                                           created_by="admin-user")], [])
+    threading.Timer(0.5, read_model.apply_batch, ([
+        campaign_event(campaign_id, 20, "ContactsAdded", 4001, causation_id=chunk_id, chunk_no=0, valid=2, invalid=0,
+                       invalid_rows=[]),
+        campaign_event(campaign_id, 21, "CampaignReady", 4001, causation_id=chunk_id, message_count=2),
+        campaign_event(campaign_id, 22, "CampaignStatusChanged", 4001, causation_id=chunk_id, status="ready",
+                       previous_status="created", stopped=False, counts=counts(waiting=2))], [])).start()
+    response = await waiting_api.post("/campaigns", headers={"Idempotency-Key": key}, **upload)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["state"] == "answered" and body["campaign_id"] == campaign_id and body["command_id"] == create_id
+    assert [e["type"] for e in body["events"]] == ["CampaignCreated"]
+    assert body["contacts_command_ids"] == [chunk_id]
+    assert [e["type"] for e in body["contacts_events"]] == ["ContactsAdded", "CampaignReady", "CampaignStatusChanged"]
+
+    # the same key with a bigger file: its new chunk is refused, and the create answers that rejection
+    bigger = {**upload, "files": {"contacts": ("c.csv", b"phone\n" + b"".join(
+        b"+1555555%04d\n" % i for i in range(1500)), "text/csv")}}
+    chunk_1 = idempotency.contacts_command_id("admin-user", campaign_id, key, 1)
+    read_model.apply_batch([rejected(campaign_id, chunk_1, "AddContacts", "contacts_closed", "the last chunk was "
+                                                                                               "already added")], [])
+    refused = await waiting_api.post("/campaigns", headers={"Idempotency-Key": key}, **bigger)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["reason"] == "contacts_closed" and refused.json()["command_id"] == chunk_1
+    assert refused.json()["campaign_id"] == campaign_id and refused.json()["command_type"] == "AddContacts"
+
+
+# ------------------------------------------------------------------ the HTTP of it
+
+def test_a_method_not_allowed_names_every_method_of_the_path(http):
+    for method, url, allowed in (("OPTIONS", f"/campaigns/{SMS_ID}", "GET, DELETE"), ("PATCH", "/campaigns", "GET, POST"),
+                                 ("PUT", "/tokens", "GET, POST"), ("GET", f"/campaigns/{SMS_ID}/run", "POST"),
+                                 ("POST", "/settings/channels/sms", "GET, PUT")):
+        response = http.request(method, url)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (method, url, response.headers)
+
+
+def test_every_reference_of_the_openapi_document_resolves(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    refs = set(re.findall(r'"\$ref": ?"([^"]+)"', json.dumps(spec)))
+    assert refs and all(ref.startswith("#/components/schemas/") for ref in refs), refs
+    assert {ref.rsplit("/", 1)[1] for ref in refs} <= set(spec["components"]["schemas"])
+    progress = spec["paths"]["/campaigns/{campaign_id}/progress"]["get"]["responses"]["200"]["content"]
+    assert progress["text/event-stream"]["schema"]["properties"]["counts"] == {"$ref": "#/components/schemas/Counts"}
+    for path in ("/campaigns/{campaign_id}/run", "/campaigns/{campaign_id}/stop", "/campaigns/{campaign_id}/retry",
+                 "/campaigns/{campaign_id}/template", "/campaigns/{campaign_id}", "/campaigns"):
+        operation = spec["paths"][path]["delete" if path == "/campaigns/{campaign_id}" else
+                                         "put" if path.endswith("template") else "post"]
+        assert {"202", "404", "409", "422", "503"} <= set(operation["responses"]), path
 
 
 # ------------------------------------------------------------------ channel settings

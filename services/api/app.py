@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -17,7 +18,10 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from schemas.topics import MAX_RECORD_BYTES
 from services.api import reads, settings_routes, tokens_routes, writes
@@ -28,6 +32,7 @@ from services.common.settings import Settings, get_settings
 from services.projections.views import ReadViews
 
 MAX_JSON_BODY_BYTES = MAX_RECORD_BYTES
+ANSWER_WAIT_ENV = "OUTREACH_API_ANSWER_WAIT_S"  # how long a write route waits for its command's answer
 
 log = logging.getLogger("outreach.api")
 
@@ -38,22 +43,55 @@ Authenticate with `Authorization: Bearer <token>` (tokens: `outreach token creat
 tokens: org_admin manages every role's, admin campaigner tokens only; operations has no access. Missing or
 unknown token: 401; wrong role: 403.
 
-Commands are published to `outreach.commands` and answered 202 with their `command_id`; the command
-handler's answer (accepted, or `CommandRejected` with the contract's reason) is at `GET /commands/{command_id}`.
+Commands are published to `outreach.commands`, and the request waits (up to the contract's 5 seconds) for the
+command handler's answer: a `CommandRejected` is answered 404 (unknown_campaign), 409 (the campaign's state:
+campaign_exists, campaign_not_ready, campaign_not_running, not_editable, not_deletable, not_retryable,
+contacts_closed, too_many_contacts, channel_busy) or 422 (invalid_command, disclaimer_not_accepted,
+stop_not_confirmed, no_valid_contacts, attachments_not_ready, nothing_to_retry) with its `reason` and `detail`;
+an accepted command 202 with `state: answered` and its answer events; a command not answered within the wait
+202 with `state: pending` and its `command_id`, whose answer is at `GET /commands/{command_id}`. A malformed body
+(not UTF-8, not JSON, not the schema), id or header is 422 at once, and nothing is published.
 Send a command with an `Idempotency-Key` header to make retrying it safe: the same key publishes the same
 command_id, which the handler acts on once.
 """
 
 
+def answer_wait_from_environment() -> float:
+    """`OUTREACH_API_ANSWER_WAIT_S` (seconds, 0 to 60; default 5): how long a command route waits for the answer."""
+    raw = os.environ.get(ANSWER_WAIT_ENV, "").strip()
+    value = float(raw) if raw else writes.DEFAULT_ANSWER_WAIT_S
+    if not 0 <= value <= writes.MAX_WAIT_S:
+        raise ValueError(f"{ANSWER_WAIT_ENV}={raw!r}: from 0 to {writes.MAX_WAIT_S:g} seconds")
+    return value
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of the app answers on the request's path (a path can have a route per method, in
+    different routers), asked of the app's own routing."""
+    def answers(method: str) -> bool:
+        probe = {**scope, "method": method}
+        return any(route.matches(probe)[0] == Match.FULL for route in app.router.routes)
+
+    return [method for method in HTTP_METHODS if answers(method)]
+
+
 def create_app(settings: Settings | None = None, *, read_model: Any = None, store: ApiStore | None = None,
-               publisher: CommandPublisher | None = None) -> FastAPI:
-    """The app; what is not given is opened from the settings when the app starts (and closed when it stops)."""
+               publisher: CommandPublisher | None = None, answer_wait_s: float | None = None) -> FastAPI:
+    """The app; what is not given is opened from the settings when the app starts (and closed when it stops).
+    `answer_wait_s`: how long a command route waits for the handler's answer (default: the environment's
+    OUTREACH_API_ANSWER_WAIT_S, else 5 s; 0 answers 202 pending at once, as tests without a handler want)."""
     settings = settings or get_settings()
+    if answer_wait_s is None:
+        answer_wait_s = answer_wait_from_environment()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         owned: list[Any] = []
         app.state.settings = settings
+        app.state.answer_wait_s = answer_wait_s
         app.state.read_model = read_model
         if app.state.read_model is None:
             app.state.read_model = ReadViews.open(settings)
@@ -99,6 +137,20 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
     @app.get("/healthz", tags=["health"], summary="Liveness (no authentication)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == status.HTTP_400_BAD_REQUEST:
+            # Starlette's and FastAPI's word for a body they cannot parse (not UTF-8, broken multipart): the
+            # request is malformed, which this API answers 422 everywhere (documented), never 400.
+            return JSONResponse({"detail": f"the request body cannot be read: {exc.detail}"},
+                                status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            # Starlette's Allow names the methods of the first route on the path only; a path here has one
+            # route per method (GET and DELETE /campaigns/{id}), so every route of the path is asked.
+            allow = ", ".join(allowed_methods(request.app, request.scope))
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers={"Allow": allow})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(InvalidCommand)
     async def invalid_command(_: Request, exc: InvalidCommand) -> JSONResponse:

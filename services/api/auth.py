@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.api.models import Problem
 from services.api.store import ROLES, ApiStore, Principal
 
 CAMPAIGN_ROLES = frozenset({"org_admin", "admin", "campaigner"})
@@ -65,9 +66,19 @@ CampaignUser = Annotated[Principal, Depends(campaign_user)]
 OrgAdmin = Annotated[Principal, Depends(org_admin)]
 TokenManager = Annotated[Principal, Depends(token_manager)]
 
-# Documented on every authenticated route (OpenAPI).
-_UNAUTHORIZED = {"description": "No bearer token, or an unknown or revoked one."}
-CAMPAIGN_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "The role has no access to campaigns (operations)."}}
-SETTINGS_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "Only org_admin may use channel settings."}}
-TOKENS_RESPONSES = {401: _UNAUTHORIZED, 403: {"description": "Only org_admin (every role) and admin (campaigner "
-                                                             "tokens only) may manage API tokens."}}
+# Documented on every authenticated route (OpenAPI), each error with its body (Problem: `detail`).
+_UNAUTHORIZED = {"model": Problem, "description": "No bearer token, or an unknown or revoked one."}
+MALFORMED = {"model": Problem, "description": "A malformed request: a parameter, header or body the schema refuses, "
+                                              "or a body that cannot be read (not UTF-8, not JSON, broken multipart)."}
+CAMPAIGN_RESPONSES = {401: _UNAUTHORIZED, 403: {"model": Problem, "description": "The role has no access to "
+                                                                                 "campaigns (operations)."},
+                      422: MALFORMED,
+                      503: {"model": Problem, "description": "The read model is unavailable for now (Retry-After): "
+                                                             "retry."}}
+SETTINGS_RESPONSES = {401: _UNAUTHORIZED, 403: {"model": Problem, "description": "Only org_admin may use channel "
+                                                                                 "settings."},
+                      422: MALFORMED}
+TOKENS_RESPONSES = {401: _UNAUTHORIZED, 403: {"model": Problem, "description": "Only org_admin (every role) and "
+                                                                               "admin (campaigner tokens only) may "
+                                                                               "manage API tokens."},
+                    422: MALFORMED}

@@ -2,7 +2,9 @@
 
 A command is built with the token's principal as `issued_by`, validated by the contract's strict models
 (`schemas.commands.parse_command`: what would be `invalid_command` is a 422 here, nothing published), then
-published keyed by campaign_id and acknowledged by the broker (acks=all) before the API answers 202.
+published keyed by campaign_id and acknowledged by the broker (acks=all). The write routes then wait (up to
+`answer_wait_s`, the contract's 5-second promise) for the handler's answer: a `CommandRejected` is answered
+with the status of `REJECTION_STATUS`, an acceptance (or no answer yet) with 202.
 """
 from __future__ import annotations
 
@@ -109,6 +111,40 @@ class CommandPublisher:
 
 SETTLE_S = 0.5  # after the first answer event: how long to wait for trailing ones (a status change)
 POLL_S = 0.2
+ANSWER_POLL_S = 0.05  # a write route waiting for its command's answer polls the read model this often
+
+# The HTTP status of a command the handler rejected, by CommandRejected's reason (README, HTTP API):
+# 404 the campaign does not exist; 409 the campaign's state does not allow the command now; 422 the command
+# itself is wrong (invalid, a confirmation missing, nothing in the campaign to act on).
+NOT_FOUND, CONFLICT, UNPROCESSABLE = 404, 409, 422
+REJECTION_STATUS: dict[str, int] = {
+    "unknown_campaign": NOT_FOUND,
+    "campaign_exists": CONFLICT,
+    "campaign_not_ready": CONFLICT,
+    "campaign_not_running": CONFLICT,
+    "not_editable": CONFLICT,
+    "not_deletable": CONFLICT,
+    "not_retryable": CONFLICT,
+    "contacts_closed": CONFLICT,
+    "too_many_contacts": CONFLICT,
+    "channel_busy": CONFLICT,
+    "invalid_command": UNPROCESSABLE,
+    "disclaimer_not_accepted": UNPROCESSABLE,
+    "stop_not_confirmed": UNPROCESSABLE,
+    "no_valid_contacts": UNPROCESSABLE,
+    "attachments_not_ready": UNPROCESSABLE,
+    "nothing_to_retry": UNPROCESSABLE,
+}
+
+
+def rejection_of(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The CommandRejected among a command's answer events, if it was rejected."""
+    return next((e for e in events if e.get("type") == "CommandRejected"), None)
+
+
+def rejection_status(reason: str) -> int:
+    """The HTTP status of a rejection (a reason added to the contract later: 409, the campaign's state)."""
+    return REJECTION_STATUS.get(reason, CONFLICT)
 
 
 def answer_complete(events: list[dict[str, Any]]) -> bool | None:
@@ -128,13 +164,18 @@ def answer_state(events: list[dict[str, Any]]) -> str:
     return "rejected" if any(e.get("type") == "CommandRejected" for e in events) else "answered"
 
 
-async def wait_for_answer(read_answers, command_id: str, wait_s: float) -> list[dict[str, Any]]:
-    """The command's answer events from the read model, waiting up to `wait_s` for the first one, then
-    briefly (SETTLE_S) for trailing ones. `read_answers(command_id)` is the (blocking) read-model query."""
-    deadline = time.monotonic() + wait_s
+async def wait_for_answer(read_answers, command_id: str, wait_s: float, *, deadline: float | None = None,
+                          poll_s: float = POLL_S) -> list[dict[str, Any]]:
+    """The command's answer events from the read model, waiting up to `wait_s` (or until the monotonic
+    `deadline`) for the first one, then briefly (SETTLE_S) for trailing ones. `read_answers(command_id)` is the
+    (blocking) read-model query."""
+    if deadline is None:
+        deadline = time.monotonic() + wait_s
+    else:
+        wait_s = deadline - time.monotonic()
     events = await asyncio.to_thread(read_answers, command_id)
     while not events and time.monotonic() < deadline:
-        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         events = await asyncio.to_thread(read_answers, command_id)
     if not events or wait_s <= 0:
         return events
@@ -144,7 +185,7 @@ async def wait_for_answer(read_answers, command_id: str, wait_s: float) -> list[
         # Known incomplete: wait on (up to the deadline); unknown: wait until no new event for SETTLE_S.
         if complete is True or (complete is None and time.monotonic() >= settle_until):
             break
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(poll_s)
         more = await asyncio.to_thread(read_answers, command_id)
         if len(more) != len(events):
             events = more

@@ -25,10 +25,13 @@ from services.common.ids import OUTREACH_NS
 IDEMPOTENCY_NS = uuid.uuid5(OUTREACH_NS, "api:idempotency-key")
 
 MAX_KEY_LENGTH = 200
-KEY_PATTERN = rf"^[\x20-\x7e]{{1,{MAX_KEY_LENGTH}}}$"  # printable ASCII (space included)
+# Printable ASCII, spaces inside only: HTTP drops white space around a header's value, so a key beginning or
+# ending with one would not reach the API as sent.
+KEY_PATTERN = rf"^[\x21-\x7e](?:[\x20-\x7e]{{0,{MAX_KEY_LENGTH - 2}}}[\x21-\x7e])?$"
 
 HEADER_DESCRIPTION = (
-    "Optional: makes retrying this request safe. A client-chosen string of 1-200 printable ASCII characters, "
+    "Optional: makes retrying this request safe. A client-chosen string of 1-200 printable ASCII characters (no "
+    "space at either end), "
     "unique per intended command (a UUID is a good choice). The command's ids are derived from the token's "
     "principal, the command, the campaign and this key, so the same request sent again (after a 503, a timeout "
     "or a lost response) publishes the same command_id and the command handler publishes its stored answer "

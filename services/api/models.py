@@ -1,12 +1,13 @@
 """Request and response bodies of the HTTP API (what /openapi.json documents)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from schemas.commands import Channel, Disclaimer, Template, WireId
-from schemas.events import CampaignStatus, FailureReason, MessageStatus
+from schemas.commands import ATTACHMENTS_MAX_BYTES, SMS_BODY_MAX_CHARS, Channel, Template, WireId
+from schemas.events import CampaignStatus, FailureReason, MessageStatus, RejectionReason
 from services.api.store import Role
 
 # ------------------------------------------------------------------ reads
@@ -82,24 +83,57 @@ class Progress(BaseModel):
     counts: Counts
 
 
+# ------------------------------------------------------------------ errors
+
+
+class Problem(BaseModel):
+    """An error. `detail` says what is wrong: a text, or one entry per field for a request the OpenAPI schema
+    refuses (FastAPI's validation errors: `loc`, `msg`, `type`)."""
+    detail: str | list[dict[str, Any]]
+
+
 # ------------------------------------------------------------------ commands
+
+_STATE_DESCRIPTION = ("`answered`: the command handler accepted the command within the wait, `events` are its "
+                      "answer events; `pending`: no answer yet (it is at `GET /commands/{command_id}` when it comes).")
 
 
 class CommandAccepted(BaseModel):
-    """The command was published and acknowledged by the broker; its answer comes later
-    (`GET /commands/{command_id}?wait=...`)."""
+    """The command was published and acknowledged by the broker, and the command handler accepted it (`answered`)
+    or has not answered it yet (`pending`)."""
     command_id: str
     campaign_id: str
     command_type: str
+    state: Literal["answered", "pending"] = Field(description=_STATE_DESCRIPTION)
+    events: list[dict[str, Any]] = Field(description="The answer events (`causation_id` = `command_id`), in order; "
+                                                     "empty while pending.")
+
+
+class CommandRefused(BaseModel):
+    """The command handler rejected the command (a `CommandRejected` answered it): the status tells the kind of
+    reason (404 unknown campaign, 409 the campaign's state, 422 the command itself), `reason` which one."""
+    detail: str = Field(description="The rejection's detail (its reason when the handler gave none).")
+    reason: RejectionReason
+    command_id: str = Field(description="The rejected command (for a CSV create: the AddContacts chunk, when one "
+                                        "was rejected).")
+    campaign_id: str
+    command_type: str
+    state: Literal["rejected"] = "rejected"
+    events: list[dict[str, Any]] = Field(description="The answer events, the CommandRejected among them.")
 
 
 class CampaignCreateAccepted(CommandAccepted):
+    """`state` is `answered` once the CreateCampaign and the last AddContacts chunk are answered (the campaign is
+    then Ready); `events` answer the CreateCampaign, `contacts_events` the last chunk."""
     contacts: int = Field(description="Contacts read from the CSV (valid or not: the handler judges them).")
     has_header: bool
     destination_column: str
     variables: dict[str, str] = Field(description="CSV column -> template variable.")
     contacts_command_ids: list[str] = Field(description="AddContacts command ids, chunk 0 first; the last one "
                                                         "is answered by CampaignReady.")
+    contacts_events: list[dict[str, Any]] = Field(
+        description="The last chunk's answer events (ContactsAdded with its valid and invalid rows, CampaignReady, "
+                    "the status change); empty while pending.")
 
 
 class CommandAnswer(BaseModel):
@@ -112,26 +146,92 @@ class CommandAnswer(BaseModel):
 _STRICT = ConfigDict(strict=True, extra="ignore")
 
 
+# ------------------------------------------------------------------ templates, as the OpenAPI document states them
+
+# The contract's template models (schemas/commands.py) validate; this is their rule written as JSON Schema, so the
+# document accepts what they accept: an address as email-validator takes it (not a special-use domain: .test...),
+# an SMS template is one without the email keys (with any of them it is read as an email template).
+EMAIL_ADDRESS_SCHEMA = {
+    "type": "string", "format": "email",
+    "pattern": r"^(?!.*\.(" + "|".join(SPECIAL_USE_DOMAIN_NAMES) + r")\.?$).*$",
+    "description": "An address email-validator 2.x accepts (no deliverability check; special-use domains such as "
+                   ".test and .localhost are refused).",
+}
+_EMAIL_KEYS = ("subject", "html", "from_email")
+SMS_TEMPLATE_SCHEMA = {
+    "title": "SmsTemplate", "type": "object",
+    "properties": {"body": {"type": "string", "minLength": 1, "maxLength": SMS_BODY_MAX_CHARS,
+                            "description": "The message; {{column}} placeholders are filled from the contact's "
+                                           "variables."}},
+    "required": ["body"],
+    "not": {"anyOf": [{"required": [key]} for key in _EMAIL_KEYS]},
+}
+EMAIL_TEMPLATE_SCHEMA = {
+    "title": "EmailTemplate", "type": "object",
+    "properties": {
+        "subject": {"type": "string", "minLength": 1},
+        "html": {"type": "string", "minLength": 1},
+        "from_email": EMAIL_ADDRESS_SCHEMA,
+        "from_name": {"type": "string", "default": ""},
+        "reply_to": {"anyOf": [EMAIL_ADDRESS_SCHEMA, {"type": "null"}], "default": None},
+        "attachments": {
+            "type": "array", "default": [],
+            "description": f"At most {ATTACHMENTS_MAX_BYTES} bytes in all; only status `complete` counts as uploaded "
+                           "(a run with another is rejected attachments_not_ready).",
+            "items": {"type": "object", "required": ["filename", "content_type", "size_bytes", "status"],
+                      "properties": {"filename": {"type": "string"}, "content_type": {"type": "string"},
+                                     "size_bytes": {"type": "integer", "minimum": 0,
+                                                    "maximum": ATTACHMENTS_MAX_BYTES},
+                                     "status": {"type": "string"}}}},
+    },
+    "required": list(_EMAIL_KEYS),
+}
+TEMPLATE_SCHEMA = {"oneOf": [SMS_TEMPLATE_SCHEMA, EMAIL_TEMPLATE_SCHEMA],
+                   "description": "An SMS template {body} or an email template {subject, html, from_email, from_name, "
+                                  "reply_to?, attachments}; the campaign's channel decides which one it takes "
+                                  "(another: CommandRejected invalid_command)."}
+
+DocumentedTemplate = Annotated[Template, WithJsonSchema(TEMPLATE_SCHEMA)]
+
+
 class UpdateTemplateBody(BaseModel):
     model_config = _STRICT
 
-    template: Template
+    template: DocumentedTemplate
+
+
+def _flags_must_be_true(schema: dict[str, Any]) -> None:
+    """Documents the rule, not the transport: every flag is required and true. A flag false or left out is still
+    published, and the handler answers it with its reason, in the contract's order (an unknown campaign first)."""
+    for flag in schema["properties"].values():
+        flag.pop("default", None)
+        flag["const"] = True
+    schema["required"] = list(schema["properties"])
+
+
+class RunDisclaimer(BaseModel):
+    """The run disclaimer (the contract's `disclaimer`): all four flags true."""
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_flags_must_be_true)
+
+    consent: bool = Field(False, description="The recipients consented to be contacted.")
+    content_compliance: bool = Field(False, description="The content is lawful and appropriate.")
+    opt_out: bool = Field(False, description="An opt-out (SMS) / unsubscribe (email) is included and opted-out "
+                                             "contacts are excluded.")
+    data_responsibility: bool = Field(False, description="You are responsible for the uploaded data.")
 
 
 class RunBody(BaseModel):
     model_config = _STRICT
 
-    disclaimer: Disclaimer = Field(description=(
-        "All four flags must be true, on every run: recipients consented; the content is lawful and "
-        "appropriate; an opt-out (SMS) / unsubscribe (email) is included and opted-out contacts are excluded; "
-        "you are responsible for the uploaded data. Otherwise the handler answers "
-        "CommandRejected(disclaimer_not_accepted) and nothing is queued."))
+    disclaimer: RunDisclaimer = Field(description=(
+        "All four flags must be true, on every run. Otherwise the handler answers "
+        "CommandRejected(disclaimer_not_accepted) (422) and nothing is queued."))
 
 
 class StopBody(BaseModel):
-    model_config = _STRICT
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_flags_must_be_true)
 
-    confirmed: bool = Field(description="Must be true; otherwise CommandRejected(stop_not_confirmed).")
+    confirmed: bool = Field(description="Must be true; otherwise CommandRejected(stop_not_confirmed) (422).")
 
 
 class RetryBody(BaseModel):
@@ -165,11 +265,17 @@ class ChannelSettingsView(BaseModel):
 # ------------------------------------------------------------------ API tokens
 
 
+# Python's white space (what str.strip() removes) and the control characters: never at either end of a name.
+_NAME_END = r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+TOKEN_NAME_PATTERN = rf"^{_NAME_END}(?:[^\x00-\x1f\x7f]*{_NAME_END})?$"
+
+
 class TokenCreateBody(BaseModel):
     model_config = _STRICT
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                      description="The principal: written as `issued_by` on the commands sent with the token.")
+    name: str = Field(max_length=200, pattern=TOKEN_NAME_PATTERN,
+                      description="The principal: written as `issued_by` on the commands sent with the token. No "
+                                  "control character, and no white space at either end.")
     role: Role = Field(description="org_admin may create any role; admin only campaigner.")
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
@@ -23,6 +24,7 @@ from services.api.models import (
     CampaignStatusFilter,
     MessagePage,
     MessageStatusFilter,
+    Problem,
     Progress,
     ReasonFilter,
 )
@@ -35,20 +37,25 @@ router = APIRouter(tags=["campaigns"], responses=CAMPAIGN_RESPONSES)
 PROGRESS_POLL_S = 0.5
 PROGRESS_PING_S = 15
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+# Far beyond any list (300,000 messages a campaign; their history a few million records), and a 32-bit integer,
+# so no database (SQLite's or PostgreSQL's LIMIT / OFFSET) nor Python's islice ever overflows on it.
+MAX_OFFSET = 2**31 - 1
 
 CampaignId = Annotated[str, Path(pattern=UUID_PATTERN, description="The campaign's id (lowercase UUID).")]
 MessageId = Annotated[str, Path(pattern=UUID_PATTERN, description="The message's id (lowercase UUID).")]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Page size (at most {MAX_LIMIT}).")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=f"Items to skip (at most {MAX_OFFSET}).")]
 StatusQuery = Annotated[MessageStatusFilter | None, Query(alias="status",
                                                           description="Only messages with this status.")]
 ReasonQuery = Annotated[ReasonFilter | None, Query(description="Only failed messages with this reason.")]
 SearchQuery = Annotated[str | None, Query(
     min_length=1, max_length=200, description="Case-insensitive substring of the destination or of any variable "
                                               "value, or the exact row number or message id.")]
-AsOfQuery = Annotated[datetime | None, Query(
-    description="RFC 3339 time: show the state as it stood then (built only from records that occurred at or "
-                "before it). A time without an offset is taken as UTC.")]
+AsOfQuery = Annotated[str | None, Query(
+    json_schema_extra={"format": "date-time"},
+    description="An RFC 3339 date-time, with its offset (`2026-01-05T09:00:00Z`, `2026-01-05T10:00:00+01:00`): show "
+                "the state as it stood then (built only from records that occurred at or before it). A time before "
+                "the year 1 or after 9999 in UTC is before or after everything.")]
 
 
 def _read_model(request: Request):
@@ -66,13 +73,43 @@ async def _campaign_or_404(request: Request, campaign_id: str) -> dict[str, Any]
     return campaign
 
 
-def _as_of_text(as_of: datetime) -> str:
-    """`as_of` as the read model's time text (UTC, zero-padded year); 422 when it has no UTC equivalent."""
+# RFC 3339's date-time (section 5.6): the offset is required, `T` and `Z` may be lower case.
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+                      r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))")
+_BEFORE_EVERYTHING = "0000-12-31T23:59:59.999999Z"  # sorts before every time the read model holds
+_AFTER_EVERYTHING = "9999-12-31T23:59:59.999999Z"
+
+
+def as_of_text(text: str) -> str:
+    """An RFC 3339 date-time as the read model's time text (UTC, microseconds, zero-padded year); ValueError if it
+    is not one. A leap second (:60) is the last microsecond of its minute; a moment before the year 1 or after
+    9999 in UTC (0001-01-01T00:00:00+01:00) is before or after everything."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError("not an RFC 3339 date-time with an offset, like 2026-01-05T09:00:00Z")
+    year, month, day, hour, minute, second = (int(g) for g in match.group(1, 2, 3, 4, 5, 6))
+    microsecond = int((match.group(7) or ".0")[1:7].ljust(6, "0"))
+    if second == 60:
+        second, microsecond = 59, 999_999
+    local = datetime(year, month, day, hour, minute, second, microsecond)  # ValueError if out of range
+    offset = timedelta()
+    if match.group(9):
+        hours, minutes = int(match.group(10)), int(match.group(11))
+        if hours > 23 or minutes > 59:
+            raise ValueError("the offset is out of range")
+        offset = timedelta(hours=hours, minutes=minutes) * (1 if match.group(9) == "+" else -1)
     try:
-        return rfc3339(as_of)
+        return rfc3339(local - offset)
     except OverflowError:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            detail=f"as_of {as_of.isoformat()} is out of range in UTC") from None
+        return _BEFORE_EVERYTHING if offset > timedelta() else _AFTER_EVERYTHING
+
+
+def _as_of_text(as_of: str) -> str:
+    """`as_of` as the read model's time text; 422 when it is not an RFC 3339 date-time."""
+    try:
+        return as_of_text(as_of)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"as_of {as_of!r}: {exc}") from None
 
 
 async def _as_of_campaign_or_404(request: Request, campaign_id: str, moment: str,
@@ -102,7 +139,7 @@ async def list_campaigns(
 
 
 @router.get("/campaigns/{campaign_id}", response_model=Campaign, summary="One campaign with its live counts",
-            responses={404: {"description": "Unknown campaign (or not yet projected)."}})
+            responses={404: {"model": Problem, "description": "Unknown campaign (or not yet projected)."}})
 async def get_campaign(request: Request, _: CampaignUser, campaign_id: CampaignId,
                        as_of: AsOfQuery = None) -> dict[str, Any]:
     if as_of is not None:
@@ -114,7 +151,7 @@ async def get_campaign(request: Request, _: CampaignUser, campaign_id: CampaignI
 
 @router.get("/campaigns/{campaign_id}/messages", response_model=MessagePage, tags=["messages"],
             summary="A campaign's messages in row order: filters, search, pagination",
-            responses={404: {"description": "Unknown campaign."}})
+            responses={404: {"model": Problem, "description": "Unknown campaign."}})
 async def list_messages(
     request: Request, _: CampaignUser, campaign_id: CampaignId,
     status_: StatusQuery = None, reason: ReasonQuery = None, q: SearchQuery = None,
@@ -139,7 +176,7 @@ async def list_messages(
                         "beginning with = + - @ are prefixed with a single quote (CSV injection), so SMS "
                         "destinations appear as '+1...",
             responses={200: {"content": {"text/csv": {}}, "description": "The CSV, streamed."},
-                       404: {"description": "Unknown campaign."}})
+                       404: {"model": Problem, "description": "Unknown campaign."}})
 async def export_messages(request: Request, _: CampaignUser, campaign_id: CampaignId,
                           status_: StatusQuery = None, reason: ReasonQuery = None,
                           q: SearchQuery = None) -> StreamingResponse:
@@ -159,7 +196,7 @@ async def export_messages(request: Request, _: CampaignUser, campaign_id: Campai
 
 @router.get("/campaigns/{campaign_id}/messages/{message_id}/history", tags=["history"],
             response_model=list[dict[str, Any]], summary="One message's status records, in order",
-            responses={404: {"description": "Unknown message in this campaign."}})
+            responses={404: {"model": Problem, "description": "Unknown message in this campaign."}})
 async def message_history(request: Request, _: CampaignUser, campaign_id: CampaignId,
                           message_id: MessageId) -> list[dict[str, Any]]:
     records = [r for r in await _call(request, "message_history", message_id) if r.get("campaign_id") == campaign_id]
@@ -169,6 +206,17 @@ async def message_history(request: Request, _: CampaignUser, campaign_id: Campai
 
 
 # ------------------------------------------------------------------ progress (SSE)
+
+def _progress_event_schema() -> dict[str, Any]:
+    """Progress's JSON schema with its references into the OpenAPI document's components (Counts is one: Campaign
+    uses it), not into `$defs` of its own, which a reader of the document could not resolve."""
+    schema = Progress.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
+PROGRESS_EVENT_SCHEMA = _progress_event_schema()
+
 
 def progress_snapshot(campaign: dict[str, Any]) -> dict[str, Any]:
     return {"campaign_id": campaign["campaign_id"], "status": campaign["status"],
@@ -182,9 +230,9 @@ def progress_snapshot(campaign: dict[str, Any]) -> dict[str, Any]:
                         f"{PROGRESS_POLL_S} s). The stream ends after the event with `final: true`: the status is "
                         "final (complete, complete_with_errors, failed, deleted) and the counts show every message "
                         "final too. Comment pings keep proxies open.",
-            responses={200: {"content": {"text/event-stream": {"schema": Progress.model_json_schema()}},
+            responses={200: {"content": {"text/event-stream": {"schema": PROGRESS_EVENT_SCHEMA}},
                              "description": "The event stream."},
-                       404: {"description": "Unknown campaign."}})
+                       404: {"model": Problem, "description": "Unknown campaign."}})
 async def progress(request: Request, _: CampaignUser, campaign_id: CampaignId) -> EventSourceResponse:
     first = await _campaign_or_404(request, campaign_id)
 
@@ -233,16 +281,18 @@ def json_array_blocks(records, block_records: int = HISTORY_BLOCK_RECORDS):
             responses={200: {"content": {"application/json": {"schema": {"type": "array", "items": {
                 "type": "object", "description": "A campaign event or a MessageStatusChanged record."}}}},
                 "description": "The records, in order."},
-                404: {"description": "Unknown campaign."}})
+                404: {"model": Problem, "description": "Unknown campaign."}})
 async def history(request: Request, _: CampaignUser, campaign_id: CampaignId,
                   include_messages: Annotated[bool, Query(description="Include message status records.")] = True,
                   as_of: AsOfQuery = None,
-                  limit: Annotated[int | None, Query(ge=1, description="At most this many records.")] = None,
+                  limit: Annotated[int | None, Query(ge=1, le=MAX_LIMIT, description=(
+                      f"At most this many records (at most {MAX_LIMIT}); without it, every record from `offset` "
+                      "on."))] = None,
                   offset: Offset = 0) -> StreamingResponse:
     read_model = _read_model(request)
+    until = _as_of_text(as_of) if as_of is not None else None  # a malformed as_of is 422, whatever the campaign
     if await _call(request, "campaign", campaign_id) is None and not await _call(request, "events", campaign_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no campaign {campaign_id}")
-    until = _as_of_text(as_of) if as_of is not None else None
     records = read_model.iter_history(campaign_id, include_messages=include_messages, until=until)
     page = itertools.islice(records, offset, None if limit is None else offset + limit)
     return StreamingResponse(json_array_blocks(page), media_type="application/json")

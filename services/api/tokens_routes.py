@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 
 from services.api.auth import MANAGED_TOKEN_ROLES, TOKENS_RESPONSES, TokenManager, may_manage_token
-from services.api.models import TokenCreateBody, TokenCreated, TokenView
+from services.api.models import Problem, TokenCreateBody, TokenCreated, TokenView
 from services.api.store import ApiStore
 
 router = APIRouter(prefix="/tokens", tags=["tokens"], responses=TOKENS_RESPONSES)
@@ -34,7 +34,8 @@ def _forbidden(role: str, token_role: str, action: str) -> HTTPException:
              description="The answer holds the token; only its hash is stored, so it cannot be shown again. "
                          "org_admin may create any role's token, admin only campaigner tokens.",
              responses={201: {"description": "Created; the token is in this answer only."},
-                        422: {"description": "Unknown role, or an empty or over-long name."}})
+                        422: {"model": Problem, "description": "Unknown role, or an empty or over-long name; a "
+                                                               "malformed request."}})
 async def create_token(request: Request, response: Response, principal: TokenManager,
                        body: TokenCreateBody) -> dict[str, Any]:
     if not may_manage_token(principal, body.role):
@@ -63,7 +64,7 @@ async def list_tokens(
                description="The token is refused from the next request on. Revoking a revoked token answers "
                            "its first revocation again (a retried DELETE is harmless). org_admin may revoke any "
                            "role's token, admin only campaigner tokens.",
-               responses={404: {"description": "No token with this id."}})
+               responses={404: {"model": Problem, "description": "No token with this id."}})
 async def revoke_token(request: Request, principal: TokenManager, token_id: TokenIdPath) -> dict[str, Any]:
     store = _store(request)
     info = await asyncio.to_thread(store.token, token_id)

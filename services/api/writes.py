@@ -1,17 +1,26 @@
-"""Command endpoints: each publishes to `outreach.commands` and answers 202 with the command_id once the broker
-acknowledged it; `GET /commands/{command_id}` gives (or waits for) the answer.
+"""Command endpoints: each publishes to `outreach.commands`, waits (up to the app's `answer_wait_s`, by default
+the contract's 5-second promise) for the command handler's answer, and answers with it:
+
+- rejected (a `CommandRejected`): 404, 409 or 422 by its reason (`commands.REJECTION_STATUS`), with `reason`
+  and `detail` in the body (CommandRefused);
+- accepted: 202 with `state: answered` and the answer events;
+- no answer within the wait: 202 with `state: pending`; `GET /commands/{command_id}` gives (or waits for) it.
 
 `issued_by` is always the token's principal: request bodies have no such field (one sent is ignored).
 With an `Idempotency-Key` header the ids are derived from it (services/api/idempotency.py), so a retried request
 publishes the same command_id and the handler answers it with its stored answer instead of acting twice.
-The handler is the judge of every domain rule (state, confirmation, disclaimer, channel busy): its answer,
-accepted or `CommandRejected`, is what `GET /commands/{command_id}` returns. The API refuses (422, nothing
-published) only what the contract's schema refuses, and a create without the consent confirmation.
+The handler is the judge of every domain rule (state, confirmation, disclaimer, channel busy): every command the
+schema lets through goes through Kafka to it, so the audit trail keeps each rejection and the contract's order of
+reasons holds (an unknown campaign is 404 whatever the disclaimer says). The API refuses (422 at once, nothing
+published) only a malformed body, id or header (what the contract's schema refuses), and a create without the
+consent confirmation.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
@@ -20,7 +29,8 @@ from fastapi.responses import JSONResponse
 from schemas.commands import Channel, make_command, new_id
 from services.api import idempotency
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
-from services.api.commands import CommandPublisher, answer_state, build_command, wait_for_answer
+from services.api.commands import ANSWER_POLL_S, CommandPublisher, answer_state, build_command, rejection_of, \
+    rejection_status, wait_for_answer
 from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, StreamedCsv, parse_variable_mapping, \
     upload_size
 from services.api.idempotency import IdempotencyKey
@@ -28,9 +38,12 @@ from services.api.models import (
     CampaignCreateAccepted,
     CommandAccepted,
     CommandAnswer,
+    CommandRefused,
+    Problem,
     RetryBody,
     RunBody,
     StopBody,
+    TEMPLATE_SCHEMA,
     UpdateTemplateBody,
 )
 from services.api.reads import CampaignId
@@ -38,30 +51,76 @@ from services.api.store import Principal
 from services.common.contacts_csv import CsvError, add_contacts_envelope_bytes
 from services.common.ids import UUID_PATTERN
 
+log = logging.getLogger("outreach.api.writes")
+
+VARIABLES_SCHEMA = {"oneOf": [{"type": "object", "additionalProperties": {"type": "string"}},
+                              {"type": "array", "items": {"type": "string"}}]}
+
 UPLOAD_FORM_OVERHEAD_BYTES = 1024 * 1024  # the template and the other form fields beside the CSV
 router = APIRouter(tags=["commands"], responses=CAMPAIGN_RESPONSES)
 
 MAX_WAIT_S = 60.0
-ACCEPTED = {202: {"description": "Published to outreach.commands and acknowledged by the broker."},
-            422: {"description": "Refused by the contract's schema, or an invalid Idempotency-Key: nothing "
-                                 "published."},
-            503: {"description": "The broker did not acknowledge the command (it may or may not have been "
-                                 "published). Send the request again with the same Idempotency-Key: it publishes "
-                                 "the same command_id, which the handler acts on at most once. Without the header "
-                                 "the request makes a new command, judged on the campaign's state then."}}
+DEFAULT_ANSWER_WAIT_S = 5.0  # the contract: a command is answered within 5 seconds in steady state
+
+_ANSWERED_LATER = ("the command handler's answer is at `GET /commands/{command_id}`")
+ACCEPTED = {
+    202: {"description": "Published to outreach.commands, acknowledged by the broker, and accepted by the command "
+                         "handler within the wait (`state: answered`, with its answer events), or not answered yet "
+                         f"(`state: pending`: {_ANSWERED_LATER})."},
+    404: {"model": CommandRefused, "description": "Rejected by the command handler: unknown_campaign."},
+    409: {"model": CommandRefused, "description": "Rejected by the command handler because of the campaign's state: "
+                                                  "campaign_exists, campaign_not_ready, campaign_not_running, "
+                                                  "not_editable, not_deletable, not_retryable, contacts_closed, "
+                                                  "too_many_contacts, channel_busy."},
+    422: {"model": CommandRefused | Problem,
+          "description": "Refused at once, nothing published: a malformed body (not UTF-8, not JSON, not the "
+                         "schema), id or Idempotency-Key (Problem). Or rejected by the command handler "
+                         "(CommandRefused): invalid_command, disclaimer_not_accepted, stop_not_confirmed, "
+                         "no_valid_contacts, attachments_not_ready, nothing_to_retry."},
+    413: {"model": Problem, "description": "The body is over the size limit (1 MiB; a CSV upload 50 MB)."},
+    503: {"model": Problem,
+          "description": "The broker did not acknowledge the command (it may or may not have been "
+                         "published). Send the request again with the same Idempotency-Key: it publishes "
+                         "the same command_id, which the handler acts on at most once. Without the header "
+                         "the request makes a new command, judged on the campaign's state then."}}
 
 
 def _publisher(request: Request) -> CommandPublisher:
     return request.app.state.publisher
 
 
+async def _answer(request: Request, command_id: str, deadline: float) -> list[dict[str, Any]]:
+    """The command's answer events, waited for until the monotonic `deadline`; none (pending) if the read model
+    cannot be read: the command is published whatever happens here, so the request must not fail now."""
+    try:
+        return await wait_for_answer(request.app.state.read_model.answers, command_id, 0, deadline=deadline,
+                                     poll_s=ANSWER_POLL_S)
+    except Exception as exc:
+        log.warning("cannot read the answer of %s: %s", command_id, exc)
+        return []
+
+
+def _refused(accepted: dict[str, Any], events: list[dict[str, Any]], rejected: dict[str, Any]) -> JSONResponse:
+    reason = rejected.get("reason", "invalid_command")
+    body = {"detail": rejected.get("detail") or reason, "reason": reason,
+            "command_id": rejected.get("command_id", accepted["command_id"]), "campaign_id": accepted["campaign_id"],
+            "command_type": rejected.get("command_type", accepted["command_type"]), "state": "rejected",
+            "events": events}
+    return JSONResponse(body, status_code=rejection_status(reason))
+
+
 async def _publish_one(request: Request, principal: Principal, command_type: str, campaign_id: str,
-                       idempotency_key: str | None, **payload: Any) -> dict[str, Any]:
+                       idempotency_key: str | None, **payload: Any) -> dict[str, Any] | JSONResponse:
     command = build_command(command_type, campaign_id, principal.name, **payload,
                             command_id=idempotency.command_id(principal.name, command_type, campaign_id,
                                                               idempotency_key))
     await _publisher(request).publish([command])
-    return {"command_id": command["command_id"], "campaign_id": campaign_id, "command_type": command_type}
+    accepted = {"command_id": command["command_id"], "campaign_id": campaign_id, "command_type": command_type}
+    events = await _answer(request, command["command_id"], time.monotonic() + request.app.state.answer_wait_s)
+    rejected = rejection_of(events)
+    if rejected is not None:
+        return _refused(accepted, events, rejected)
+    return {**accepted, "state": answer_state(events), "events": events}
 
 
 def _unprocessable(detail: Any) -> HTTPException:
@@ -77,23 +136,34 @@ def _unprocessable(detail: Any) -> HTTPException:
     description="Publishes CreateCampaign, then the contacts as AddContacts chunks of at most 1,000 (row = the "
                 "physical line number in the CSV; the header, when present, is line 1). CSV rules: UTF-8, comma-"
                 "separated, header optional, at most 50 MB and 300,000 contacts. The campaign becomes Ready when "
-                "the last chunk is answered (CampaignReady): wait on the last of `contacts_command_ids`.",
-    responses={**ACCEPTED, 413: {"description": "The CSV is over 50 MB."}},
+                "the last chunk is answered (CampaignReady). The answer waits for the CreateCampaign's and the last "
+                "chunk's answers: 202 `answered` (the campaign is Ready), or 202 `pending` (wait on the last of "
+                "`contacts_command_ids` at `GET /commands/{command_id}`), or the rejection of the create or of the "
+                "first chunk rejected.",
+    responses=ACCEPTED,
 )
 async def create_campaign(
     request: Request, principal: CampaignUser,
-    contacts: Annotated[UploadFile, File(description="The contacts CSV.")],
+    contacts: Annotated[UploadFile, File(description="The contacts CSV: UTF-8, comma-separated, header optional, at "
+                                                     "most 50 MB and 300,000 contacts.")],
     name: Annotated[str, Form(min_length=1, description="Campaign name.")],
     channel: Annotated[Channel, Form(description="Fixed at creation.")],
-    template: Annotated[str, Form(description='JSON: SMS {"body": ...}; email {"subject", "html", "from_email", '
-                                              '"from_name", "reply_to"?, "attachments": [...]}.')],
-    consent_confirmed: Annotated[bool, Form(description="Required true: the contacts consented to be contacted.")],
-    description: Annotated[str | None, Form(description="Free text.")] = None,
-    destination_column: Annotated[str | None, Form(description="Header name or 1-based number of the destination "
-                                                               "column (default: found as the CLI does).")] = None,
-    variables: Annotated[str | None, Form(description="JSON: {column: variable name} or [column, ...]: only these "
-                                                      "columns become template variables (default: every other "
-                                                      "column, named by its header).")] = None,
+    template: Annotated[str, Form(
+        min_length=1, json_schema_extra={"contentMediaType": "application/json", "contentSchema": TEMPLATE_SCHEMA},
+        description='JSON: SMS {"body": ...}; email {"subject", "html", "from_email", "from_name", "reply_to"?, '
+                    '"attachments": [...]}; the one of the channel.')],
+    consent_confirmed: Annotated[bool, Form(json_schema_extra={"const": True},
+                                            description="Must be true: the contacts consented to be contacted.")],
+    # Optional, not nullable: a form field has no null (an empty one counts as left out).
+    description: Annotated[str, Form(description="Free text.")] = None,
+    destination_column: Annotated[str, Form(description="Header name or 1-based number of the destination "
+                                                               "column; it must be one of the CSV's (default: found "
+                                                               "as the CLI does).")] = None,
+    variables: Annotated[str, Form(
+        json_schema_extra={"contentMediaType": "application/json", "contentSchema": VARIABLES_SCHEMA},
+        description="JSON: {column: variable name} or [column, ...] naming columns of the CSV (besides the "
+                    "destination): only these columns become template variables, under distinct non-blank names "
+                    "(default: every other column, named by its header).")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     if not consent_confirmed:
@@ -144,10 +214,24 @@ async def create_campaign(
             chunk_ids.append(command["command_id"])
     finally:
         chunks.close()
-    return {"command_id": create["command_id"], "campaign_id": campaign_id, "command_type": "CreateCampaign",
-            "contacts": layout.contacts, "has_header": layout.has_header,
-            "destination_column": layout.destination_column, "variables": layout.variables,
-            "contacts_command_ids": chunk_ids}
+    accepted = {"command_id": create["command_id"], "campaign_id": campaign_id, "command_type": "CreateCampaign",
+                "contacts": layout.contacts, "has_header": layout.has_header,
+                "destination_column": layout.destination_column, "variables": layout.variables,
+                "contacts_command_ids": chunk_ids}
+    # The handler answers them in order (one key, one partition): the create, then each chunk; the last chunk's
+    # answer comes last. One wait for both.
+    deadline = time.monotonic() + request.app.state.answer_wait_s
+    events = await _answer(request, create["command_id"], deadline)
+    if (rejected := rejection_of(events)) is not None:
+        return _refused(accepted, events, rejected)
+    contacts_events = await _answer(request, chunk_ids[-1], deadline) if events else []
+    if rejection_of(contacts_events) is not None:  # report the first chunk rejected (the others follow from it)
+        for chunk_id in chunk_ids:
+            chunk_events = await _answer(request, chunk_id, time.monotonic())
+            if (rejected := rejection_of(chunk_events)) is not None:
+                return _refused(accepted, chunk_events, rejected)
+    state = "answered" if events and contacts_events else "pending"
+    return {**accepted, "state": state, "events": events, "contacts_events": contacts_events}
 
 
 # ------------------------------------------------------------------ the other commands
@@ -164,7 +248,8 @@ async def update_template(request: Request, principal: CampaignUser, campaign_id
              responses=ACCEPTED, summary="Run the campaign, with the run disclaimer",
              description="Show the run summary first (`GET /campaigns/{id}`: `summary`). The disclaimer must be "
                          "accepted on every run (all four flags true), else the handler answers "
-                         "CommandRejected(disclaimer_not_accepted) and nothing is queued or sent.")
+                         "CommandRejected(disclaimer_not_accepted) (422) and nothing is queued or sent; an unknown "
+                         "campaign (404) or its state (409) comes first.")
 async def run_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
                        body: RunBody, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     return await _publish_one(request, principal, "RunCampaign", campaign_id, idempotency_key,
@@ -173,8 +258,9 @@ async def run_campaign(request: Request, principal: CampaignUser, campaign_id: C
 
 @router.post("/campaigns/{campaign_id}/stop", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,
              responses=ACCEPTED, summary="Stop a running campaign (confirmed: true)",
-             description="Queued messages are cancelled; messages in flight carry on. Without `confirmed: true` "
-                         "the handler answers CommandRejected(stop_not_confirmed).")
+             description="Queued messages are cancelled; messages in flight carry on. With `confirmed: false` "
+                         "the handler answers CommandRejected(stop_not_confirmed) (422), after an unknown campaign "
+                         "(404) or a campaign that is not running (409).")
 async def stop_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
                         body: StopBody, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     return await _publish_one(request, principal, "StopCampaign", campaign_id, idempotency_key,
