@@ -37,7 +37,7 @@ def tokens(settings) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(settings, tokens):
-    with BackgroundServer(create_app(settings)) as running:
+    with BackgroundServer(create_app(settings, answer_wait_s=0)) as running:  # no handler here: 202 pending at once
         yield running
 
 

@@ -18,7 +18,7 @@ def server(tmp_path_factory, kafka_bootstrap):
     settings = Settings(data_dir=tmp_path_factory.mktemp("api-limits"), kafka_bootstrap_servers=kafka_bootstrap)
     with ApiStore.open(settings) as store:
         token = store.create_token("ada", "admin")[0]
-    with BackgroundServer(create_app(settings)) as running:
+    with BackgroundServer(create_app(settings, answer_wait_s=0)) as running:
         running.token = token
         yield running
 

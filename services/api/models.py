@@ -245,9 +245,69 @@ class RetryBody(BaseModel):
 # ------------------------------------------------------------------ channel settings
 
 
-class ChannelSettingsBody(BaseModel):
-    provider: str
-    credentials: dict[str, str] = Field(default_factory=dict, description="Write-only: stored encrypted, shown masked.")
+# Each channel's body is a union by `provider`, each with exactly its credential fields (write-only: stored
+# encrypted, shown masked), so the OpenAPI document says what services.common.channel_settings.check accepts.
+_Required = Annotated[str, Field(min_length=1, max_length=4096)]
+_BaseUrl = Annotated[str, Field(pattern=r"^(https?://[^\s/?#]+[^\s]*)?$", max_length=2048,
+                                description="default: the environment's (the simulator unless set)")]
+_SMTP_PORT = r"^([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+_FLAG = r"^(1|true|yes|on|0|false|no|off)?$"
+
+
+class _Credentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TwilioCredentials(_Credentials):
+    account_sid: _Required
+    auth_token: _Required
+    messaging_service_sid: _Required
+    base_url: _BaseUrl | None = None
+
+
+class SendgridCredentials(_Credentials):
+    api_key: _Required
+    base_url: _BaseUrl | None = None
+    webhook_public_key: Annotated[str, Field(pattern=r"^([A-Za-z0-9+/]+={0,2})?$", max_length=4096,
+                                             description="base64 DER (SubjectPublicKeyInfo) of SendGrid's "
+                                                         "Event Webhook verification key")] | None = None
+
+
+class SmtpCredentials(_Credentials):
+    host: Annotated[str, Field(pattern=r"^[^\s]+$", max_length=253)]
+    port: Annotated[str, Field(pattern=_SMTP_PORT, description="1 to 65535")]
+    username: Annotated[str, Field(max_length=4096)] | None = None
+    password: Annotated[str, Field(max_length=4096)] | None = None
+    starttls: Annotated[str, Field(pattern=_FLAG, description="true or false (1/0, yes/no, on/off)")] | None = None
+
+
+class NoCredentials(_Credentials):
+    pass
+
+
+class TwilioSettings(BaseModel):
+    provider: Literal["twilio"]
+    credentials: TwilioCredentials
+
+
+class SendgridSettings(BaseModel):
+    provider: Literal["sendgrid"]
+    credentials: SendgridCredentials
+
+
+class SmtpSettings(BaseModel):
+    provider: Literal["smtp"]
+    credentials: SmtpCredentials
+
+
+class InprocessSettings(BaseModel):
+    provider: Literal["inprocess"]
+    credentials: NoCredentials = Field(default_factory=NoCredentials)
+
+
+SmsChannelSettingsBody = Annotated[TwilioSettings | InprocessSettings, Field(discriminator="provider")]
+EmailChannelSettingsBody = Annotated[SendgridSettings | SmtpSettings | InprocessSettings,
+                                     Field(discriminator="provider")]
 
 
 class ChannelSettingsView(BaseModel):

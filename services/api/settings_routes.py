@@ -4,17 +4,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Path, Request, status
+from fastapi import APIRouter, HTTPException, Request, status
 
-from schemas.commands import Channel
 from services.api import channel_settings
 from services.api.auth import SETTINGS_RESPONSES, OrgAdmin
 from services.api.commands import BrokerUnavailable
-from services.api.models import ChannelSettingsBody, ChannelSettingsView
+from services.api.models import ChannelSettingsView, EmailChannelSettingsBody, SmsChannelSettingsBody
 from services.common import safe_defaults
-from services.common.channel_settings import PROVIDERS, SettingsError, check, overrides
+from services.common.channel_settings import SettingsError, check, overrides
 
 
 @asynccontextmanager
@@ -31,46 +30,64 @@ async def refuse_unsafe_defaults(app: Any) -> AsyncIterator[None]:
 router = APIRouter(prefix="/settings", tags=["settings"], responses=SETTINGS_RESPONSES,
                    lifespan=refuse_unsafe_defaults)
 
-ChannelPath = Annotated[Channel, Path(description="sms or email")]
+_PUT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"description": "Credentials malformed, or a real provider endpoint (not the simulator's) while a secret "
+                         "keeps its public development value (the detail names each setting to set)."},
+    503: {"description": "The broker did not acknowledge the change: the settings are stored and published when "
+                         "the API next starts (or with the next PUT)."}}
+_BODIES = {"sms": SmsChannelSettingsBody, "email": EmailChannelSettingsBody}
 
 
-@router.get("/channels/{channel}", response_model=ChannelSettingsView, summary="A channel's provider settings "
-            "(credentials masked)")
-async def get_channel_settings(request: Request, _: OrgAdmin, channel: ChannelPath) -> dict[str, Any]:
+async def _view(request: Request, channel: str) -> dict[str, Any]:
     stored = await asyncio.to_thread(request.app.state.store.channel_settings, channel)
     if stored is None:
         return channel_settings.environment_view(channel, request.app.state.settings)
     return channel_settings.masked_view(stored, stored.settings_id in request.app.state.settings_publisher.published)
 
 
-@router.put("/channels/{channel}", response_model=ChannelSettingsView, summary="Choose a channel's provider and "
-            "set its credentials (write-only, stored encrypted)",
-            description="Replaces the channel's provider and credentials as a whole. Providers and their credential "
-                        "fields (required; optional): " + "; ".join(
-                            f"{channel}/{provider}: {list(required)}; {list(optional)}"
-                            for channel, providers in PROVIDERS.items()
-                            for provider, (required, optional) in providers.items()),
-            responses={422: {"description": "Unknown provider, or credentials missing / not expected, or a real "
-                                            "provider endpoint (not the simulator's) while a secret keeps its "
-                                            "public development value (the detail names each setting to set)."},
-                       503: {"description": "The broker did not acknowledge the change: the settings are stored "
-                                            "and published when the API next starts (or with the next PUT)."}})
-async def put_channel_settings(request: Request, principal: OrgAdmin, channel: ChannelPath,
-                               body: ChannelSettingsBody) -> dict[str, Any]:
+async def _replace(request: Request, principal: Any, channel: str, body: Any) -> dict[str, Any]:
+    provider = body.provider
     try:
-        credentials = check(channel, body.provider, body.credentials)
-        overrides(channel, body.provider, credentials)  # what the sender would refuse (a port that is no number)
+        credentials = check(channel, provider, body.credentials.model_dump(exclude_none=True))
+        overrides(channel, provider, credentials)  # what the sender would refuse
     except SettingsError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
     # A real provider with the public development secrets: what the services would refuse (safe_defaults).
     unsafe = await asyncio.to_thread(channel_settings.unsafe_with, request.app.state.settings, channel,
-                                     body.provider, credentials, request.app.state.store.channel_settings)
+                                     provider, credentials, request.app.state.store.channel_settings)
     if unsafe:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=unsafe)
     try:
-        stored = await request.app.state.settings_publisher.save_and_publish(channel, body.provider, credentials,
+        stored = await request.app.state.settings_publisher.save_and_publish(channel, provider, credentials,
                                                                              principal.name)
     except BrokerUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             detail=f"the settings are stored but the broker did not acknowledge them: {exc}") from None
     return channel_settings.masked_view(stored, applied=True)
+
+
+def _routes_for(channel: str) -> None:
+    """GET and PUT /settings/channels/{channel} for one channel: one route per channel, so the body schema is
+    the channel's own (which providers, which credential fields)."""
+    body_type = _BODIES[channel]
+
+    async def get_settings(request: Request, _: OrgAdmin) -> dict[str, Any]:
+        return await _view(request, channel)
+
+    async def put_settings(request: Request, principal: OrgAdmin, body: Any) -> dict[str, Any]:
+        return await _replace(request, principal, channel, body)
+
+    put_settings.__annotations__["body"] = body_type  # the channel's own (annotations are strings here)
+
+    router.add_api_route(f"/channels/{channel}", get_settings, methods=["GET"], response_model=ChannelSettingsView,
+                         name=f"get_{channel}_settings",
+                         summary=f"The {channel} channel's provider settings (credentials masked)")
+    router.add_api_route(f"/channels/{channel}", put_settings, methods=["PUT"], response_model=ChannelSettingsView,
+                         name=f"put_{channel}_settings", responses=_PUT_RESPONSES,
+                         summary=f"Choose the {channel} channel's provider and set its credentials (write-only, "
+                                 "stored encrypted)",
+                         description="Replaces the channel's provider and credentials as a whole.")
+
+
+for _channel in _BODIES:
+    _routes_for(_channel)
