@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.common import safe_defaults
 from services.common.embedded_broker import EmbeddedBroker, parse_bootstrap, port_answers
+from services.common.runtime import EXIT_CONFIG
 from services.common.retry import backoff_s
 
 # name -> python module run as `python -m MODULE`
@@ -197,6 +199,7 @@ class ServiceStatus:
     restart_at: float | None = None  # supervisor clock; set while waiting to restart
     wait_s: float = 0.0  # the wait before the pending (or last) restart
     crash_loop: bool = False
+    refused: bool = False  # exited refusing its configuration: not restarted (restarting changes nothing)
     exits: deque[float] = field(default_factory=deque)  # exit times within the crash-loop window
 
     @property
@@ -205,7 +208,8 @@ class ServiceStatus:
 
     def as_dict(self) -> dict:
         return {"service": self.name, "instance": self.instance, "pid": self.pid,
-                "state": "waiting to restart" if self.restart_at is not None else "running",
+                "state": "configuration refused" if self.refused else
+                         "waiting to restart" if self.restart_at is not None else "running",
                 "restarts": self.restarts, "last_exit": self.last_exit, "last_exit_time": self.last_exit_time,
                 "crash_loop": self.crash_loop, "log": str(self.log_path)}
 
@@ -241,6 +245,8 @@ class Supervisor:
                     # new to us, or started again by someone else (Stack.restart): up since now
                     status = self._watch(status, name, instance, proc, now)
                     changed = True
+                if status.refused:
+                    continue
                 if status.restart_at is not None:
                     if now >= status.restart_at:
                         self._restart(status, now)
@@ -263,6 +269,14 @@ class Supervisor:
 
     def _exited(self, status: ServiceStatus, code: int | None, now: float) -> None:
         policy = self.policy
+        if code == EXIT_CONFIG:
+            status.refused = True
+            status.last_exit, status.last_exit_time = code, datetime.now(UTC).isoformat(timespec="seconds")
+            tail = "".join(f"\n    | {line}" for line in log_tail(status.log_path))
+            self.report(f"{status.label} refused its configuration (exit {code}); not restarted: fix the settings "
+                        f"its log names, then start outreach up again. Read {status.log_path}"
+                        + (f"; its last lines:{tail}" if tail else ""))
+            return
         if now - status.started_at >= policy.healthy_after_s:
             status.failures = 0
         status.failures += 1
@@ -386,6 +400,10 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
     from services.common.settings import get_settings
 
     settings = get_settings()
+    problems = safe_defaults.unsafe_defaults(settings)
+    if problems:  # every service would refuse to start: say so once, before starting anything
+        print(safe_defaults.refusal(settings, problems), file=sys.stderr)
+        return EXIT_CONFIG
     env = dict(os.environ)
     data_dir = Path(settings.data_dir)
     try:

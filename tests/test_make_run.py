@@ -126,3 +126,17 @@ def test_a_service_killed_under_outreach_up_comes_back(tmp_path):
         up.send_signal(signal.SIGTERM)
         up.wait(60)
     assert "Stopped." in output.read_text()
+
+
+def test_outreach_up_refuses_a_real_provider_with_the_public_secrets(tmp_path):
+    """Every service would refuse (services/common/safe_defaults.py): `outreach up` says so once, starts nothing."""
+    env = embedded_defaults(tmp_path)
+    env["OUTREACH_TWILIO_BASE_URL"] = "https://api.twilio.com"
+    for name in ("OUTREACH_UNSUBSCRIBE_SECRET", "OUTREACH_TWILIO_AUTH_TOKEN", "OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY"):
+        env.pop(name, None)
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "outreach"), "up"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stdout + done.stderr
+    for setting in ("OUTREACH_UNSUBSCRIBE_SECRET", "OUTREACH_TWILIO_AUTH_TOKEN", "OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY"):
+        assert setting in done.stderr
+    assert not (tmp_path / "var" / "logs").exists()  # nothing was started

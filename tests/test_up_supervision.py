@@ -125,6 +125,21 @@ def test_the_wait_doubles_from_half_a_second_up_to_thirty(supervised):
     assert supervisor.statuses[("sender", 1)].restarts == 0  # nothing else touched
 
 
+def test_a_service_that_refuses_its_configuration_is_reported_and_not_restarted(supervised):
+    """Exit 78 (EX_CONFIG, e.g. a real provider with the public development secrets): restarting changes nothing."""
+    stack, supervisor, clock, lines = supervised
+    stack.processes["sender"][0].exit(78)
+    for _ in range(5):
+        supervisor.poll()
+        clock.advance(60)
+    assert stack.starts == []
+    refusals = [line for line in lines if "refused its configuration" in line]
+    assert len(refusals) == 1 and refusals[0].startswith("sender refused its configuration (exit 78); not restarted")
+    state = {(s["service"], s["instance"]): s["state"] for s in
+             json.loads((stack.log_dir / "supervision.json").read_text())}
+    assert state[("sender", 0)] == "configuration refused" and state[("sender", 1)] == "running"
+
+
 def test_the_back_off_starts_over_once_the_service_stayed_up(supervised):
     stack, supervisor, clock, lines = supervised
     for _ in range(4):
