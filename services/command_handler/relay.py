@@ -97,10 +97,13 @@ class Relay:
         if position == self.checkpoint.position:
             return 0
         producer = await self._producer()
-        futures = [
-            await producer.send(r.topic, value=r.encoded(), key=r.key.encode())
-            for r in records
-        ]
+        futures = []
+        for r in records:
+            value = r.encoded()
+            if len(value) > topics.MAX_RECORD_BYTES:
+                futures.append(await self._park_oversized(producer, r, value))
+                continue
+            futures.append(await producer.send(r.topic, value=value, key=r.key.encode()))
         for future in futures:
             await future
         covered = position - self.checkpoint.position
@@ -109,6 +112,19 @@ class Relay:
             published=self.checkpoint.published + sum(r.topic == topics.CAMPAIGN_EVENTS for r in records))
         await asyncio.to_thread(self.checkpoints.save, self.checkpoint)
         return covered
+
+    @staticmethod
+    async def _park_oversized(producer, record: wire.Record, value: bytes):
+        """A record over the contract's 1 MiB limit cannot be published (the handler refuses commands whose
+        events would be; an event stored before that rule could be): parked in the DLQ, cut to 64 KiB, so
+        one record never halts the relay for every campaign."""
+        error = f"a {record.value.get('type', 'record')} of {len(value)} bytes, over the {topics.MAX_RECORD_BYTES} " \
+                f"a record may be: not published"
+        headers = {"x-error": error, "x-source-topic": record.topic, "x-source-offset": "",
+                   "x-consumer": "relay", "x-event-id": str(record.value.get("event_id", ""))}
+        log.error("ALARM: %s (event %s); parked in %s", error, record.value.get("event_id"), topics.COMMANDS_DLQ)
+        return await producer.send(topics.COMMANDS_DLQ, value=value[:kafka.DLQ_VALUE_LIMIT], key=record.key.encode(),
+                                   headers=[(k, v.encode()) for k, v in headers.items()])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stand by until this relay holds the lock, then publish while it does; until `stop`."""
