@@ -8,24 +8,36 @@ loses on optimistic concurrency and the use case is decided again on fresh state
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import heapq
+import itertools
 import logging
+import threading
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+import weakref
+from array import array
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, OperationalError, ProgrammingError
+from eventsourcing.application import AggregateNotFoundError, Application, Cache, Repository
+from eventsourcing.persistence import (
+    IntegrityError, InterfaceError, JSONTranscoder, Mapper, OperationalError, ProgrammingError, StoredEvent,
+    Transcoding,
+)
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.utils import get_topic, retry
 
 from schemas.commands import (
     AddContacts, Command, CommandHeader, CreateCampaign, DeleteCampaign, RetryFailedMessages, RunCampaign,
     StopCampaign, UpdateTemplate,
 )
+from schemas import topics
 from schemas.internal import SenderResult
-from services.common import ids
+from services.common import ids, jsoncodec
 from services.common.fence import HandoffFence, open_fence
 from services.common.retry import retrying
 from services.common.settings import Settings
@@ -33,17 +45,69 @@ from services.command_handler import wire
 from services.command_handler.domain import contacts as contact_rules
 from services.command_handler.domain import rules
 from services.command_handler.domain.model import (
-    Campaign, ChannelLock, CommandLog, MessageBlock, OptOutList, Rejected,
+    Campaign, ChannelLock, CommandLog, DestinationSet, MessageBlock, OptOutList, Rejected,
 )
 from services.command_handler.domain.rules import Move
 
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRIES = 20
-WORK_RECORD_BUDGET = 700 * 1024  # a claim's work record stays well under the 1 MiB record limit
+# A claim's work record (WorkClaimed: ids and a template digest, then its items) in encoded bytes: under the
+# contract's 1 MiB record limit with room for the envelope, whatever the items' characters.
+WORK_RECORD_BUDGET = topics.MAX_RECORD_BYTES - 16 * 1024
 OPEN_ATTEMPTS = 10
+# Memory (docs/design.md, "Stored events": snapshots and caches): what the handler keeps does not grow with a
+# campaign. The aggregate cache holds at most CACHED_AGGREGATES aggregates, its message blocks at most
+# CACHED_MESSAGES messages in all (about 0.4 KB each); the message indexes (message_id -> block, 12 bytes a
+# message) at most INDEXED_MESSAGES messages, the campaign used last always kept.
+CACHED_AGGREGATES = 1000
+CACHED_MESSAGES = 32_000
+INDEXED_MESSAGES = 1_000_000
+# A snapshot after every this many events of an aggregate (eventsourcing's `snapshotting_intervals`): a block
+# is loaded from its snapshot and at most 9 later events, a campaign from at most 49.
+SNAPSHOT_INTERVALS = {Campaign: 50, MessageBlock: 10, OptOutList: 100, ChannelLock: 100}
 
 T = TypeVar("T")
+
+
+class PostgresRecorder(PostgresApplicationRecorder):
+    """eventsourcing's PostgreSQL recorder, except for a save of more than BIG_SAVE_BYTES of events (the run,
+    stop or retry of a big campaign): the library sends all its events as one array of composites in one
+    statement in psycopg's pipeline mode, which never completed for several MB (the server waits in
+    ClientRead, the client in poll; psycopg issue 685's kind) while holding the events table's exclusive lock,
+    and took about four times the events' size in memory on the way. Such a save inserts its events row by
+    row (`executemany`, the state as binary) in one transaction, after the same table lock and NOTIFY, and
+    answers the notification ids in order; a conflict is an IntegrityError as before."""
+
+    BIG_SAVE_BYTES = 1024 * 1024
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        if sum(len(e.state) for e in stored_events) <= self.BIG_SAVE_BYTES:
+            return super().insert_events(stored_events, **kwargs)
+        return self._insert_rows(stored_events, **kwargs)
+
+    @functools.cached_property
+    def _insert_row_statement(self) -> Any:
+        from psycopg import sql
+
+        return sql.SQL("INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+                       "VALUES (%s, %s, %s, %b) RETURNING notification_id").format(
+            schema=sql.Identifier(self.datastore.schema), table=sql.Identifier(self.events_table_name))
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _insert_rows(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            self._insert_events(curs, stored_events, **kwargs)
+            self._lock_table(curs)
+            self._notify_channel(curs)
+            curs.executemany(self._insert_row_statement, [
+                (e.originator_id, e.originator_version, e.topic, e.state) for e in stored_events], returning=True)
+            notification_ids: list[int] = []
+            while True:
+                notification_ids += [row["notification_id"] for row in curs.fetchall()]
+                if not curs.nextset():
+                    break
+            return notification_ids
 
 
 def store_env(settings: Settings) -> dict[str, str]:
@@ -63,6 +127,7 @@ def store_env(settings: Settings) -> dict[str, str]:
             "POSTGRES_PORT": str(url.port or 5432),
             "POSTGRES_USER": unquote(url.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
+            "APPLICATION_RECORDER_TOPIC": get_topic(PostgresRecorder),
         })
     else:
         path = settings.event_store_sqlite_path
@@ -86,14 +151,225 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class SetAsList(Transcoding):
+    """Sets in stored state (an opt-out list's destinations in its snapshot) as JSON lists."""
+    type = set
+    name = "set"
+
+    def encode(self, obj: set) -> list:
+        return list(obj)
+
+    def decode(self, data: list) -> set:
+        return set(data)
+
+
+class DestinationSetAsRuns(Transcoding):
+    """A campaign's open-contacts destinations in a snapshot (model.DestinationSet)."""
+    type = DestinationSet
+    name = "destination_set"
+
+    def encode(self, obj: DestinationSet) -> list:
+        return obj.to_json()
+
+    def decode(self, data: list) -> DestinationSet:
+        return DestinationSet.from_json(data)
+
+
+class EncodedEvent:
+    """A block's event already in its stored form, the domain event let go: a run, stop or retry of a big
+    campaign keeps about 50 bytes a message until its one save, not the event's lists (about 200). Saved
+    like any event (`OutreachMapper` passes it through); no snapshot is taken at its version (the next
+    multiple of the interval takes one)."""
+
+    __slots__ = ("stored", "originator_id", "originator_version")
+
+    def __init__(self, stored: StoredEvent):
+        self.stored = stored
+        self.originator_id = stored.originator_id
+        self.originator_version = stored.originator_version
+
+
+class OutreachMapper(Mapper):
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        if isinstance(domain_event, EncodedEvent):
+            return domain_event.stored
+        return super().to_stored_event(domain_event)
+
+
+class BoundedAggregateCache(Cache):
+    """The repository's cache, least recently used first out, bounded twice: at most `max_entries`
+    aggregates, and message blocks of at most `max_messages` messages in all (an aggregate's
+    `cache_weight`), so a 300,000-message campaign keeps as many blocks in memory as a 30,000 one.
+
+    Always truthy (the repository skips a falsy cache)."""
+
+    def __init__(self, max_entries: int = CACHED_AGGREGATES, max_messages: int = CACHED_MESSAGES):
+        super().__init__()
+        self.max_entries = max_entries
+        self.max_messages = max_messages
+        self.cache: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.messages = 0
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def get(self, key: Any, *, evict: bool = False) -> Any:
+        with self._lock:
+            if evict:
+                value, weight = self.cache.pop(key)
+                self.messages -= weight
+                return value
+            value, _ = self.cache[key]
+            self.cache.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        if value is None:
+            return
+        weight = getattr(value, "cache_weight", 0)
+        with self._lock:
+            previous = self.cache.pop(key, None)
+            if previous is not None:
+                self.messages -= previous[1]
+            self.cache[key] = (value, weight)
+            self.messages += weight
+            if len(self.cache) > self.max_entries or self.messages > self.max_messages:
+                self._shrink(keep=key)
+
+    def _shrink(self, keep: Any) -> None:
+        for key in list(self.cache):  # oldest first
+            over_entries = len(self.cache) > self.max_entries
+            over_messages = self.messages > self.max_messages
+            if not (over_entries or over_messages):
+                return
+            if key == keep:
+                continue
+            weight = self.cache[key][1]
+            if over_entries or weight:
+                del self.cache[key]
+                self.messages -= weight
+
+
+class MessageIndex:
+    """message_id -> (block position, index in the block) for one campaign, in about 12 bytes a message (a
+    dict of the ids took about 190): the rows in block order, and sorted keys made of the first 44 bits of
+    each message id and the message's number. A lookup bisects the keys and confirms each candidate by
+    making its id from the row (ids.message_id), so it answers exactly what a dict of the ids would."""
+
+    NUMBER_BITS = 20  # message numbers below 2**20 (a campaign has at most 300,000 messages)
+
+    def __init__(self, campaign_id: str, blocks_rows: Iterable[Sequence[int]]):
+        self.campaign_id = campaign_id
+        self.rows = array("I")
+        self.starts = array("I")  # the number of each block's first message
+        runs = []
+        for rows in blocks_rows:
+            start = len(self.rows)
+            self.starts.append(start)
+            self.rows.extend(rows)
+            runs.append(array("Q", sorted((self._prefix(ids.message_id(campaign_id, row)) << self.NUMBER_BITS)
+                                          | (start + i) for i, row in enumerate(rows))))
+        if len(self.rows) >= 1 << self.NUMBER_BITS:
+            raise ValueError(f"{len(self.rows)} messages: more than a message index numbers")
+        self.keys = array("Q", heapq.merge(*runs))
+
+    @staticmethod
+    def _prefix(message_id: str) -> int:
+        return int(message_id[:8] + message_id[9:12], 16)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, message_id: str, default: Any = None) -> tuple[int, int] | Any:
+        if not isinstance(message_id, str) or len(message_id) != 36:
+            return default
+        try:
+            prefix = self._prefix(message_id)
+        except ValueError:
+            return default
+        keys, mask = self.keys, (1 << self.NUMBER_BITS) - 1
+        i = bisect.bisect_left(keys, prefix << self.NUMBER_BITS)
+        while i < len(keys) and keys[i] >> self.NUMBER_BITS == prefix:
+            number = keys[i] & mask
+            if ids.message_id(self.campaign_id, self.rows[number]) == message_id:
+                position = bisect.bisect_right(self.starts, number) - 1
+                return position, number - self.starts[position]
+            i += 1
+        return default
+
+    def __contains__(self, message_id: object) -> bool:
+        return self.get(message_id) is not None  # type: ignore[arg-type]
+
+    def __getitem__(self, message_id: str) -> tuple[int, int]:
+        ref = self.get(message_id)
+        if ref is None:
+            raise KeyError(message_id)
+        return ref
+
+
 class OutreachApp(Application):
     name = "outreach"
+    # eventsourcing's snapshotting: after a save, a snapshot of each aggregate whose new version is a multiple
+    # of its interval (table `snapshots` beside the events; aggregates stored before have none until then).
+    snapshotting_intervals = SNAPSHOT_INTERVALS
 
     def __init__(self, settings: Settings, env: dict[str, str] | None = None):
         super().__init__(env={**store_env(settings), **(env or {})})
         self.settings = settings
         self._touched: set[uuid.UUID] = set()
-        self._message_refs: dict[str, dict[str, tuple[int, int]]] = {}
+        # The aggregates the use case being decided holds: loading one again gives the same object, whatever
+        # the bounded cache dropped meanwhile. None outside a use case.
+        self._in_use: weakref.WeakValueDictionary[uuid.UUID, Any] | None = None
+        self._saving: dict[uuid.UUID, Any] = {}
+        self._indexes: OrderedDict[str, MessageIndex] = OrderedDict()  # campaign_id -> its message index
+
+    def construct_repository(self) -> Repository:
+        repository = super().construct_repository()
+        if repository.cache is not None:
+            repository.cache = BoundedAggregateCache(CACHED_AGGREGATES, CACHED_MESSAGES)
+        return repository
+
+    def construct_mapper(self) -> Mapper:
+        return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=OutreachMapper)
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(SetAsList())
+        transcoder.register(DestinationSetAsRuns())
+
+    # ----- snapshots ----------------------------------------------------------------------------
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        self._saving = {obj.id: obj for obj in objs if hasattr(obj, "collect_events")}
+        try:
+            return super().save(*objs, **kwargs)
+        finally:
+            self._saving = {}
+
+    def take_snapshot(self, aggregate_id: uuid.UUID, version: int | None = None, projector_func: Any = None) -> None:
+        """eventsourcing calls this after a save for each aggregate whose version reached a multiple of its
+        interval. The aggregate just saved is that recorded state: it is snapshotted as it is, without reading
+        its events again (else, e.g. a save of two events of which the first reached it, the library's way).
+        A campaign whose contacts are still open is not snapshotted: it is loaded and saved once per chunk
+        (it stays cached) and its destinations would make each snapshot megabytes. A snapshot that fails is
+        logged, never raised: the use case is stored already, and a conflict raised from here would have it
+        decided a second time."""
+        try:
+            aggregate = self._saving.get(aggregate_id)
+            if isinstance(aggregate, Campaign) and not aggregate.contacts_closed:
+                return
+            if aggregate is not None and version is not None and aggregate.version == version \
+                    and not aggregate.pending_events:
+                self.snapshots.put([type(aggregate).Snapshot.take(aggregate)])
+            elif projector_func is None:
+                super().take_snapshot(aggregate_id, version)
+            else:
+                super().take_snapshot(aggregate_id, version, projector_func)
+        except Exception:
+            log.warning("no snapshot of %s at version %s", aggregate_id, version, exc_info=True)
 
     @functools.cached_property
     def fence(self) -> HandoffFence:
@@ -107,12 +383,30 @@ class OutreachApp(Application):
             self.fence.close_connection()
 
     # ----- loading ------------------------------------------------------------------------------
-    def _load(self, aggregate_id: uuid.UUID) -> Any | None:
+    def _load(self, aggregate_id: uuid.UUID, *, hold: bool = True) -> Any | None:
+        """The aggregate, fast-forwarded from the store; within a use case the same object as long as the use
+        case holds it (`hold=False`: not remembered, for blocks read once in a pass over a campaign)."""
         self._touched.add(aggregate_id)
+        if self._in_use is not None and (held := self._in_use.get(aggregate_id)) is not None:
+            return held
         try:
-            return self.repository.get(aggregate_id)
+            aggregate = self.repository.get(aggregate_id)
         except AggregateNotFoundError:
             return None
+        if hold and self._in_use is not None:
+            self._in_use[aggregate_id] = aggregate
+        return aggregate
+
+    def _encoded_events(self, block: MessageBlock) -> list[EncodedEvent]:
+        """The block's new events, taken out of it in their stored form (see EncodedEvent)."""
+        return [EncodedEvent(self.mapper.to_stored_event(e)) for e in block.collect_events()]
+
+    def _each_block(self, campaign: Campaign) -> Iterator[tuple[int, MessageBlock]]:
+        """Every block of the campaign with its position, loaded one at a time: a pass over a 300,000-message
+        campaign holds the block in hand (and those the use case holds), not all 300."""
+        campaign_id = str(campaign.id)
+        for position, block_no in enumerate(campaign.block_nos):
+            yield position, self._load(ids.block_id(campaign_id, block_no), hold=False)
 
     def _campaign(self, campaign_id: str) -> Campaign:
         campaign = self._load(uuid.UUID(campaign_id))
@@ -120,44 +414,50 @@ class OutreachApp(Application):
             raise Rejected("unknown_campaign", f"no campaign {campaign_id}")
         return campaign
 
-    def _blocks(self, campaign: Campaign) -> list[MessageBlock]:
-        campaign_id = str(campaign.id)
-        return [self._load(ids.block_id(campaign_id, n)) for n in campaign.block_nos]
-
-    def _block_at(self, campaign: Campaign, position: int) -> MessageBlock:
-        return self._load(ids.block_id(str(campaign.id), campaign.block_nos[position]))
+    def _block_at(self, campaign: Campaign, position: int, *, hold: bool = True) -> MessageBlock:
+        return self._load(ids.block_id(str(campaign.id), campaign.block_nos[position]), hold=hold)
 
     def _lock(self, channel: str) -> ChannelLock:
         return self._load(ids.channel_lock_id(channel)) or ChannelLock(channel)
 
-    def _refs(self, campaign: Campaign) -> dict[str, tuple[int, int]]:
-        """message_id -> (block position, index), built once per campaign (contacts never change after Run)."""
+    def _refs(self, campaign: Campaign) -> MessageIndex:
+        """message_id -> (block position, index), built once per campaign (contacts never change after Run);
+        the indexes of at most INDEXED_MESSAGES messages are kept, least recently used dropped first."""
         campaign_id = str(campaign.id)
-        refs = self._message_refs.get(campaign_id)
-        if refs is None or len(refs) != campaign.message_count:
-            refs = {}
-            for position, block in enumerate(self._blocks(campaign)):
-                for index, row in enumerate(block.rows):
-                    refs[ids.message_id(campaign_id, row)] = (position, index)
-            self._message_refs[campaign_id] = refs
-        return refs
+        index = self._indexes.get(campaign_id)
+        if index is not None and len(index) == campaign.message_count:
+            self._indexes.move_to_end(campaign_id)
+            return index
+        index = MessageIndex(campaign_id, (block.rows for _, block in self._each_block(campaign)))
+        self._indexes[campaign_id] = index
+        self._indexes.move_to_end(campaign_id)
+        while len(self._indexes) > 1 and sum(map(len, self._indexes.values())) > INDEXED_MESSAGES:
+            self._indexes.popitem(last=False)
+        return index
 
     def _run(self, decide: Callable[[], list[Any]]) -> list[Any]:
-        """Runs a use case until it saves without conflict; evicts what a failed attempt touched."""
-        for attempt in range(CONFLICT_RETRIES):
-            self._touched = set()
-            try:
-                to_save = decide()
-                if to_save:
-                    self.save(*to_save)
-                return to_save
-            except IntegrityError:
-                self._evict()
-                log.info("optimistic concurrency conflict, deciding again (attempt %d)", attempt + 1)
-            except BaseException:
-                self._evict()
-                raise
-        raise RuntimeError("use case kept conflicting")
+        """Runs a use case until it saves without conflict; evicts what a failed attempt touched.
+
+        `decide` returns the aggregates to save, and may add the events of blocks it let go of, already in
+        their stored form (`_encoded_events`: a pass over every block of a big campaign)."""
+        try:
+            for attempt in range(CONFLICT_RETRIES):
+                self._touched = set()
+                self._in_use = weakref.WeakValueDictionary()
+                try:
+                    to_save = decide()
+                    if to_save:
+                        self.save(*to_save)
+                    return to_save
+                except IntegrityError:
+                    self._evict()
+                    log.info("optimistic concurrency conflict, deciding again (attempt %d)", attempt + 1)
+                except BaseException:
+                    self._evict()
+                    raise
+            raise RuntimeError("use case kept conflicting")
+        finally:
+            self._in_use = None
 
     def _evict(self) -> None:
         cache = self.repository.cache
@@ -166,6 +466,8 @@ class OutreachApp(Application):
                 cache.get(aggregate_id, evict=True)
             except KeyError:
                 pass
+        if self._in_use is not None:
+            self._in_use = weakref.WeakValueDictionary()
 
     # ----- commands -----------------------------------------------------------------------------
     def handle_command(self, command: Command | None, header: CommandHeader, invalid_detail: str | None = None) -> None:
@@ -185,6 +487,7 @@ class OutreachApp(Application):
                 if command is None:
                     raise Rejected("invalid_command", invalid_detail or "invalid command")
                 changed = self._decide(command)
+                _refuse_unpublishable(changed)
             except Rejected as rejection:
                 self._evict()
                 return self._reject(command_id, campaign_id, command_type, rejection)
@@ -238,7 +541,8 @@ class OutreachApp(Application):
                 rows=[r for r, _, _ in valid], destinations=[d for _, d, _ in valid],
                 variables=[v for _, _, v in valid], causation_id=cmd.command_id))
             to_save += new_blocks
-        blocks = self._blocks(campaign) + new_blocks if cmd.last_chunk else []  # for the run summary
+        # For the run summary: every block, read once (the campaign's one at a time, then this chunk's).
+        blocks = itertools.chain((b for _, b in self._each_block(campaign)), new_blocks) if cmd.last_chunk else []
         campaign.add_contacts(chunk_no=cmd.chunk_no, valid_rows=[r for r, _, _ in valid],
                               destinations=[d for _, d, _ in valid],
                               invalid_rows=[[row, reason] for row, reason in invalid_rows],
@@ -248,48 +552,67 @@ class OutreachApp(Application):
     def _update_template(self, cmd: UpdateTemplate) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
         campaign.check_can_update_template(cmd.template)  # before the blocks are loaded
-        blocks = self._blocks(campaign) if campaign.contacts_closed else []  # for the run summary
+        # For the run summary: every block, read once.
+        blocks = (b for _, b in self._each_block(campaign)) if campaign.contacts_closed else []
         campaign.update_template(cmd.template, blocks, cmd.command_id)
         return [campaign]
 
     def _run_campaign(self, cmd: RunCampaign) -> list[Any]:
+        """Two passes over the blocks, one block in hand at a time: the first counts what each waiting message
+        becomes (queued, or opted out when its destination is), the run starts, the second moves them; each
+        block's event is taken out of it, so the blocks need not stay in memory until the one save."""
         campaign = self._campaign(cmd.campaign_id)
         disclaimer = cmd.disclaimer.model_dump(mode="json")
         campaign.check_can_run(disclaimer)  # before the blocks are loaded and every message's move worked out
         lock = self._lock(campaign.channel)
-        blocks = self._blocks(campaign)
+        lock.check_free_for(cmd.campaign_id)  # (the last reason) before the blocks are loaded too
         suppressed_destinations = self.suppressed(campaign.channel)
-        moves = {}  # each waiting message: queued, or opted out when its destination is
-        for position, block in enumerate(blocks):
-            moves[position] = [
-                (index, Move(status="opted_out" if block.destinations[index] in suppressed_destinations
-                             else "queued"))
-                for index in block.indexes_in("waiting")]
-        suppressed = sum(mv.status == "opted_out" for block_moves in moves.values() for _, mv in block_moves)
-        queued = sum(len(block_moves) for block_moves in moves.values()) - suppressed
+
+        def opting_out(block: MessageBlock) -> tuple[int, array]:
+            waiting = block.indexes_in("waiting")
+            return len(waiting), array("H", [i for i in waiting if block.destinations[i] in suppressed_destinations])
+
+        planned = {position: opting_out(block) for position, block in self._each_block(campaign)}
+        suppressed = sum(len(out) for _, out in planned.values())
+        queued = sum(waiting for waiting, _ in planned.values()) - suppressed
         campaign.start_run(accepted_by=cmd.issued_by, disclaimer=disclaimer,
                            queued=queued, suppressed=suppressed, causation_id=cmd.command_id)
         lock.take(cmd.campaign_id, hold=campaign.holds_channel)
-        for position, block in enumerate(blocks):
-            block.move(moves[position], run_no=campaign.run_no, causation_id=cmd.command_id)
-        return [campaign, *blocks, *([lock] if lock.pending_events else [])]
+        events: list[Any] = []
+        for position, block in self._each_block(campaign):
+            if opting_out(block) != planned[position]:
+                raise IntegrityError(f"block {block.id} changed while the run was decided")  # decided again
+            out = set(planned[position][1])
+            block.move([(index, Move(status="opted_out" if index in out else "queued"))
+                        for index in block.indexes_in("waiting")], run_no=campaign.run_no, causation_id=cmd.command_id)
+            events += self._encoded_events(block)
+        return [campaign, *events, *([lock] if lock.pending_events else [])]
 
     def _stop_campaign(self, cmd: StopCampaign) -> list[Any]:
+        """Like the run: the queued messages counted block by block, the stop, then each block's cancellations."""
         campaign = self._campaign(cmd.campaign_id)
-        blocks = self._blocks(campaign)
-        queued = [block.indexes_in("queued") for block in blocks]
-        campaign.stop(stopped_by=cmd.issued_by, confirmed=cmd.confirmed, cancelled=sum(map(len, queued)),
+        campaign.check_running()  # the stop's guards, before the blocks are loaded
+        campaign.check_stop_confirmed(cmd.confirmed)
+        queued = {position: n for position, block in self._each_block(campaign)
+                  if (n := len(block.indexes_in("queued")))}
+        campaign.stop(stopped_by=cmd.issued_by, confirmed=cmd.confirmed, cancelled=sum(queued.values()),
                       causation_id=cmd.command_id)
-        for block, indexes in zip(blocks, queued):
+        events: list[Any] = []
+        for position, n in queued.items():
+            block = self._block_at(campaign, position, hold=False)
+            indexes = block.indexes_in("queued")
+            if len(indexes) != n:
+                raise IntegrityError(f"block {block.id} changed while the stop was decided")  # decided again
             block.move([(i, Move(status="cancelled")) for i in indexes], run_no=None, causation_id=cmd.command_id)
+            events += self._encoded_events(block)
         lock = self._lock(campaign.channel)
         lock.release(cmd.campaign_id)
-        return [campaign, *blocks, lock]
+        return [campaign, *events, lock]
 
     def _retry_failed(self, cmd: RetryFailedMessages) -> list[Any]:
+        """Like the run: the retryable messages chosen block by block, the retry, then each block's moves."""
         campaign = self._campaign(cmd.campaign_id)
         campaign.check_retryable()  # before the blocks are loaded
-        blocks = self._blocks(campaign)
         named = cmd.message_ids is not None
         unknown: list[str] = []
         if named:
@@ -297,18 +620,21 @@ class OutreachApp(Application):
             unknown = [m for m in cmd.message_ids if m not in refs]
             wanted: dict[int, list[int]] = defaultdict(list)
             for m in dict.fromkeys(cmd.message_ids):
-                if m in refs:
-                    position, index = refs[m]
-                    wanted[position].append(index)
-            candidates: dict[int, Any] = wanted
+                if (ref := refs.get(m)) is not None:
+                    wanted[ref[0]].append(ref[1])
+            positions: Iterable[int] = wanted
         else:
-            candidates = {p: range(len(b.rows)) for p, b in enumerate(blocks)}
-        selected: dict[int, list[int]] = {}
+            positions = range(len(campaign.block_nos))
+
+        def retryable(block: MessageBlock, indexes: Iterable[int]) -> array:
+            return array("H", [i for i in indexes if rules.is_retryable(
+                block.state(i), named=named, include_cancelled=cmd.include_cancelled)])
+
+        selected: dict[int, array] = {}
         moved_from: dict[str, int] = defaultdict(int)
-        for position, indexes in candidates.items():
-            block = blocks[position]
-            chosen = [i for i in indexes
-                      if rules.is_retryable(block.state(i), named=named, include_cancelled=cmd.include_cancelled)]
+        for position in positions:
+            block = self._block_at(campaign, position, hold=False)
+            chosen = retryable(block, wanted[position] if named else range(len(block.rows)))
             if chosen:
                 selected[position] = chosen
                 for i in chosen:
@@ -316,10 +642,15 @@ class OutreachApp(Application):
         campaign.start_retry(moved_from=dict(moved_from), unknown_message_ids=unknown, causation_id=cmd.command_id)
         lock = self._lock(campaign.channel)
         lock.take(cmd.campaign_id, hold=True)
+        events: list[Any] = []
         for position, indexes in selected.items():
-            blocks[position].move([(i, Move(status="queued", reason=None, accepted=False)) for i in indexes],
-                                  run_no=campaign.run_no, causation_id=cmd.command_id)
-        return [campaign, *blocks, lock]
+            block = self._block_at(campaign, position, hold=False)
+            if retryable(block, indexes) != indexes:
+                raise IntegrityError(f"block {block.id} changed while the retry was decided")  # decided again
+            block.move([(i, Move(status="queued", reason=None, accepted=False)) for i in indexes],
+                       run_no=campaign.run_no, causation_id=cmd.command_id)
+            events += self._encoded_events(block)
+        return [campaign, *events, lock]
 
     def _delete_campaign(self, cmd: DeleteCampaign) -> list[Any]:
         campaign = self._campaign(cmd.campaign_id)
@@ -395,7 +726,7 @@ class OutreachApp(Application):
             items: list[dict] = []
             touched: list[MessageBlock] = []
             suppressed = 0
-            budget = WORK_RECORD_BUDGET - len(str(campaign.template))
+            budget = WORK_RECORD_BUDGET
             cursor = campaign.claim_cursor
             for position in range(campaign.claim_cursor, block_count):
                 block = self._block_at(campaign, position)
@@ -415,7 +746,11 @@ class OutreachApp(Application):
                         "variables": block.variables[index],
                         "attempt": block.attempt[index],
                     }
-                    budget -= 96 + len(destination) + sum(len(k) + len(v) + 8 for k, v in item["variables"].items())
+                    size = len(jsoncodec.dumps(item)) + 1  # the item as the work record encodes it, and a comma
+                    if items and size > budget:
+                        budget = 0  # full: this message and the rest wait for the next claim
+                        break
+                    budget -= size
                     items.append(item)
                     moves.append((index, Move(status="sending", accepted=False)))
                 if moves:
@@ -548,12 +883,13 @@ class OutreachApp(Application):
         if not touched:
             return []
         setup_failed = campaign.setup_fails(refused_credentials=setup_error, accepted_now=accepted)
+        events: list[Any] = []  # of the other blocks the setup error moves
         if setup_failed:
-            awaiting_delta += self._fail_unaccepted(campaign, delta, touched, causation_id)
+            awaiting_delta += self._fail_unaccepted(campaign, delta, touched, causation_id, events)
         released = campaign.record_progress(delta=dict(delta), awaiting_delta=awaiting_delta,
                                             causation_id=causation_id, accepted=accepted,
                                             setup_failed=setup_failed, requeued_from=requeued_from)
-        to_save: list[Any] = [campaign, *touched]
+        to_save: list[Any] = [campaign, *touched, *events]
         if released:
             lock = self._lock(campaign.channel)
             lock.release(str(campaign.id))
@@ -561,12 +897,13 @@ class OutreachApp(Application):
         return to_save
 
     def _fail_unaccepted(self, campaign: Campaign, delta: dict[str, int], touched: list[MessageBlock],
-                         causation_id: str) -> int:
+                         causation_id: str, events: list[Any]) -> int:
         """The provider refused the credentials before accepting anything: every message of the run not yet
-        accepted fails `setup_error` (contract). Returns the change of messages awaiting acceptance."""
+        accepted fails `setup_error` (contract). Returns the change of messages awaiting acceptance; the
+        blocks in `touched` keep their new events, the others' are added to `events` (one block in hand)."""
         awaiting_delta = 0
-        for position in range(len(campaign.block_nos)):
-            block = self._block_at(campaign, position)
+        held = {block.id for block in touched}
+        for _, block in self._each_block(campaign):
             moves = []
             for index, status in enumerate(block.status):
                 if rules.fails_on_setup_error(status, block.accepted[index]):
@@ -575,8 +912,8 @@ class OutreachApp(Application):
             if moves:
                 for status, n in block.move(moves, run_no=None, causation_id=causation_id).items():
                     delta[status] += n
-                if block not in touched:
-                    touched.append(block)
+                if block.id not in held:
+                    events += self._encoded_events(block)
         return awaiting_delta
 
     # ----- reading (CLI, tests) -----------------------------------------------------------------
@@ -588,3 +925,18 @@ class OutreachApp(Application):
                 "status": campaign.status, "stopped": campaign.stopped, "holds_channel": campaign.holds_channel,
                 "run_no": campaign.run_no, "counts": {"total": campaign.message_count, **campaign.counts}}
 
+
+def _refuse_unpublishable(changed: Iterable[Any]) -> None:
+    """Rejected (invalid_command) if a campaign event a command would store could not be published: a record
+    over the contract's 1 MiB limit would halt the relay, for every campaign, once stored. Checked on the
+    campaign events, which carry what a client wrote (name, description, template); message records are
+    bounded by the contacts chunk limit."""
+    for aggregate in changed:
+        if not isinstance(aggregate, Campaign):
+            continue
+        for stored in aggregate.pending_events:
+            for record in wire.to_records(stored):
+                size = len(record.encoded())
+                if size > topics.MAX_RECORD_BYTES:
+                    raise Rejected("invalid_command", f"its {record.value.get('type', 'event')} would be {size} "
+                                                      f"bytes, more than the {topics.MAX_RECORD_BYTES} a record may be")

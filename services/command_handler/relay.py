@@ -34,6 +34,11 @@ from services.command_handler.checkpoint import Checkpoint, open_checkpoint_stor
 log = logging.getLogger("outreach.relay")
 
 PAGE_SIZE = 500
+# A page stops after the stored event that brings its records to this many (always one event at least): a run
+# of a 300,000-message campaign stores 300,000 status changes in 300 events, and the relay's memory follows
+# the page, not the campaign. After a page cut short the next one reads only twice the events it used (their
+# stored bytes are in memory too), growing back to PAGE_SIZE while pages are not cut.
+PAGE_RECORDS = 5_000
 IDLE_POLL_S = 0.02
 BROKER_CHECK_S = 5.0  # an empty broker is noticed within seconds; checking costs new connections
 REWIND_FIRST_WAIT_S = 0.1  # after a failed page: 0.1 s, doubling up to 5 s (plus jitter) while it fails
@@ -53,6 +58,7 @@ class Relay:
         self.fence: HandoffFence = self.app.fence
         self.producer = None
         self._last_broker_check = 0.0
+        self._page_size = PAGE_SIZE
 
     async def _producer(self):
         if self.producer is None:
@@ -81,13 +87,20 @@ class Relay:
 
     def _read_page(self) -> tuple[int, list[wire.Record]]:
         """The next page's records; the fence is open for its claims when this returns."""
-        notifications = self.app.recorder.select_notifications(start=self.checkpoint.position + 1, limit=PAGE_SIZE)
-        events = [self.app.mapper.to_domain_event(n) for n in notifications]
-        for e in events:
+        notifications = self.app.recorder.select_notifications(start=self.checkpoint.position + 1,
+                                                               limit=self._page_size)
+        position, records, used = self.checkpoint.position, [], 0
+        for n in notifications:
+            if len(records) >= PAGE_RECORDS:
+                break  # the rest is the next page's
+            e = self.app.mapper.to_domain_event(n)
             if isinstance(e, Campaign.WorkClaimed) and e.items:
                 open_fence_for_claim(self.fence, e, self.settings.sending_timeout_s)
-        records = [r for e in events for r in wire.to_records(e)]
-        return (notifications[-1].id if notifications else self.checkpoint.position), records
+            records += wire.to_records(e)
+            position, used = n.id, used + 1
+        cut = used < len(notifications)
+        self._page_size = min(PAGE_SIZE, 2 * used if cut else 2 * self._page_size)
+        return position, records
 
     async def publish_once(self) -> int:
         """Publishes one page; returns how many notifications it covered (0 when caught up)."""

@@ -5,7 +5,7 @@ Pure, no I/O. A destination already in the campaign, or earlier in the same chun
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 from schemas.destinations import DUPLICATE_DESTINATION, validate_destination
@@ -16,7 +16,7 @@ __all__ = ["screen_chunk"]
 def screen_chunk(
     channel: str,
     contacts: Iterable[tuple[int, Any, Mapping[str, Any]]],
-    known_destinations: set[str] | frozenset[str],
+    known_destinations: Container[str],
 ) -> tuple[list[tuple[int, str, Mapping[str, Any]]], list[tuple[int, str]]]:
     """Split one chunk into valid contacts and invalid rows, in input order.
 

@@ -7,13 +7,21 @@ status change it caused (if any), so the relay can map stored events to wire rec
 """
 from __future__ import annotations
 
+import base64
+import bisect
+import hashlib
+import heapq
+import sys
 import uuid
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Snapshot as LibrarySnapshot
 
 from schemas.commands import EmailTemplate, SmsTemplate, template_matches_channel
+from schemas.internal import template_digest
 from services.common import ids
 from services.command_handler.domain import rules
 from services.command_handler.domain.rules import MessageState, Move
@@ -21,6 +29,91 @@ from services.command_handler.domain.summary import run_summary
 
 MAX_CONTACTS = 300_000
 RECENT_CLAIMS_KEPT = 256
+
+
+class Snapshot(LibrarySnapshot):
+    """The state of an aggregate at a version (eventsourcing's snapshot), restored exactly: JSON has no int
+    keys and no sets, so an aggregate with such state says how to restore it (`restore_snapshot_state`;
+    sets are stored by the application's `set` transcoding). A later change of an aggregate's attributes
+    must come with `class_version` and an `upcast_v1_v2` (eventsourcing's rule), so older snapshots still load.
+    """
+
+    def mutate(self, _: None) -> Any:
+        aggregate = super().mutate(None)
+        restore = getattr(aggregate, "restore_snapshot_state", None)
+        if restore is not None:
+            restore()
+        return aggregate
+
+
+class DestinationSet:
+    """A campaign's destinations while its contacts are open, for the duplicate check: 16 bytes each (a
+    128-bit BLAKE2b digest; a string in a set took about 85), in sorted runs merged like a binary counter as
+    chunks come (at most log2 of the chunks; a lookup bisects each). Two destinations with one digest are as
+    unlikely as two messages with one uuid5. Deterministic: replaying the chunks makes the same runs."""
+
+    def __init__(self, runs: Iterable[tuple[array, array]] = ()):
+        self.runs: list[tuple[array, array]] = list(runs)  # (high 64 bits, low 64 bits), sorted
+
+    @staticmethod
+    def digest(destination: str) -> tuple[int, int]:
+        d = hashlib.blake2b(destination.encode(), digest_size=16).digest()
+        return int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big")
+
+    def __contains__(self, destination: object) -> bool:
+        if not isinstance(destination, str):
+            return False
+        high, low = self.digest(destination)
+        for highs, lows in self.runs:
+            i = bisect.bisect_left(highs, high)
+            while i < len(highs) and highs[i] == high:
+                if lows[i] == low:
+                    return True
+                i += 1
+        return False
+
+    def __len__(self) -> int:
+        return sum(len(highs) for highs, _ in self.runs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DestinationSet) and self.runs == other.runs
+
+    def update(self, destinations: Iterable[str]) -> None:
+        pairs = sorted(map(self.digest, destinations))
+        if not pairs:
+            return
+        self.runs.append((array("Q", [h for h, _ in pairs]), array("Q", [lo for _, lo in pairs])))
+        del pairs
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
+            newer, older = self.runs.pop(), self.runs.pop()
+            highs, lows = array("Q"), array("Q")
+            for high, low in heapq.merge(zip(*older), zip(*newer)):
+                highs.append(high)
+                lows.append(low)
+            self.runs.append((highs, lows))
+
+    def to_json(self) -> list[list[str]]:
+        """For a snapshot: each run as two base64 strings of big-endian 64-bit numbers."""
+        return [[_b64_of(highs), _b64_of(lows)] for highs, lows in self.runs]
+
+    @classmethod
+    def from_json(cls, data: list[list[str]]) -> "DestinationSet":
+        return cls((_array_of(highs), _array_of(lows)) for highs, lows in data)
+
+
+def _b64_of(numbers: array) -> str:
+    copy = array("Q", numbers)
+    if sys.byteorder == "little":
+        copy.byteswap()
+    return base64.b64encode(copy.tobytes()).decode()
+
+
+def _array_of(text: str) -> array:
+    numbers = array("Q")
+    numbers.frombytes(base64.b64decode(text))
+    if sys.byteorder == "little":
+        numbers.byteswap()
+    return numbers
 
 
 class Rejected(Exception):
@@ -33,6 +126,8 @@ class Rejected(Exception):
 
 
 class Campaign(Aggregate):
+    Snapshot = Snapshot
+
     @event("Created")
     def __init__(self, campaign_id: uuid.UUID, name: str, description: str | None, channel: str,
                  template: dict, created_by: str, causation_id: str):
@@ -46,7 +141,7 @@ class Campaign(Aggregate):
         self.next_chunk_no = 0
         self.contacts_closed = False
         self.chunk_answers: dict[int, dict] = {}
-        self.destinations: set[str] = set()
+        self.destinations = DestinationSet()  # while the contacts are open
         self.rows_seen = 0
         self.message_count = 0
         self.block_nos: list[int] = []
@@ -66,6 +161,10 @@ class Campaign(Aggregate):
     @staticmethod
     def create_id(campaign_id: uuid.UUID, **_: Any) -> uuid.UUID:
         return campaign_id
+
+    def restore_snapshot_state(self) -> None:
+        """After a snapshot: the chunk numbers were JSON object keys (text)."""
+        self.chunk_answers = {int(chunk_no): answer for chunk_no, answer in self.chunk_answers.items()}
 
     # ----- guards -------------------------------------------------------------------------------
     @property
@@ -131,10 +230,11 @@ class Campaign(Aggregate):
         self.check_rows_unique(rows)
 
     def add_contacts(self, *, chunk_no: int, valid_rows: list[int], destinations: list[str],
-                     invalid_rows: list[list], last_chunk: bool, blocks: Sequence[MessageBlock],
+                     invalid_rows: list[list], last_chunk: bool, blocks: Iterable[MessageBlock],
                      causation_id: str) -> None:
         """One screened chunk (`invalid_rows`: [row, reason]). After the last chunk the campaign is ready and
-        its run summary is made from `blocks`, every block of the campaign (this chunk's included)."""
+        its run summary is made from `blocks`, every block of the campaign (this chunk's included), read once
+        (the application loads them one at a time)."""
         self.check_can_add_contacts(chunk_no, valid_rows + [row for row, _reason in invalid_rows])
         summary = run_summary(self.name, self.channel, self.template, blocks) if last_chunk else None
         message_count = self.message_count + len(valid_rows)
@@ -168,6 +268,8 @@ class Campaign(Aggregate):
             self.contacts_closed = True
             self.ready = True
             self.summary = summary
+            # Only the screening of later chunks reads them: not kept (in memory, in snapshots) once closed.
+            self.destinations = DestinationSet()
         self._apply_status_change(status_change)
 
     def repeat_contacts_answer(self, chunk_no: int, causation_id: str) -> None:
@@ -192,9 +294,9 @@ class Campaign(Aggregate):
         self.check_editable()
         self.check_template_fits_channel(template)
 
-    def update_template(self, template: SmsTemplate | EmailTemplate, blocks: Sequence[MessageBlock],
+    def update_template(self, template: SmsTemplate | EmailTemplate, blocks: Iterable[MessageBlock],
                         causation_id: str) -> None:
-        """A new template; once the contacts are closed the run summary is made again from `blocks`."""
+        """A new template; once the contacts are closed the run summary is made again from `blocks` (read once)."""
         self.check_can_update_template(template)
         plain = template.model_dump(mode="json")
         summary = run_summary(self.name, self.channel, plain, blocks) if self.contacts_closed else None
@@ -381,15 +483,19 @@ class Campaign(Aggregate):
         delta = {"queued": -(len(items) + suppressed), "sending": len(items), "opted_out": suppressed}
         was_holding = self.holds_channel
         counts, change, holds = self._progress(delta, awaiting_delta=len(items))
-        self._work_claimed(claim_id=claim_id, run_no=self.run_no, channel=self.channel, template=self.template,
+        self._work_claimed(claim_id=claim_id, run_no=self.run_no, channel=self.channel,
+                           template_digest=template_digest(self.template), template=None,
                            items=items, counts=counts, awaiting_acceptance=self.awaiting_acceptance + len(items),
                            holds_channel=holds, cursor=cursor, status_change=change, causation_id=causation_id)
         return was_holding and not holds
 
     @event("WorkClaimed")
-    def _work_claimed(self, claim_id: str, run_no: int, channel: str, template: dict, items: list[dict],
+    def _work_claimed(self, claim_id: str, run_no: int, channel: str, items: list[dict],
                       counts: dict, awaiting_acceptance: int, holds_channel: bool, cursor: int,
-                      status_change: dict | None, causation_id: str) -> None:
+                      status_change: dict | None, causation_id: str, template_digest: str | None = None,
+                      template: dict | None = None) -> None:
+        # Stored WorkClaimed events name the template by digest; older ones carry the template (`template`),
+        # which the relay turns into its digest.
         self.recent_claims = (self.recent_claims + [claim_id])[-RECENT_CLAIMS_KEPT:]
         self.counts = dict(counts)
         self.awaiting_acceptance = awaiting_acceptance
@@ -446,6 +552,11 @@ class Campaign(Aggregate):
         return counts, self._status_change(status, counts), holds
 
 
+def _shared(value: str | None) -> str | None:
+    """One string object per distinct status, reason or code (each decoded event brings its own copies)."""
+    return sys.intern(value) if isinstance(value, str) else value
+
+
 SEQUENCE_STEP = 100  # a message's status-record sequence = block version * 100 + its n-th change in that event
 
 
@@ -462,6 +573,8 @@ def message_sequences(version: int, changes: list[list]) -> list[int]:
 
 class MessageBlock(Aggregate):
     """Up to 1,000 messages of one contacts chunk: one stored event moves many messages at once."""
+
+    Snapshot = Snapshot
 
     @event("Created")
     def __init__(self, campaign_id: str, block_no: int, channel: str, rows: list[int],
@@ -484,6 +597,16 @@ class MessageBlock(Aggregate):
     @staticmethod
     def create_id(campaign_id: str, block_no: int, **_: Any) -> uuid.UUID:
         return ids.block_id(campaign_id, block_no)
+
+    @property
+    def cache_weight(self) -> int:
+        """What it weighs in the application's aggregate cache: its messages."""
+        return len(self.rows)
+
+    def restore_snapshot_state(self) -> None:
+        """After a snapshot: the few distinct statuses, reasons and codes shared, not one string per message."""
+        for values in (self.status, self.reason, self.provider_code):
+            values[:] = [_shared(v) for v in values]
 
     def state(self, index: int) -> MessageState:
         return MessageState(self.status[index], self.reason[index], self.attempt[index], self.accepted[index])
@@ -531,9 +654,9 @@ class MessageBlock(Aggregate):
         version = self.version + 1  # the version this event gets; the decorator bumps it after the body
         for (index, _row, _prev, status, reason, code, attempt, run_no, accepted, record), sequence in zip(
                 changes, message_sequences(version, changes)):
-            self.status[index] = status
-            self.reason[index] = reason
-            self.provider_code[index] = code
+            self.status[index] = _shared(status)
+            self.reason[index] = _shared(reason)
+            self.provider_code[index] = _shared(code)
             self.attempt[index] = attempt
             self.run_no[index] = run_no
             self.accepted[index] = accepted
@@ -543,6 +666,8 @@ class MessageBlock(Aggregate):
 
 class ChannelLock(Aggregate):
     """Who holds a channel. Saved with the run that takes it, so two racing runs conflict on its version."""
+
+    Snapshot = Snapshot
 
     @event("Created")
     def __init__(self, channel: str):
@@ -581,6 +706,8 @@ class ChannelLock(Aggregate):
 
 class OptOutList(Aggregate):
     """The destinations of one channel that opted out (SMS STOP, 21610, email unsubscribe or spam report)."""
+
+    Snapshot = Snapshot
 
     @event("Created")
     def __init__(self, channel: str):

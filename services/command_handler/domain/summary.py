@@ -5,7 +5,7 @@ Made when the last contacts chunk is added and again when the template changes a
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from schemas.events import ROWS_MISSING_VARIABLES_LIMIT
@@ -15,12 +15,14 @@ if TYPE_CHECKING:
     from services.command_handler.domain.model import MessageBlock
 
 
-def run_summary(name: str, channel: str, template: dict, blocks: Sequence[MessageBlock]) -> dict:
-    """What the run modal shows: counts, a preview, SMS encoding and segments, rows missing variables."""
-    message_count = sum(len(b.rows) for b in blocks)
+def run_summary(name: str, channel: str, template: dict, blocks: Iterable[MessageBlock]) -> dict:
+    """What the run modal shows: counts, a preview, SMS encoding and segments, rows missing variables.
+
+    `blocks` is read once, in order (the application loads a big campaign's blocks one at a time)."""
+    message_count = 0
     missing_rows: list[int] = []
     missing_count = 0
-    summary: dict[str, Any] = {"name": name, "channel": channel, "message_count": message_count,
+    summary: dict[str, Any] = {"name": name, "channel": channel, "message_count": 0,
                                "from_email": None, "from_name": None, "attachments": [], "encoding": None,
                                "segments": None, "segments_total": None}
     if channel == "sms":
@@ -29,6 +31,7 @@ def run_summary(name: str, channel: str, template: dict, blocks: Sequence[Messag
         encoding = "GSM-7"
         segments_max = segments_total = 0
         for block in blocks:
+            message_count += len(block.rows)
             for row, variables in zip(block.rows, block.variables):
                 rendered = templating.render(text, variables)
                 if first:
@@ -49,15 +52,19 @@ def run_summary(name: str, channel: str, template: dict, blocks: Sequence[Messag
                        segments_total=segments_total)
     else:
         texts = template["subject"] + "\n" + template["html"]
+        variables0: dict | None = None  # the first block's first row's (a block always has rows)
         for block in blocks:
+            if variables0 is None:
+                variables0 = block.variables[0] if block.rows else {}
+            message_count += len(block.rows)
             for row, variables in zip(block.rows, block.variables):
                 if templating.missing_variables(texts, variables):
                     missing_count += 1
                     if len(missing_rows) < ROWS_MISSING_VARIABLES_LIMIT:
                         missing_rows.append(row)
-        variables0 = blocks[0].variables[0] if blocks and blocks[0].rows else {}
-        summary.update(preview=templating.render(template["subject"], variables0),
+        summary.update(preview=templating.render(template["subject"], variables0 or {}),
                        from_email=template.get("from_email"), from_name=template.get("from_name"),
                        attachments=[a["filename"] for a in template.get("attachments", [])])
-    summary.update(rows_missing_variables=missing_rows, missing_variables_count=missing_count)
+    summary.update(message_count=message_count, rows_missing_variables=missing_rows,
+                   missing_variables_count=missing_count)
     return summary
