@@ -62,6 +62,8 @@ async def test_a_record_over_the_limit_is_parked_and_the_relay_goes_on(event_sto
     headers = {k: v.decode() for k, v in ours[0].headers}
     assert "not published" in headers["x-error"] and headers["x-source-topic"] == topics.CAMPAIGN_EVENTS
     assert len(ours[0].value) == kafka.DLQ_VALUE_LIMIT
-    published = [jsoncodec.loads(r.value) for r in read[topics.CAMPAIGN_EVENTS]]
-    assert not any(e["campaign_id"] == str(oversized_id) for e in published)
-    assert any(e["campaign_id"] == after and e["type"] == "CampaignCreated" for e in published)
+    # (The session's broker is shared: other modules' records, poison ones too, are on the topic.)
+    published = [r.value for r in read[topics.CAMPAIGN_EVENTS] if r.key in (str(oversized_id).encode(),
+                                                                             after.encode())]
+    events = [jsoncodec.loads(value) for value in published]
+    assert [(e["campaign_id"], e["type"]) for e in events] == [(after, "CampaignCreated")]

@@ -12,6 +12,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from schemas import topics
+from schemas.internal import template_digest
 from services.common import jsoncodec
 from services.common.settings import Settings
 from services.sender.claims import ClaimBook, claim_size
@@ -217,7 +218,8 @@ async def test_sender_sizes_sms_claims_by_the_template_then_by_the_rendered_mess
                   "variables": {"name": "y" * 250}, "attempt": 0} for n in range(3)]
         claim_id = next(iter(sender.book.campaigns[cid].requested))
         work = {"type": "WorkClaimed", "event_id": str(uuid.uuid4()), "claim_id": claim_id, "campaign_id": cid,
-                "channel": "sms", "run_no": 1, "template": TWO_SEGMENTS, "items": items, "remaining_queued": 9,
+                "channel": "sms", "run_no": 1, "template_digest": template_digest(TWO_SEGMENTS), "items": items,
+                "remaining_queued": 9,
                 "holds_channel": True}
         record = type("Record", (), {"value": jsoncodec.dumps(work), "offset": 0})()
         sender._start_job(TopicPartition("w", 0), record)
