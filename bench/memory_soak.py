@@ -291,7 +291,7 @@ def print_run(label: str, result: dict) -> None:
 
 
 def print_compare(store: str, sizes: list[int], results: list[dict], limit_mb: float) -> None:
-    small, large = results[0], results[-1]
+    large = results[-1]
     head = "  ".join(f"{f'{n:,} peak MB':>15s}" for n in sizes)
     print(f"\n{store} store: peak RSS per service\n  {'service':18s} {head}  {'ratio':>6s}  verdict")
     for name in sorted(large["peak"], key=lambda n: (n.startswith("("), n)):
@@ -302,8 +302,7 @@ def print_compare(store: str, sizes: list[int], results: list[dict], limit_mb: f
             f"{'over ' + str(int(limit_mb)) + ' MB ' if values[-1] > limit_mb else ''}"
             f"{'grows ' + format(ratio, '.2f') + 'x' if ratio > 1.2 else ''}".strip())
         print(f"  {name:18s} " + "  ".join(f"{v:15.1f}" for v in values) + f"  {ratio:6.2f}  {verdict}")
-    print(f"  (times: " + "; ".join(f"{n:,}: send {r['send_s']:.0f} s" for n, r in zip(sizes, results)) + ")")
-    del small
+    print("  (times: " + "; ".join(f"{n:,}: send {r['send_s']:.0f} s" for n, r in zip(sizes, results)) + ")")
 
 
 def main() -> None:
