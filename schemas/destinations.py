@@ -3,6 +3,9 @@ handler and the webhook receiver apply. Pure, no I/O.
 
 - SMS: valid iff ``re.fullmatch(r"\\+[1-9][0-9]{1,14}", cell, re.ASCII)`` holds on the cell as given
   (no stripping: ``" +15005550006"`` is ``invalid_e164``). Stored as given.
+  (v1.1) With a default region (``OUTREACH_DEFAULT_REGION``, or an import's own ``default_region``), on the
+  cell after ``schemas.phone.normalise_phone``: national and formatted numbers become E.164 (stored so),
+  a cell already in E.164 is kept as given.
 - Email: valid iff email-validator 2.x accepts it with ``check_deliverability=False`` (its other options
   at their defaults); compared and stored in its normalized form (``.normalized``: domain lowercased /
   IDNA-decoded, local part NFC but case kept, so ``A@x.com`` and ``a@x.com`` are two destinations).
@@ -27,6 +30,8 @@ import re
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
+
+from schemas.phone import normalise_phone
 
 __all__ = [
     "MISSING_DESTINATION",
@@ -93,11 +98,13 @@ def _normalize_email(cell: str) -> str | None:
     return _email_full(cell)
 
 
-def validate_destination(channel: str, cell: Any) -> tuple[str | None, str | None]:
+def validate_destination(channel: str, cell: Any,
+                         default_region: str | None = None) -> tuple[str | None, str | None]:
     """(normalized destination, None) when valid, else (None, reason).
 
     `channel` is "sms" or "email" (anything else raises ValueError). A cell that is not a string
-    (and not None) is invalid for the channel.
+    (and not None) is invalid for the channel. `default_region` (a region ``schemas.phone`` knows; SMS
+    only, ignored for email): national and formatted numbers are normalised to E.164 first.
     """
     if channel == "sms":
         invalid = INVALID_E164
@@ -110,6 +117,12 @@ def validate_destination(channel: str, cell: Any) -> tuple[str | None, str | Non
     if not isinstance(cell, str):
         return None, invalid
     if channel == "sms":
-        return (cell, None) if E164_RE.fullmatch(cell) else (None, invalid)
+        if E164_RE.fullmatch(cell):
+            return cell, None
+        if default_region is not None:  # (v1.1) valid without a region: kept as given, never rewritten
+            normalised = normalise_phone(cell, default_region)
+            if normalised is not None and E164_RE.fullmatch(normalised):
+                return normalised, None
+        return None, invalid
     normalized = _normalize_email(cell)
     return (normalized, None) if normalized is not None else (None, invalid)
