@@ -397,9 +397,9 @@ def start_embedded_broker_if_needed(bootstrap: str, external: bool) -> EmbeddedB
 
 def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
            instances: dict[str, int] | None = None) -> int:
-    from services.common.settings import get_settings
+    from services.common.runtime import settings_or_exit
 
-    settings = get_settings()
+    settings = settings_or_exit()  # a value no service accepts (OUTREACH_DEFAULT_REGION...): said once, exit 78
     problems = safe_defaults.unsafe_defaults(settings)
     if problems:  # every service would refuse to start: say so once, before starting anything
         print(safe_defaults.refusal(settings, problems), file=sys.stderr)

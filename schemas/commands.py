@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from schemas.ids import UUID_PATTERN
+from schemas.phone import check_region
 from schemas.times import WIRE_TIME_PATTERN, rfc3339, utc_now
 
 # --- Shared primitives -------------------------------------------------------------------------
@@ -249,12 +250,25 @@ class Contact(BaseModel):
     variables: dict[str, str] = Field(default_factory=dict)
 
 
+DefaultRegion = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$"), AfterValidator(check_region)]
+"""An ISO 3166-1 alpha-2 region, upper case, that phonenumbers knows (schemas/phone.py)."""
+
+
 class AddContacts(CommandBase):
     type: Literal["AddContacts"] = "AddContacts"
     chunk_no: Annotated[int, Field(ge=0)]
     # The 900 KiB limit is on the raw record, so the handler checks it, not this model.
     contacts: Annotated[list[Contact], Field(max_length=MAX_CONTACTS_PER_CHUNK)]
     last_chunk: bool
+    # (v1.1) An import's own default region (the CLI's --default-region, the API's `default_region` field, else
+    # the importer's OUTREACH_DEFAULT_REGION): the handler normalises with it, so its judgement stays the one.
+    default_region: DefaultRegion | None = Field(
+        None, description="(v1.1, our addition) The region this chunk's SMS destinations are read with: national "
+                          "and formatted numbers become E.164 with phonenumbers (parse and format only) before the "
+                          "contract's rule judges them; a cell already in E.164 is kept as given. An ISO 3166-1 "
+                          "alpha-2 code, upper case, that phonenumbers knows (else invalid_command). Absent or null: "
+                          "the command handler's OUTREACH_DEFAULT_REGION, and without it the cell as given. Ignored "
+                          "for email campaigns.")
 
 
 class UpdateTemplate(CommandBase):

@@ -147,6 +147,19 @@ class InvalidRow(BaseModel):
 
 
 ROWS_MISSING_VARIABLES_LIMIT = 100
+MISSING_VARIABLES_LIMIT = 50  # variables named in a summary's `missing_variables` (the template's first ones)
+MISSING_VARIABLE_ROWS_LIMIT = 5  # rows named per variable (its count has them all)
+MISSING_VARIABLE_NAME_LIMIT = 200  # characters of a variable's name shown (a longer one is cut, ending with "…")
+
+
+class MissingVariable(BaseModel):
+    """Our addition: a placeholder of the template that has no value in some contacts (it stays literal there)."""
+
+    model_config = _event_config()
+
+    variable: str  # the placeholder's name (cut to MISSING_VARIABLE_NAME_LIMIT characters)
+    count: Annotated[int, Field(ge=1)]  # contacts (messages) without a value for it
+    first_rows: Annotated[list[Row], Field(max_length=MISSING_VARIABLE_ROWS_LIMIT)]
 
 
 class RunSummary(BaseModel):
@@ -168,6 +181,10 @@ class RunSummary(BaseModel):
         list[Row], Field(max_length=ROWS_MISSING_VARIABLES_LIMIT)
     ] = Field(default_factory=list)  # the first ones only; the count has them all
     missing_variables_count: NonNegativeInt = 0
+    # Which placeholders have no value, in template order, each with its count and first rows.
+    missing_variables: Annotated[
+        list[MissingVariable], Field(max_length=MISSING_VARIABLES_LIMIT)
+    ] = Field(default_factory=list)
 
 
 # --- Campaign events ---------------------------------------------------------------------------

@@ -37,8 +37,8 @@ def supported_regions() -> frozenset[str]:
 def check_region(value: Any) -> str:
     """`value` if it is a region phonenumbers knows (upper case, as ISO 3166 writes it), else ValueError."""
     if not isinstance(value, str) or value not in supported_regions():
-        raise ValueError(f"{value!r} is not a region phonenumbers knows: an ISO 3166-1 alpha-2 code in upper "
-                         "case, such as US, GB or FR")
+        raise ValueError(f"{value!r} is not a region phonenumbers knows: an ISO 3166-1 alpha-2 code such as "
+                         "US, GB or FR")
     return value
 
 

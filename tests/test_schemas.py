@@ -401,6 +401,7 @@ SUMMARY = {
     "name": "Spring", "channel": "sms", "message_count": 3, "preview": "Hi {first_name}",
     "from_email": None, "from_name": None, "attachments": [], "encoding": "GSM-7",
     "segments": 1, "segments_total": 3, "rows_missing_variables": [4], "missing_variables_count": 1,
+    "missing_variables": [{"variable": "first_name", "count": 1, "first_rows": [4]}],
 }
 
 VALID_EVENTS = {

@@ -188,7 +188,9 @@ def uvicorn_config(settings: Settings, app: FastAPI | None = None, **overrides: 
 def main() -> None:
     """uvicorn's own server loop: it stops cleanly on SIGTERM / SIGINT (open SSE streams are closed)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
+    from services.common.runtime import settings_or_exit
+
+    settings = settings_or_exit()  # a refused value (OUTREACH_DEFAULT_REGION...): exit 78, not a crash loop
     log.info("HTTP API on http://%s:%d (docs at /docs)", settings.api_host, settings.api_port)
     uvicorn.Server(uvicorn_config(settings)).run(sockets=[shared_listening_socket(settings.api_host,
                                                                                  settings.api_port)])

@@ -530,9 +530,10 @@ class OutreachApp(Application):
             campaign.repeat_contacts_answer(cmd.chunk_no, cmd.command_id)
             return [campaign]
         campaign.check_can_add_contacts(cmd.chunk_no, [c.row for c in cmd.contacts])  # before the screening
+        # (v1.1) The import's own region, else the setting: the rule every importer's check applies too.
         valid, invalid_rows = contact_rules.screen_chunk(
             campaign.channel, [(c.row, c.destination, dict(c.variables)) for c in cmd.contacts],
-            campaign.destinations)
+            campaign.destinations, cmd.default_region or self.settings.default_region)
         to_save: list[Any] = [campaign]
         new_blocks = []
         if valid:

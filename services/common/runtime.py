@@ -8,6 +8,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from pydantic import ValidationError
+
 from services.common import safe_defaults
 from services.common.settings import Settings, get_settings
 
@@ -27,9 +29,31 @@ def refuse_unsafe_defaults(settings: Settings) -> None:
         sys.exit(EXIT_CONFIG)
 
 
+def settings_refusal(exc: ValidationError) -> str:
+    """One line naming every setting the environment gives a value no service can run with."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        if error["type"] == "value_error":  # our validators name the variable themselves
+            problems.append(f"{str(error['msg']).removeprefix('Value error, ')} (got {error.get('input')!r})")
+        else:
+            problems.append(f"{'.'.join(map(str, error['loc']))}: {error['msg']} (got {error.get('input')!r})")
+    return f"the configuration is refused: {'; '.join(problems)}"
+
+
+def settings_or_exit() -> Settings:
+    """The settings from the environment, or exit (status 78) saying which value is refused and why, e.g. an
+    OUTREACH_DEFAULT_REGION phonenumbers does not know: restarting would change nothing."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        message = settings_refusal(exc)
+        log.critical("%s", message)  # on stderr even before logging is configured (logging.lastResort)
+        sys.exit(EXIT_CONFIG)
+
+
 def run_service(serve: Serve) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
+    settings = settings_or_exit()
     refuse_unsafe_defaults(settings)
 
     async def runner() -> None:

@@ -2,8 +2,10 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.phone import check_region
 
 
 class Settings(BaseSettings):
@@ -34,6 +36,10 @@ class Settings(BaseSettings):
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # The read model: a postgresql:// DSN or sqlite:///path; default the SQLite file data_dir/read-model.db
     read_model_url: str | None = None
+
+    # Contacts (contract v1.1): an ISO 3166 region (`US`, any case) the importers and the command handler
+    # read national and formatted phone numbers with, to E.164 (schemas/phone.py); unset: the cell as given.
+    default_region: str | None = None
 
     # Timers (seconds; small values allowed so tests can compress time)
     sent_timeout_s: float = Field(600, ge=0.1)
@@ -90,6 +96,18 @@ class Settings(BaseSettings):
     # Fernet key that encrypts stored channel credentials; default: generated once into
     # data_dir/api-encryption.key (mode 0600).
     api_encryption_key: SecretStr | None = None
+
+    @field_validator("default_region", mode="before")
+    @classmethod
+    def _known_region(cls, value: object) -> object:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = value.strip().upper()
+        try:
+            return check_region(value)
+        except ValueError as exc:
+            raise ValueError(f"OUTREACH_DEFAULT_REGION: {exc}") from None
 
     @property
     def event_store_sqlite_path(self) -> Path:

@@ -34,6 +34,9 @@ from __future__ import annotations
 import html as _html
 import re
 from collections.abc import Mapping
+from typing import Any
+
+from schemas.events import MISSING_VARIABLE_NAME_LIMIT, MISSING_VARIABLE_ROWS_LIMIT, MISSING_VARIABLES_LIMIT
 
 __all__ = [
     "GSM7_BASIC",
@@ -41,6 +44,8 @@ __all__ = [
     "placeholders",
     "render",
     "missing_variables",
+    "MissingVariables",
+    "template_texts",
     "render_email",
     "sms_encoding",
     "sms_septets",
@@ -84,6 +89,62 @@ def placeholders(text: str) -> list[str]:
 def missing_variables(text: str, variables: Mapping[str, object] | None) -> list[str]:
     """Distinct placeholder names that have no value in `variables` (they would stay literal)."""
     return [name for name in placeholders(text) if _value(variables, name) is None]
+
+
+def template_texts(channel: str, template: Any) -> str | None:
+    """The text a template's placeholders are read from (SMS: the body; email: subject and html), or None when
+    `template` is not one of the channel's (the command handler judges it then)."""
+    if not isinstance(template, Mapping):
+        return None
+    if channel == "sms" and isinstance(template.get("body"), str):
+        return template["body"]
+    if channel == "email" and isinstance(template.get("subject"), str) and isinstance(template.get("html"), str):
+        return template["subject"] + "\n" + template["html"]
+    return None
+
+
+class MissingVariables:
+    """Which placeholders of `text` have no value in which contacts: fed one contact at a time (`add`), it keeps a
+    count and the first rows per placeholder, so a campaign of any size costs a few rows per variable.
+
+    The one report of missing variables: the command handler's run summary (`RunSummary.missing_variables`) and
+    the importers' check of a CSV (services/common/import_check.py) both make it with this."""
+
+    def __init__(self, text: str, rows_shown: int = MISSING_VARIABLE_ROWS_LIMIT,
+                 variables_shown: int = MISSING_VARIABLES_LIMIT):
+        self.names = placeholders(text)
+        self.rows_shown = rows_shown
+        self.variables_shown = variables_shown
+        self.rows = 0  # contacts missing at least one variable
+        self._counts = dict.fromkeys(self.names, 0)
+        self._first_rows: dict[str, list[int]] = {name: [] for name in self.names}
+
+    def add(self, row: int, variables: Mapping[str, object] | None) -> bool:
+        """Count one contact's missing variables; True when it misses any."""
+        missing = False
+        for name in self.names:
+            if _value(variables, name) is None:
+                missing = True
+                self._counts[name] += 1
+                rows = self._first_rows[name]
+                if len(rows) < self.rows_shown:
+                    rows.append(row)
+        if missing:
+            self.rows += 1
+        return missing
+
+    def report(self) -> list[dict[str, Any]]:
+        """`[{variable, count, first_rows}]` for each placeholder some contact has no value for, in the template's
+        order, at most `variables_shown` of them (a name over MISSING_VARIABLE_NAME_LIMIT characters is cut)."""
+        report = []
+        for name in self.names:
+            if self._counts[name]:
+                limit = MISSING_VARIABLE_NAME_LIMIT
+                shown = name if len(name) <= limit else name[:limit - 1] + "…"
+                report.append({"variable": shown, "count": self._counts[name], "first_rows": self._first_rows[name]})
+                if len(report) >= self.variables_shown:
+                    break
+        return report
 
 
 def _render(text: str, variables: Mapping[str, object] | None, escape: bool) -> str:
