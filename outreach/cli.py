@@ -40,6 +40,7 @@ from schemas.commands import new_id
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from schemas.times import rfc3339
 from services.common.contacts_csv import DESTINATION_NAMES, CsvError, read_contacts_csv
+from services.common.import_check import ImportCheck, import_region
 from services.common.settings import get_settings
 from services.projections.views import ReadViews, settled
 
@@ -223,6 +224,12 @@ CREATE_HELP = "\n\n".join((
     "(column_N without one). Each contact's row is its physical line number (the header is line 1).",
     "SMS: --template-body TEXT (or --template-file with JSON {\"body\": ...} or plain text). Email: "
     "--template-file PATH, a JSON object {subject, html, from_email, from_name, reply_to?, attachments}.",
+    "SMS destinations are E.164 (+14155550142). With --default-region (or OUTREACH_DEFAULT_REGION) national and "
+    "formatted numbers such as (415) 555-0142 are read as E.164 of that region. A cell like '+1415... (the "
+    "API export's formula guard) loses its apostrophe, and a CSV exported by the API imports unchanged.",
+    "The file is checked with the command handler's rules before anything is published: with no valid contact "
+    "nothing is published and the exit code is 2. Placeholders of the template that some contacts have no value "
+    "for are listed with their rows (they would stay literal).",
     "Prints the campaign id and the valid/invalid summary; exits 1 if a command is rejected.",
 ))
 
@@ -289,15 +296,29 @@ def create(
     destination_column: Optional[str] = typer.Option(None, "--destination-column", metavar="NAME",
                                                      help="Header name (or 1-based number) of the destination column."),
     description: Optional[str] = typer.Option(None, "--description", help="Free text."),
+    default_region: Optional[str] = typer.Option(
+        None, "--default-region", metavar="REGION",
+        help="ISO 3166 region (e.g. US) national SMS numbers are read with (default: $OUTREACH_DEFAULT_REGION)."),
     principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     template = _load_template(channel.value, template_body, template_file)
     try:
+        settings = get_settings()
+    except ValueError as exc:  # pydantic's ValidationError: a setting no service accepts either
+        _fail(f"{exc}", EXIT_REFUSED, as_json=as_json)
+    try:
+        region = import_region(default_region, settings.default_region)
+    except ValueError as exc:
+        _fail(f"--default-region: {exc}", EXIT_REFUSED, as_json=as_json)
+    try:
         parsed = read_contacts_csv(csv_path, destination_column)
     except CsvError as exc:
         _fail(f"cannot import {csv_path}: {exc}", EXIT_REFUSED, as_json=as_json)
+    check = ImportCheck(channel.value, template, region).add_all(parsed.contacts)  # the handler's rules
+    if (refusal := check.refusal("--default-region REGION")) is not None:
+        _fail(f"cannot import {csv_path}: {refusal}", EXIT_REFUSED, as_json=as_json, extra={"check": check.as_dict()})
     campaign_id = new_id()
     if not as_json:
         header = f"header on line 1, destination column {parsed.destination_column!r}" if parsed.has_header \
@@ -315,15 +336,16 @@ def create(
 
             return await cmd.create_campaign_from_rows(
                 name=name, channel=channel.value, template=template, contacts=parsed.contacts,
-                description=description, issued_by=principal, campaign_id=campaign_id, settings=get_settings(),
-                timeout_s=timeout, on_chunk=on_chunk,
+                description=description, issued_by=principal, campaign_id=campaign_id, settings=settings,
+                timeout_s=timeout, on_chunk=on_chunk, default_region=region,
             )
 
     events = _run_async(work(), as_json)
     summary = import_summary(campaign_id, events)
     rejected = cmd.rejection(events)
     if as_json:
-        _emit_json({**summary, "rejected": rejected, "events": events})
+        _emit_json({**summary, "missing_variables": check.missing_variables, "default_region": region,
+                    "rejected": rejected, "events": events})
         if rejected:
             raise typer.Exit(EXIT_FAILED)
         return
@@ -332,10 +354,16 @@ def create(
         _fail(f"{rejected.get('command_type')} rejected: {rejected.get('reason')}{detail}")
     console.print(f"campaign [bold]{campaign_id}[/bold]")
     console.print(f"valid contacts: [green]{summary['valid']}[/green], invalid: "
-                  f"[{'red' if summary['invalid'] else 'green'}]{summary['invalid']}[/]")
+                  f"[{'red' if summary['invalid'] else 'green'}]{summary['invalid']}[/]"
+                  + (f" (numbers read with the default region {region})" if region else ""))
     for reason, info in summary["invalid_reasons"].items():
         more = ", ..." if info["count"] > len(info["first_rows"]) else ""
         console.print(f"  {reason}: {info['count']} (rows {', '.join(map(str, info['first_rows']))}{more})")
+    for missing in check.missing_variables:
+        more = ", ..." if missing["count"] > len(missing["first_rows"]) else ""
+        console.print(f"[yellow]missing variable {escape(missing['variable'])!r}[/yellow]: no value in "
+                      f"{missing['count']} contact(s) (rows {', '.join(map(str, missing['first_rows']))}{more}); "
+                      "the placeholder would stay literal", soft_wrap=True)
     if summary["ready"]:
         console.print(f"ready: {summary['message_count']} messages. Next: outreach campaign run {campaign_id} "
                       "--accept-disclaimer", soft_wrap=True)

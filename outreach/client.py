@@ -271,14 +271,18 @@ def add_contacts_commands(
     issued_by: str | None = None,
     max_contacts: int = MAX_CONTACTS_PER_CHUNK,
     max_bytes: int = MAX_CHUNK_BYTES,
+    default_region: str | None = None,
 ) -> list[dict[str, Any]]:
     """AddContacts commands (chunk_no 0, 1, ...; `last_chunk` on the last) of at most `max_contacts` contacts
-    and `max_bytes` encoded bytes each. Always at least one (an empty import still closes the contacts)."""
+    and `max_bytes` encoded bytes each. Always at least one (an empty import still closes the contacts).
+    `default_region` (contract v1.1) goes into each: the handler reads national numbers with it."""
     issued_by = issued_by or default_principal()
-    envelope = add_contacts_envelope_bytes(campaign_id, issued_by)
+    envelope = add_contacts_envelope_bytes(campaign_id, issued_by, default_region)
     chunks = list(chunk_contacts(contacts, envelope, max_contacts, max_bytes))
+    region = {} if default_region is None else {"default_region": default_region}
     return [
-        make_command("AddContacts", campaign_id, issued_by, chunk_no=n, contacts=chunk, last_chunk=n == len(chunks) - 1)
+        make_command("AddContacts", campaign_id, issued_by, chunk_no=n, contacts=chunk, last_chunk=n == len(chunks) - 1,
+                     **region)
         for n, chunk in enumerate(chunks)
     ]
 
@@ -296,8 +300,9 @@ async def create_campaign_from_rows(
     settings: Settings | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     on_chunk: Callable[[int, int, list[dict[str, Any]]], None] | None = None,
+    default_region: str | None = None,
 ) -> list[dict[str, Any]]:
-    """CreateCampaign, then AddContacts chunks, each awaited in turn.
+    """CreateCampaign, then AddContacts chunks (with `default_region`, if given), each awaited in turn.
 
     `contacts`: `{row, destination, variables}` dicts (row = a positive integer unique in the campaign).
     Returns every answer event in order; stops at the first CommandRejected (returned last).
@@ -309,7 +314,7 @@ async def create_campaign_from_rows(
     if description is not None:
         payload["description"] = description
     commands = [make_command("CreateCampaign", campaign_id, issued_by, **payload)]
-    commands += add_contacts_commands(campaign_id, contacts, issued_by)
+    commands += add_contacts_commands(campaign_id, contacts, issued_by, default_region=default_region)
 
     async def work(c: CommandClient) -> list[dict[str, Any]]:
         answers: list[dict[str, Any]] = []

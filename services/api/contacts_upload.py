@@ -4,7 +4,8 @@ The CSV rules are the kernel's (services/common/contacts_csv.py), the CLI's too,
 contacts through either door (a test compares them). What differs is memory: the CLI parses a file whole;
 here the upload (which Starlette spools to disk) is read twice as a stream:
 1. `inspect()`: every record is parsed and discarded, to count the contacts, check the mapping, the limits
-   and the chunk sizes, and find any malformed line, before anything is published;
+   and the chunk sizes, find any malformed line, and judge every contact with the handler's rules (an
+   `ImportCheck`: no valid contact, nothing is published), before anything is published;
 2. `chunks()`: the contacts again, as AddContacts-sized chunks, published one by one.
 So a 300,000-row upload holds one chunk of contacts at a time, never the file.
 """
@@ -17,6 +18,7 @@ from typing import IO, Any
 
 from services.common.contacts_csv import EMPTY_LAYOUT, CsvLayout, Record, chunk_contacts, contacts_of, \
     detect_layout, file_records
+from services.common.import_check import ImportCheck
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # product limit: 50 MB
 MAX_CONTACTS = 300_000  # product limit (the handler would refuse the chunk that crosses it: too late)
@@ -55,8 +57,9 @@ class StreamedCsv:
         self.mapping = variables
         self.layout: UploadLayout | None = None
 
-    def inspect(self, envelope_bytes: int) -> UploadLayout:
-        """Pass 1: decide the layout, count the contacts and chunks; CsvError / MappingError before publishing."""
+    def inspect(self, envelope_bytes: int, check: ImportCheck | None = None) -> UploadLayout:
+        """Pass 1: decide the layout, count the contacts and chunks, feed each contact to `check`; CsvError /
+        MappingError before publishing."""
         records = file_records(self.file)
         first = next(records, None)
         if first is None:
@@ -80,10 +83,12 @@ class StreamedCsv:
 
         # The mapping is checked against the widest row, known only at the end; meanwhile it is applied as
         # given (an unknown column simply matches nothing), so both passes build the very same contacts.
-        chunks = sum(1 for _ in chunk_contacts(contacts_of(csv_layout, counting(), self._given_mapping()),
-                                               envelope_bytes))
+        contacts = contacts_of(csv_layout, counting(), self._given_mapping())
+        if check is not None:
+            contacts = check.feed(contacts)
+        chunks = sum(1 for _ in chunk_contacts(contacts, envelope_bytes))
         self.layout = UploadLayout(csv_layout.has_header, csv_layout.destination_index, csv_layout.header,
-                                   contacts=counted, chunks=chunks, variables=self._mapping(csv_layout, width))
+                                   csv_layout.exported, contacts=counted, chunks=chunks, variables=self._mapping(csv_layout, width))
         return self.layout
 
     def chunks(self, envelope_bytes: int) -> Iterator[list[dict[str, Any]]]:
@@ -99,13 +104,15 @@ class StreamedCsv:
         return None if self.mapping is None else {c: v.strip() for c, v in self.mapping.items()}
 
     def _mapping(self, layout: CsvLayout, width: int) -> dict[str, str]:
-        others = [c for i, c in enumerate(layout.columns(width)) if i != layout.destination_index]
+        defaults = layout.variable_columns(width)
+        others = list(defaults)
         if self.mapping is None:
-            return {c: c for c in others}
+            return defaults
         unknown = [c for c in self.mapping if c not in others]
         if unknown:
+            besides = " and the export's fixed columns" if layout.exported else ""
             raise MappingError(f"variables name columns the CSV does not have (besides the destination "
-                               f"{layout.destination_column!r}): {unknown}; its columns: {others}")
+                               f"{layout.destination_column!r}{besides}): {unknown}; its columns: {others}")
         targets = [v.strip() for v in self.mapping.values()]
         if any(not t for t in targets) or len(set(targets)) != len(targets):
             raise MappingError("variable names must be non-empty and distinct")

@@ -6,7 +6,9 @@ query (a set of names: bounded too), because a CSV header must come before the r
 
 Formula injection (OWASP "CSV Injection"): a cell beginning with = + - @ (or tab / carriage return) is
 prefixed with a single quote, so a spreadsheet shows it as text instead of evaluating it. SMS destinations
-begin with + and so are exported as '+15551234567: that is the price of opening the file safely.
+begin with + and so are exported as '+15551234567: that is the price of opening the file safely. The importers
+(services/common/contacts_csv.py) take that apostrophe off again before = + - @, know the fixed columns, and so
+import an export unchanged.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import io
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from services.common.contacts_csv import EXPORT_COLUMNS, EXPORT_RENAMED_PREFIX
+
 EXPORT_BLOCK_ROWS = 1000
-FIXED_COLUMNS = ("row", "message_id", "destination", "status", "reason", "provider_code", "attempt", "run_no",
-                 "updated_at")
+FIXED_COLUMNS = EXPORT_COLUMNS  # the kernel's: its importers know an export by them (and import it unchanged)
 _DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -40,7 +43,7 @@ def variable_columns(messages: Iterable[dict[str, Any]]) -> list[str]:
 
 def header(variables: list[str]) -> list[str]:
     # A variable named like a fixed column keeps its data under a prefixed name.
-    return [*FIXED_COLUMNS, *(f"variable_{v}" if v in FIXED_COLUMNS else v for v in variables)]
+    return [*FIXED_COLUMNS, *(f"{EXPORT_RENAMED_PREFIX}{v}" if v in FIXED_COLUMNS else v for v in variables)]
 
 
 def csv_blocks(messages: Callable[[], Iterator[dict[str, Any]]], block_rows: int = EXPORT_BLOCK_ROWS) -> Iterator[str]:

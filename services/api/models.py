@@ -122,6 +122,40 @@ class CommandRefused(BaseModel):
     events: list[dict[str, Any]] = Field(description="The answer events, the CommandRejected among them.")
 
 
+class InvalidReason(BaseModel):
+    count: int
+    first_rows: list[int] = Field(description="The first rows (CSV line numbers) with this reason.")
+
+
+class MissingVariable(BaseModel):
+    """A placeholder of the template that some contacts have no value for: it would stay literal in their
+    messages."""
+    variable: str
+    count: int = Field(description="Contacts (valid ones: those that become messages) without a value for it.")
+    first_rows: list[int] = Field(description="The first of their rows (CSV line numbers).")
+
+
+class ImportCheckReport(BaseModel):
+    """What the API's check of the CSV found before publishing anything, with the command handler's own rules
+    (destination validity after the default region's normalisation, duplicates within the file). The handler
+    judges every row again when the chunks arrive: its ContactsAdded are the answer."""
+    contacts: int
+    valid: int
+    invalid: int
+    invalid_reasons: dict[str, InvalidReason] = Field(description="reason -> its count and first rows.")
+    missing_variables: list[MissingVariable] = Field(
+        description="The template's placeholders that some valid contacts have no value for, in template order.")
+    default_region: str | None = Field(description="The region national SMS numbers were read with (the form's "
+                                                   "`default_region`, else OUTREACH_DEFAULT_REGION), or null.")
+
+
+class ImportRefused(Problem):
+    """The CSV has no valid contact (it is empty, or every row is invalid): refused at once, nothing published."""
+    detail: str
+    reason: Literal["no_valid_contacts"] = "no_valid_contacts"
+    check: ImportCheckReport
+
+
 class CampaignCreateAccepted(CommandAccepted):
     """`state` is `answered` once the CreateCampaign and the last AddContacts chunk are answered (the campaign is
     then Ready); `events` answer the CreateCampaign, `contacts_events` the last chunk."""
@@ -134,6 +168,19 @@ class CampaignCreateAccepted(CommandAccepted):
     contacts_events: list[dict[str, Any]] = Field(
         description="The last chunk's answer events (ContactsAdded with its valid and invalid rows, CampaignReady, "
                     "the status change); empty while pending.")
+    check: ImportCheckReport = Field(description="The check of the CSV made before publishing: valid and invalid "
+                                                 "rows as the handler will judge them, and missing variables.")
+    missing_variables: list[MissingVariable] = Field(
+        description="The template's placeholders that some contacts have no value for (the check's), with their "
+                    "rows: those messages would show the placeholder literally.")
+
+
+class TemplateUpdateAccepted(CommandAccepted):
+    """An UpdateTemplate accepted (or pending). Once the contacts are closed the handler's TemplateUpdated carries
+    the new run summary: `missing_variables` is its report."""
+    missing_variables: list[MissingVariable] | None = Field(
+        None, description="The new template's placeholders that some contacts have no value for, with their rows "
+                          "(from TemplateUpdated.summary); null while pending or before the contacts are imported.")
 
 
 class CommandAnswer(BaseModel):

@@ -12,8 +12,9 @@ publishes the same command_id and the handler answers it with its stored answer 
 The handler is the judge of every domain rule (state, confirmation, disclaimer, channel busy): every command the
 schema lets through goes through Kafka to it, so the audit trail keeps each rejection and the contract's order of
 reasons holds (an unknown campaign is 404 whatever the disclaimer says). The API refuses (422 at once, nothing
-published) only a malformed body, id or header (what the contract's schema refuses), and a create without the
-consent confirmation.
+published) only a malformed body, id or header (what the contract's schema refuses), a create without the
+consent confirmation, and (contract v1.1) a CSV without a valid contact: every row is first judged with the
+handler's own rules (services/common/import_check.py), so an empty or all-invalid file never makes a campaign.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import asyncio
 import json
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import JSONResponse
 
 from schemas.commands import Channel, make_command, new_id
+from schemas.phone import supported_regions
 from services.api import idempotency
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
 from services.api.commands import ANSWER_POLL_S, CommandPublisher, answer_state, build_command, rejection_of, \
@@ -39,20 +41,25 @@ from services.api.models import (
     CommandAccepted,
     CommandAnswer,
     CommandRefused,
+    ImportRefused,
     Problem,
     RetryBody,
     RunBody,
     StopBody,
     TEMPLATE_SCHEMA,
+    TemplateUpdateAccepted,
     UpdateTemplateBody,
 )
 from services.api.reads import CampaignId
 from services.api.store import Principal
 from services.common.contacts_csv import CsvError, add_contacts_envelope_bytes
+from services.common.import_check import ImportCheck, import_region
 from services.common.ids import UUID_PATTERN
 
 log = logging.getLogger("outreach.api.writes")
 
+# The regions phonenumbers knows, as the contract's AddContacts.default_region takes them (upper case).
+Region = Literal[tuple(sorted(supported_regions()))]  # type: ignore[valid-type]
 VARIABLES_SCHEMA = {"oneOf": [{"type": "object", "additionalProperties": {"type": "string"}},
                               {"type": "array", "items": {"type": "string"}}]}
 
@@ -129,18 +136,31 @@ def _unprocessable(detail: Any) -> HTTPException:
 
 # ------------------------------------------------------------------ create from a CSV upload
 
+CREATE_RESPONSES = {
+    **ACCEPTED,
+    422: {"model": CommandRefused | ImportRefused | Problem,
+          "description": ACCEPTED[422]["description"] + " Or (ImportRefused, nothing published) a CSV without a "
+                                                        "valid contact: empty, or every row invalid."},
+}
+
+
 @router.post(
     "/campaigns", status_code=status.HTTP_202_ACCEPTED, response_model=CampaignCreateAccepted,
     max_body_size=MAX_UPLOAD_BYTES + UPLOAD_FORM_OVERHEAD_BYTES,
     summary="Create a campaign from a CSV upload",
     description="Publishes CreateCampaign, then the contacts as AddContacts chunks of at most 1,000 (row = the "
                 "physical line number in the CSV; the header, when present, is line 1). CSV rules: UTF-8, comma-"
-                "separated, header optional, at most 50 MB and 300,000 contacts. The campaign becomes Ready when "
+                "separated, header optional, at most 50 MB and 300,000 contacts; a cell's leading apostrophe "
+                "before = + - @ (the export's formula guard) is dropped and a CSV exported by the API imports "
+                "unchanged. Before publishing, every row is judged with the command handler's rules (the "
+                "default region's normalisation included): a CSV without a valid contact is refused (422 "
+                "`no_valid_contacts`, nothing published); `check` reports the valid and invalid rows and the "
+                "template's missing variables. The campaign becomes Ready when "
                 "the last chunk is answered (CampaignReady). The answer waits for the CreateCampaign's and the last "
                 "chunk's answers: 202 `answered` (the campaign is Ready), or 202 `pending` (wait on the last of "
                 "`contacts_command_ids` at `GET /commands/{command_id}`), or the rejection of the create or of the "
                 "first chunk rejected.",
-    responses=ACCEPTED,
+    responses=CREATE_RESPONSES,
 )
 async def create_campaign(
     request: Request, principal: CampaignUser,
@@ -164,6 +184,11 @@ async def create_campaign(
         description="JSON: {column: variable name} or [column, ...] naming columns of the CSV (besides the "
                     "destination): only these columns become template variables, under distinct non-blank names "
                     "(default: every other column, named by its header).")] = None,
+    default_region: Annotated[Region, Form(
+        description="ISO 3166-1 alpha-2 region (e.g. US) that SMS destinations are read with: national and "
+                    "formatted numbers become E.164 with phonenumbers (default: OUTREACH_DEFAULT_REGION; without "
+                    "either, a destination must be E.164 as given). Sent in every AddContacts, so the command "
+                    "handler reads them with it too.")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     if not consent_confirmed:
@@ -178,6 +203,10 @@ async def create_campaign(
         raise _unprocessable(f"variables is not JSON: {exc}") from None
     except MappingError as exc:
         raise _unprocessable(str(exc)) from None
+    try:
+        region = import_region(default_region, request.app.state.settings.default_region)
+    except ValueError as exc:
+        raise _unprocessable(f"default_region: {exc}") from None
     if upload_size(contacts.file) > MAX_UPLOAD_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the CSV is over {MAX_UPLOAD_BYTES} bytes")
     # With a key, the campaign and every chunk get ids derived from it: the same upload sent again publishes
@@ -193,12 +222,18 @@ async def create_campaign(
                            command_id=idempotency.command_id(principal.name, "CreateCampaign", campaign_id,
                                                              idempotency_key))
 
-    envelope = add_contacts_envelope_bytes(campaign_id, principal.name)
+    envelope = add_contacts_envelope_bytes(campaign_id, principal.name, region)
     upload = StreamedCsv(contacts.file, destination_column, mapping)
+    check = ImportCheck(channel, template_value, region)  # the handler's rules, on every row
     try:
-        layout = await asyncio.to_thread(upload.inspect, envelope)  # every line read before anything is published
+        # every line read (and judged) before anything is published
+        layout = await asyncio.to_thread(upload.inspect, envelope, check)
     except (CsvError, MappingError) as exc:
         raise _unprocessable(f"cannot import the CSV: {exc}") from None
+    if (refusal := check.refusal("the form field default_region")) is not None:
+        return JSONResponse({"detail": f"cannot import the CSV: {refusal}", "reason": "no_valid_contacts",
+                             "check": check.as_dict()}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    region_field = {} if region is None else {"default_region": region}
     publisher = _publisher(request)
     await publisher.publish([create])
     chunk_ids = []
@@ -209,7 +244,8 @@ async def create_campaign(
             command_id = None if idempotency_key is None else idempotency.contacts_command_id(
                 principal.name, campaign_id, idempotency_key, chunk_no)
             command = make_command("AddContacts", campaign_id, principal.name, command_id=command_id,
-                                   chunk_no=chunk_no, contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1)
+                                   chunk_no=chunk_no, contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1,
+                                   **region_field)
             await publisher.publish([command])
             chunk_ids.append(command["command_id"])
     finally:
@@ -217,7 +253,8 @@ async def create_campaign(
     accepted = {"command_id": create["command_id"], "campaign_id": campaign_id, "command_type": "CreateCampaign",
                 "contacts": layout.contacts, "has_header": layout.has_header,
                 "destination_column": layout.destination_column, "variables": layout.variables,
-                "contacts_command_ids": chunk_ids}
+                "contacts_command_ids": chunk_ids, "check": check.as_dict(),
+                "missing_variables": check.missing_variables}
     # The handler answers them in order (one key, one partition): the create, then each chunk; the last chunk's
     # answer comes last. One wait for both.
     deadline = time.monotonic() + request.app.state.answer_wait_s
@@ -237,11 +274,19 @@ async def create_campaign(
 # ------------------------------------------------------------------ the other commands
 
 @router.put("/campaigns/{campaign_id}/template", status_code=status.HTTP_202_ACCEPTED,
-            response_model=CommandAccepted, responses=ACCEPTED, summary="Update the template (created or ready)")
+            response_model=TemplateUpdateAccepted, responses=ACCEPTED, summary="Update the template (created or ready)",
+            description="Once the contacts are imported, the answer names the new template's placeholders that some "
+                        "contacts have no value for, with their rows (`missing_variables`, from the handler's run "
+                        "summary): those messages would show the placeholder literally.")
 async def update_template(request: Request, principal: CampaignUser, campaign_id: CampaignId,
                           body: UpdateTemplateBody, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
-    return await _publish_one(request, principal, "UpdateTemplate", campaign_id, idempotency_key,
-                              template=body.template.model_dump(mode="json"))
+    answer = await _publish_one(request, principal, "UpdateTemplate", campaign_id, idempotency_key,
+                                template=body.template.model_dump(mode="json"))
+    if isinstance(answer, dict):
+        updated = next((e for e in answer["events"] if e.get("type") == "TemplateUpdated"), None)
+        summary = (updated or {}).get("summary")
+        answer["missing_variables"] = summary.get("missing_variables", []) if isinstance(summary, dict) else None
+    return answer
 
 
 @router.post("/campaigns/{campaign_id}/run", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted,

@@ -10,6 +10,13 @@ CSV rules (also in `outreach campaign create --help` and the API's create form):
   to); else the first column whose first-line cell contains '+' or '@'; else column 1.
 - The other columns become template variables, named by the header (or `column_N`, 1-based, without one).
   Empty cells are left out (a variable with no value leaves its placeholder literal anyway).
+- A cell (header or data) that begins with an apostrophe followed by = + - @ loses the apostrophe: the API's
+  export adds it so a spreadsheet does not read the cell as a formula (services/api/export.py), so `'+1415...`
+  imports as `+1415...`. Any other apostrophe stays (`'tis` is kept, and so is `'` before a tab or a
+  carriage return, which the export also neutralises).
+- A CSV exported by the API (`GET /campaigns/ID/messages.csv`: a header beginning with EXPORT_COLUMNS) imports
+  again unchanged: its `destination` column is the destination, its other fixed columns (row, message_id,
+  status, ...) are not variables, and a variable it had to rename (`variable_row`) gets its name back (`row`).
 - `row` is the physical line number where the record starts (the header, when present, is line 1).
 - Chunks: at most 1,000 contacts per AddContacts, and at most 900 KiB per encoded command (the contract).
 
@@ -29,6 +36,12 @@ from schemas.commands import MAX_CHUNK_BYTES, MAX_CONTACTS_PER_CHUNK, make_comma
 from services.common import jsoncodec
 
 DESTINATION_NAMES = ("destination", "phone", "phone_number", "mobile", "msisdn", "email", "email_address", "to")
+# The fixed columns of the API's CSV export, in order (services/api/export.py writes them, then the variables); a
+# variable named like one of them is exported as `variable_<name>`.
+EXPORT_COLUMNS = ("row", "message_id", "destination", "status", "reason", "provider_code", "attempt", "run_no",
+                  "updated_at")
+EXPORT_RENAMED_PREFIX = "variable_"
+FORMULA_FIRST = ("=", "+", "-", "@")  # what the export's apostrophe protects and the import takes it off
 
 Record = tuple[int, list[str]]  # (the physical line it starts on, its cells)
 
@@ -39,6 +52,13 @@ class CsvError(ValueError):
 
 def plausible_destination(cell: str) -> bool:
     return "+" in cell or "@" in cell
+
+
+def unneutralise(cell: str) -> str:
+    """`cell` without the apostrophe a formula-neutralising export put before = + - @ (any other kept)."""
+    if len(cell) > 1 and cell[0] == "'" and cell[1] in FORMULA_FIRST:
+        return cell[1:]
+    return cell
 
 
 def _normalise_name(name: str) -> str:
@@ -75,6 +95,7 @@ class CsvLayout:
     has_header: bool
     destination_index: int  # 0-based
     header: list[str] = field(default_factory=list)  # the header's column names ([] without a header)
+    exported: bool = False  # the header is the API export's (EXPORT_COLUMNS first): those are no variables
 
     def column_name(self, index: int) -> str:
         if index < len(self.header):
@@ -89,19 +110,36 @@ class CsvLayout:
         """The name of every column (the destination's included) of a CSV whose widest record is `width`."""
         return [self.column_name(i) for i in range(max(width, len(self.header)))]
 
+    def _fixed(self, index: int) -> bool:
+        return self.exported and index < len(EXPORT_COLUMNS)
+
+    def variable_name(self, index: int) -> str:
+        """The variable a column becomes by default: its name (an export's `variable_row` is `row` again)."""
+        column = self.column_name(index)
+        if self.exported and column.startswith(EXPORT_RENAMED_PREFIX) \
+                and column[len(EXPORT_RENAMED_PREFIX):] in EXPORT_COLUMNS:
+            return column[len(EXPORT_RENAMED_PREFIX):]
+        return column
+
+    def variable_columns(self, width: int) -> dict[str, str]:
+        """{column: its variable's name} of every column that can be a variable (neither the destination nor an
+        export's fixed column) in a CSV whose widest record is `width`."""
+        return {self.column_name(i): self.variable_name(i) for i in range(max(width, len(self.header)))
+                if i != self.destination_index and not self._fixed(i)}
+
     def contact(self, row: int, cells: list[str], variables: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The contact of one data record. `variables` ({column: variable name}) keeps only the columns it
         names, renamed; None keeps every other column under its own name."""
         index = self.destination_index
         named: dict[str, str] = {}
         for i, value in enumerate(cells):
-            if i == index or value == "":
+            if i == index or value == "" or self._fixed(i):
                 continue
-            column = self.column_name(i)
-            name = column if variables is None else variables.get(column)
+            name = self.variable_name(i) if variables is None else variables.get(self.column_name(i))
             if name is not None:
-                named[name] = value
-        return {"row": row, "destination": cells[index] if index < len(cells) else "", "variables": named}
+                named[name] = unneutralise(value)
+        destination = unneutralise(cells[index]) if index < len(cells) else ""
+        return {"row": row, "destination": destination, "variables": named}
 
 
 EMPTY_LAYOUT = CsvLayout(has_header=False, destination_index=0)  # a CSV without a record
@@ -109,11 +147,13 @@ EMPTY_LAYOUT = CsvLayout(has_header=False, destination_index=0)  # a CSV without
 
 def detect_layout(first: list[str], destination_column: str | None = None) -> CsvLayout:
     """The layout a CSV's first record decides (CsvError for a destination column it does not have)."""
+    first = [unneutralise(cell) for cell in first]
     index, by_name = destination_index(first, destination_column)
     destination_cell = first[index] if index < len(first) else ""
     has_header = by_name if by_name is not None else not plausible_destination(destination_cell)
     header = [cell.strip() or f"column_{i + 1}" for i, cell in enumerate(first)] if has_header else []
-    return CsvLayout(has_header=has_header, destination_index=index, header=header)
+    exported = has_header and tuple(header[:len(EXPORT_COLUMNS)]) == EXPORT_COLUMNS
+    return CsvLayout(has_header=has_header, destination_index=index, header=header, exported=exported)
 
 
 def csv_records(text: IO[str]) -> Iterator[Record]:
@@ -167,7 +207,7 @@ def parse_contacts_csv(text: str, destination_column: str | None = None) -> CsvC
     layout = detect_layout(records[0][1], destination_column)
     data = records[1:] if layout.has_header else records
     width = max(len(cells) for _, cells in records)
-    return CsvContacts(layout.has_header, layout.destination_index, layout.header,
+    return CsvContacts(layout.has_header, layout.destination_index, layout.header, layout.exported,
                        contacts=list(contacts_of(layout, data)), columns=layout.columns(width))
 
 
@@ -181,10 +221,12 @@ def read_contacts_csv(path: Path | str, destination_column: str | None = None) -
 
 # ------------------------------------------------------------------ chunks
 
-def add_contacts_envelope_bytes(campaign_id: str, issued_by: str) -> int:
-    """The encoded size of the largest AddContacts envelope without contacts (a long chunk_no, `false`):
-    what each chunk's contacts must fit beside."""
-    probe = make_command("AddContacts", campaign_id, issued_by, chunk_no=10**9, contacts=[], last_chunk=False)
+def add_contacts_envelope_bytes(campaign_id: str, issued_by: str, default_region: str | None = None) -> int:
+    """The encoded size of the largest AddContacts envelope without contacts (a long chunk_no, `false`, the
+    import's default region if it has one): what each chunk's contacts must fit beside."""
+    extra = {} if default_region is None else {"default_region": default_region}
+    probe = make_command("AddContacts", campaign_id, issued_by, chunk_no=10**9, contacts=[], last_chunk=False,
+                         **extra)
     return len(jsoncodec.dumps(probe))
 
 
