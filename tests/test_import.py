@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -104,6 +108,18 @@ def test_a_service_refuses_an_unknown_region_with_its_configuration_exit_code(mo
         settings_or_exit()
     assert exited.value.code == EXIT_CONFIG
     assert "OUTREACH_DEFAULT_REGION: 'XX' is not a region phonenumbers knows" in caplog.text
+
+
+@pytest.mark.parametrize("argv", [["-m", "services.command_handler"], ["-m", "services.api"],
+                                  ["-m", "outreach.cli", "up"]])
+def test_every_process_refuses_an_unknown_region_before_starting_anything(argv, tmp_path):
+    env = {**os.environ, "OUTREACH_DEFAULT_REGION": "Atlantis", "OUTREACH_DATA_DIR": str(tmp_path),
+           "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
+    done = subprocess.run([sys.executable, *argv], cwd=Path(__file__).parents[1], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == EXIT_CONFIG, done.stderr[-3000:]
+    assert "the configuration is refused: OUTREACH_DEFAULT_REGION: 'ATLANTIS' is not a region" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
 def test_an_import_region_is_its_own_option_else_the_setting():
