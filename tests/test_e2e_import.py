@@ -129,6 +129,12 @@ async def test_a_default_region_import_normalises_counts_invalids_and_its_export
     items = await messages(api, campaign_id, 4)
     assert {m["row"]: m["destination"] for m in items} == NORMALISED
     assert {m["row"]: m["variables"] for m in items}[4] == {"first_name": "@Cy", "status": "=x"}
+    # a template update names the variables its contacts miss, with their rows (the handler's run summary)
+    updated = await api.put(f"/campaigns/{campaign_id}/template",
+                            json={"template": {"body": "{{first_name}}, {{city}}"}})
+    assert updated.status_code == 202 and updated.json()["state"] == "answered", updated.text
+    assert updated.json()["missing_variables"] == [{"variable": "first_name", "count": 1, "first_rows": [9]},
+                                                   {"variable": "city", "count": 4, "first_rows": [2, 3, 4, 9]}]
 
     # The export (formula-guarded: '+1..., '-Bob, '@Cy, '=x) imports again unchanged, with no region needed.
     export = await api.get(f"/campaigns/{campaign_id}/messages.csv")
