@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import psutil  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
 from bench.run_bench import (  # noqa: E402
-    ALL_TRUE, BENCH_RATE, FINAL, TEMPLATES, bench_contacts, command, drop_postgres, fresh_postgres_dsn,
+    ALL_TRUE, FINAL, TEMPLATES, bench_contacts, bench_environment, command, drop_postgres, fresh_postgres_dsn,
     read_model_complete,
 )
 from outreach.up import Stack  # noqa: E402
@@ -240,20 +239,7 @@ async def campaign(settings: Settings, sampler: RssSampler, messages: int, read_
 def one_run(messages: int, store: str, providers: str, timeout_s: float) -> dict:
     port = free_port("127.0.0.1")
     data_dir = Path(tempfile.mkdtemp(prefix=f"outreach-memory-{store}-{messages}-"))
-    env = dict(os.environ)
-    env.update({
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
-        "OUTREACH_EXTERNAL_KAFKA": "true",
-        "OUTREACH_EVENT_STORE": store,
-        "OUTREACH_DATA_DIR": str(data_dir),
-        "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
-        "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
-        "OUTREACH_SMS_RATE": env.get("OUTREACH_SMS_RATE", BENCH_RATE),
-        "OUTREACH_EMAIL_RATE": env.get("OUTREACH_EMAIL_RATE", BENCH_RATE),
-        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
-        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
-        "OUTREACH_API_PORT": str(free_port("127.0.0.1")),
-    })
+    env = bench_environment(store, data_dir, port)
     if providers == "inprocess":
         env.update({"OUTREACH_SMS_PROVIDER": "inprocess", "OUTREACH_EMAIL_PROVIDER": "inprocess"})
     dsn = None

@@ -204,27 +204,36 @@ async def read_model_complete(path: Path, campaign_id: str, since: float) -> flo
     return float("nan")
 
 
+def bench_environment(store: str, data_dir: Path, kafka_port: int, **extra: str) -> dict[str, str]:
+    """The environment of a whole stack on its own broker port, store and data folder: short session
+    timeouts, rate limits far above what one machine reaches (unless OUTREACH_SMS_RATE / OUTREACH_EMAIL_RATE
+    are set), free ports; `extra` on top."""
+    env = dict(os.environ)
+    env.update({
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+        "OUTREACH_EXTERNAL_KAFKA": "true",
+        "OUTREACH_EVENT_STORE": store,
+        "OUTREACH_DATA_DIR": str(data_dir),
+        "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
+        "OUTREACH_SMS_RATE": env.get("OUTREACH_SMS_RATE", BENCH_RATE),
+        "OUTREACH_EMAIL_RATE": env.get("OUTREACH_EMAIL_RATE", BENCH_RATE),
+        "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
+        "OUTREACH_API_PORT": str(free_port("127.0.0.1")),
+    })
+    env.update(extra)
+    return env
+
+
 def bench_scenario(name: str, messages: int, runs: int, senders: int = 1) -> list[dict]:
     store, channel, sms_provider, email_provider = SCENARIOS[name]
     results = []
     for run in range(runs):
         port = free_port("127.0.0.1")
         data_dir = Path(tempfile.mkdtemp(prefix=f"outreach-bench-{name}-"))
-        env = dict(os.environ)
-        env.update({
-            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
-            "OUTREACH_EXTERNAL_KAFKA": "true",
-            "OUTREACH_EVENT_STORE": store,
-            "OUTREACH_DATA_DIR": str(data_dir),
-            "OUTREACH_KAFKA_SESSION_TIMEOUT_MS": "2000",
-            "OUTREACH_KAFKA_HEARTBEAT_MS": "200",
-            "OUTREACH_SMS_RATE": env.get("OUTREACH_SMS_RATE", BENCH_RATE),
-            "OUTREACH_EMAIL_RATE": env.get("OUTREACH_EMAIL_RATE", BENCH_RATE),
-            "OUTREACH_SMS_PROVIDER": sms_provider,
-            "OUTREACH_EMAIL_PROVIDER": email_provider,
-            "OUTREACH_SIMULATOR_PORT": str(free_port("127.0.0.1")),
-            "OUTREACH_WEBHOOK_PORT": str(free_port("127.0.0.1")),
-        })
+        env = bench_environment(store, data_dir, port, OUTREACH_SMS_PROVIDER=sms_provider,
+                                OUTREACH_EMAIL_PROVIDER=email_provider)
         if run == 0:
             print(f"{name}, {senders} sender(s): {messages:,} {channel} messages, {store} store, providers sms={sms_provider} "
                   f"email={email_provider}, rates sms={env['OUTREACH_SMS_RATE']}/s "
