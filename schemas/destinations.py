@@ -66,7 +66,7 @@ def _email_full(cell: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=8192)  # real lists share a few domains; a hostile one does not grow it
 def _domain_verdict(domain: str) -> tuple[str, int] | None:
     """(normalized domain, longest length in octets of its forms) if email-validator accepts the
     domain, else None. The probe local part "a" is always valid and shortest, so a domain it rejects

@@ -30,7 +30,7 @@ log = logging.getLogger("outreach.projections")
 
 GROUP_ROLE = "projections"  # the group: settings.group_id(GROUP_ROLE)
 INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
-MAX_RECORDS = 20_000
+MAX_RECORDS = 5000  # a batch decoded in memory at once: bounds what a lagging projections process holds
 RETRY_S = 1.0  # longest wait between tries while the read model is unavailable
 EventValue = kafka.records_of(*CAMPAIGN_EVENT_CLASSES, MessageStatusChanged, mode="serialization")
 
