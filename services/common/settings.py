@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     # data_dir/api-encryption.key (mode 0600).
     api_encryption_key: SecretStr | None = None
 
+    # Metrics and health (services/common/observability.py): every process serves /metrics, /healthz and
+    # /readyz on metrics_host:metrics_port; 0 = a free port, recorded in data_dir/instances/ (`outreach up`
+    # gives every instance 0). The relays compute consumer lag and DLQ records every lag_interval_s.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_lag_interval_s: float = Field(5.0, ge=0.05)
+
     @field_validator("default_region", mode="before")
     @classmethod
     def _known_region(cls, value: object) -> object:
