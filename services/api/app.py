@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -28,6 +28,8 @@ from services.api import reads, settings_routes, tokens_routes, writes
 from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
 from services.api.settings_publisher import SettingsPublisher
 from services.api.store import ApiStore, CredentialsUnreadable
+from services.common.observability import (HTTP_REQUEST_SECONDS, HTTP_REQUESTS, Observability, broker_check,
+                                           metrics_text, read_model_check)
 from services.common.settings import Settings, get_settings
 from services.projections.views import ReadViews
 
@@ -78,14 +80,45 @@ def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     return [method for method in HTTP_METHODS if answers(method)]
 
 
+class HttpMetrics:
+    """ASGI middleware: `outreach_http_requests_total` and `outreach_http_request_duration_seconds` by route
+    template (never the raw path). Plain ASGI, so streamed answers (SSE, CSV) pass through untouched."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, code = time.perf_counter(), [500]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                code[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            HTTP_REQUESTS.labels("api", scope["method"], route, str(code[0])).inc()
+            HTTP_REQUEST_SECONDS.labels("api", scope["method"], route).observe(time.perf_counter() - started)
+
+
 def create_app(settings: Settings | None = None, *, read_model: Any = None, store: ApiStore | None = None,
-               publisher: CommandPublisher | None = None, answer_wait_s: float | None = None) -> FastAPI:
+               publisher: CommandPublisher | None = None, answer_wait_s: float | None = None,
+               metrics_server: bool = False) -> FastAPI:
     """The app; what is not given is opened from the settings when the app starts (and closed when it stops).
     `answer_wait_s`: how long a command route waits for the handler's answer (default: the environment's
     OUTREACH_API_ANSWER_WAIT_S, else 5 s; 0 answers 202 pending at once, as tests without a handler want)."""
     settings = settings or get_settings()
     if answer_wait_s is None:
         answer_wait_s = answer_wait_from_environment()
+    # /metrics and /readyz (ready: the broker and the read model answer); with `metrics_server` (the process's
+    # entry point) also on the metrics port, recorded in data_dir/instances/ (API instances share their port).
+    observability = Observability(settings, "api", {"broker": broker_check(settings),
+                                                    "read_model": read_model_check(settings)})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -104,9 +137,13 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
         app.state.settings_publisher = SettingsPublisher(app.state.store, app.state.publisher)
         # In the background: the API serves reads while the broker is away.
         republish = asyncio.create_task(app.state.settings_publisher.republish_stored())
+        if metrics_server:
+            await observability.start()
         try:
             yield
         finally:
+            if metrics_server:
+                await observability.stop()
             republish.cancel()
             await asyncio.gather(republish, return_exceptions=True)
             if publisher is None:
@@ -137,6 +174,19 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
     @app.get("/healthz", tags=["health"], summary="Liveness (no authentication)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    # Operators' endpoints, outside the OpenAPI document (README, "Operating"); no authentication, as /healthz.
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ready, report = await observability.readiness()
+        return JSONResponse({"ready": ready, "service": "api", "checks": report}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = metrics_text()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(HttpMetrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -192,7 +242,7 @@ def main() -> None:
 
     settings = settings_or_exit()  # a refused value (OUTREACH_DEFAULT_REGION...): exit 78, not a crash loop
     log.info("HTTP API on http://%s:%d (docs at /docs)", settings.api_host, settings.api_port)
-    uvicorn.Server(uvicorn_config(settings)).run(sockets=[shared_listening_socket(settings.api_host,
+    uvicorn.Server(uvicorn_config(settings, create_app(settings, metrics_server=True))).run(sockets=[shared_listening_socket(settings.api_host,
                                                                                  settings.api_port)])
 
 

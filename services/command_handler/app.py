@@ -22,6 +22,8 @@ from schemas import topics
 from schemas.commands import COMMAND_CLASSES
 from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
 from services.common import kafka
+from services.common.observability import (Observability, assigned_check, broker_check, event_store_check,
+                                           subscriber_consumer)
 from services.common.retry import backoff_s, is_transient
 from services.common.runtime import run_service
 from services.common.settings import Settings
@@ -58,11 +60,17 @@ def build_broker(settings: Settings, handler: RecordHandler | None = None) -> Ka
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await kafka.ensure_topics(settings)
     app = open_app(settings)
+    observability = None
     try:
         broker = build_broker(settings, RecordHandler(app))
+        observability = await Observability(settings, "command-handler", {
+            "broker": broker_check(settings), "event_store": event_store_check(settings),
+            "partitions_assigned": assigned_check(subscriber_consumer(broker))}).start()
         log.info("command handler consuming %s", ", ".join(INPUT_TOPICS))
         await kafka.run_consumer(broker, stop)
     finally:
+        if observability is not None:
+            await observability.stop()
         app.close()
 
 

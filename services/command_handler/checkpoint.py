@@ -63,6 +63,13 @@ class CheckpointStore:
     def close(self) -> None:
         self._connection.close()
 
+    def load_and_close(self) -> Checkpoint:
+        """One look (a standby relay's lag metric), on this store's own connection."""
+        try:
+            return self.load()
+        finally:
+            self.close()
+
 
 def open_checkpoint_store(settings: Settings, name: str = "relay") -> CheckpointStore:
     if settings.event_store == "postgres":

@@ -22,6 +22,8 @@ import time
 from schemas import topics
 from services.common import kafka
 from services.common.fence import ClaimedMessage, HandoffFence
+from services.common.lag import LagCollector
+from services.common.observability import MESSAGES, RELAY_LAG, Observability, broker_check, event_store_check
 from services.common.leader import LeaderLock, leader_lock
 from services.common.retry import retrying
 from services.common.runtime import run_service
@@ -120,6 +122,10 @@ class Relay:
             futures.append(await producer.send(r.topic, value=value, key=r.key.encode()))
         for future in futures:
             await future
+        for r in records:
+            if r.topic == topics.MESSAGE_STATUS:
+                MESSAGES.labels(r.value.get("channel") or "", r.value.get("status") or "",
+                                r.value.get("reason") or "").inc()
         covered = position - self.checkpoint.position
         self.checkpoint = Checkpoint(
             position=position,
@@ -196,6 +202,20 @@ class Relay:
             self._last_broker_check = 0.0
             raise
 
+    async def report_lag(self, stop: asyncio.Event) -> None:
+        """`outreach_relay_lag_events`: the store's last notification id minus the position this relay has
+        published to (a standby reads the active one's checkpoint), every metrics_lag_interval_s."""
+        while not stop.is_set():
+            try:
+                last = await asyncio.to_thread(self.app.recorder.max_notification_id) or 0
+                position = self.checkpoint.position if self.producer is not None else \
+                    (await asyncio.to_thread(open_checkpoint_store(self.settings).load_and_close)).position
+                RELAY_LAG.set(max(0, last - position))
+            except Exception:
+                log.debug("relay lag could not be read", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.metrics_lag_interval_s)
+
     async def close(self) -> None:
         await self._drop_producer()
         self.checkpoints.close()
@@ -213,10 +233,18 @@ def open_fence_for_claim(fence: HandoffFence, e: Campaign.WorkClaimed, sending_t
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     relay = Relay(settings)
+    observability = Observability(settings, "relay", {"broker": broker_check(settings),
+                                                      "event_store": event_store_check(settings)})
+    await observability.start()
+    # Every relay, active or standing by, computes consumer lag and DLQ records (services/common/lag.py).
+    side = [asyncio.create_task(LagCollector(settings).run(stop)), asyncio.create_task(relay.report_lag(stop))]
     try:
         await relay.run(stop)
     finally:
+        stop.set()
+        await asyncio.gather(*side, return_exceptions=True)
         await relay.close()
+        await observability.stop()
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_CLASSES, MessageStatusChanged
 from services.common import kafka
+from services.common.observability import Observability, assigned_check, broker_check, read_model_check, subscriber_consumer
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
@@ -74,11 +75,17 @@ async def serve(settings: Settings, stop: asyncio.Event, read_model: ReadModel |
     await kafka.ensure_topics(settings)
     model = read_model or ReadModel.open(settings)
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    observability = None
     try:
         broker = build_broker(settings, model, stop, failed, group_id)
+        observability = await Observability(settings, "projections", {
+            "broker": broker_check(settings), "read_model": read_model_check(settings),
+            "partitions_assigned": assigned_check(subscriber_consumer(broker))}).start()
         log.info("projections consuming %s into %s", ", ".join(INPUT_TOPICS), model.location)
         await kafka.run_consumer(broker, stop, failed=failed)
     finally:
+        if observability is not None:
+            await observability.stop()
         if read_model is None:
             model.close()
         log.info("projections stopped")

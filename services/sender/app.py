@@ -46,6 +46,8 @@ from schemas.times import utc_now
 from services.common import channel_settings, ids, jsoncodec, kafka, records
 from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
 from services.common.fence import HandoffFence, open_fence
+from services.common.observability import (CLAIMS_IN_FLIGHT, Observability, assigned_check, broker_check,
+                                           event_store_check)
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
@@ -327,7 +329,13 @@ class Sender:
 
         task = asyncio.create_task(self._job(tp, record.offset, value, submitted))
         self.jobs.add(task)
-        task.add_done_callback(self.jobs.discard)
+        CLAIMS_IN_FLIGHT.set(len(self.jobs))
+
+        def finished(done: asyncio.Task) -> None:
+            self.jobs.discard(done)
+            CLAIMS_IN_FLIGHT.set(len(self.jobs))
+
+        task.add_done_callback(finished)
 
     async def _job(self, tp: TopicPartition, offset: int, work: dict, submitted) -> None:
         work["template"] = await self._template(work["campaign_id"], work["template_digest"])
@@ -548,6 +556,10 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     sender = Sender(settings, journal, producer, adapters, claim_timeout_s, fence=fence, feed=feed,
                     adapter_factory=adapter_factory, environment=environment)
     work.subscribe([topics.SENDER_WORK], listener=_Rebalance(sender, work))
+    observability = Observability(settings, "sender", {
+        "broker": broker_check(settings), "event_store": event_store_check(settings),
+        "partitions_assigned": assigned_check(lambda: work)})
+    await observability.start()
     await producer.start()
     try:
         await asyncio.gather(events.start(), work.start())
@@ -557,6 +569,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adapters: Mapping[st
     finally:
         await asyncio.gather(events.stop(), work.stop(), return_exceptions=True)
         await producer.stop()
+        await observability.stop()
         if own_adapters:
             await sender.close_adapters()
         if feed is not None:

@@ -29,6 +29,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from services.common.observability import BREAKER_STATE
+
 log = logging.getLogger("outreach.sender")
 
 THRESHOLD = 10  # distinct messages failing pre-send in a row (contract)
@@ -135,6 +137,11 @@ class ProviderBreaker:
         self._prober: asyncio.Task | None = None
         self.probes = 0  # probes made (for tests and logs)
         self.is_held = False  # open and a probe failed: an outage, announced through on_change
+        self._report()
+
+    def _report(self) -> None:
+        """`outreach_breaker_state{provider}`: 0 closed, 1 open (probing), 2 held."""
+        BREAKER_STATE.labels(self.name).set(2 if self.is_held and self.state.is_open else int(self.state.is_open))
 
     @property
     def is_open(self) -> bool:
@@ -164,12 +171,14 @@ class ProviderBreaker:
             self._closed.clear()
             self._prober = asyncio.ensure_future(self._probe_loop())
         self.is_held = True
+        self._report()
 
     def _opened(self) -> None:
         log.warning("provider %s: %d messages failed pre-send in a row; sending paused, probing",
                     self.name, self.state.threshold)
         self._closed.clear()
         self._prober = asyncio.ensure_future(self._probe_loop())
+        self._report()
 
     def _notify(self, held: bool, reason: str) -> None:
         try:
@@ -198,10 +207,12 @@ class ProviderBreaker:
                 if self.is_held:
                     self.is_held = False
                     self._notify(False, RESUMED_REASON)
+                self._report()
             elif not ok and not self.is_held:
                 log.warning("provider %s: probe failed; sending held", self.name)
                 self.is_held = True
                 self._notify(True, HELD_REASON)
+                self._report()
 
     async def close(self) -> None:
         """Stop probing (shutdown). Submissions held stay held until cancelled by their owners."""

@@ -42,6 +42,7 @@ from schemas.internal import SendingHold
 from schemas.times import utc_now
 from services.common.batching import Publish, ResultsBatcher
 from services.common.fence import HandoffFence
+from services.common.observability import PROVIDER_ERRORS, PROVIDER_REQUEST_SECONDS, RATE_LIMITER_WAIT_SECONDS
 from services.common.retry import backoff_s, is_transient
 from services.common.settings import Settings
 from services.sender.breaker import HELD_REASON, ProviderBreaker
@@ -92,6 +93,11 @@ class ClaimReport:
     skipped: int = 0  # journalled handed_off before: left alone (they time out)
     refused: int = 0  # the fence refused them at their first submission: not this sender's to send
     refused_retries: int = 0  # the fence refused their pre-send retry (a hold or the deadline took them back)
+
+
+# The `provider` label of the provider metrics, by adapter class.
+PROVIDER_LABELS = {"TwilioAdapter": "twilio", "SendGridAdapter": "sendgrid", "SmtpAdapter": "smtp",
+                   "InProcessSimulator": "inprocess"}
 
 
 class Dispatcher:
@@ -357,7 +363,7 @@ class Dispatcher:
                     # nothing was sent: the messages stay forgettable.
                     if not breaker.allows():
                         continue
-                    await bucket.acquire(cost)
+                    RATE_LIMITER_WAIT_SECONDS.labels(channel).observe(await bucket.acquire(cost) or 0.0)
                     if not breaker.allows():
                         continue  # opened while this one paid: held again
                     # The fence grants the hand-off, durably, right before the call; nothing is awaited
@@ -473,12 +479,19 @@ class Dispatcher:
 
     @staticmethod
     async def _submit(adapter: ProviderAdapter, channel: str, batch: list[dict], template: Any) -> list[dict]:
+        provider = PROVIDER_LABELS.get(type(adapter).__name__, type(adapter).__name__.lower())
+        started = time.perf_counter()
         try:
-            return await adapter.submit(channel, batch, template)
+            results = await adapter.submit(channel, batch, template)
         except asyncio.CancelledError:
             raise
         except Exception:
             # Unknown whether the request reached the provider: treat as handed off with no answer
             # (never retried; the message times out). Adapters classify the errors they know themselves.
             log.exception("provider call for %d %s messages failed", len(batch), channel)
-            return [make_result(item["message_id"], "no_answer", item["attempt"] + 1) for item in batch]
+            results = [make_result(item["message_id"], "no_answer", item["attempt"] + 1) for item in batch]
+        PROVIDER_REQUEST_SECONDS.labels(provider).observe(time.perf_counter() - started)
+        for result in results:  # per message: refusals and pre-send errors by the provider's code
+            if result.get("outcome") in ("presend_error", "refused", "no_answer"):
+                PROVIDER_ERRORS.labels(provider, str(result.get("provider_code") or result["outcome"])).inc()
+        return results

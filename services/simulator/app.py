@@ -66,6 +66,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from services.common.observability import Observability, http_metrics_middleware
 from services.common.settings import Settings, get_settings
 from services.common.simulation import (
     Receipt,
@@ -188,7 +189,11 @@ class Simulator:
     # -------------------------------------------------------------- lifecycle
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._outage_middleware])
+        app = web.Application(client_max_size=64 * 1024 * 1024,
+                              middlewares=[http_metrics_middleware("simulator"), self._outage_middleware])
+        # /metrics, /healthz, /readyz (no checks: the simulator depends on nothing); `run` also serves them on
+        # the metrics port and records it, like every service.
+        app.add_routes(Observability(self.settings, "simulator").routes())
         app.router.add_post("/2010-04-01/Accounts/{account_sid}/Messages.json", self.twilio_create)
         app.router.add_get("/2010-04-01/Accounts/{account_sid}.json", self.twilio_account)
         app.router.add_post("/v3/mail/send", self.sendgrid_send)
@@ -652,10 +657,12 @@ async def run(settings: Settings | None = None, stop: asyncio.Event | None = Non
             loop.add_signal_handler(sig, stop.set)
     simulator = Simulator(settings)
     await simulator.start()
+    observability = await Observability(settings, "simulator").start()
     try:
         await stop.wait()
     finally:
         log.info("provider simulator stopping")
+        await observability.stop()
         await simulator.stop()
 
 

@@ -11,6 +11,7 @@ whatever is due.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -22,6 +23,8 @@ from schemas import topics
 from schemas.events import MessageStatusChanged
 from schemas.internal import Expiry
 from services.common import ids, kafka, records
+from services.common.observability import (PENDING_TIMERS, Observability, assigned_check, broker_check,
+                                           event_store_check, subscriber_consumer)
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.timeout_sweeper.timers import STATUS_RECORD, StatusRecord, TimeoutSettings, Timer, TimerStore
@@ -96,6 +99,18 @@ def _declare(settings: Settings, store: TimerStore | None = None,
     return broker, expiries
 
 
+async def report_pending(store: TimerStore, settings: Settings, stop: asyncio.Event) -> None:
+    """`outreach_pending_timers{kind}` from the shared timer store, every metrics_lag_interval_s."""
+    while not stop.is_set():
+        try:
+            for kind, count in (await asyncio.to_thread(store.pending_by_kind)).items():
+                PENDING_TIMERS.labels(kind).set(count)
+        except Exception:
+            log.debug("pending timers could not be counted", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.metrics_lag_interval_s)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await kafka.ensure_topics(settings)
     store = TimerStore.open(settings)
@@ -105,11 +120,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         local.rename(local.with_suffix(".db.imported"))
         log.info("imported %d pending timers from %s into the shared timer store", imported, local)
     timeouts = TimeoutSettings(settings.sending_timeout_s, settings.sent_timeout_s, settings.retry_window_s)
+    broker, expiries = _declare(settings, store, timeouts)
+    observability = Observability(settings, "timeout-sweeper", {
+        "broker": broker_check(settings), "event_store": event_store_check(settings),
+        "partitions_assigned": assigned_check(subscriber_consumer(broker))})
+    await observability.start()
+    pending = asyncio.create_task(report_pending(store, settings, stop))
     try:
-        broker, expiries = _declare(settings, store, timeouts)
         log.info("timeout sweeper running with %d pending timers", store.pending())
         await kafka.run_consumer(broker, stop, alongside=lambda: fire_due(store, expiries, timeouts, stop))
     finally:
+        stop.set()
+        await asyncio.gather(pending, return_exceptions=True)
+        await observability.stop()
         store.close()
 
 

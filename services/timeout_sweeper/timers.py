@@ -267,6 +267,12 @@ class TimerStore:
     def pending(self) -> int:
         return self._read(f"SELECT count(*) FROM {self._dialect.timers}")[0][0]
 
+    def pending_by_kind(self) -> dict[str, int]:
+        """Pending timers per kind (`sending`, `sent`, `retry_window`), every kind named."""
+        counts = dict.fromkeys(("sending", "sent", "retry_window"), 0)
+        counts.update(self._read(f"SELECT kind, count(*) FROM {self._dialect.timers} GROUP BY kind"))
+        return counts
+
     def import_local(self, path: Path) -> int:
         """Pending timers of a sweeper's own SQLite file from before timers were shared (`data_dir/timers.db`),
         added unless the shared store knows the message already (a timer, or a newer record); returns how

@@ -18,6 +18,7 @@ from faststream.kafka import KafkaBroker
 
 from services.common import kafka
 from services.common.channel_settings import ChannelSettingsFeed
+from services.common.observability import Observability, broker_check, event_store_check
 from services.common.runtime import run_service
 from services.common.settings import Settings
 from services.webhook_receiver.bodies import LINGER_S
@@ -58,12 +59,18 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
     if "seen_store" not in receiver_options:  # shared with the other instances, in the event store's database
         own_store = receiver_options["seen_store"] = open_seen_store(settings)
     runner = None
+    # Its own metrics port (every instance its own; the webhook port is shared), and the same endpoints on the
+    # webhook port. Ready: the broker and the event store's database (the replay memory) answer.
+    observability = Observability(settings, "webhooks", {"broker": broker_check(settings),
+                                                         "event_store": event_store_check(settings)})
     following_stop = asyncio.Event()
     following = None
     try:
         await broker.start()
         outbox.start()
         app = create_app(settings, outbox, **receiver_options)
+        app.add_routes(observability.routes(healthz=False))
+        await observability.start()
         secrets = app[RECEIVER].secrets
         for config in feed.current.values():
             secrets.apply_channel_settings(config)
@@ -86,6 +93,7 @@ async def running(settings: Settings, **receiver_options: Any) -> AsyncIterator[
             await runner.cleanup()  # stop accepting, let requests in hand finish (their records flush)
         await outbox.close()
         await broker.stop()
+        await observability.stop()
         if own_store is not None:
             own_store.close()
 

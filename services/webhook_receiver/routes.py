@@ -48,6 +48,7 @@ from multidict import MultiDict
 from schemas.internal import OptOutChanged, SenderResult
 from services.common import jsoncodec
 from services.common.ids import is_wire_uuid
+from services.common.observability import WEBHOOK_VERIFICATION_FAILURES, http_metrics_middleware
 from services.common.settings import Settings
 from services.common.unsubscribe import verify_unsubscribe as verify_unsubscribe_link
 from services.webhook_receiver.bodies import (APP_MAX_BYTES, LIMITS, body_limits, expect_within_limit, parse_form,
@@ -153,6 +154,7 @@ class Receiver:
         (413, 415, 400: answered by bodies.body_limits)."""
         form = parse_form(request, await read_body(request, LIMITS[request.path]))
         if not self.secrets.twilio_signed(request, form):
+            WEBHOOK_VERIFICATION_FAILURES.labels("twilio").inc()
             return web.Response(status=403, text="invalid signature")
         return form
 
@@ -214,6 +216,7 @@ class Receiver:
     async def sendgrid_events(self, request: web.Request) -> web.Response:
         body = await read_body(request, LIMITS[request.path])
         if not self.secrets.sendgrid_signed(request, body):
+            WEBHOOK_VERIFICATION_FAILURES.labels("sendgrid").inc()
             return web.Response(status=403, text="invalid signature")
         try:
             events = jsoncodec.loads(body)  # invalid UTF-8 and nesting deeper than 1,024 are refused too
@@ -264,6 +267,7 @@ class Receiver:
             log.exception("unsubscribe verification failed")
             verified = None
         if not verified:
+            WEBHOOK_VERIFICATION_FAILURES.labels("unsubscribe").inc()
             return None, _page("Invalid link", "This unsubscribe link is not valid.", 403)
         return verified, None
 
@@ -321,7 +325,8 @@ def event_key(kind: str, provider_id: str) -> str:
 
 def create_app(settings: Settings, outbox: Outbox | None, **receiver_options: Any) -> web.Application:
     receiver = Receiver(settings, outbox, **receiver_options)
-    app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[body_limits])
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE,
+                          middlewares=[http_metrics_middleware("webhooks"), body_limits])
     app[RECEIVER] = receiver
     app.router.add_post("/twilio/status", receiver.twilio_status, expect_handler=expect_within_limit)
     app.router.add_post("/twilio/inbound", receiver.twilio_inbound, expect_handler=expect_within_limit)
