@@ -108,7 +108,9 @@ class Stack:
 
     def start_service(self, name: str, instance: int = 0) -> ServiceProcess:
         suffix = f"-{instance}" if instance else ""
-        env = {**self.env, **self.service_env.get(name, {})}
+        # Metrics and health: every process on a free port of its own (all share one host), recorded in
+        # data_dir/instances/NAME[-N].json (services/common/observability.py); a per-service override wins.
+        env = {**self.env, "OUTREACH_METRICS_PORT": "0", **self.service_env.get(name, {})}
         if instance:  # its own local files (the sender's journal...) beside the first instance's
             env["OUTREACH_INSTANCE_NAME"] = str(instance)
         proc = ServiceProcess(name, self.modules[name], env, self.log_dir / f"{name}{suffix}.log")
@@ -426,6 +428,7 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
                    for name in stack.names]
         print(f"Services started ({', '.join(started)}); logs in {stack.log_dir}/.")
         print(f"HTTP API at http://{settings.api_host}:{settings.api_port} (docs at /docs).")
+        print(f"Metrics and health (/metrics, /healthz, /readyz) of every instance: {data_dir / 'instances'}/*.json.")
         if demo:
             from outreach.demo import run_demo
             from outreach.tokens import demo_token
