@@ -242,6 +242,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await relay.run(stop)
     finally:
         stop.set()
+        for task in side:  # a round waiting on an absent broker or store is not waited for
+            task.cancel()
         await asyncio.gather(*side, return_exceptions=True)
         await relay.close()
         await observability.stop()

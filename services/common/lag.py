@@ -94,15 +94,17 @@ class LagCollector:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Collect every `metrics_lag_interval_s` until `stop`; a failed round is logged, the clients made again."""
-        while not stop.is_set():
-            try:
-                await self.collect()
-            except Exception:
-                log.warning("consumer lag could not be read this round", exc_info=True)
-                await self.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.metrics_lag_interval_s)
-        await self.close()
+        try:
+            while not stop.is_set():
+                try:
+                    await self.collect()
+                except Exception:
+                    log.warning("consumer lag could not be read this round", exc_info=True)
+                    await self.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.metrics_lag_interval_s)
+        finally:  # also when cancelled mid-round (a stop does not wait for a broker that does not answer)
+            await self.close()
 
 
 def _tps(topic: str, count: int) -> list[TopicPartition]:

@@ -131,6 +131,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await kafka.run_consumer(broker, stop, alongside=lambda: fire_due(store, expiries, timeouts, stop))
     finally:
         stop.set()
+        pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
         await observability.stop()
         store.close()
