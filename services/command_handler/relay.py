@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 
 from schemas import topics
 from services.common import kafka
@@ -122,10 +123,10 @@ class Relay:
             futures.append(await producer.send(r.topic, value=value, key=r.key.encode()))
         for future in futures:
             await future
-        for r in records:
-            if r.topic == topics.MESSAGE_STATUS:
-                MESSAGES.labels(r.value.get("channel") or "", r.value.get("status") or "",
-                                r.value.get("reason") or "").inc()
+        counted = Counter((r.value.get("channel") or "", r.value.get("status") or "", r.value.get("reason") or "")
+                          for r in records if r.topic == topics.MESSAGE_STATUS)
+        for labels, count in counted.items():  # one metric update per distinct label set, not per record
+            MESSAGES.labels(*labels).inc(count)
         covered = position - self.checkpoint.position
         self.checkpoint = Checkpoint(
             position=position,
