@@ -23,7 +23,9 @@ from services.common.sqlite import open_sqlite
 
 FILE_NAME = "read-model.db"
 POOL_SIZE = 4
-CACHE_MIB = 64  # a 300k-message campaign stays in memory
+# SQLite page cache per connection. 64 MiB kept a 300k-message read model in memory, but filling it was most
+# of why projections grew 1.4x from a 30k to a 300k campaign; pages it misses come from the OS page cache.
+CACHE_MIB = 16
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _SQLITE_SCHEME = "sqlite:///"
 _WRITE_LOCK_KEY = 7_402_113_911  # PostgreSQL advisory lock id: one writer at a time
