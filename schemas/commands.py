@@ -102,6 +102,10 @@ ATTACHMENTS_MAX_BYTES = 20 * 1024 * 1024
 EMAIL_TEXT_MAX_BYTES = 512 * 1024
 
 
+def _integral_float_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class SmsTemplate(BaseModel):
     model_config = _strict_config()
 
@@ -113,7 +117,9 @@ class Attachment(BaseModel):
 
     filename: str
     content_type: str
-    size_bytes: Annotated[int, Field(ge=0)]
+    # JSON Schema counts 338.0 as an integer (the API's OpenAPI document says integer): an integral float is
+    # taken as the integer it is; 338.5 is still refused.
+    size_bytes: Annotated[int, BeforeValidator(_integral_float_as_int), Field(ge=0)]
     status: str
 
     @property
