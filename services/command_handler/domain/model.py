@@ -7,13 +7,8 @@ status change it caused (if any), so the relay can map stored events to wire rec
 """
 from __future__ import annotations
 
-import base64
-import bisect
-import hashlib
-import heapq
 import sys
 import uuid
-from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,6 +16,7 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.domain import Snapshot as LibrarySnapshot
 
 from schemas.commands import EmailTemplate, SmsTemplate, template_matches_channel
+from schemas.destinations import DestinationSet  # noqa: F401  (the campaign's; shared with the importers' check)
 from schemas.internal import template_digest
 from services.common import ids
 from services.command_handler.domain import rules
@@ -44,76 +40,6 @@ class Snapshot(LibrarySnapshot):
         if restore is not None:
             restore()
         return aggregate
-
-
-class DestinationSet:
-    """A campaign's destinations while its contacts are open, for the duplicate check: 16 bytes each (a
-    128-bit BLAKE2b digest; a string in a set took about 85), in sorted runs merged like a binary counter as
-    chunks come (at most log2 of the chunks; a lookup bisects each). Two destinations with one digest are as
-    unlikely as two messages with one uuid5. Deterministic: replaying the chunks makes the same runs."""
-
-    def __init__(self, runs: Iterable[tuple[array, array]] = ()):
-        self.runs: list[tuple[array, array]] = list(runs)  # (high 64 bits, low 64 bits), sorted
-
-    @staticmethod
-    def digest(destination: str) -> tuple[int, int]:
-        d = hashlib.blake2b(destination.encode(), digest_size=16).digest()
-        return int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big")
-
-    def __contains__(self, destination: object) -> bool:
-        if not isinstance(destination, str):
-            return False
-        high, low = self.digest(destination)
-        for highs, lows in self.runs:
-            i = bisect.bisect_left(highs, high)
-            while i < len(highs) and highs[i] == high:
-                if lows[i] == low:
-                    return True
-                i += 1
-        return False
-
-    def __len__(self) -> int:
-        return sum(len(highs) for highs, _ in self.runs)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DestinationSet) and self.runs == other.runs
-
-    def update(self, destinations: Iterable[str]) -> None:
-        pairs = sorted(map(self.digest, destinations))
-        if not pairs:
-            return
-        self.runs.append((array("Q", [h for h, _ in pairs]), array("Q", [lo for _, lo in pairs])))
-        del pairs
-        while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
-            newer, older = self.runs.pop(), self.runs.pop()
-            highs, lows = array("Q"), array("Q")
-            for high, low in heapq.merge(zip(*older), zip(*newer)):
-                highs.append(high)
-                lows.append(low)
-            self.runs.append((highs, lows))
-
-    def to_json(self) -> list[list[str]]:
-        """For a snapshot: each run as two base64 strings of big-endian 64-bit numbers."""
-        return [[_b64_of(highs), _b64_of(lows)] for highs, lows in self.runs]
-
-    @classmethod
-    def from_json(cls, data: list[list[str]]) -> "DestinationSet":
-        return cls((_array_of(highs), _array_of(lows)) for highs, lows in data)
-
-
-def _b64_of(numbers: array) -> str:
-    copy = array("Q", numbers)
-    if sys.byteorder == "little":
-        copy.byteswap()
-    return base64.b64encode(copy.tobytes()).decode()
-
-
-def _array_of(text: str) -> array:
-    numbers = array("Q")
-    numbers.frombytes(base64.b64decode(text))
-    if sys.byteorder == "little":
-        numbers.byteswap()
-    return numbers
 
 
 class Rejected(Exception):
