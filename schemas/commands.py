@@ -222,6 +222,13 @@ class CommandBase(BaseModel):
     campaign_id: WireId
     issued_by: str
     issued_at: UtcDatetime
+    # Our addition: the HTTP API writes "api" on every command it publishes (issued_by is then the principal of
+    # the bearer token it checked). Absent: a Kafka producer's own assertion. The handler takes it as given, like
+    # issued_by: a producer with write access to outreach.commands could write it too (README, "The CLI's sign-in").
+    issued_via: Literal["api"] | None = Field(
+        None, description="(our addition) \"api\" when the HTTP API published the command after authenticating "
+                          "issued_by's bearer token; absent when a Kafka producer publishes it (issued_by is then "
+                          "that producer's assertion). Taken as given by the command handler.")
 
 
 class CreateCampaign(CommandBase):

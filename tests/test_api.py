@@ -653,6 +653,7 @@ async def test_each_command_endpoint_publishes_its_command_as_the_token_principa
         parse_command(json.dumps(record))  # valid by the contract
         assert record["type"] == command_type and record["campaign_id"] == campaign_id
         assert record["issued_by"] == "admin-user"  # from the token, never from the body
+        assert record["issued_via"] == "api"  # authenticated: not a producer's assertion
     assert records[0]["template"] == {"body": "Hello {{first_name}}"}
     assert records[1]["disclaimer"] == calls[1][2]["disclaimer"]
     assert records[2]["confirmed"] is True
@@ -708,6 +709,7 @@ async def test_create_from_csv_publishes_create_then_chunks_with_mapping_and_lin
     assert create["type"] == "CreateCampaign" and create["name"] == "Upload" and create["description"] == "d"
     assert create["campaign_id"] == accepted["campaign_id"] and create["template"] == {"body": "Hi {{name}}"}
     assert {c["issued_by"] for c in (create, *chunks)} == {"admin-user"}
+    assert {c["issued_via"] for c in (create, *chunks)} == {"api"}
     assert [c["chunk_no"] for c in chunks] == [0, 1] and [c["last_chunk"] for c in chunks] == [False, True]
     contacts = [contact for chunk in chunks for contact in chunk["contacts"]]
     assert len(contacts) == 1500 and len(chunks[0]["contacts"]) == 1000

@@ -1,7 +1,7 @@
 """Publishing commands on `outreach.commands`, and reading their answers from the read model.
 
-A command is built with the token's principal as `issued_by`, validated by the contract's strict models
-(`schemas.commands.parse_command`: what would be `invalid_command` is a 422 here, nothing published), then
+A command is built with the token's principal as `issued_by` and `issued_via: "api"`, validated by the contract's
+strict models (`schemas.commands.parse_command`: what would be `invalid_command` is a 422 here, nothing published), then
 published keyed by campaign_id and acknowledged by the broker (acks=all). The write routes then wait (up to
 `answer_wait_s`, the contract's 5-second promise) for the handler's answer: a `CommandRejected` is answered
 with the status of `REJECTION_STATUS`, an acceptance (or no answer yet) with 202.
@@ -24,6 +24,9 @@ from services.common.settings import Settings
 log = logging.getLogger("outreach.api.commands")
 
 BROKER_TIMEOUT_S = 10.0
+# Every command the API publishes says so (schemas.commands.CommandBase.issued_via): its issued_by is the
+# principal of the bearer token the API checked, not a producer's assertion.
+ISSUED_VIA = "api"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -42,7 +45,8 @@ def build_command(command_type: str, campaign_id: str, issued_by: str, *, comman
                   **payload: Any) -> dict[str, Any]:
     """A command envelope for `issued_by`, checked against the contract (InvalidCommand if it breaks it);
     `command_id` is given for an Idempotency-Key (services.api.idempotency), else it is a fresh random one."""
-    command = make_command(command_type, campaign_id, issued_by, command_id=command_id, **payload)
+    command = make_command(command_type, campaign_id, issued_by, command_id=command_id, issued_via=ISSUED_VIA,
+                           **payload)
     try:
         parse_command(jsoncodec.dumps(command))
     except ValidationError as exc:

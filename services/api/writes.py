@@ -31,8 +31,8 @@ from schemas.commands import Channel, make_command, new_id
 from schemas.phone import supported_regions
 from services.api import idempotency
 from services.api.auth import CAMPAIGN_RESPONSES, CampaignUser
-from services.api.commands import ANSWER_POLL_S, CommandPublisher, answer_state, build_command, rejection_of, \
-    rejection_status, wait_for_answer
+from services.api.commands import ANSWER_POLL_S, ISSUED_VIA, CommandPublisher, answer_state, build_command, \
+    rejection_of, rejection_status, wait_for_answer
 from services.api.contacts_upload import MAX_UPLOAD_BYTES, MappingError, StreamedCsv, parse_variable_mapping, \
     upload_size
 from services.api.idempotency import IdempotencyKey
@@ -222,7 +222,7 @@ async def create_campaign(
                            command_id=idempotency.command_id(principal.name, "CreateCampaign", campaign_id,
                                                              idempotency_key))
 
-    envelope = add_contacts_envelope_bytes(campaign_id, principal.name, region)
+    envelope = add_contacts_envelope_bytes(campaign_id, principal.name, region, ISSUED_VIA)
     upload = StreamedCsv(contacts.file, destination_column, mapping)
     check = ImportCheck(channel, template_value, region)  # the handler's rules, on every row
     try:
@@ -244,6 +244,7 @@ async def create_campaign(
             command_id = None if idempotency_key is None else idempotency.contacts_command_id(
                 principal.name, campaign_id, idempotency_key, chunk_no)
             command = make_command("AddContacts", campaign_id, principal.name, command_id=command_id,
+                                   issued_via=ISSUED_VIA,
                                    chunk_no=chunk_no, contacts=chunk or [], last_chunk=chunk_no == layout.chunks - 1,
                                    **region_field)
             await publisher.publish([command])

@@ -221,10 +221,13 @@ def read_contacts_csv(path: Path | str, destination_column: str | None = None) -
 
 # ------------------------------------------------------------------ chunks
 
-def add_contacts_envelope_bytes(campaign_id: str, issued_by: str, default_region: str | None = None) -> int:
+def add_contacts_envelope_bytes(campaign_id: str, issued_by: str, default_region: str | None = None,
+                                issued_via: str | None = None) -> int:
     """The encoded size of the largest AddContacts envelope without contacts (a long chunk_no, `false`, the
-    import's default region if it has one): what each chunk's contacts must fit beside."""
+    import's default region and `issued_via` if it has them): what each chunk's contacts must fit beside."""
     extra = {} if default_region is None else {"default_region": default_region}
+    if issued_via is not None:
+        extra["issued_via"] = issued_via
     probe = make_command("AddContacts", campaign_id, issued_by, chunk_no=10**9, contacts=[], last_chunk=False,
                          **extra)
     return len(jsoncodec.dumps(probe))
