@@ -1,25 +1,30 @@
 """The `outreach` command line (Typer + rich).
 
-    outreach broker                               the embedded Kafka-compatible broker (memory only)
+    outreach login --url URL --token TOKEN        sign in: the campaign commands' API and bearer token
     outreach campaign create CSV --name N --channel sms|email (--template-body T | --template-file F)
     outreach campaign run ID --accept-disclaimer
     outreach campaign stop ID --yes | retry ID | delete ID --yes
     outreach campaign show ID [--watch] | events ID [--no-messages] [--as-of TIME] | list
-    outreach replay [--source event-store|kafka] [--into URL]   rebuild the read model, compare with the live one
+    outreach up | replay | token ...              operator commands: local, on the stack's data folder
+    outreach broker | simulator
 
-Commands go to `outreach.commands`; answers are read from `outreach.campaign-events` (outreach/client.py).
-`show`, `events` and `list` read the projections' read model (`python -m services.projections`).
-Every campaign command takes `--json` for machine-readable output. Exit codes: 0 done, 1 rejected / no
-answer / error, 2 refused or not confirmed (nothing published) or bad usage.
+The campaign commands are a client of the HTTP API (outreach/api_client.py): `OUTREACH_API_URL` and
+`OUTREACH_API_TOKEN`, else the config file `outreach login` writes (outreach/config.py), so they work from any
+folder or machine and the audit trail names the token's principal. `show`, `events` and `list` read a read
+model directly only when `OUTREACH_READ_MODEL_URL` is set (an operator pointing at one). Operator commands
+(`up`, `replay`, `token`) stay local and find the stack's data folder without the current folder
+(`OUTREACH_DATA_DIR`, else the stack file `outreach up` writes). Every campaign command takes `--json` for
+machine-readable output. Exit codes: 0 done, 1 rejected / no answer / error, 2 refused or not confirmed
+(nothing published) or bad usage (a malformed id included, refused before anything is contacted).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import os
 import sys
 import time
-from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -33,11 +38,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from outreach import client as cmd
+from outreach import config
+from outreach.api_client import ApiClient, ApiError, ApiUnreachable
 from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
-from schemas.commands import new_id
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
+from schemas.ids import is_wire_uuid
 from schemas.times import rfc3339
 from services.common.contacts_csv import DESTINATION_NAMES, CsvError, read_contacts_csv
 from services.common.import_check import ImportCheck, import_region
@@ -45,7 +51,8 @@ from services.common.settings import get_settings
 from services.projections.views import ReadViews, settled
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Outreach: SMS and email campaigns on Kafka.")
-campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns.")
+campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry, delete and watch campaigns "
+                                                      "(through the HTTP API: sign in with `outreach login`).")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(token_app, name="token")
 
@@ -55,6 +62,7 @@ err = Console(stderr=True, highlight=False)
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
 INVALID_ROWS_SHOWN = 5
+DEFAULT_TIMEOUT_S = 30.0
 
 
 class ChannelChoice(str, Enum):
@@ -62,12 +70,25 @@ class ChannelChoice(str, Enum):
     email = "email"
 
 
+def _check_id(value: str) -> str:
+    """A campaign id in the contract's form (lowercase 8-4-4-4-12), else exit 2 before contacting anything."""
+    if not is_wire_uuid(value):
+        raise typer.BadParameter(f"{value!r} is not a campaign id (a lowercase UUID such as "
+                                 "0b6c7a9e-5f1d-4c2b-9a8e-3d4f5a6b7c8d)")
+    return value
+
+
+def _check_message_ids(values: Optional[list[str]]) -> Optional[list[str]]:
+    for value in values or ():
+        if not is_wire_uuid(value):
+            raise typer.BadParameter(f"{value!r} is not a message id (a lowercase UUID)")
+    return values
+
+
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
-AsOpt = typer.Option(None, "--as", metavar="PRINCIPAL",
-                     help="Principal named in issued_by (default: $OUTREACH_PRINCIPAL or the login name).")
-TimeoutOpt = typer.Option(cmd.DEFAULT_TIMEOUT_S, "--timeout", min=0.1, help="Seconds to wait for each answer.")
+TimeoutOpt = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", min=0.1, help="Seconds to wait for each answer.")
 YesOpt = typer.Option(False, "--yes", "-y", help="Confirm without asking.")
-CampaignIdArg = typer.Argument(..., metavar="ID")
+CampaignIdArg = typer.Argument(..., metavar="ID", callback=_check_id, help="The campaign id (a lowercase UUID).")
 
 
 # ------------------------------------------------------------------ helpers
@@ -80,23 +101,94 @@ def _fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, extra
     if as_json:
         _emit_json({"error": message, **(extra or {})})
     else:
-        err.print(f"[red]{message}[/red]", soft_wrap=True)
+        err.print(f"[red]{escape(message)}[/red]", soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _run_async(coro, as_json: bool) -> Any:
-    """Run a coroutine; a missing answer or an unreachable broker becomes exit code 1."""
+def _api(as_json: bool) -> ApiClient:
+    """The client of the API this CLI is signed in to; exit 1 naming what is missing."""
     try:
-        return asyncio.run(coro)
-    except cmd.AnswerTimeout as exc:
-        _fail(f"{exc} (is the command handler running?)", as_json=as_json)
-    except TimeoutError as exc:
-        _fail(f"Kafka at {get_settings().kafka_bootstrap_servers} does not answer: {exc}", as_json=as_json)
+        return ApiClient.from_config()
+    except config.ConfigError as exc:
+        _fail(str(exc), as_json=as_json)
 
 
-def _read_model() -> ReadViews | None:
-    """The read model (OUTREACH_READ_MODEL_URL, or the SQLite file if the projections have written one)."""
-    return ReadViews.open_existing(get_settings())
+def _api_call(as_json: bool, call, *args: Any, **kwargs: Any) -> Any:
+    """`call(...)`; an unreachable API or an error answer (401, 403, 5xx...) becomes exit 1 saying which, a request
+    the API refused before publishing anything (413, 422 without a handler's rejection) exit 2."""
+    try:
+        return call(*args, **kwargs)
+    except ApiUnreachable as exc:
+        _fail(str(exc), as_json=as_json)
+    except ApiError as exc:
+        hint = {401: " (the token is unknown or revoked: `outreach login` with a valid one)",
+                403: " (the token's role may not do this)",
+                413: "; nothing was published", 422: "; nothing was published"}.get(exc.status, "")
+        code = EXIT_REFUSED if exc.status in (413, 422) else EXIT_FAILED
+        _fail(f"{exc}{hint}", code, as_json=as_json, extra={"status": exc.status, "body": exc.body})
+
+
+def _answer(api: ApiClient, accepted: dict[str, Any], timeout: float, as_json: bool,
+            command_id: str | None = None, key: str = "events") -> list[dict[str, Any]]:
+    """A command route's answer events (`accepted[key]`): given at once, or waited for (`GET /commands/ID?wait=`)
+    while pending (a create is pending with its CreateCampaign answered and its last chunk not yet)."""
+    if accepted.get("state") != "pending" or accepted.get(key):
+        return accepted.get(key) or []
+    command_id = command_id or accepted["command_id"]
+    events = _api_call(as_json, api.wait_answer, accepted, command_id, timeout)
+    if not events:
+        _fail(f"no answer to {accepted.get('command_type')} {command_id} within {timeout:g} s; it was published and "
+              f"its answer will be at GET /commands/{command_id} (are the command handler and the projections "
+              "running?)", as_json=as_json, extra={"command_id": command_id, "campaign_id": accepted.get("campaign_id")})
+    return events
+
+
+def rejection(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The CommandRejected among answer events, if any."""
+    return next((e for e in events if e.get("type") == "CommandRejected"), None)
+
+
+class _ApiReads:
+    """The read-model views the CLI uses, over the API (same names as services.projections.views.ReadViews)."""
+
+    def __init__(self, api: ApiClient, as_json: bool):
+        self.api = api
+        self.as_json = as_json
+
+    def __enter__(self) -> _ApiReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.api.close()
+
+    def _call(self, call, *args: Any, **kwargs: Any) -> Any:
+        return _api_call(self.as_json, call, *args, **kwargs)
+
+    def campaign(self, campaign_id: str) -> dict[str, Any] | None:
+        return self._call(self.api.campaign, campaign_id)
+
+    def campaigns(self) -> list[dict[str, Any]]:
+        return self._call(self.api.list_campaigns)
+
+    def iter_history(self, campaign_id: str, include_messages: bool = True) -> Iterator[dict[str, Any]]:
+        return iter(self._call(self.api.history, campaign_id, include_messages=include_messages) or [])
+
+    def as_of_campaign(self, campaign_id: str, moment: datetime) -> dict[str, Any] | None:
+        return self._call(self.api.campaign, campaign_id, as_of=rfc3339(moment))
+
+    def iter_as_of_messages(self, campaign_id: str, moment: datetime) -> Iterator[dict[str, Any]]:
+        return self._call(lambda: list(self.api.iter_messages(campaign_id, as_of=rfc3339(moment))))
+
+
+def _reads(as_json: bool) -> ReadViews | _ApiReads | None:
+    """Where `show`, `events`, `list` and `run`'s summary read: the read model named by OUTREACH_READ_MODEL_URL
+    (an operator's direct look; None if it has not been written yet), else the API."""
+    if os.environ.get("OUTREACH_READ_MODEL_URL"):
+        return ReadViews.open_existing(get_settings())
+    return _ApiReads(_api(as_json), as_json)
 
 
 def _describe_event(event: dict[str, Any]) -> str:
@@ -134,7 +226,7 @@ def _describe_event(event: dict[str, Any]) -> str:
 
 def _print_answer(events: list[dict[str, Any]], as_json: bool, **extra: Any) -> None:
     """Print answer events; a rejection exits 1."""
-    rejected = cmd.rejection(events)
+    rejected = rejection(events)
     if as_json:
         _emit_json({**extra, "rejected": rejected is not None, "events": events})
     else:
@@ -156,13 +248,6 @@ def _confirmed_or_exit(yes: bool, question: str, refusal: str, as_json: bool) ->
     """Go on with --yes or a yes to `question`; else exit 2 saying `refusal` (nothing was published)."""
     if not yes and not _confirm(question):
         _fail(f"{refusal} (confirm with --yes); nothing was published", EXIT_REFUSED, as_json=as_json)
-
-
-def _send(use_case, campaign_id: str, *args: Any, principal: str | None, timeout: float,
-          as_json: bool) -> list[dict[str, Any]]:
-    """One of the client's use cases for the campaign, as `principal`; its answer events."""
-    return _run_async(use_case(campaign_id, *args, issued_by=principal, settings=get_settings(), timeout_s=timeout),
-                      as_json)
 
 
 # ------------------------------------------------------------------ broker
@@ -212,6 +297,37 @@ def up(
     raise typer.Exit(run_up(demo=demo, exit_after_summary=exit_after_demo, demo_size=demo_size, instances=counts))
 
 
+# ------------------------------------------------------------------ sign-in
+
+@app.command()
+def login(
+    url: Optional[str] = typer.Option(None, "--url", help="The HTTP API, e.g. http://127.0.0.1:8080 (asked if not "
+                                                          "given)."),
+    token: Optional[str] = typer.Option(None, "--token", help="A bearer token (`outreach token create`, or POST "
+                                                              "/tokens); asked without echo if not given."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check that the API accepts the token first."),
+) -> None:
+    """Sign in: store the API's URL and a bearer token in the config file (mode 0600) the campaign commands use.
+
+    The file is $XDG_CONFIG_HOME/outreach/config.toml (default ~/.config/outreach/config.toml; OUTREACH_CONFIG
+    names another). OUTREACH_API_URL and OUTREACH_API_TOKEN, when set, win over it.
+    """
+    if url is None:
+        url = typer.prompt("API URL", default=f"http://{get_settings().api_host}:{get_settings().api_port}")
+    if token is None:
+        token = typer.prompt("Token", hide_input=True)
+    url, token = url.strip().rstrip("/"), token.strip()
+    if not url.startswith(("http://", "https://")):
+        _fail(f"--url {url!r}: give an http:// or https:// URL", EXIT_REFUSED)
+    if not token:
+        _fail("--token: empty", EXIT_REFUSED)
+    if check:
+        with ApiClient(config.ApiTarget(url, token, "login")) as api:
+            _api_call(False, api.whoami_check)
+    path = config.write_config(url, token)
+    console.print(f"signed in to {url}; saved in {path}", soft_wrap=True)
+
+
 # ------------------------------------------------------------------ campaign create
 
 CREATE_HELP = "\n\n".join((
@@ -258,31 +374,6 @@ def _load_template(channel: str, body: str | None, path: Path | None) -> dict[st
     return template
 
 
-def import_summary(campaign_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
-    """valid / invalid totals, invalid counts per reason with their first rows, message count."""
-    added = {}
-    for event in events:
-        if event.get("type") == "ContactsAdded":
-            added[event.get("chunk_no")] = event  # a repeated chunk repeats its counts: count it once
-    reasons: Counter[str] = Counter()
-    first_rows: dict[str, list[int]] = {}
-    for event in added.values():
-        for item in event.get("invalid_rows") or ():
-            reasons[item["reason"]] += 1
-            rows = first_rows.setdefault(item["reason"], [])
-            if len(rows) < INVALID_ROWS_SHOWN:
-                rows.append(item["row"])
-    ready = next((e for e in events if e.get("type") == "CampaignReady"), None)
-    return {
-        "campaign_id": campaign_id,
-        "valid": sum(e.get("valid", 0) for e in added.values()),
-        "invalid": sum(e.get("invalid", 0) for e in added.values()),
-        "invalid_reasons": {reason: {"count": n, "first_rows": sorted(first_rows[reason])}
-                            for reason, n in reasons.most_common()},
-        "ready": ready is not None,
-        "message_count": ready.get("message_count") if ready else None,
-    }
-
 
 @campaign_app.command("create", help=CREATE_HELP)
 def create(
@@ -299,7 +390,6 @@ def create(
     default_region: Optional[str] = typer.Option(
         None, "--default-region", metavar="REGION",
         help="ISO 3166 region (e.g. US) national SMS numbers are read with (default: $OUTREACH_DEFAULT_REGION)."),
-    principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
@@ -319,39 +409,41 @@ def create(
     check = ImportCheck(channel.value, template, region).add_all(parsed.contacts)  # the handler's rules
     if (refusal := check.refusal("--default-region REGION")) is not None:
         _fail(f"cannot import {csv_path}: {refusal}", EXIT_REFUSED, as_json=as_json, extra={"check": check.as_dict()})
-    campaign_id = new_id()
     if not as_json:
         header = f"header on line 1, destination column {parsed.destination_column!r}" if parsed.has_header \
             else f"no header, destination in column {parsed.destination_index + 1}"
         console.print(f"{csv_path}: {len(parsed.contacts)} contacts ({header})")
 
-    async def work() -> list[dict[str, Any]]:
-        progress = Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), console=err,
-                            disable=as_json, transient=True)
-        with progress:
-            task = progress.add_task("chunks", total=None)
-
-            def on_chunk(chunk_no: int, chunks: int, _events: list) -> None:
-                progress.update(task, total=chunks, completed=chunk_no + 1)
-
-            return await cmd.create_campaign_from_rows(
-                name=name, channel=channel.value, template=template, contacts=parsed.contacts,
-                description=description, issued_by=principal, campaign_id=campaign_id, settings=settings,
-                timeout_s=timeout, on_chunk=on_chunk, default_region=region,
-            )
-
-    events = _run_async(work(), as_json)
-    summary = import_summary(campaign_id, events)
-    rejected = cmd.rejection(events)
+    with _api(as_json) as api:
+        accepted = _api_call(as_json, api.create, csv_path, name=name, channel=channel.value, template=template,
+                             description=description, destination_column=destination_column, default_region=region)
+        if accepted.get("state") == "rejected":
+            events = accepted.get("events") or []
+        else:
+            events = list(_answer(api, accepted, timeout, as_json))
+            if rejection(events) is None:
+                last_chunk = (accepted.get("contacts_command_ids") or [None])[-1]
+                events += _answer(api, accepted, timeout, as_json, command_id=last_chunk, key="contacts_events")
+    campaign_id = accepted.get("campaign_id")
+    api_check = accepted.get("check") or check.as_dict()
+    ready = next((e for e in events if e.get("type") == "CampaignReady"), None)
+    # The counts are the pre-publication check's (the handler's rules, on every row); the handler's ContactsAdded
+    # are in the events.
+    summary = {"campaign_id": campaign_id, "valid": api_check["valid"], "invalid": api_check["invalid"],
+               "invalid_reasons": api_check["invalid_reasons"], "ready": ready is not None,
+               "message_count": ready.get("message_count") if ready else None}
+    rejected = rejection(events)
     if as_json:
-        _emit_json({**summary, "missing_variables": check.missing_variables, "default_region": region,
-                    "rejected": rejected, "events": events})
+        _emit_json({**summary, "missing_variables": api_check.get("missing_variables", check.missing_variables),
+                    "default_region": api_check.get("default_region", region), "rejected": rejected,
+                    "events": events})
         if rejected:
             raise typer.Exit(EXIT_FAILED)
         return
     if rejected:
         detail = f": {rejected.get('detail')}" if rejected.get("detail") else ""
         _fail(f"{rejected.get('command_type')} rejected: {rejected.get('reason')}{detail}")
+    region = api_check.get("default_region", region)
     console.print(f"campaign [bold]{campaign_id}[/bold]")
     console.print(f"valid contacts: [green]{summary['valid']}[/green], invalid: "
                   f"[{'red' if summary['invalid'] else 'green'}]{summary['invalid']}[/]"
@@ -359,7 +451,7 @@ def create(
     for reason, info in summary["invalid_reasons"].items():
         more = ", ..." if info["count"] > len(info["first_rows"]) else ""
         console.print(f"  {reason}: {info['count']} (rows {', '.join(map(str, info['first_rows']))}{more})")
-    for missing in check.missing_variables:
+    for missing in api_check.get("missing_variables", check.missing_variables):
         more = ", ..." if missing["count"] > len(missing["first_rows"]) else ""
         console.print(f"[yellow]missing variable {escape(missing['variable'])!r}[/yellow]: no value in "
                       f"{missing['count']} contact(s) (rows {', '.join(map(str, missing['first_rows']))}{more}); "
@@ -378,30 +470,17 @@ DISCLAIMER = (
 )
 
 
-def _run_summary(campaign_id: str) -> dict[str, Any]:
-    """What `run` shows: from the read model, else from the campaign's events on Kafka."""
+def _run_summary(campaign_id: str, as_json: bool) -> dict[str, Any]:
+    """What `run` shows: the campaign's run summary from the API (or the read model an operator names)."""
     found: dict[str, Any] = {"campaign_id": campaign_id, "source": None, "status": None, "summary": None}
-    model = _read_model()
-    if model is not None:
-        with model:
-            campaign = model.campaign(campaign_id)
-        if campaign is not None and campaign.get("summary"):
-            found.update(source="read-model", status=campaign["status"], summary=campaign["summary"],
-                         name=campaign.get("name"), channel=campaign.get("channel"))
-            return found
-    events = asyncio.run(cmd.campaign_events_from_kafka(campaign_id, get_settings()))
-    for event in events:
-        kind = event.get("type")
-        if kind == "CampaignCreated":
-            found.update(name=event.get("name"), channel=event.get("channel"))
-        elif kind in ("CampaignReady", "TemplateUpdated") and event.get("summary"):
-            found["summary"] = event["summary"]
-        elif kind == "CampaignStatusChanged":
-            found["status"] = event.get("status")
-        elif kind == "CampaignDeleted":
-            found["status"] = "deleted"
-    if events:
-        found["source"] = "campaign-events"
+    reads = _reads(as_json)
+    if reads is None:
+        return found
+    with reads:
+        campaign = reads.campaign(campaign_id)
+    if campaign is not None:
+        found.update(source="api" if isinstance(reads, _ApiReads) else "read-model", status=campaign["status"],
+                     summary=campaign.get("summary"), name=campaign.get("name"), channel=campaign.get("channel"))
     return found
 
 
@@ -442,20 +521,26 @@ def _print_run_summary(found: dict[str, Any]) -> None:
     console.print(table)
 
 
+
+def _command(as_json: bool, timeout: float, route: str, campaign_id: str, *args: Any) -> list[dict[str, Any]]:
+    """One command route of the API for the campaign; its answer events (a rejection included)."""
+    with _api(as_json) as api:
+        accepted = _api_call(as_json, getattr(api, route), campaign_id, *args)
+        if accepted.get("state") == "rejected":
+            return accepted.get("events") or []
+        return _answer(api, accepted, timeout, as_json)
+
+
 @campaign_app.command("run")
 def run(
     campaign_id: str = CampaignIdArg,
     accept_disclaimer: bool = typer.Option(False, "--accept-disclaimer",
                                            help="Accept the run disclaimer (consent, content, opt-out, data)."),
-    principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Show the run summary, then run the campaign (only with --accept-disclaimer; else exit 2, nothing sent)."""
-    try:
-        found = _run_summary(campaign_id)
-    except TimeoutError as exc:
-        _fail(f"Kafka at {get_settings().kafka_bootstrap_servers} does not answer: {exc}", as_json=as_json)
+    found = _run_summary(campaign_id, as_json)
     if not as_json:
         _print_run_summary(found)
         console.print(DISCLAIMER, soft_wrap=True)
@@ -466,8 +551,8 @@ def run(
         else:
             err.print(f"[yellow]{message}[/yellow]", soft_wrap=True)
         raise typer.Exit(EXIT_REFUSED)
-    events = _send(cmd.run_campaign, campaign_id, principal=principal, timeout=timeout, as_json=as_json)
-    _print_answer(events, as_json, summary=found, run=cmd.rejection(events) is None)
+    events = _command(as_json, timeout, "run", campaign_id)
+    _print_answer(events, as_json, summary=found, run=rejection(events) is None)
 
 
 # ------------------------------------------------------------------ stop / retry / delete
@@ -476,45 +561,39 @@ def run(
 def stop(
     campaign_id: str = CampaignIdArg,
     yes: bool = YesOpt,
-    principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Stop a running campaign: queued messages are cancelled, in-flight ones carry on."""
     _confirmed_or_exit(yes, f"Stop campaign {campaign_id}? Its queued messages will be cancelled", "not stopped",
                        as_json)
-    _print_answer(_send(cmd.stop_campaign, campaign_id, principal=principal, timeout=timeout, as_json=as_json),
-                  as_json)
+    _print_answer(_command(as_json, timeout, "stop", campaign_id), as_json)
 
 
 @campaign_app.command("retry")
 def retry(
     campaign_id: str = CampaignIdArg,
-    message_ids: Optional[list[str]] = typer.Option(None, "--message-id",
+    message_ids: Optional[list[str]] = typer.Option(None, "--message-id", callback=_check_message_ids,
                                                     help="Retry only these messages (repeat the option)."),
     include_cancelled: bool = typer.Option(False, "--include-cancelled",
                                            help="Re-queue cancelled messages too (resume a stopped campaign)."),
-    principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Re-queue failed messages (all but timed-out ones, unless named)."""
-    _print_answer(_send(cmd.retry_failed, campaign_id, message_ids or None, include_cancelled, principal=principal,
-                        timeout=timeout, as_json=as_json), as_json)
+    _print_answer(_command(as_json, timeout, "retry", campaign_id, message_ids or None, include_cancelled), as_json)
 
 
 @campaign_app.command("delete")
 def delete(
     campaign_id: str = CampaignIdArg,
     yes: bool = YesOpt,
-    principal: Optional[str] = AsOpt,
     as_json: bool = JsonOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Delete a campaign that is not running (its id is never reused)."""
     _confirmed_or_exit(yes, f"Delete campaign {campaign_id}?", "not deleted", as_json)
-    _print_answer(_send(cmd.delete_campaign, campaign_id, principal=principal, timeout=timeout, as_json=as_json),
-                  as_json)
+    _print_answer(_command(as_json, timeout, "delete", campaign_id), as_json)
 
 
 # ------------------------------------------------------------------ show / events / list
@@ -555,9 +634,9 @@ def show(
     interval: float = typer.Option(0.5, "--interval", min=0.1, help="Refresh interval of --watch, seconds."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Status and message counts from the read model."""
+    """Status and message counts (from the API; from the read model when OUTREACH_READ_MODEL_URL is set)."""
     if not watch:
-        model = _read_model()
+        model = _reads(as_json)
         campaign = model.campaign(campaign_id) if model else None
         if model:
             model.close()
@@ -584,7 +663,7 @@ def _watch(campaign_id: str, interval: float, as_json: bool) -> dict[str, Any]:
             live.start()
         while True:
             if model is None:
-                model = _read_model()
+                model = _reads(as_json)
             campaign = model.campaign(campaign_id) if model else None
             if campaign is None:
                 if live:
@@ -643,7 +722,7 @@ def events(
     """The campaign's full ordered history from the read model: who created, ran, retried and stopped it, the
     disclaimer accepted at each run, each message's transitions; or its state at a time (--as-of)."""
     moment = _parse_moment(as_of) if as_of is not None else None
-    model = _read_model()
+    model = _reads(as_json)
     if model is None:
         _fail(f"no events of campaign {campaign_id} in the read model (is the projections service running?)",
               as_json=as_json)
@@ -702,8 +781,8 @@ def _print_as_of(model: ReadViews, campaign_id: str, moment: datetime, as_of: st
 
 @campaign_app.command("list")
 def list_campaigns(as_json: bool = JsonOpt) -> None:
-    """Every campaign in the read model."""
-    model = _read_model()
+    """Every campaign (from the API; from the read model when OUTREACH_READ_MODEL_URL is set)."""
+    model = _reads(as_json)
     campaigns = model.campaigns() if model else []
     if model:
         model.close()

@@ -1,7 +1,7 @@
 """The Kafka command client: publish commands on `outreach.commands`, await their answers on
 `outreach.campaign-events` (matched by `causation_id` == `command_id`).
 
-Used by the CLI and by `outreach up --demo`::
+Used by `outreach up --demo` (the CLI's campaign commands go through the HTTP API: outreach/api_client.py)::
 
     async with CommandClient(settings) as client:
         events = await create_campaign_from_rows(name="Spring", channel="sms", template={"body": "Hi"},
@@ -256,7 +256,7 @@ class CommandClient:
             self._waiters.pop(command["command_id"], None)
 
 
-# ------------------------------------------------------------------ use cases (for the CLI and `up --demo`)
+# ------------------------------------------------------------------ use cases (for `up --demo`)
 
 async def _with_client(client: CommandClient | None, settings: Settings | None, work) -> Any:
     if client is not None:

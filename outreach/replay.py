@@ -28,7 +28,8 @@ import typer
 
 from schemas import topics
 from services.common import kafka
-from services.common.settings import Settings, get_settings
+from outreach.config import operator_settings
+from services.common.settings import Settings
 from services.projections import storage
 from services.projections.projector import ReadModel, apply_isolating_poison, decode_batch
 from services.projections.schema import TABLES
@@ -327,7 +328,7 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
     console, err = Console(highlight=False), Console(stderr=True, highlight=False)
-    settings = get_settings()
+    settings = operator_settings()  # the running stack's data folder, whatever the current folder
     live = ReadModel.open_existing(settings) if compare else None
     bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
               TextColumn("{task.fields[rate]}"), console=err, disable=as_json)

@@ -1,4 +1,6 @@
-"""`outreach token create|list|revoke`: API bearer tokens (stored hashed in data_dir/api.db).
+"""`outreach token create|list|revoke`: API bearer tokens (stored hashed in the PostgreSQL store, or in the
+running stack's data_dir/api.db: OUTREACH_DATA_DIR, else the folder named by the stack file `outreach up`
+writes; an operator command, local to the stack's machine or its API container).
 
     outreach token create NAME --role org_admin|admin|campaigner|operations   prints the token, once
     outreach token list [--all]
@@ -15,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from outreach.client import default_principal
+from outreach.config import operator_settings
 from services.api.store import ROLES, ApiStore, token_store
-from services.common.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, help="HTTP API tokens: create, list, revoke.")
 console = Console(highlight=False)
@@ -26,7 +28,9 @@ DEMO_PRINCIPAL = "demo"
 
 
 def _store() -> ApiStore:
-    return token_store(get_settings())
+    # The running stack's store, whatever the current folder: OUTREACH_DATA_DIR, else the stack file of
+    # `outreach up` (outreach/config.py); on PostgreSQL, OUTREACH_POSTGRES_DSN.
+    return token_store(operator_settings())
 
 
 @app.command("create")

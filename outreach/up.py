@@ -378,19 +378,73 @@ def listener_on(port: int) -> str | None:
     return None
 
 
-def start_embedded_broker_if_needed(bootstrap: str, external: bool) -> EmbeddedBroker | None:
-    """The embedded broker at `bootstrap`, unless told to use an external one. Something already answering
-    there is refused, named: a second stack on one broker would share the first one's consumer groups and
-    split its work (say OUTREACH_EXTERNAL_KAFKA=true to mean it)."""
+def check_broker_port(bootstrap: str, external: bool) -> None:
+    """BrokerPortTaken, naming what answers, if something already answers where the embedded broker would
+    listen: a second stack on one broker would share the first one's consumer groups and split its work (say
+    OUTREACH_EXTERNAL_KAFKA=true to mean it)."""
     host, port = parse_bootstrap(bootstrap)
     if external:
-        return None
+        return
     if port_answers(host, port):
         what = listener_on(port) or "a process this user cannot see"
         raise BrokerPortTaken(
             f"Something already answers at {bootstrap}: {what}. `outreach up` starts its own broker there. "
             "Stop it, choose another KAFKA_BOOTSTRAP_SERVERS, or set OUTREACH_EXTERNAL_KAFKA=true to use "
             "that broker (give each stack its own OUTREACH_DEPLOYMENT, or they share consumer groups).")
+
+
+class ServicePortTaken(RuntimeError):
+    """A port a service of `outreach up` would listen on cannot be bound."""
+
+
+def service_ports(settings, names: tuple[str, ...] = tuple(SERVICES)) -> list[tuple[str, str, int, str]]:
+    """(service, host, port, setting) of every listening service `outreach up` starts (instances of the API and
+    of the webhook receiver share their port)."""
+    wanted = {"simulator": (settings.simulator_host, settings.simulator_port, "OUTREACH_SIMULATOR_PORT"),
+              "webhooks": (settings.webhook_host, settings.webhook_port, "OUTREACH_WEBHOOK_PORT"),
+              "api": (settings.api_host, settings.api_port, "OUTREACH_API_PORT")}
+    return [(name, *wanted[name]) for name in names if name in wanted]
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (bound as the services bind it, SO_REUSEADDR), or None if it can."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"{host} does not resolve: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_service_ports(settings, names: tuple[str, ...] = tuple(SERVICES)) -> None:
+    """ServicePortTaken naming every port a service would listen on that cannot be bound, and which service
+    wanted it (and what listens there, when this user may see it): checked before anything is started."""
+    problems = []
+    for name, host, port, setting in service_ports(settings, names):
+        why = port_taken(host, port)
+        if why is not None:
+            who = listener_on(port)
+            problems.append(f"port {port} on {host} ({name}, {setting}) is taken: {why}"
+                            + (f"; listening: {who}" if who else ""))
+    if problems:
+        raise ServicePortTaken("Cannot start: " + "; ".join(problems) + ". Stop what uses it or choose another "
+                               "port; nothing was started.")
+
+
+def start_embedded_broker_if_needed(bootstrap: str, external: bool) -> EmbeddedBroker | None:
+    """The embedded broker at `bootstrap`, unless told to use an external one (check_broker_port first)."""
+    check_broker_port(bootstrap, external)
+    if external:
+        return None
+    host, port = parse_bootstrap(bootstrap)
     broker = EmbeddedBroker(host, port)
     broker.start()
     print(f"Embedded broker (tansu, memory only) listening at {bootstrap}.")
@@ -408,6 +462,17 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
         return EXIT_CONFIG
     env = dict(os.environ)
     data_dir = Path(settings.data_dir)
+    try:  # every port first: nothing is started when one is taken
+        check_broker_port(settings.kafka_bootstrap_servers, settings.external_kafka)
+        check_service_ports(settings)
+    except (BrokerPortTaken, ServicePortTaken) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    # Operator commands (`outreach token`, `replay`) find this stack's data folder from any folder.
+    from outreach.config import write_stack
+
+    write_stack(data_dir, pid=os.getpid(), api_url=f"http://{settings.api_host}:{settings.api_port}",
+                started_at=datetime.now(UTC).isoformat())
     try:
         broker = start_embedded_broker_if_needed(settings.kafka_bootstrap_servers, settings.external_kafka)
     except BrokerPortTaken as exc:

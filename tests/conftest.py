@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +26,14 @@ pytest_plugins = ["tests.e2e_fixtures"]  # stack, settings, tail, commands for t
 # Settings() in tests and every subprocess they start see them; an explicit environment wins.
 os.environ.setdefault("OUTREACH_KAFKA_SESSION_TIMEOUT_MS", "2000")
 os.environ.setdefault("OUTREACH_KAFKA_HEARTBEAT_MS", "200")
+
+# The CLI's config file and the stack file `outreach up` writes (outreach/config.py): the tests' own folders, never
+# the user's (a test's `outreach up` would name its data folder to the user's operator commands).
+_XDG = tempfile.mkdtemp(prefix="outreach-tests-xdg-")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_XDG, "config")
+os.environ["XDG_STATE_HOME"] = os.path.join(_XDG, "state")
+for _name in ("OUTREACH_API_URL", "OUTREACH_API_TOKEN", "OUTREACH_CONFIG"):
+    os.environ.pop(_name, None)
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 

@@ -1,20 +1,17 @@
-"""The CLI: CSV import rules, AddContacts chunking, and refusals that publish nothing."""
-import asyncio
+"""The CLI: CSV import rules, AddContacts chunking, and refusals that send nothing."""
 import json
 import uuid
 
+import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from typer.testing import CliRunner
 
+from outreach import api_client
 from outreach.cli import app
 from outreach.client import add_contacts_commands
-from schemas import topics
 from schemas.commands import parse_command
 from services.common import jsoncodec
 from services.common.contacts_csv import MAX_CHUNK_BYTES, CsvError, chunk_contacts, parse_contacts_csv, read_contacts_csv
-from services.common.kafka import ensure_topics
-from services.common.settings import Settings
 from services.projections.projector import ReadModel
 
 runner = CliRunner()
@@ -123,49 +120,37 @@ def test_chunking_edge_cases():
         list(chunk_contacts(contacts(1, variable_bytes=MAX_CHUNK_BYTES), 100))
 
 
-# ------------------------------------------------------------------ refusals publish nothing
-
-async def records_keyed(bootstrap: str, topic: str, key: str) -> list[bytes]:
-    """Values of every record of `topic` with this key (read from the start up to each partition's end)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        found: list[bytes] = []
-        pending = set(tps)
-        while pending:
-            batches = await consumer.getmany(*pending, timeout_ms=200)
-            for tp, records in batches.items():
-                found += [r.value for r in records if r.key == key.encode()]
-            for tp in list(pending):
-                highwater = consumer.highwater(tp)
-                if highwater is not None and await consumer.position(tp) >= highwater:
-                    pending.discard(tp)
-        return found
-    finally:
-        await consumer.stop()
-
+# ------------------------------------------------------------------ refusals send nothing
 
 @pytest.fixture
-def cli_env(kafka_bootstrap, tmp_path, monkeypatch):
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
-    monkeypatch.setenv("OUTREACH_DATA_DIR", str(tmp_path / "data"))
-    asyncio.run(ensure_topics(Settings()))
-    return kafka_bootstrap
+def fake_api(monkeypatch):
+    """The CLI signed in to a fake API (httpx.MockTransport) that knows no campaign; `requests` records every
+    request it gets."""
+    requests: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if request.method == "GET" and request.url.path.startswith("/campaigns/"):
+            return httpx.Response(404, json={"detail": "no campaign"})
+        return httpx.Response(500, json={"detail": "the fake API expected no such request"})
+
+    monkeypatch.setenv("OUTREACH_API_URL", "http://api.invalid")
+    monkeypatch.setenv("OUTREACH_API_TOKEN", "t0ken")
+    monkeypatch.delenv("OUTREACH_READ_MODEL_URL", raising=False)
+    monkeypatch.setattr(api_client, "TRANSPORT", httpx.MockTransport(handle))
+    return requests
 
 
-def test_run_without_disclaimer_refuses_and_publishes_nothing(cli_env):
+def test_run_without_disclaimer_refuses_and_sends_nothing(fake_api):
     campaign_id = str(uuid.uuid4())
     result = runner.invoke(app, ["campaign", "run", campaign_id])
     assert result.exit_code == 2, result.output
     assert "disclaimer" in result.output and "nothing was published" in result.output
-    assert asyncio.run(records_keyed(cli_env, topics.COMMANDS, campaign_id)) == []
+    assert [(r.method, r.url.path) for r in fake_api] == [("GET", f"/campaigns/{campaign_id}")]  # the summary only
 
 
-def test_run_summary_from_the_read_model_then_refusal(cli_env, tmp_path):
+def test_run_summary_from_the_read_model_then_refusal(fake_api, tmp_path, monkeypatch):
+    """With OUTREACH_READ_MODEL_URL (an operator's look at a read model) the summary is read there."""
     campaign_id = str(uuid.uuid4())
     summary = {"name": "Spring", "channel": "sms", "message_count": 2, "preview": "Hi Ann, spring sale",
                "encoding": "GSM-7", "segments": 1, "segments_total": 2, "rows_missing_variables": [3],
@@ -179,6 +164,7 @@ def test_run_summary_from_the_read_model_then_refusal(cli_env, tmp_path):
              "occurred_at": "2024-05-01T12:00:00.000000Z", "causation_id": str(uuid.uuid4()), "message_count": 2,
              "summary": summary},
         ], [])
+    monkeypatch.setenv("OUTREACH_READ_MODEL_URL", str(tmp_path / "data" / "read-model.db"))
     result = runner.invoke(app, ["campaign", "run", campaign_id, "--json"])
     assert result.exit_code == 2, result.output
     out = json.loads(result.output)
@@ -189,11 +175,11 @@ def test_run_summary_from_the_read_model_then_refusal(cli_env, tmp_path):
     assert text.exit_code == 2
     for expected in ("Spring", "Hi Ann, spring sale", "GSM-7", "1 row(s): 3"):
         assert expected in text.output
-    assert asyncio.run(records_keyed(cli_env, topics.COMMANDS, campaign_id)) == []
+    assert fake_api == []
 
 
-def test_stop_and_delete_need_confirmation(cli_env):
+def test_stop_and_delete_need_confirmation(fake_api):
     campaign_id = str(uuid.uuid4())
     assert runner.invoke(app, ["campaign", "stop", campaign_id], input="n\n").exit_code == 2
     assert runner.invoke(app, ["campaign", "delete", campaign_id]).exit_code == 2  # no input: not confirmed
-    assert asyncio.run(records_keyed(cli_env, topics.COMMANDS, campaign_id)) == []
+    assert fake_api == []

@@ -1,16 +1,14 @@
-"""The command client and `campaign create` against the session broker, with a fake command handler that
+"""The Kafka command client (`outreach up --demo` uses it; the CLI's campaign commands go through the HTTP API:
+tests/test_cli_api.py) against the session broker, with a fake command handler that
 answers on outreach.campaign-events like the real one (same event types, causation ids, sequences)."""
 import asyncio
-import json
 import threading
 import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from typer.testing import CliRunner
 
 from outreach import client
-from outreach.cli import app
 from schemas import topics
 from schemas.commands import parse_command
 from services.common import jsoncodec
@@ -143,32 +141,3 @@ def test_client_times_out_without_an_answer(settings):
 
     with pytest.raises(client.AnswerTimeout):
         asyncio.run(scenario())
-
-
-def test_cli_create_prints_the_import_summary(settings, tmp_path, monkeypatch):
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
-    monkeypatch.setenv("OUTREACH_DATA_DIR", str(tmp_path / "data"))
-    csv_path = tmp_path / "contacts.csv"
-    csv_path.write_text("name,phone\n" + "".join(f"N{i},+1555{i:07d}\n" for i in range(1500)) + "Bad,12345\n")
-    campaign_ids: set[str] = set()
-
-    # The CLI picks the campaign id: let the fake handler answer whatever CreateCampaign it sees first.
-    class AnyNew(set):
-        def __contains__(self, item):
-            if not campaign_ids:
-                campaign_ids.add(item)
-            return item in campaign_ids
-
-    runner = CliRunner()
-    with FakeHandler(settings.kafka_bootstrap_servers, AnyNew()) as handler:
-        result = runner.invoke(app, ["campaign", "create", str(csv_path), "--name", "Spring", "--channel", "sms",
-                                     "--template-body", "Hi {{name}}", "--as", "carol", "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
-    assert out["campaign_id"] in campaign_ids
-    assert (out["valid"], out["invalid"], out["ready"]) == (1500, 1, True)
-    assert out["invalid_reasons"] == {"invalid_e164": {"count": 1, "first_rows": [1502]}}
-    chunks = [c for c in handler.received if c["type"] == "AddContacts"]
-    assert [len(c["contacts"]) for c in chunks] == [1000, 501]
-    assert chunks[0]["contacts"][0]["row"] == 2 and chunks[-1]["last_chunk"]
-    assert {c["issued_by"] for c in handler.received} == {"carol"}
