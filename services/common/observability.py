@@ -105,7 +105,7 @@ def _sqlite_answers(path: Path) -> bool:
 
     if not path.exists():
         return False
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
     try:
         connection.execute("SELECT 1").fetchone()
     finally:
