@@ -119,7 +119,7 @@ class Attachment(BaseModel):
     content_type: str
     # JSON Schema counts 338.0 as an integer (the API's OpenAPI document says integer): an integral float is
     # taken as the integer it is; 338.5 is still refused.
-    size_bytes: Annotated[int, BeforeValidator(_integral_float_as_int), Field(ge=0)]
+    size_bytes: Annotated[int, Field(ge=0), BeforeValidator(_integral_float_as_int)]  # this order: "minimum" in the schema
     status: str
 
     @property
