@@ -4,7 +4,7 @@ that uses them defines its own `env` fixture (stack_environment with its overrid
 Module attributes they read: `STACK_SERVICES` (names from outreach.up.SERVICES; default every service but
 the HTTP API, which has its own e2e), `STACK_SERVICE_ENV` (per-service environment overrides) and
 `TAIL_TOPICS` (default campaign events and message status). `api_client(env, token)` is the HTTP API of a
-stack that runs it, once it answers.
+stack that runs it, once it answers; `stack_token(env, name, role)` makes a token that API knows.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 
 from outreach.up import SERVICES, Stack
 from schemas import topics
+from services.api.store import ApiStore
 from services.common.settings import Settings
 from tests.conftest import async_wait_until
 from tests.e2e_support import Commands, Tail
@@ -55,6 +56,14 @@ async def commands(settings, tail):
     c = await Commands(settings, tail).start()
     yield c
     await c.stop()
+
+
+def stack_token(env: dict[str, str], name: str, role: str) -> str:
+    """A new API token for `name` in the stack's own store: on PostgreSQL the API's tokens are in its database
+    (every API instance sees them), else in its data folder."""
+    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
+                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
+        return store.create_token(name, role)[0]
 
 
 @contextlib.asynccontextmanager

@@ -15,10 +15,8 @@ import httpx
 import pytest
 
 from outreach.up import SERVICES
-from services.api.store import ApiStore
-from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client
+from tests.e2e_fixtures import api_client, stack_token
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE, sms_contacts
 
@@ -38,10 +36,7 @@ STACK_SERVICES = tuple(SERVICES)  # the API too
 
 @pytest.fixture(scope="module")
 def token(env) -> str:
-    # The stack's store: on PostgreSQL the API's tokens are in its database (every API instance sees them).
-    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
-                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
-        return store.create_token("grace", "campaigner")[0]
+    return stack_token(env, "grace", "campaigner")
 
 
 @pytest.fixture

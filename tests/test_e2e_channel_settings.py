@@ -12,11 +12,10 @@ import httpx
 import pytest
 
 from outreach.up import SERVICES, Stack
-from services.api.store import ApiStore
 from services.common.settings import Settings
 from services.common.webhook_signatures import TWILIO_SIGNATURE_HEADER, twilio_signature
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client
+from tests.e2e_fixtures import api_client, stack_token
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE
 
@@ -42,9 +41,7 @@ STACK_SERVICE_ENV = {"simulator": {"OUTREACH_TWILIO_ACCOUNT_SID": RIGHT["account
 
 @pytest.fixture(scope="module")
 def token(env) -> str:
-    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
-                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
-        return store.create_token("olga", "org_admin")[0]
+    return stack_token(env, "olga", "org_admin")
 
 
 @pytest.fixture

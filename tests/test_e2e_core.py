@@ -21,11 +21,9 @@ from aiokafka.partitioner import DefaultPartitioner
 from outreach.up import SERVICES
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, MessageStatusChanged
-from services.api.store import ApiStore
 from services.common import jsoncodec
-from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client
+from tests.e2e_fixtures import api_client, stack_token
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE, Tail, command, email_contacts, sms_contacts
 
@@ -80,9 +78,7 @@ async def wait_final(tail: Tail, campaign_id: str, timeout_s: float = 90) -> dic
 @pytest.fixture(scope="module")
 def cli_env(env) -> dict[str, str]:
     """The stack's environment signed in to its API with a campaigner token (the CLI's campaign commands)."""
-    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
-                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
-        token = store.create_token("core-cli", "campaigner")[0]
+    token = stack_token(env, "core-cli", "campaigner")
     return {**env, "OUTREACH_API_URL": f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", "OUTREACH_API_TOKEN": token}
 
 

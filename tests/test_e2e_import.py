@@ -16,10 +16,8 @@ import httpx
 import pytest
 
 from schemas import topics
-from services.api.store import ApiStore
-from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client
+from tests.e2e_fixtures import api_client, stack_token
 from tests.e2e_stack import stack_environment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -35,9 +33,7 @@ def env(stack_bootstrap, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def token(env) -> str:
-    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
-                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as store:
-        return store.create_token("ida", "campaigner")[0]
+    return stack_token(env, "ida", "campaigner")
 
 
 @pytest.fixture
