@@ -4,7 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench schemas compose-check clean
+# Debian packages the tests and checks use, in this one place: docker-compose (v1 validates the compose file
+# without an engine), prometheus (its promtool checks deploy/prometheus/), chromium and chromium-driver
+# (browser tests, screenshots). `make install`, `make test` and `make compose-check` install those missing;
+# without root (or passwordless sudo) or apt-get they only say which are missing, and the tests that need
+# them skip, saying why.
+DEBIAN_PACKAGES := docker-compose prometheus chromium chromium-driver
+
+.PHONY: install system-packages run test bench schemas compose-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -12,12 +19,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+system-packages:
+	@missing=""; for package in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$package"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "make: no apt-get here: install$$missing yourself (the tests needing them skip)"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else \
+	  echo "make: not root: apt-get install$$missing yourself (the tests needing them skip)"; exit 0; fi; \
+	echo "make: installing Debian packages:$$missing"; \
+	{ $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing; } >/dev/null \
+	  || echo "make: apt-get could not install$$missing (the tests needing them skip)"
+
+install: $(STAMP) system-packages
 
 run: $(STAMP)
 	$(BIN)/outreach up --demo $(UP_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
@@ -27,8 +48,12 @@ schemas: $(STAMP)
 	$(BIN)/python -m schemas.export
 	$(BIN)/python -m schemas.asyncapi
 
-compose-check:
+# The compose file, and the Prometheus configuration it mounts with its alert rules and their unit tests.
+compose-check: system-packages
 	OUTREACH_API_ENCRYPTION_KEY=$${OUTREACH_API_ENCRYPTION_KEY:-compose-check-only} docker-compose -f docker-compose.yml config -q
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts.test.yml
 
 clean:
 	rm -rf var .pytest_cache
