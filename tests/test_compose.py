@@ -20,6 +20,9 @@ SERVICES = {
     "webhooks": "python -m services.webhook_receiver",
     "simulator": "outreach simulator",
     "api": "python -m services.api",
+    # Monitoring (tests/test_monitoring.py): Prometheus scrapes the services above, Grafana shows it.
+    "prometheus": None,
+    "grafana": None,
 }
 needs_compose = pytest.mark.skipif(
     shutil.which("docker-compose") is None,
