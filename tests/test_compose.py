@@ -26,7 +26,7 @@ SERVICES = {
 }
 needs_compose = pytest.mark.skipif(
     shutil.which("docker-compose") is None,
-    reason="docker-compose not installed (.ci/run installs Debian's package)",
+    reason="docker-compose not installed (Debian's package; `make install` brings it as root)",
 )
 
 
