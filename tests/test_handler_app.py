@@ -415,3 +415,37 @@ def test_internal_records_are_parsed_with_their_models_and_refused_with_the_reas
         dead = d.handler.handle(topic, raw)
         assert isinstance(dead, DeadLetter) and dead.error.startswith(f"invalid record on {topic}: "), dead
     assert d.handler.handle("outreach.unknown", b"{}") == DeadLetter("unexpected topic outreach.unknown")
+
+
+def test_big_events_are_stored_compressed_and_events_stored_plain_still_read(app):
+    """A block's run event is stored zlib-compressed (LargeEventCompressor); a store written before the
+    compressor (every event plain JSON) still reads, and the wire records are the same either way."""
+    d = Driver(app)
+    plain_cid = str(uuid.uuid4())
+    compressor, app.mapper.compressor = app.mapper.compressor, None  # as the handler stored before
+    try:
+        d.send("CreateCampaign", plain_cid, name="before", channel="sms", template={"body": "Hi {{name}}"})
+        d.send("AddContacts", plain_cid, chunk_no=0, contacts=sms_contacts(300), last_chunk=True)
+        plain_run = d.send("RunCampaign", plain_cid, disclaimer=ALL_TRUE)
+    finally:
+        app.mapper.compressor = compressor
+    d.send("StopCampaign", plain_cid, confirmed=True)  # frees the SMS channel for the next run
+    cid = ready_sms_campaign(d, n=300)
+    run = d.send("RunCampaign", cid, disclaimer=ALL_TRUE)
+    assert [e["type"] for e in run] == [e["type"] for e in plain_run] == ["CampaignRunStarted", "CampaignStatusChanged"]
+
+    states = [n.state for n in app.recorder.select_notifications(start=1, limit=10_000)]
+    assert any(s[:1] == b"\x78" for s in states), "no event was stored compressed"
+    assert any(s[:1] == b"{" and len(s) >= 1024 for s in states), "the plain store had no big event"
+    fresh = OutreachApp(get_settings())  # nothing cached: every aggregate read back from the store
+    try:
+        assert fresh.campaign_view(plain_cid)["counts"]["cancelled"] == 300
+        assert fresh.campaign_view(cid)["counts"]["queued"] == 300
+        records = [r.as_dict() for n in fresh.recorder.select_notifications(start=1, limit=10_000)
+                   for r in wire.to_records(fresh.mapper.to_domain_event(n))]
+        for campaign_id in (plain_cid, cid):
+            statuses = [r["value"]["status"] for r in records
+                        if r["topic"] == topics.MESSAGE_STATUS and r["value"]["campaign_id"] == campaign_id]
+            assert statuses.count("queued") == 300
+    finally:
+        fresh.close()

@@ -16,6 +16,7 @@ import logging
 import threading
 import uuid
 import weakref
+import zlib
 from array import array
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,8 +26,8 @@ from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import AggregateNotFoundError, Application, Cache, Repository
 from eventsourcing.persistence import (
-    IntegrityError, InterfaceError, JSONTranscoder, Mapper, OperationalError, ProgrammingError, StoredEvent,
-    Transcoding,
+    Compressor, IntegrityError, InterfaceError, JSONTranscoder, Mapper, OperationalError, ProgrammingError,
+    StoredEvent, Transcoding,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic, retry
@@ -110,6 +111,24 @@ class PostgresRecorder(PostgresApplicationRecorder):
             return notification_ids
 
 
+class LargeEventCompressor(Compressor):
+    """zlib for a stored event of at least COMPRESS_FROM bytes, the rest as they are. A block's event lists a
+    change per message (about 64 bytes each, 1,000 to a block) and compresses about 15 to 1 at level 1, in
+    under a millisecond: the run of a 300,000-message campaign holds and saves about 1 MB, not 19 MB.
+
+    Reading tells the two apart by the first byte: the transcoder's JSON starts with `{`, zlib's stream with
+    0x78, so events stored before this compressor (or small ones) read as they are."""
+
+    COMPRESS_FROM = 1024
+    LEVEL = 1  # level 6 is 3x slower for 1 % smaller blocks
+
+    def compress(self, data: bytes) -> bytes:
+        return zlib.compress(data, self.LEVEL) if len(data) >= self.COMPRESS_FROM else data
+
+    def decompress(self, data: bytes) -> bytes:
+        return zlib.decompress(data) if data[:1] == b"\x78" else data
+
+
 def store_env(settings: Settings) -> dict[str, str]:
     """eventsourcing's persistence settings from ours (SQLite file by default, PostgreSQL by setting)."""
     env = {
@@ -117,6 +136,7 @@ def store_env(settings: Settings) -> dict[str, str]:
         # The cache hands out its own objects (no deepcopy per load: blocks are big); a failed use case
         # evicts what it touched, so a half-decided aggregate never survives in the cache.
         "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
+        "COMPRESSOR_TOPIC": get_topic(LargeEventCompressor),
     }
     if settings.event_store == "postgres":
         url = urlparse(settings.postgres_dsn)
@@ -177,7 +197,8 @@ class DestinationSetAsRuns(Transcoding):
 
 class EncodedEvent:
     """A block's event already in its stored form, the domain event let go: a run, stop or retry of a big
-    campaign keeps about 50 bytes a message until its one save, not the event's lists (about 200). Saved
+    campaign keeps about 4 bytes a message (compressed, LargeEventCompressor) until its one save, not the
+    event's lists (about 200). Saved
     like any event (`OutreachMapper` passes it through); no snapshot is taken at its version (the next
     multiple of the interval takes one)."""
 
