@@ -213,7 +213,8 @@ class ServiceStatus:
                 "state": "configuration refused" if self.refused else
                          "waiting to restart" if self.restart_at is not None else "running",
                 "restarts": self.restarts, "last_exit": self.last_exit, "last_exit_time": self.last_exit_time,
-                "crash_loop": self.crash_loop, "log": str(self.log_path)}
+                "crash_loop": self.crash_loop, "log": str(self.log_path),
+                "supervisor_pid": os.getpid()}  # `outreach status` trusts the record only while it runs
 
 
 class Supervisor:
@@ -472,7 +473,7 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
     from outreach.config import write_stack
 
     write_stack(data_dir, pid=os.getpid(), api_url=f"http://{settings.api_host}:{settings.api_port}",
-                started_at=datetime.now(UTC).isoformat())
+                kafka_bootstrap_servers=settings.kafka_bootstrap_servers, started_at=datetime.now(UTC).isoformat())
     try:
         broker = start_embedded_broker_if_needed(settings.kafka_bootstrap_servers, settings.external_kafka)
     except BrokerPortTaken as exc:

@@ -173,7 +173,7 @@ def test_the_status_record_says_restarts_and_last_exit(supervised, tmp_path):
     assert record[("simulator", 0)] | {"last_exit_time": None} == {
         "service": "simulator", "instance": 0, "pid": stack.processes["simulator"][0].process.pid,
         "state": "waiting to restart", "restarts": 1, "last_exit": 2, "last_exit_time": None, "crash_loop": False,
-        "log": str(tmp_path / "logs" / "simulator.log")}
+        "log": str(tmp_path / "logs" / "simulator.log"), "supervisor_pid": os.getpid()}
     assert record[("sender", 1)]["state"] == "running" and record[("sender", 1)]["restarts"] == 0
 
 

@@ -10,7 +10,8 @@
   service's own aiohttp server; the API mounts them on FastAPI.
 - Each running server records where it listens in `data_dir/instances/SERVICE[-INSTANCE].json` (`outreach up`
   starts every process with port 0, so every instance has its own), which is how operators and the tests
-  find every service's endpoints.
+  find every service's endpoints. The record is its heartbeat too: rewritten every HEARTBEAT_INTERVAL_S with
+  `heartbeat_at`, so `outreach status` tells a process that stopped answering (killed, hung) by its age.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def metrics_text() -> tuple[bytes, str]:
 
 Check = Callable[[], Awaitable[bool] | bool]
 CHECK_TIMEOUT_S = 3.0
+HEARTBEAT_INTERVAL_S = 5.0  # how often a running server rewrites its instance record (`heartbeat_at`)
 
 
 def broker_check(settings: Settings) -> Check:
@@ -166,6 +168,7 @@ class Observability:
         self.started = time.time()
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         SERVICE_INFO.labels(service, self.instance).set(1)
 
     def add_check(self, name: str, check: Check) -> None:
@@ -216,6 +219,7 @@ class Observability:
         port = self._runner.addresses[0][1]
         self.url = f"http://{host}:{port}"
         self._record()
+        self._heartbeat = asyncio.create_task(self._beat())
         log.info("metrics and health of %s at %s (/metrics, /healthz, /readyz)", self.service, self.url)
         return self
 
@@ -230,12 +234,23 @@ class Observability:
             partial = path.with_suffix(f".{os.getpid()}.tmp")
             partial.write_text(json.dumps({"service": self.service, "instance": self.instance, "pid": os.getpid(),
                                            "metrics_url": f"{self.url}/metrics", "url": self.url,
-                                           "started_at": self.started}))
+                                           "started_at": self.started, "heartbeat_at": time.time()}))
             os.replace(partial, path)
         except OSError:
             log.warning("could not record the metrics address in %s", path, exc_info=True)
 
+    async def _beat(self) -> None:
+        # The record rewritten from the event loop: a process that is killed or whose loop hangs stops beating.
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            self._record()  # in the loop (a small file): never after stop() removed it
+
     async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
