@@ -229,6 +229,12 @@ class CommandBase(BaseModel):
         None, description="(our addition) \"api\" when the HTTP API published the command after authenticating "
                           "issued_by's bearer token; absent when a Kafka producer publishes it (issued_by is then "
                           "that producer's assertion). Taken as given by the command handler.")
+    # Our addition: `outreach dlq replay` writes the operator who published a parked command again; the handler
+    # copies it onto every campaign event answering the command, so the campaign's history names who replayed it.
+    replayed_by: str | None = Field(
+        None, description="(our addition) The operator who replayed this command from outreach.commands.dlq "
+                          "(`outreach dlq replay`: the local account, USER@HOST); absent otherwise. The command "
+                          "handler copies it onto the campaign events answering the command. Taken as given.")
 
 
 class CreateCampaign(CommandBase):

@@ -201,6 +201,11 @@ class CampaignEventBase(BaseModel):
     sequence: NonNegativeInt
     occurred_at: UtcDatetime
     causation_id: WireId
+    # Our addition: present only on the events answering a command an operator replayed from the DLQ.
+    replayed_by: str | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="(our addition) The operator who replayed the command this event answers (its causation_id) "
+                    "from outreach.commands.dlq: the command's replayed_by. Absent otherwise.")
 
 
 class CampaignCreated(CampaignEventBase):

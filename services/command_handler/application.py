@@ -129,6 +129,18 @@ class LargeEventCompressor(Compressor):
         return zlib.decompress(data) if data[:1] == b"\x78" else data
 
 
+def _mark_replayed(campaign: Campaign, command_id: str, replayed_by: str | None) -> None:
+    """Name the operator who replayed the command (schemas.commands.CommandBase.replayed_by) on the campaign's
+    new events answering it, so the relay's mapping (wire._campaign_records) publishes it and the history keeps
+    it. An attribute beside the event's own: stored and read back with it (the mapper keeps the whole state),
+    never applied (eventsourcing applies only the decorated method's parameters)."""
+    if not replayed_by:
+        return
+    for event in campaign.pending_events:
+        if getattr(event, "causation_id", None) == command_id:
+            object.__setattr__(event, "replayed_by", replayed_by)  # events are frozen; this one is not saved yet
+
+
 def store_env(settings: Settings) -> dict[str, str]:
     """eventsourcing's persistence settings from ours (SQLite file by default, PostgreSQL by setting)."""
     env = {
@@ -504,6 +516,7 @@ class OutreachApp(Application):
             if previous is not None:
                 previous.repeat(records=previous.records)
                 return [previous]
+            replayed_by = getattr(command, "replayed_by", None)
             try:
                 if command is None:
                     raise Rejected("invalid_command", invalid_detail or "invalid command")
@@ -511,24 +524,29 @@ class OutreachApp(Application):
                 _refuse_unpublishable(changed)
             except Rejected as rejection:
                 self._evict()
-                return self._reject(command_id, campaign_id, command_type, rejection)
+                return self._reject(command_id, campaign_id, command_type, rejection, replayed_by)
             campaign = next(a for a in changed if isinstance(a, Campaign))
+            _mark_replayed(campaign, command_id, replayed_by)
             answer = wire.campaign_answer_records(campaign.pending_events, command_id)
             return [*changed, CommandLog(command_id=command_id, campaign_id=campaign_id,
                                          records=[r.as_dict() for r in answer], publish=False)]
 
         self._run(decide)
 
-    def _reject(self, command_id: str, campaign_id: str, command_type: str, rejection: Rejected) -> list[Any]:
+    def _reject(self, command_id: str, campaign_id: str, command_type: str, rejection: Rejected,
+                replayed_by: str | None = None) -> list[Any]:
         campaign = self._load(uuid.UUID(campaign_id))
         if campaign is None:
             record = wire.rejection_for_unknown_campaign(
                 command_id=command_id, campaign_id=campaign_id, command_type=command_type,
                 reason=rejection.reason, detail=rejection.detail, occurred_at=now())
+            if replayed_by:
+                record.value["replayed_by"] = replayed_by
             return [CommandLog(command_id=command_id, campaign_id=campaign_id, records=[record.as_dict()],
                                publish=True)]
         campaign.record_rejection(command_id=command_id, command_type=command_type, reason=rejection.reason,
                                   detail=rejection.detail)
+        _mark_replayed(campaign, command_id, replayed_by)
         answer = wire.campaign_answer_records(campaign.pending_events, command_id)
         return [campaign, CommandLog(command_id=command_id, campaign_id=campaign_id,
                                      records=[r.as_dict() for r in answer], publish=False)]

@@ -133,6 +133,8 @@ def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Recor
             "causation_id": e.causation_id,
             **body,
         }
+        if replayed_by := getattr(e, "replayed_by", None):  # an operator replayed the command (application.py)
+            value["replayed_by"] = replayed_by
         out.append(WireRecord(topic, campaign_id, value))
     return out
 
