@@ -6,6 +6,7 @@
     outreach campaign stop ID --yes | retry ID | delete ID --yes
     outreach campaign show ID [--watch] | events ID [--no-messages] [--as-of TIME] | list
     outreach up | replay | token ...              operator commands: local, on the stack's data folder
+    outreach status [--json] | dlq list|show|replay   operator: every instance's health; parked records
     outreach broker | simulator
 
 The campaign commands are a client of the HTTP API (outreach/api_client.py): `OUTREACH_API_URL` and
@@ -40,6 +41,7 @@ from rich.text import Text
 
 from outreach import config
 from outreach.api_client import ApiClient, ApiError, ApiUnreachable
+from outreach.dlq import app as dlq_app
 from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
@@ -55,6 +57,7 @@ campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry,
                                                       "(through the HTTP API: sign in with `outreach login`).")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(token_app, name="token")
+app.add_typer(dlq_app, name="dlq")
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -746,6 +749,8 @@ def events(
                 if item.get("type") == "CampaignRunStarted":
                     accepted = [k for k, v in (item.get("disclaimer") or {}).items() if v]
                     what += f"; disclaimer accepted: {', '.join(accepted) or 'none'}"
+                if item.get("replayed_by"):  # the command was replayed from the DLQ (outreach dlq replay)
+                    what += f" (replayed from the DLQ by {item['replayed_by']})"
                 typer.echo(f"{item.get('occurred_at')}  {str(item.get('type')):<22} {what}")
     if not shown:
         _fail(f"no events of campaign {campaign_id} in the read model")
@@ -801,6 +806,21 @@ def list_campaigns(as_json: bool = JsonOpt) -> None:
 
 
 app.command("replay")(replay_command)
+
+
+@app.command("status")
+def status(
+    as_json: bool = JsonOpt,
+    timeout: float = typer.Option(3.0, "--timeout", min=0.1, help="Seconds to wait for each instance's answer."),
+) -> None:
+    """Every instance's health, consumer and relay lag, breakers, pending timers and parked (DLQ) records.
+
+    Read from each instance's /readyz and /metrics (instances found in the stack's data folder). An instance is
+    ready, alive (not ready), restarting (outreach up starts it again) or down. Exit 0 when every instance is
+    ready, else 1."""
+    from outreach.status import status as stack_status
+
+    raise typer.Exit(stack_status(as_json, timeout))
 
 
 def main() -> None:  # python -m outreach.cli
