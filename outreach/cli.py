@@ -21,7 +21,6 @@ machine-readable output. Exit codes: 0 done, 1 rejected / no answer / error, 2 r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -258,9 +257,10 @@ def _confirmed_or_exit(yes: bool, question: str, refusal: str, as_json: bool) ->
 @app.command()
 def broker() -> None:
     """Run the embedded broker (tansu, memory storage) at KAFKA_BOOTSTRAP_SERVERS until Ctrl-C / SIGTERM."""
+    from services.common import logs
     from services.common.embedded_broker import run_forever
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure("broker")
     bootstrap = get_settings().kafka_bootstrap_servers
     console.print(f"embedded broker on {bootstrap} (memory only: everything is lost when it stops)", soft_wrap=True)
     raise typer.Exit(run_forever(bootstrap))
@@ -292,11 +292,15 @@ def up(
     With OUTREACH_EXTERNAL_KAFKA=true no broker is started: KAFKA_BOOTSTRAP_SERVERS is used as given.
     """
     from outreach.up import parse_instances, run_up
+    from services.common import logs
 
     try:
         counts = parse_instances(instances)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--instances") from None
+    # Its own lines (the embedded broker's, the supervisor's) in the services' format; WARNING unless
+    # OUTREACH_LOG_LEVEL says otherwise: the report it prints is what a newcomer reads.
+    logs.configure("up", default_level="WARNING")
     raise typer.Exit(run_up(demo=demo, exit_after_summary=exit_after_demo, demo_size=demo_size, instances=counts))
 
 

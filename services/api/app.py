@@ -229,7 +229,8 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
 
 
 def uvicorn_config(settings: Settings, app: FastAPI | None = None, **overrides: Any) -> uvicorn.Config:
-    options: dict[str, Any] = dict(host=settings.api_host, port=settings.api_port, log_level="info",
+    # log_config and log_level None: uvicorn's loggers keep the process's configuration (services/common/logs.py)
+    options: dict[str, Any] = dict(host=settings.api_host, port=settings.api_port, log_config=None, log_level=None,
                                    access_log=False, timeout_graceful_shutdown=5, lifespan="on")
     options.update(overrides)
     return uvicorn.Config(app or create_app(settings), **options)
@@ -237,8 +238,10 @@ def uvicorn_config(settings: Settings, app: FastAPI | None = None, **overrides: 
 
 def main() -> None:
     """uvicorn's own server loop: it stops cleanly on SIGTERM / SIGINT (open SSE streams are closed)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from services.common import logs
     from services.common.runtime import settings_or_exit
+
+    logs.configure("api")
 
     settings = settings_or_exit()  # a refused value (OUTREACH_DEFAULT_REGION...): exit 78, not a crash loop
     log.info("HTTP API on http://%s:%d (docs at /docs)", settings.api_host, settings.api_port)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import topics
 from schemas.commands import make_command, parse_command
-from services.common import jsoncodec, kafka, records
+from services.common import jsoncodec, kafka, logs, records
 from services.common.settings import Settings
 
 log = logging.getLogger("outreach.api.commands")
@@ -84,14 +84,16 @@ class CommandPublisher:
         """Publish in order, each acknowledged before the next (one key, so one partition, so one order)."""
         producer = await self._started()
         for command in commands:
-            try:
-                await asyncio.wait_for(
-                    producer.send_and_wait(topics.COMMANDS, value=jsoncodec.dumps(command),
-                                           key=command["campaign_id"].encode()),
-                    self.timeout_s)
-            except Exception as exc:
-                log.warning("publishing %s %s failed: %s", command["type"], command["command_id"], exc)
-                raise BrokerUnavailable(f"{command['type']} {command['command_id']} not acknowledged: {exc}") from exc
+            with logs.context(campaign_id=command["campaign_id"], command_id=command["command_id"]):
+                try:
+                    await asyncio.wait_for(
+                        producer.send_and_wait(topics.COMMANDS, value=jsoncodec.dumps(command),
+                                               key=command["campaign_id"].encode()),
+                        self.timeout_s)
+                except Exception as exc:
+                    log.warning("publishing %s %s failed: %s", command["type"], command["command_id"], exc)
+                    raise BrokerUnavailable(f"{command['type']} {command['command_id']} not acknowledged: "
+                                            f"{exc}") from exc
 
     async def publish_record(self, topic: str, key: str, record: BaseModel) -> None:
         """One internal record (a schemas.internal model), acknowledged by the broker (BrokerUnavailable if not)."""

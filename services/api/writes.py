@@ -52,6 +52,7 @@ from services.api.models import (
 )
 from services.api.reads import CampaignId
 from services.api.store import Principal
+from services.common import logs
 from services.common.contacts_csv import CsvError, add_contacts_envelope_bytes
 from services.common.import_check import ImportCheck, import_region
 from services.common.ids import UUID_PATTERN
@@ -103,7 +104,8 @@ async def _answer(request: Request, command_id: str, deadline: float) -> list[di
         return await wait_for_answer(request.app.state.read_model.answers, command_id, 0, deadline=deadline,
                                      poll_s=ANSWER_POLL_S)
     except Exception as exc:
-        log.warning("cannot read the answer of %s: %s", command_id, exc)
+        with logs.context(command_id=command_id):
+            log.warning("cannot read the answer of %s: %s", command_id, exc)
         return []
 
 

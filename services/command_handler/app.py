@@ -21,7 +21,7 @@ from faststream.kafka.publisher.usecase import DefaultPublisher
 from schemas import topics
 from schemas.commands import COMMAND_CLASSES
 from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
-from services.common import kafka
+from services.common import kafka, logs
 from services.common.observability import (Observability, assigned_check, broker_check, event_store_check,
                                            subscriber_consumer)
 from services.common.retry import backoff_s, is_transient
@@ -51,7 +51,8 @@ def build_broker(settings: Settings, handler: RecordHandler | None = None) -> Ka
     @kafka.batch_subscriber(broker, *INPUT_TOPICS, group_id=settings.group_id(GROUP_ROLE), max_records=MAX_RECORDS, settings=settings)
     async def on_batch(values: list[InputRecord], msg: KafkaMessage) -> None:
         for record in msg.raw_message:
-            await _process(handler, dead_letters, record, consumer=settings.group_id(GROUP_ROLE))
+            with logs.context(campaign_id=logs.key_id(record.key)):  # the handler adds the command's ids
+                await _process(handler, dead_letters, record, consumer=settings.group_id(GROUP_ROLE))
         await kafka.commit(msg)
 
     return broker
@@ -86,6 +87,7 @@ async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, recor
             outcome = await asyncio.to_thread(handler.handle, record.topic, record.value)
             break
         except Exception as exc:
+            logs.bind(**logs.ids_in_json(record.value))  # for the lines below (the handler's thread had them)
             if is_transient(exc):
                 transient += 1
                 wait_s = backoff_s(transient, first_wait_s=0.2, longest_wait_s=TRANSIENT_LONGEST_WAIT_S)
@@ -102,6 +104,7 @@ async def _process(handler: RecordHandler, dead_letters: DefaultPublisher, recor
             outcome = DeadLetter(f"{type(exc).__name__}: {exc}")
             break
     if isinstance(outcome, DeadLetter):
+        logs.bind(**logs.ids_in_json(record.value))
         PARKED[record.topic] += 1
         await _dead_letter(dead_letters, record, outcome.error or "failed", consumer)
 
@@ -114,7 +117,7 @@ async def _dead_letter(dead_letters: DefaultPublisher, record: ConsumerRecord, e
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "command-handler")
 
 
 if __name__ == "__main__":

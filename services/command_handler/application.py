@@ -524,6 +524,7 @@ class OutreachApp(Application):
                 _refuse_unpublishable(changed)
             except Rejected as rejection:
                 self._evict()
+                log.info("%s rejected: %s", command_type, rejection)
                 return self._reject(command_id, campaign_id, command_type, rejection, replayed_by)
             campaign = next(a for a in changed if isinstance(a, Campaign))
             _mark_replayed(campaign, command_id, replayed_by)

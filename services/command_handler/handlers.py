@@ -14,7 +14,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from schemas import topics
 from schemas.commands import COMMAND_TYPES, MAX_CHUNK_BYTES, CommandHeader, parse_command, validation_detail
 from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
-from services.common import ids, jsoncodec, records
+from services.common import ids, jsoncodec, logs, records
 from services.command_handler.application import OutreachApp
 
 # The sender's results and its circuit breakers' holds share a topic (same key, in order): told by `type`.
@@ -62,7 +62,9 @@ class RecordHandler:
             record = records.decode(model, raw)
         except records.InvalidRecord as exc:
             return DeadLetter(f"invalid record on {topic}: {exc}")
-        use_case(record)
+        with logs.context(campaign_id=getattr(record, "campaign_id", None),
+                          message_id=getattr(record, "message_id", None)):
+            use_case(record)
         return None
 
     # ----- internal records -----------------------------------------------------------------------
@@ -112,5 +114,6 @@ class RecordHandler:
                 command = parse_command(raw)
             except ValidationError as exc:
                 detail = validation_detail(exc)
-        self.app.handle_command(command, header, invalid_detail=detail)
+        with logs.context(campaign_id=header.campaign_id, command_id=header.command_id):
+            self.app.handle_command(command, header, invalid_detail=detail)
         return None

@@ -251,7 +251,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "relay")
 
 
 if __name__ == "__main__":

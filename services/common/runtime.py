@@ -1,5 +1,6 @@
-"""The entry point every service process shares: logging, settings from the environment, the safe-defaults
-check, and a clean stop on SIGTERM / SIGINT (the `stop` event a service's `serve(settings, stop)` watches)."""
+"""The entry point every service process shares: logging (services/common/logs.py), settings from the
+environment, the safe-defaults check, and a clean stop on SIGTERM / SIGINT (the `stop` event a service's
+`serve(settings, stop)` watches)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 
-from services.common import safe_defaults
+from services.common import logs, safe_defaults
 from services.common.settings import Settings, get_settings
 
 Serve = Callable[[Settings, asyncio.Event], Awaitable[None]]
@@ -51,8 +52,9 @@ def settings_or_exit() -> Settings:
         sys.exit(EXIT_CONFIG)
 
 
-def run_service(serve: Serve) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def run_service(serve: Serve, service: str) -> None:
+    """Run `serve` until SIGTERM / SIGINT, `service` naming the process in its log lines (services/common/logs.py)."""
+    logs.configure(service)  # first: a refused setting below is logged in the chosen format
     settings = settings_or_exit()
     refuse_unsafe_defaults(settings)
 

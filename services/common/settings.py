@@ -8,11 +8,41 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.phone import check_region
 
 
-class Settings(BaseSettings):
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class LogSettings(BaseSettings):
+    """How a process logs (services/common/logs.py). Read on their own before the other settings, so that a
+    refusal of any other setting is already written in the chosen format."""
     # An empty variable is an unset one (its default): docker-compose passes `${OUTREACH_X:-}` through to every
     # container, and an empty secret must never be taken for a chosen one.
     model_config = SettingsConfigDict(env_prefix="OUTREACH_", extra="ignore", populate_by_name=True,
                                       env_ignore_empty=True)
+
+    log_level: LogLevel = "INFO"
+    # text: `time logger LEVEL message campaign=… message=… command=…`; json: one JSON object a line.
+    log_format: Literal["text", "json"] = "text"
+    # Per-logger levels over the defaults, as JSON: '{"aiokafka": "INFO", "outreach.sender": "DEBUG"}'
+    # (aiokafka and httpx log at WARNING otherwise, whatever log_level says).
+    log_levels: dict[str, LogLevel] = {}
+    # Names this instance's local files when several instances of a service share one data_dir (`outreach up
+    # --instances`): "" for the first, then "1", "2"... Letters, digits, "-", "_" and "." only.
+    instance_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_levels", mode="before")
+    @classmethod
+    def _levels_any_case(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {name: level.strip().upper() if isinstance(level, str) else level for name, level in value.items()}
+        return value
+
+
+class Settings(LogSettings):
 
     # Broker
     kafka_bootstrap_servers: str = Field(
@@ -29,9 +59,7 @@ class Settings(BaseSettings):
     # Stores
     event_store: Literal["sqlite", "postgres"] = "sqlite"
     data_dir: Path = Path("./var")
-    # Names this instance's local files when several instances of a service share one data_dir (`outreach up
-    # --instances`): "" for the first, then "1", "2"... Letters, digits, "-", "_" and "." only.
-    instance_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
+    # instance_name (LogSettings): this instance's local files are data_dir/NAME-instance_name.suffix
     sqlite_path: Path | None = None
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # The read model: a postgresql:// DSN or sqlite:///path; default the SQLite file data_dir/read-model.db

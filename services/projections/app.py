@@ -111,7 +111,7 @@ class _FeedFromStartIfNew(ConsumerRebalanceListener):
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "projections")
 
 
 if __name__ == "__main__":

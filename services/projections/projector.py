@@ -27,7 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, CAMPAIGN_EVENT_TYPES, MessageStatusChanged
-from services.common import jsoncodec
+from services.common import jsoncodec, logs
 from services.common.records import InvalidRecord
 from services.projections import schema
 from services.projections.fold import fold_campaign
@@ -126,7 +126,9 @@ def decode_batch(records: list[Any]) -> tuple[list[dict[str, Any]], list[dict[st
             value = check(jsoncodec.loads(record.value or b""))
         except (jsoncodec.JSONDecodeError, InvalidRecord) as exc:
             skipped += 1
-            log.warning("skipping poison record %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+            with logs.context(**logs.ids_in_json(record.value)):
+                log.warning("skipping poison record %s[%d]@%d: %s", record.topic, record.partition, record.offset,
+                            exc)
             continue
         (campaign_events if record.topic == topics.CAMPAIGN_EVENTS else statuses).append(value)
     return campaign_events, statuses, skipped
@@ -199,7 +201,8 @@ def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], status
             if model.is_unavailable(exc):
                 raise
             skipped += 1
-            log.warning("skipping poison campaign event %s: %r", event.get("event_id"), exc)
+            with logs.context(**logs.ids_of(event)):
+                log.warning("skipping poison campaign event %s: %r", event.get("event_id"), exc)
     for status in statuses:
         try:
             model.apply_batch([], [status])
@@ -207,7 +210,8 @@ def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], status
             if model.is_unavailable(exc):
                 raise
             skipped += 1
-            log.warning("skipping poison message-status record %s: %r", status.get("event_id"), exc)
+            with logs.context(**logs.ids_of(status)):
+                log.warning("skipping poison message-status record %s: %r", status.get("event_id"), exc)
     return skipped
 
 

@@ -43,7 +43,7 @@ from pydantic import BaseModel
 from schemas import topics
 from schemas.internal import ClaimRequest, WorkClaimed, template_digest
 from schemas.times import utc_now
-from services.common import channel_settings, ids, jsoncodec, kafka, records
+from services.common import channel_settings, ids, jsoncodec, kafka, logs, records
 from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
 from services.common.fence import HandoffFence, open_fence
 from services.common.observability import (CLAIMS_IN_FLIGHT, Observability, assigned_check, broker_check,
@@ -252,11 +252,12 @@ class Sender:
                     if (error := undecodable_error(record)) is not None:
                         await kafka.park(self.producer, record, error, consumer=self.consumer_name)
                         continue
-                    try:
-                        self.on_campaign_event(jsoncodec.loads(record.value or b"null"))
-                    except jsoncodec.JSONDecodeError:
-                        log.warning("campaign event %s[%d]@%d is not JSON; skipped",
-                                    record.topic, record.partition, record.offset)
+                    with logs.context(campaign_id=logs.key_id(record.key)):
+                        try:
+                            self.on_campaign_event(jsoncodec.loads(record.value or b"null"))
+                        except jsoncodec.JSONDecodeError:
+                            log.warning("campaign event %s[%d]@%d is not JSON; skipped",
+                                        record.topic, record.partition, record.offset)
             # After their effects (handling is idempotent: a crash in between reads a few again).
             self.journal.save_event_positions({tp.partition: fetched[-1].offset + 1
                                                for tp, fetched in batches.items() if fetched})
@@ -338,6 +339,7 @@ class Sender:
         task.add_done_callback(finished)
 
     async def _job(self, tp: TopicPartition, offset: int, work: dict, submitted) -> None:
+        logs.bind(campaign_id=work["campaign_id"])  # this task's lines, the adapters' too (a task of its own)
         work["template"] = await self._template(work["campaign_id"], work["template_digest"])
         if work["channel"] == "sms" and work["items"]:  # the rendered messages: the best estimate
             self.book.learn_segments(work["campaign_id"], mean_segments(work["template"], work["items"]))
@@ -593,7 +595,7 @@ async def _close_adapters(adapters: Mapping[str, ProviderAdapter]) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "sender")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ import aiosmtplib
 import orjson
 
 from schemas.times import utc_now
+from services.common import logs
 from services.common.fence import HandoffFence
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
@@ -375,6 +376,10 @@ class SmtpAdapter:
         return message
 
     async def _transact(self, item: Mapping[str, Any], template: Mapping[str, Any], attempt: int) -> Outcome:
+        with logs.context(campaign_id=item.get("campaign_id") or None, message_id=item["message_id"]):
+            return await self._transact_one(item, template, attempt)
+
+    async def _transact_one(self, item: Mapping[str, Any], template: Mapping[str, Any], attempt: int) -> Outcome:
         try:
             message = self.build_message(item, template, attempt)
         except (ValueError, TypeError, KeyError) as exc:  # e.g. a line break in a header value: never sendable

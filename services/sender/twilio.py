@@ -46,7 +46,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 from schemas.times import utc_now
-from services.common import jsoncodec
+from services.common import jsoncodec, logs
 from services.common.settings import Settings
 from services.sender.http_session import ProviderSession
 from services.common.templating import render
@@ -141,6 +141,10 @@ class TwilioAdapter:
     # ------------------------------------------------------------------ one message
 
     async def _send(self, item: Mapping[str, Any], template: Mapping[str, Any]) -> list[dict]:
+        with logs.context(message_id=item["message_id"]):
+            return await self._send_one(item, template)
+
+    async def _send_one(self, item: Mapping[str, Any], template: Mapping[str, Any]) -> list[dict]:
         message_id = item["message_id"]
         attempt = item["attempt"] + 1
         form = {

@@ -66,6 +66,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from services.common import logs
 from services.common.observability import Observability, http_metrics_middleware
 from services.common.settings import Settings, get_settings
 from services.common.simulation import (
@@ -667,5 +668,5 @@ async def run(settings: Settings | None = None, stop: asyncio.Event | None = Non
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("simulator")
     asyncio.run(run())

@@ -22,7 +22,7 @@ from faststream.kafka.publisher.usecase import DefaultPublisher
 from schemas import topics
 from schemas.events import MessageStatusChanged
 from schemas.internal import Expiry
-from services.common import ids, kafka, records
+from services.common import ids, kafka, logs, records
 from services.common.observability import (PENDING_TIMERS, Observability, assigned_check, broker_check,
                                            event_store_check, subscriber_consumer)
 from services.common.runtime import run_service
@@ -55,7 +55,8 @@ def parse_status(value: bytes | None) -> StatusRecord | None:
     try:
         return records.decode(STATUS_RECORD, value)
     except records.InvalidRecord as exc:
-        log.warning("skipping an unreadable status record (%s): %r", exc, (value or b"")[:200])
+        with logs.context(**logs.ids_in_json(value)):
+            log.warning("skipping an unreadable status record (%s): %r", exc, (value or b"")[:200])
         return None
 
 
@@ -138,7 +139,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "timeout-sweeper")
 
 
 if __name__ == "__main__":

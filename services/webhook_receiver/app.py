@@ -104,4 +104,4 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "webhooks")

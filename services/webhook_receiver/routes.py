@@ -46,7 +46,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from schemas.internal import OptOutChanged, SenderResult
-from services.common import jsoncodec
+from services.common import jsoncodec, logs
 from services.common.ids import is_wire_uuid
 from services.common.observability import WEBHOOK_VERIFICATION_FAILURES, http_metrics_middleware
 from services.common.settings import Settings
@@ -164,6 +164,8 @@ class Receiver:
             return form
         campaign_id, message_id = request.query.get("campaign_id"), request.query.get("message_id")
         ours = is_wire_uuid(campaign_id) and is_wire_uuid(message_id)
+        if ours:
+            logs.bind(campaign_id=campaign_id, message_id=message_id)
         try:
             record, optout = twilio_status_records(form, message_id if ours else None,
                                                    submission_number(request.query.get("submission")))
@@ -289,6 +291,7 @@ class Receiver:
             return refusal
         campaign_id, message_id, destination = verified
         results = {}
+        logs.bind(**logs.ids_of({"campaign_id": campaign_id, "message_id": message_id}))
         if is_wire_uuid(campaign_id) and is_wire_uuid(message_id):
             results[campaign_id] = [result(message_id, "unsubscribe")]
         optout = opt_out("email", normalize_email(destination), True, "email_unsubscribe", message_id)
@@ -323,10 +326,17 @@ def event_key(kind: str, provider_id: str) -> str:
     return key
 
 
+@web.middleware
+async def log_ids_scope(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The ids a handler binds (logs.bind: the callback's campaign and message) end with its request."""
+    with logs.context():
+        return await handler(request)
+
+
 def create_app(settings: Settings, outbox: Outbox | None, **receiver_options: Any) -> web.Application:
     receiver = Receiver(settings, outbox, **receiver_options)
     app = web.Application(client_max_size=CLIENT_MAX_SIZE,
-                          middlewares=[http_metrics_middleware("webhooks"), body_limits])
+                          middlewares=[http_metrics_middleware("webhooks"), body_limits, log_ids_scope])
     app[RECEIVER] = receiver
     app.router.add_post("/twilio/status", receiver.twilio_status, expect_handler=expect_within_limit)
     app.router.add_post("/twilio/inbound", receiver.twilio_inbound, expect_handler=expect_within_limit)
