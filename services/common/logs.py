@@ -12,10 +12,10 @@ message and command ids of what the process is handling when it logs.
 - `IdsFilter` adds `service`, `instance` and the ids to each record; the text formatter appends
   ` campaign=… message=… command=…` (only those known); the JSON one writes them as fields.
 
-A text line:  2026-12-05 13:32:08,123 outreach.command_handler INFO StartRun rejected: ... campaign=… command=…
-A JSON line:  {"time": "2026-12-05T13:32:08.123Z", "level": "INFO", "logger": "outreach.command_handler",
-               "message": "StartRun rejected: ...", "service": "command-handler", "instance": "0",
-               "campaign_id": "…", "command_id": "…"}
+A text line:  2026-12-05 13:32:08,123 outreach.sender.twilio WARNING Twilio gave no answer … campaign=… message=…
+A JSON line:  {"time": "2026-12-05T13:32:08.123Z", "level": "INFO", "logger": "services.command_handler.application",
+               "message": "DeleteCampaign rejected: unknown_campaign: ...", "service": "command-handler",
+               "instance": "0", "campaign_id": "…", "command_id": "…"}
 """
 from __future__ import annotations
 
