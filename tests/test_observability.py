@@ -205,11 +205,22 @@ def test_a_metrics_port_out_of_range_is_refused(value, monkeypatch):
         Settings()
 
 
-def test_pending_timers_are_counted_by_kind(tmp_path):
-    from services.timeout_sweeper.timers import TimerStore
+def test_pending_timers_are_counted_by_kind(tmp_path, event_store_env, monkeypatch):
+    import uuid
+    from datetime import datetime, timezone
 
-    store = TimerStore.open(Settings(data_dir=tmp_path, event_store="sqlite"))
+    from services.timeout_sweeper.timers import TimeoutSettings, TimerStore
+
+    for key, value in event_store_env.items():
+        monkeypatch.setenv(key, value)
+    store = TimerStore.open(Settings(data_dir=tmp_path))
     try:
         assert store.pending_by_kind() == {"sending": 0, "sent": 0, "retry_window": 0}
+        campaign_id, now = str(uuid.uuid4()), datetime.now(timezone.utc)
+        statuses = ["sending"] * 3 + ["sent"] * 2 + ["delivered"]
+        store.apply([{"message_id": str(uuid.uuid4()), "campaign_id": campaign_id, "channel": "sms",
+                      "status": status, "previous_status": None, "sequence": n + 1, "occurred_at": now}
+                     for n, status in enumerate(statuses)], TimeoutSettings(600, 600, 3600))
+        assert store.pending_by_kind() == {"sending": 3, "sent": 2, "retry_window": 0}
     finally:
         store.close()

