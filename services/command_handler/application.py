@@ -210,9 +210,8 @@ class DestinationSetAsRuns(Transcoding):
 class EncodedEvent:
     """A block's event already in its stored form, the domain event let go: a run, stop or retry of a big
     campaign keeps about 4 bytes a message (compressed, LargeEventCompressor) until its one save, not the
-    event's lists (about 200). Saved
-    like any event (`OutreachMapper` passes it through); no snapshot is taken at its version (the next
-    multiple of the interval takes one)."""
+    event's lists (about 200). Saved like any event (`OutreachMapper` passes it through); no snapshot is taken
+    at its version (the next multiple of the interval takes one)."""
 
     __slots__ = ("stored", "originator_id", "originator_version")
 
