@@ -22,6 +22,7 @@ from services.common import jsoncodec, kafka, logs
 from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.runtime import EXIT_CONFIG
 from services.common.settings import LogSettings, Settings
+from services.sender.twilio import TwilioAdapter
 from tests.conftest import async_wait_until
 from tests.e2e_support import command
 
@@ -171,6 +172,26 @@ def test_ids_of_records_take_only_wire_ids():
     assert logs.ids_in_json(b"{not json") == {} and logs.ids_in_json(None) == {}
     assert logs.ids_in_json(jsoncodec.dumps({"command_id": COMMAND})) == {"command_id": COMMAND}
     assert logs.key_id(CAMPAIGN.encode()) == CAMPAIGN and logs.key_id(b"+12025550100") is None
+
+
+async def test_each_message_the_sender_cannot_send_is_named_with_its_campaign(restore_logging, tmp_path):
+    """The Twilio adapter against a closed port, inside a claim's campaign (as the sender's job binds it):
+    each message's warning names the campaign and that message."""
+    stream = configured("sender", log_format="json")
+    adapter = TwilioAdapter(Settings(twilio_base_url=f"http://127.0.0.1:{free_port()}", data_dir=tmp_path),
+                            connect_timeout_s=1)
+    items = [{"message_id": str(uuid.uuid4()), "row": row, "destination": "+12025550100", "variables": {},
+              "attempt": 0} for row in (2, 3)]
+    try:
+        with logs.context(campaign_id=CAMPAIGN):
+            results = await adapter.submit("sms", items, {"body": "Hi"})
+    finally:
+        await adapter.close()
+    assert {result["outcome"] for result in results} == {"presend_error"}
+    warned = [json.loads(line) for line in lines(stream) if "not reached for message" in line]
+    assert sorted((line["campaign_id"], line["message_id"]) for line in warned) == sorted(
+        (CAMPAIGN, item["message_id"]) for item in items)
+    assert all(line["message_id"] in line["message"] for line in warned)  # each line's id is its own message's
 
 
 # ------------------------------------------------------------------ real processes
