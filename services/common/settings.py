@@ -124,6 +124,12 @@ class Settings(LogSettings):
     # Fernet key that encrypts stored channel credentials; default: generated once into
     # data_dir/api-encryption.key (mode 0600).
     api_encryption_key: SecretStr | None = None
+    # The web console (services/api/console, served by the API under /console): a sign-in session ends
+    # console_session_hours after sign-in, or console_idle_minutes after its last request, whichever is first.
+    # console_https: the console is reached over https (directly or behind a proxy): its cookies are `Secure`.
+    console_session_hours: float = Field(8, gt=0, le=24 * 30)
+    console_idle_minutes: float = Field(30, gt=0)
+    console_https: bool = False
 
     # Metrics and health (services/common/observability.py): every process serves /metrics, /healthz and
     # /readyz on metrics_host:metrics_port; 0 = a free port, recorded in data_dir/instances/ (`outreach up`
