@@ -5,7 +5,7 @@
     outreach campaign run ID --accept-disclaimer
     outreach campaign stop ID --yes | retry ID | delete ID --yes
     outreach campaign show ID [--watch] | events ID [--no-messages] [--as-of TIME] | list
-    outreach up | replay | token ...              operator commands: local, on the stack's data folder
+    outreach up | replay | token | user ...       operator commands: local, on the stack's data folder
     outreach status [--json] | dlq list|show|replay   operator: every instance's health; parked records
     outreach broker | simulator
 
@@ -43,6 +43,7 @@ from outreach.api_client import ApiClient, ApiError, ApiUnreachable
 from outreach.dlq import app as dlq_app
 from outreach.replay import replay as replay_command
 from outreach.tokens import app as token_app
+from outreach.users import app as user_app
 from schemas.events import FINAL_MESSAGE_STATUSES, MESSAGE_STATUSES
 from schemas.ids import is_wire_uuid
 from schemas.times import rfc3339
@@ -56,6 +57,7 @@ campaign_app = typer.Typer(no_args_is_help=True, help="Create, run, stop, retry,
                                                       "(through the HTTP API: sign in with `outreach login`).")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(token_app, name="token")
+app.add_typer(user_app, name="user")
 app.add_typer(dlq_app, name="dlq")
 
 console = Console(highlight=False)

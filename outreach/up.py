@@ -498,11 +498,15 @@ def run_up(*, demo: bool, exit_after_summary: bool, demo_size: int = 200,
         if demo:
             from outreach.demo import run_demo
             from outreach.tokens import demo_token
+            from outreach.users import demo_user
 
             ok = run_demo(settings, size=demo_size)
             token = demo_token()
             print(f"Demo API token (org_admin): {token}\n  try: curl -H 'Authorization: Bearer {token}' "
                   f"http://{settings.api_host}:{settings.api_port}/campaigns")
+            username, password = demo_user()
+            print(f"Demo console sign-in (org_admin): http://{settings.api_host}:{settings.api_port}/console/ "
+                  f"user {username}, password {password}")
             if exit_after_summary:
                 return 0 if ok else 1
         print("Serving (a service that exits is restarted). Press Ctrl-C to stop.")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from services.api.store import ApiStore
 from services.common.embedded_broker import free_port
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +42,13 @@ def test_make_run_reaches_the_demo_summary(tmp_path):
     assert "Demo SMS" in output and "Demo email" in output
     assert output.count("complete") >= 2, output[-3000:]
     assert (tmp_path / "var" / "outreach-events.db").exists()  # the SQLite event store by default
+    # the banner's console sign-in: a demo org admin whose printed password is the stored one
+    sign_in = re.search(r"Demo console sign-in \(org_admin\): (http://\S+/console/) user (\S+), password (\S+)",
+                        output)
+    assert sign_in, output[-3000:]
+    assert sign_in.group(1) == f"http://127.0.0.1:{env['OUTREACH_API_PORT']}/console/"
+    with ApiStore(tmp_path / "var" / "api.db") as store:
+        assert store.check_password(sign_in.group(2), sign_in.group(3)).role == "org_admin"
 
 
 def test_outreach_up_runs_two_senders_on_the_embedded_defaults(tmp_path):

@@ -25,6 +25,7 @@ from starlette.routing import Match
 
 from schemas.topics import MAX_RECORD_BYTES
 from services.api import reads, settings_routes, tokens_routes, writes
+from services.api.console import routes as console
 from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
 from services.api.settings_publisher import SettingsPublisher
 from services.api.store import ApiStore, CredentialsUnreadable
@@ -170,6 +171,7 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
     app.include_router(writes.router)
     app.include_router(settings_routes.router)
     app.include_router(tokens_routes.router)
+    console.mount(app, settings)  # the web console's pages under /console (outside the OpenAPI document)
 
     @app.get("/healthz", tags=["health"], summary="Liveness (no authentication)")
     async def healthz() -> dict[str, str]:
