@@ -5,6 +5,8 @@ throttle and its one generic message, a password change signing out the user's o
 from __future__ import annotations
 
 import re
+import statistics
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -143,6 +145,21 @@ def test_a_wrong_password_and_an_unknown_user_get_the_same_answer(browser, make_
     assert not is_signed_in(browser)
     echoed = sign_in(browser, '"><script>alert(1)</script>')  # the typed name is shown again, escaped
     assert echoed.status_code == 403 and "<script>alert(1)" not in echoed.text and "&lt;script&gt;" in echoed.text
+
+
+def test_an_unknown_username_takes_as_long_to_refuse_as_a_wrong_password(store, make_user):
+    make_user("timo")
+
+    def seconds(username: str) -> float:
+        started = time.perf_counter()
+        assert store.check_password(username, "a wrong password here") is None
+        return time.perf_counter() - started
+
+    # interleaved, medians: the machine's load moves both alike; without the dummy hash an unknown name would be
+    # refused in about a millisecond, a hundred times faster than a real Argon2 check
+    samples = [(seconds("timo"), seconds("no-such-user")) for _ in range(3)]
+    wrong, unknown = (statistics.median(column) for column in zip(*samples))
+    assert unknown > 0.3 * wrong, (wrong, unknown)
 
 
 def test_unsafe_requests_without_the_csrf_token_are_refused(browser, make_user):
