@@ -23,6 +23,7 @@ from schemas.internal import (
     ChannelSettingsChanged,
     ClaimRequest,
     Expiry,
+    InstanceHeartbeat,
     OptOutChanged,
     SenderResults,
     SendingHold,
@@ -75,6 +76,7 @@ _EXPORTS: dict[str, tuple[str, str, TypeAdapter[Any], JsonSchemaMode]] = {
         TypeAdapter(ChannelSettingsChanged),
         "validation",
     ),
+    "internal-heartbeat.json": ("InstanceHeartbeat", topics.HEARTBEATS, TypeAdapter(InstanceHeartbeat), "validation"),
 }
 
 

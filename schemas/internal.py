@@ -191,3 +191,26 @@ class ChannelSettingsChanged(BaseModel):
     provider: Annotated[str, Field(min_length=1, max_length=64)]
     credentials: Annotated[str, Field(min_length=1)]
     occurred_at: WireTime
+
+
+class InstanceHeartbeat(BaseModel):
+    """Every service instance -> `outreach status` (`outreach.internal.heartbeats`, key `SERVICE[-N]@host`):
+    where its /metrics, /healthz and /readyz answer, published every `interval_s` seconds by its observability
+    server (services/common/observability.py). The latest record of a key wins; a null value (a tombstone)
+    is published when the instance stops, so a stopped instance is not taken for a dead one."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["InstanceHeartbeat"] = "InstanceHeartbeat"
+    deployment: str  # OUTREACH_DEPLOYMENT: `outreach status` shows its own deployment's instances only
+    service: Annotated[str, Field(min_length=1, max_length=64)]
+    instance: Annotated[str, Field(max_length=64)]  # OUTREACH_INSTANCE_NAME, "0" for the first (none)
+    host: Annotated[str, Field(min_length=1, max_length=255)]
+    pid: Annotated[int, Field(ge=0)]
+    # Where the endpoints answer from other hosts: OUTREACH_METRICS_ADVERTISED_URL, else the host's name when
+    # it listens on every address (0.0.0.0, as in docker-compose), else OUTREACH_METRICS_HOST.
+    url: str
+    metrics_url: str  # url + "/metrics" (what Prometheus scrapes)
+    interval_s: Annotated[float, Field(gt=0)]
+    started_at: WireTime
+    at: WireTime

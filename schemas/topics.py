@@ -11,11 +11,15 @@ SENDER_RESULTS = "outreach.internal.sender-results"
 EXPIRIES = "outreach.internal.expiries"
 OPT_OUTS = "outreach.internal.opt-outs"
 CHANNEL_SETTINGS = "outreach.internal.channel-settings"
+# Every service instance's heartbeat (`outreach status` finds the instances of every host by it).
+HEARTBEATS = "outreach.internal.heartbeats"
 
 PUBLIC_TOPICS = (COMMANDS, CAMPAIGN_EVENTS, MESSAGE_STATUS, COMMANDS_DLQ)
-INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES, OPT_OUTS, CHANNEL_SETTINGS)
+INTERNAL_TOPICS = (CLAIM_REQUESTS, SENDER_WORK, SENDER_RESULTS, EXPIRIES, OPT_OUTS, CHANNEL_SETTINGS, HEARTBEATS)
 ALL_TOPICS = PUBLIC_TOPICS + INTERNAL_TOPICS
 # Topics that carry a single stream of operator records: one partition keeps them in arrival order.
-SINGLE_PARTITION_TOPICS = (COMMANDS_DLQ,)
+SINGLE_PARTITION_TOPICS = (COMMANDS_DLQ, HEARTBEATS)
+# Heartbeats only matter for a while: kept an hour (where the broker deletes old records), not for ever.
+HEARTBEAT_RETENTION_MS = 3_600_000
 
 MAX_RECORD_BYTES = 1024 * 1024

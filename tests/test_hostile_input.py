@@ -39,8 +39,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 TAIL_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.COMMANDS_DLQ)
 CODECS = ("gzip", "snappy", "lz4", "zstd")  # every codec Kafka defines
-# The topics the services consume (the DLQ is read by operators only).
-CONSUMED_TOPICS = tuple(t for t in topics.ALL_TOPICS if t != topics.COMMANDS_DLQ)
+# The topics the services consume (the DLQ is read by operators only, the heartbeats by `outreach status`).
+CONSUMED_TOPICS = tuple(t for t in topics.ALL_TOPICS if t not in (topics.COMMANDS_DLQ, topics.HEARTBEATS))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from faststream.kafka import KafkaMessage
 
-from schemas.topics import ALL_TOPICS, COMMANDS_DLQ, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
+from schemas.topics import (ALL_TOPICS, COMMANDS_DLQ, HEARTBEAT_RETENTION_MS, HEARTBEATS, MAX_RECORD_BYTES,
+                           SINGLE_PARTITION_TOPICS)
 from services.common import jsoncodec
 from services.common.embedded_broker import EmbeddedBroker, free_port
 from services.common.kafka import (
@@ -90,10 +91,13 @@ async def test_ensure_topics_on_the_session_broker(settings):
     await admin.start()
     try:
         [described] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, COMMANDS_DLQ)])
+        [heartbeats] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, HEARTBEATS)])
     finally:
         await admin.close()
     entries = {name: value for name, value, *_ in described.resources[0][4]}
     assert entries["max.message.bytes"] == str(MAX_REQUEST_BYTES)
+    entries = {name: value for name, value, *_ in heartbeats.resources[0][4]}
+    assert entries["retention.ms"] == str(HEARTBEAT_RETENTION_MS)  # heartbeats are kept an hour, not for ever
 
 
 async def test_record_round_trip(settings):

@@ -29,7 +29,7 @@ from pydantic import TypeAdapter, WithJsonSchema
 from pydantic.json_schema import JsonSchemaMode
 
 from schemas import topics
-from schemas.topics import ALL_TOPICS, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
+from schemas.topics import ALL_TOPICS, HEARTBEAT_RETENTION_MS, HEARTBEATS, MAX_RECORD_BYTES, SINGLE_PARTITION_TOPICS
 from services.common.retry import backoff_s, retrying
 from services.common.settings import Settings, get_settings
 from services.common.undecodable import undecodable_error  # importing it installs the tolerant fetch
@@ -41,6 +41,9 @@ T = TypeVar("T")
 MAX_REQUEST_BYTES = MAX_RECORD_BYTES + 64 * 1024
 DLQ_VALUE_LIMIT = 64 * 1024  # the contract: a parked value is cut to 64 KiB
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_REQUEST_BYTES)}
+# The heartbeats are deleted after an hour; Kafka deletes whole segments only, so they roll every 10 minutes.
+HEARTBEAT_TOPIC_CONFIG = {**TOPIC_CONFIG, "retention.ms": str(HEARTBEAT_RETENTION_MS),
+                          "segment.ms": str(HEARTBEAT_RETENTION_MS // 6)}
 BROKER_TIMEOUT_S = 30.0
 
 
@@ -87,10 +90,17 @@ async def wait_for_broker(bootstrap: str, timeout_s: float = BROKER_TIMEOUT_S) -
     await _with_admin(bootstrap, timeout_s, lambda admin: admin.list_topics())
 
 
-async def _create(admin: AIOKafkaAdminClient, wanted: dict[str, int], config: dict[str, str]) -> dict[str, Exception]:
-    """Create topics; return the per-topic errors other than 'already exists' (a racing creator is fine)."""
+def topic_config(topic: str) -> dict[str, str]:
+    """The configuration a topic is created with."""
+    return HEARTBEAT_TOPIC_CONFIG if topic == HEARTBEATS else TOPIC_CONFIG
+
+
+async def _create(admin: AIOKafkaAdminClient, wanted: dict[str, int], with_config: bool) -> dict[str, Exception]:
+    """Create topics (`with_config`: each with its `topic_config`); return the per-topic errors other than
+    'already exists' (a racing creator is fine)."""
     response = await admin.create_topics(
-        [NewTopic(name, n, replication_factor=1, topic_configs=config) for name, n in wanted.items()]
+        [NewTopic(name, n, replication_factor=1, topic_configs=topic_config(name) if with_config else {})
+         for name, n in wanted.items()]
     )
     errors: dict[str, Exception] = {}
     for item in response.to_object()["topic_errors"]:
@@ -106,7 +116,8 @@ async def ensure_topics(settings: Settings | None = None, timeout_s: float = BRO
 
     Existing topics are left alone, even with another partition count (Kafka cannot shrink them).
     tansu 0.6 accepts `max.message.bytes` (describe_configs returns it) but does not enforce it; the
-    fallback without config is for brokers whose policy refuses topic configs.
+    fallback without config is for brokers whose policy refuses topic configs. The heartbeat topic also
+    gets a retention of an hour (HEARTBEAT_TOPIC_CONFIG; tansu accepts it, and forgets everything when it stops).
     """
     settings = settings or get_settings()
     wanted = topic_partitions(settings)
@@ -116,10 +127,11 @@ async def ensure_topics(settings: Settings | None = None, timeout_s: float = BRO
         missing = {t: n for t, n in wanted.items() if t not in existing}
         if not missing:
             return []
-        errors = await _create(admin, missing, TOPIC_CONFIG)
+        errors = await _create(admin, missing, with_config=True)
         if errors:
-            log.warning("broker refused topic config %s (%s); creating without it", TOPIC_CONFIG, errors)
-            errors = await _create(admin, {t: missing[t] for t in errors}, {})
+            log.warning("broker refused topic configs %s (%s); creating without them",
+                        {t: topic_config(t) for t in errors}, errors)
+            errors = await _create(admin, {t: missing[t] for t in errors}, with_config=False)
         if errors:
             raise next(iter(errors.values()))  # retried by _with_admin if retriable
         return sorted(missing)

@@ -10,8 +10,14 @@
   service's own aiohttp server; the API mounts them on FastAPI.
 - Each running server records where it listens in `data_dir/instances/SERVICE[-INSTANCE].json` (`outreach up`
   starts every process with port 0, so every instance has its own), which is how operators and the tests
-  find every service's endpoints. The record is its heartbeat too: rewritten every HEARTBEAT_INTERVAL_S with
-  `heartbeat_at`, so `outreach status` tells a process that stopped answering (killed, hung) by its age.
+  find every service's endpoints. The record is its heartbeat too: rewritten every
+  OUTREACH_HEARTBEAT_INTERVAL_S (5 s) with `heartbeat_at`, so `outreach status` tells a process that stopped
+  answering (killed, hung) by its age.
+- A data folder is one host's (each docker-compose container has its own): so each server also publishes
+  its heartbeat on the broker at the same pace (`outreach.internal.heartbeats`, key `SERVICE[-N]@host`, an
+  `InstanceHeartbeat` naming the address other hosts reach it at), and a tombstone when it stops. Its own
+  small producer, opened once the broker answers and dropped on any failure (logged at debug, tried again
+  the next beat): the broker being away never delays or stops the service.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,6 +35,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
+from schemas import topics
+from schemas.internal import InstanceHeartbeat
+from schemas.times import from_timestamp, utc_now
+from services.common import kafka, records
 from services.common.settings import Settings
 
 log = logging.getLogger("outreach.observability")
@@ -74,7 +85,11 @@ def metrics_text() -> tuple[bytes, str]:
 
 Check = Callable[[], Awaitable[bool] | bool]
 CHECK_TIMEOUT_S = 3.0
-HEARTBEAT_INTERVAL_S = 5.0  # how often a running server rewrites its instance record (`heartbeat_at`)
+HEARTBEAT_INTERVAL_S = 5.0  # OUTREACH_HEARTBEAT_INTERVAL_S's default: a record without `interval_s` beat at it
+BROKER_STOP_S = 2.0  # the longest a stopping server waits to publish its tombstone and close its producer
+# The longest one beat's publishing may take, connecting included: never less than this, however short the
+# interval (a loaded host takes a while to connect), and the next beat waits for it.
+PUBLISH_TIMEOUT_FLOOR_S = 5.0
 
 
 def broker_check(settings: Settings) -> Check:
@@ -164,11 +179,17 @@ class Observability:
         self.settings = settings
         self.service = service
         self.instance = settings.instance_name or "0"
+        self.host = socket.gethostname()
+        self.interval_s = settings.heartbeat_interval_s
+        self.publish_timeout_s = max(self.interval_s, PUBLISH_TIMEOUT_FLOOR_S)
         self.checks: dict[str, Check] = dict(checks or {})
         self.started = time.time()
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._broker_heartbeat: asyncio.Task[None] | None = None
+        self._producer: Any = None  # the heartbeat's aiokafka producer, while the broker takes its records
+        self._stopping = False
         SERVICE_INFO.labels(service, self.instance).set(1)
 
     def add_check(self, name: str, check: Check) -> None:
@@ -220,6 +241,7 @@ class Observability:
         self.url = f"http://{host}:{port}"
         self._record()
         self._heartbeat = asyncio.create_task(self._beat())
+        self._broker_heartbeat = asyncio.create_task(self._beat_on_broker())
         log.info("metrics and health of %s at %s (/metrics, /healthz, /readyz)", self.service, self.url)
         return self
 
@@ -232,9 +254,10 @@ class Observability:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps({"service": self.service, "instance": self.instance, "pid": os.getpid(),
-                                           "metrics_url": f"{self.url}/metrics", "url": self.url,
-                                           "started_at": self.started, "heartbeat_at": time.time()}))
+            partial.write_text(json.dumps({"service": self.service, "instance": self.instance, "host": self.host,
+                                           "pid": os.getpid(), "metrics_url": f"{self.url}/metrics", "url": self.url,
+                                           "started_at": self.started, "heartbeat_at": time.time(),
+                                           "interval_s": self.interval_s}))
             os.replace(partial, path)
         except OSError:
             log.warning("could not record the metrics address in %s", path, exc_info=True)
@@ -242,8 +265,68 @@ class Observability:
     async def _beat(self) -> None:
         # The record rewritten from the event loop: a process that is killed or whose loop hangs stops beating.
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(self.interval_s)
             self._record()  # in the loop (a small file): never after stop() removed it
+
+    # ---------------------------------------------------------------- the heartbeat on the broker
+
+    def advertised_url(self) -> str:
+        """Where other hosts reach these endpoints: OUTREACH_METRICS_ADVERTISED_URL, else the listening address
+        with the host's name in place of a wildcard (0.0.0.0: a docker-compose container, reached by name)."""
+        if self.settings.metrics_advertised_url:
+            return self.settings.metrics_advertised_url.rstrip("/")
+        host = self.settings.metrics_host
+        if host in ("", "0.0.0.0", "::", "[::]"):
+            host = self.host
+        port = self._runner.addresses[0][1] if self._runner is not None else self.settings.metrics_port
+        return f"http://{host}:{port}"
+
+    def heartbeat_key(self) -> str:
+        suffix = f"-{self.settings.instance_name}" if self.settings.instance_name else ""
+        return f"{self.service}{suffix}@{self.host}"
+
+    def heartbeat(self) -> InstanceHeartbeat:
+        url = self.advertised_url()
+        return InstanceHeartbeat(deployment=self.settings.deployment, service=self.service, instance=self.instance,
+                                 host=self.host, pid=os.getpid(), url=url, metrics_url=f"{url}/metrics",
+                                 interval_s=self.interval_s, started_at=from_timestamp(self.started), at=utc_now())
+
+    async def _publish(self, value: bytes | None) -> None:
+        """One record on the heartbeat topic (None: the tombstone), through the producer kept between beats,
+        opened first if need be. Raises whatever went wrong (the caller drops the producer)."""
+        if self._producer is None:
+            if not await broker_check(self.settings)():  # a TCP refusal: no aiokafka error lines every beat
+                raise ConnectionError(f"no broker answers at {self.settings.kafka_bootstrap_servers}")
+            # Sends expire with the beat (a broker gone away does not hold them longer).
+            self._producer = kafka.make_producer(self.settings, linger_ms=0, acks=1,
+                                                 request_timeout_ms=int(self.publish_timeout_s * 1000))
+            await self._producer.start()
+        # All-topics metadata (creates nothing), every beat: a send to a missing topic would make tansu create it
+        # with 4 partitions. Every service ensures the topics at start; this is for a process that does not, and
+        # for a memory-only broker that restarted empty.
+        if topics.HEARTBEATS not in (await self._producer.client.fetch_all_metadata()).topics():
+            await kafka.ensure_topics(self.settings, timeout_s=self.publish_timeout_s)
+        await self._producer.send_and_wait(topics.HEARTBEATS, value, key=self.heartbeat_key().encode())
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(BROKER_STOP_S):
+                    await producer.stop()
+
+    async def _beat_on_broker(self) -> None:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that arrives as the awaited
+        # call finishes (seen here: stop() then waited for ever); the flag ends the loop even so.
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(self.publish_timeout_s):
+                    await self._publish(records.encode(self.heartbeat()))
+            except Exception as exc:  # the broker is away or refuses: the service goes on, the next beat retries
+                log.debug("heartbeat not published on %s (%s: %s); trying again in %s s",
+                          self.settings.kafka_bootstrap_servers, type(exc).__name__, exc, self.interval_s)
+                await self._close_producer()
+            await asyncio.sleep(self.interval_s)
 
     async def stop(self) -> None:
         if self._heartbeat is not None:
@@ -251,6 +334,19 @@ class Observability:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
             self._heartbeat = None
+        self._stopping = True
+        if self._broker_heartbeat is not None:
+            self._broker_heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._broker_heartbeat
+            self._broker_heartbeat = None
+            if self._producer is not None:  # stopped, not dead: `outreach status` forgets it
+                try:
+                    async with asyncio.timeout(BROKER_STOP_S):
+                        await self._publish(None)
+                except Exception as exc:
+                    log.debug("heartbeat tombstone not published (%s: %s)", type(exc).__name__, exc)
+            await self._close_producer()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

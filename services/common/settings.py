@@ -137,6 +137,12 @@ class Settings(LogSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_lag_interval_s: float = Field(5.0, ge=0.05)
+    # How often each process rewrites its instance record and publishes its heartbeat on the broker
+    # (outreach.internal.heartbeats), how `outreach status` finds the instances of every host.
+    heartbeat_interval_s: float = Field(5.0, ge=0.05)
+    # Where other hosts reach this process's endpoints, as its heartbeat says (e.g. http://sender-2:9464);
+    # default http://metrics_host:port, the host's name in place of 0.0.0.0 (docker-compose's containers).
+    metrics_advertised_url: str | None = None
 
     @field_validator("default_region", mode="before")
     @classmethod
