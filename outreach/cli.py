@@ -821,9 +821,10 @@ def status(
 ) -> None:
     """Every instance's health, consumer and relay lag, breakers, pending timers and parked (DLQ) records.
 
-    Read from each instance's /readyz and /metrics (instances found in the stack's data folder). An instance is
-    ready, alive (not ready), restarting (outreach up starts it again) or down. Exit 0 when every instance is
-    ready, else 1."""
+    Read from each instance's /readyz and /metrics (instances found in the stack's data folder and by their
+    heartbeats on the broker, from every host). An instance is ready, alive (not ready), unreachable (it beats,
+    but does not answer from here), restarting (outreach up starts it again) or down. Exit 0 when every
+    instance is ready, else 1."""
     from outreach.status import status as stack_status
 
     raise typer.Exit(stack_status(as_json, timeout))

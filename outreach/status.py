@@ -1,38 +1,58 @@
 """`outreach status`: every instance's health and the stack's lags, breakers, timers and parked records.
 
-Instances are discovered without a hand-kept list: every running service records its endpoints in
-`data_dir/instances/SERVICE[-N].json` and rewrites that record every few seconds (its heartbeat,
-services/common/observability.py). Each recorded instance is asked for `/readyz` and `/metrics` at once:
+Instances are discovered without a hand-kept list, by the heartbeat each running service keeps
+(services/common/observability.py) in two places, merged (one instance: one service, instance name and host):
+- its record in the local data folder, `data_dir/instances/SERVICE[-N].json`, rewritten every few seconds:
+  the instances of this host (`outreach up`; in docker-compose each container has a data folder of its own);
+- its heartbeat on the broker (`outreach.internal.heartbeats`, key `SERVICE[-N]@host`): every host's. The
+  topic is read from the last hour's first record to its end, without a consumer group, keeping each key's
+  latest record (a tombstone: the instance stopped, it is forgotten). With no broker answering, the local
+  records are shown and the report says so.
+
+Each instance found is asked for `/readyz` and `/metrics` at once (at the address its heartbeat advertises):
 
 - **ready**: `/readyz` answers 200;
 - **alive**: it answers, not ready (503, naming the failing checks);
-- **down**: no answer (killed, hung, or its host gone): the record stays behind, with its last heartbeat;
+- **unreachable**: no answer, but it is known from the broker only and its heartbeat is recent (within three
+  of its intervals): it runs somewhere this host cannot reach (OUTREACH_METRICS_ADVERTISED_URL);
+- **down**: no answer (killed, hung, or its host gone): the record stays behind, with its last heartbeat
+  (on the broker: down once that heartbeat is older than three intervals);
 - **restarting**: `outreach up`'s supervisor (its `logs/supervision.json`, trusted only while that supervisor
   runs) waits to start it again, or started it again and the new process does not serve yet.
 
 The numbers come from the metrics the services export: consumer lag per group and partition, the relay's lag
 and the DLQ count from the relay processes (computed centrally, services/common/lag.py), breaker states from
 each sender, pending timers from the sweepers. Exit code: 0 when every instance is ready, 1 otherwise (one is
-down, restarting or not ready, or no instance is recorded at all).
+down, unreachable, restarting or not ready, or no instance is recorded at all).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.observability import HEARTBEAT_INTERVAL_S, read_instances
+from schemas import topics
+from schemas.internal import InstanceHeartbeat
+from services.common import kafka, records
+from services.common.observability import HEARTBEAT_INTERVAL_S, broker_check, read_instances
+from services.common.settings import Settings
 
 PROBE_TIMEOUT_S = 3.0
+BROKER_READ_TIMEOUT_S = 10.0
 BREAKER_STATES = {0: "closed", 1: "open", 2: "held"}  # outreach_breaker_state's values
-STATES = ("ready", "alive", "restarting", "down")
+STATES = ("ready", "alive", "unreachable", "restarting", "down")
+STALE_BEATS = 3  # a heartbeat older than this many of its intervals is a missed one
+LOCAL_HOST = socket.gethostname()
 
 
 @dataclass
@@ -46,10 +66,13 @@ class InstanceHealth:
     heartbeat_age_s: float | None = None
     restarts: int = 0
     checks: dict[str, str] = field(default_factory=dict)
+    host: str = LOCAL_HOST
+    seen_in: list[str] = field(default_factory=lambda: ["file"])  # "file" (this data folder), "broker"
 
     @property
     def label(self) -> str:
-        return self.service if self.instance in ("", "0") else f"{self.service}-{self.instance}"
+        name = self.service if self.instance in ("", "0") else f"{self.service}-{self.instance}"
+        return name if self.host == LOCAL_HOST else f"{name}@{self.host}"
 
 
 # ------------------------------------------------------------------ what the supervisor says
@@ -97,7 +120,9 @@ def _health(record: dict[str, Any] | None, supervised: dict[str, Any] | None, re
     beat = record.get("heartbeat_at") or record.get("started_at")
     health = InstanceHealth(service, instance, "down", pid=record.get("pid"), url=record.get("url"),
                             heartbeat_age_s=round(now - beat, 1) if isinstance(beat, (int, float)) else None,
-                            restarts=int((supervised or {}).get("restarts") or 0))
+                            restarts=int((supervised or {}).get("restarts") or 0),
+                            host=str(record.get("host") or LOCAL_HOST),
+                            seen_in=list(record.get("seen_in") or ["file"]))
     if supervised is not None:
         if supervised.get("state") == "waiting to restart":
             health.state, health.pid = "restarting", None
@@ -125,9 +150,97 @@ def _health(record: dict[str, Any] | None, supervised: dict[str, Any] | None, re
         health.detail = f"not ready: {', '.join(failing) or f'HTTP {status}'}"
     else:
         health.detail = f"no answer at {health.url} ({body})"
-        if health.heartbeat_age_s is not None and health.heartbeat_age_s > 3 * HEARTBEAT_INTERVAL_S:
-            health.detail += f"; last heartbeat {health.heartbeat_age_s:.0f} s ago"
+        age = health.heartbeat_age_s
+        stale = age is None or age > STALE_BEATS * float(record.get("interval_s") or HEARTBEAT_INTERVAL_S)
+        if stale and age is not None:
+            health.detail += f"; last heartbeat {age:.0f} s ago"
+        elif not stale and "file" not in health.seen_in:  # known from the broker only, and beating: it runs
+            health.state = "unreachable"
+            health.detail += (f"; its heartbeat on the broker is {age:.0f} s old: running, but not reachable "
+                              "from here (OUTREACH_METRICS_ADVERTISED_URL)")
     return health
+
+
+# ------------------------------------------------------------------ the heartbeats on the broker
+
+class BrokerUnreachable(RuntimeError):
+    """No broker answers a TCP connection at the bootstrap servers."""
+
+
+def _seconds(wire_time: str) -> float:
+    return datetime.strptime(wire_time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _heartbeat_record(beat: InstanceHeartbeat) -> dict[str, Any]:
+    """A heartbeat as an instance file's record (times in POSIX seconds)."""
+    return {"service": beat.service, "instance": beat.instance or "0", "host": beat.host, "pid": beat.pid,
+            "url": beat.url, "metrics_url": beat.metrics_url, "interval_s": beat.interval_s,
+            "started_at": _seconds(beat.started_at), "heartbeat_at": _seconds(beat.at), "seen_in": ["broker"]}
+
+
+async def read_heartbeats(settings: Settings) -> list[dict[str, Any]]:
+    """The latest heartbeat of each instance of this deployment (OUTREACH_DEPLOYMENT) published in the last
+    hour (the topic's retention), as instance records; stopped instances (a tombstone last) left out.
+    BrokerUnreachable when no broker answers."""
+    if not await broker_check(settings)():  # a TCP refusal, said at once (aiokafka would log and retry)
+        raise BrokerUnreachable(f"no broker answers at {settings.kafka_bootstrap_servers}")
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=50, request_timeout_ms=5000)
+    await consumer.start()
+    try:
+        if topics.HEARTBEATS not in await consumer.topics():  # all topics' metadata: creates nothing
+            return []
+        tps = [TopicPartition(topics.HEARTBEATS, p) for p in sorted(consumer.partitions_for_topic(topics.HEARTBEATS)
+                                                                    or {0})]
+        ends = await kafka.end_offsets(consumer, tps)
+        since = await consumer.offsets_for_times({tp: int(time.time() * 1000) - topics.HEARTBEAT_RETENTION_MS
+                                                  for tp in tps})
+        latest: dict[bytes | None, bytes | None] = {}
+        pending = set()
+        for tp in tps:
+            first = since.get(tp)
+            # None (Kafka) or a timestamp of -1 (tansu): nothing that recent.
+            if first is not None and first.timestamp >= 0 and first.offset < ends[tp]:
+                consumer.seek(tp, first.offset)
+                pending.add(tp)
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=200)
+            for tp, batch in batches.items():
+                for record in batch:
+                    if record.offset < ends[tp]:
+                        latest[record.key] = record.value
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
+    out = []
+    for value in latest.values():
+        if value is None:
+            continue
+        try:
+            beat = records.decode(InstanceHeartbeat, value)
+        except records.InvalidRecord:
+            continue  # not a heartbeat (written by something else): nothing to show
+        if beat.deployment == settings.deployment:
+            out.append(_heartbeat_record(beat))
+    return out
+
+
+def _merged(files: list[dict[str, Any]],
+            heartbeats: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """{(service, instance, host): record}: an instance both in this data folder and on the broker once, by
+    its latest heartbeat (a file without a host is this host's)."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for record in [*({**r, "seen_in": ["file"]} for r in files), *heartbeats]:
+        key = (str(record.get("service")), str(record.get("instance") or 0), str(record.get("host") or LOCAL_HOST))
+        known = out.get(key)
+        if known is None:
+            out[key] = record
+            continue
+        seen_in = sorted(set(known["seen_in"]) | set(record["seen_in"]))
+        newer = record if (record.get("heartbeat_at") or 0) > (known.get("heartbeat_at") or 0) else known
+        out[key] = {**newer, "seen_in": seen_in}
+    return out
 
 
 # ------------------------------------------------------------------ the numbers, from the metrics
@@ -174,10 +287,22 @@ def summarize(metrics: dict[str, str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ the report
 
-async def gather(data_dir: Path, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    """Every recorded or supervised instance's health and the stack's numbers, as one JSON-able report."""
-    records = {(str(r.get("service")), str(r.get("instance") or 0)): r for r in read_instances(data_dir)}
-    supervision = read_supervision(data_dir)
+async def gather(data_dir: Path, timeout_s: float = PROBE_TIMEOUT_S,
+                 broker: Settings | None = None) -> dict[str, Any]:
+    """Every recorded, supervised or (with `broker`'s settings) heartbeating instance's health and the stack's
+    numbers, as one JSON-able report."""
+    heartbeats: list[dict[str, Any]] = []
+    broker_report: dict[str, Any] | None = None
+    if broker is not None:
+        broker_report = {"bootstrap": broker.kafka_bootstrap_servers, "reachable": True, "error": None}
+        try:
+            heartbeats = await asyncio.wait_for(read_heartbeats(broker), BROKER_READ_TIMEOUT_S)
+        except Exception as exc:  # unreachable, timed out, refused: the local records are still shown
+            broker_report.update(reachable=False, error=str(exc) or type(exc).__name__)
+        broker_report["heartbeats"] = len(heartbeats)
+    records = _merged(read_instances(data_dir), heartbeats)
+    supervision = {(service, instance, LOCAL_HOST): entry
+                   for (service, instance), entry in read_supervision(data_dir).items()}
     async with httpx.AsyncClient(timeout=timeout_s) as http:
         keys = sorted(set(records) | set(supervision))
         answers = await asyncio.gather(*(_probe(http, records[k]) if k in records else _nothing() for k in keys))
@@ -189,7 +314,7 @@ async def gather(data_dir: Path, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str
         if health.state in ("ready", "alive") and scraped[0] == 200:
             metrics[health.label] = scraped[1]
     counts = {state: sum(1 for i in instances if i.state == state) for state in STATES}
-    return {"data_dir": str(data_dir), "supervised": bool(supervision), "at": now,
+    return {"data_dir": str(data_dir), "supervised": bool(supervision), "at": now, "broker": broker_report,
             "healthy": bool(instances) and counts["ready"] == len(instances), "counts": counts,
             "instances": [asdict(i) | {"label": i.label} for i in instances], **summarize(metrics)}
 
@@ -204,7 +329,7 @@ def exit_code(report: dict[str, Any]) -> int:
 
 # ------------------------------------------------------------------ the screen
 
-STATE_STYLE = {"ready": "green", "alive": "yellow", "restarting": "yellow", "down": "red"}
+STATE_STYLE = {"ready": "green", "alive": "yellow", "unreachable": "yellow", "restarting": "yellow", "down": "red"}
 
 
 def render(report: dict[str, Any], console: Any) -> None:
@@ -215,6 +340,13 @@ def render(report: dict[str, Any], console: Any) -> None:
     shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no instance recorded"
     console.print(f"[bold]Outreach[/bold] at {escape(report['data_dir'])}"
                   + (" (supervised by outreach up)" if report["supervised"] else "") + f": {shown}", soft_wrap=True)
+    broker = report.get("broker")
+    if broker and broker["reachable"]:
+        console.print(f"Instances from {escape(report['data_dir'])}/instances and {broker['heartbeats']} heartbeat(s) "
+                      f"on the broker at {escape(broker['bootstrap'])}", soft_wrap=True)
+    elif broker:
+        console.print(f"[red]Broker at {escape(broker['bootstrap'])} unreachable[/red] ({escape(broker['error'])}): "
+                      f"only the instances recorded in {escape(report['data_dir'])} are shown", soft_wrap=True)
     table = Table(title="Instances", title_justify="left")
     for column in ("instance", "state", "pid", "endpoints", "detail"):
         table.add_column(column)
@@ -255,9 +387,10 @@ def status(as_json: bool = False, timeout: float = PROBE_TIMEOUT_S) -> int:
     """Print the report of the stack whose data folder the operator commands find; return the exit code."""
     from rich.console import Console
 
-    from outreach.config import operator_settings
+    from outreach.dlq import operator_broker_settings
 
-    report = asyncio.run(gather(Path(operator_settings().data_dir), timeout))
+    settings = operator_broker_settings()  # the operator settings, with the broker `outreach up` recorded
+    report = asyncio.run(gather(Path(settings.data_dir), timeout, broker=settings))
     if as_json:
         print(json.dumps(report, indent=2))
     else:

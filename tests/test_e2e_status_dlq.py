@@ -3,6 +3,8 @@ it (the CLI as a subprocess, finding the stack by OUTREACH_DATA_DIR / KAFKA_BOOT
 
 - status shows every service ready (exit 0), a SIGKILLed instance as down (exit 1) and ready again once it is
   back; under `outreach up` a killed service shows as restarting, then ready;
+- pointed at an empty data folder and the stack's broker (as in one docker-compose container), status finds
+  every instance by its heartbeat on the broker, a second sweeper too, and that one as down once killed;
 - a poison command is parked, `dlq list` and `dlq show` find it, replaying it as parked is refused (it would be
   parked again), replaying it corrected from a file gets it answered (the campaign is created) and the history
   names the replaying operator; replaying it again changes nothing."""
@@ -33,7 +35,7 @@ OPERATOR = f"{getpass.getuser()}@{socket.gethostname()}"
 @pytest.fixture(scope="module")
 def env(stack_bootstrap, tmp_path_factory):
     return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("status-data"),
-                             OUTREACH_METRICS_LAG_INTERVAL_S="0.5",
+                             OUTREACH_METRICS_LAG_INTERVAL_S="0.5", OUTREACH_HEARTBEAT_INTERVAL_S="0.5",
                              XDG_STATE_HOME=str(tmp_path_factory.mktemp("status-state")))
 
 
@@ -154,6 +156,40 @@ async def test_a_parked_command_is_listed_shown_and_replayed_once(stack, env, ta
 
     code, report = await a_status(env)
     assert report["dlq_records"] >= 1
+
+
+async def test_status_finds_every_instance_by_its_heartbeat_on_the_broker(stack, env, tmp_path):
+    """No instance file where status looks: every instance is found by its heartbeat on the broker, with its
+    health; a killed one shows down once its heartbeat is older than three intervals (1.5 s here)."""
+    broker_only = {**env, "OUTREACH_DATA_DIR": str(tmp_path / "elsewhere")}
+    stack.start_service("timeout-sweeper", 1)
+    everyone_ready = {**{name: "ready" for name in STACK_SERVICES}, "timeout-sweeper-1": "ready"}
+
+    async def all_ready() -> dict | None:
+        code, report = await a_status(broker_only)
+        return report if code == 0 and states(report) == everyone_ready else None
+    report = await async_wait_until(all_ready, 60, 0.5, message="not every instance found ready on the broker")
+    assert report["broker"]["reachable"] and report["broker"]["heartbeats"] >= len(everyone_ready)
+    assert {tuple(i["seen_in"]) for i in report["instances"]} == {("broker",)}
+    assert not (tmp_path / "elsewhere" / "instances").exists()
+    assert report["consumer_lag"]  # the relay's metrics, asked at the address its heartbeat gave
+    second = next(i for i in report["instances"] if i["label"] == "timeout-sweeper-1")
+
+    stack.kill("timeout-sweeper", 1)
+    seen: list[str] = []
+
+    async def killed_one_down() -> tuple[int, dict] | None:
+        code, report = await a_status(broker_only)
+        [killed] = [i for i in report["instances"] if i["label"] == "timeout-sweeper-1"]
+        seen.append(killed["state"])
+        return (code, report) if killed["state"] == "down" else None
+    code, report = await async_wait_until(killed_one_down, 30, 0.3, message=f"never down: {seen}")
+    [killed] = [i for i in report["instances"] if i["label"] == "timeout-sweeper-1"]
+    assert code == 1 and killed["pid"] == second["pid"] and "last heartbeat" in killed["detail"]
+    assert set(seen) <= {"ready", "unreachable", "down"}  # unreachable: no answer, its heartbeat still recent
+    assert states(report) == {**everyone_ready, "timeout-sweeper-1": "down"}
+    text = await asyncio.to_thread(outreach, broker_only, "status")
+    assert text.returncode == 1 and "heartbeat(s) on the broker" in text.stdout
 
 
 # ------------------------------------------------------------------ under `outreach up`

@@ -1,23 +1,30 @@
 """`outreach status` and `outreach dlq`, their parts without a stack (issue 13, item 2): how an instance's state
-is told from its record, the supervisor's and its answer; the numbers from metrics text; what a replay checks
-before publishing; and the command handler naming the replaying operator on the events that answer a replayed
-command (both event stores). The whole stack: tests/test_e2e_status_dlq.py."""
+is told from its record, the supervisor's and its answer; instances found by their heartbeats on the broker
+(and shown without one); the numbers from metrics text; what a replay checks before publishing; and the
+command handler naming the replaying operator on the events that answer a replayed command (both event
+stores). The whole stack: tests/test_e2e_status_dlq.py."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 import time
 import uuid
 
 import pytest
+from rich.console import Console
 
 from outreach import dlq
-from outreach.status import _health, exit_code, gather, summarize
+from outreach.status import _health, exit_code, gather, render, summarize
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER
 from services.command_handler.application import OutreachApp
 from services.common import jsoncodec
-from services.common.settings import get_settings
+from services.common.embedded_broker import free_port
+from services.common.observability import Observability
+from services.common.settings import Settings, get_settings
+from tests.conftest import async_wait_until
 from tests.handler_driver import Driver
 
 NOW = 1_800_000_000.0
@@ -65,6 +72,76 @@ async def test_a_stopped_supervisor_s_record_is_ignored_and_no_instance_is_unhea
     assert not report["supervised"]
     [sender] = report["instances"]
     assert sender["state"] == "down" and exit_code(report) == 1  # nothing answers at port 1
+
+
+# ------------------------------------------------------------------ status: heartbeats on the broker
+
+def test_an_instance_known_from_the_broker_only_is_unreachable_while_it_beats_then_down():
+    elsewhere = {**RECORD, "host": "sender-7f3a", "seen_in": ["broker"], "interval_s": 5.0}
+    unreachable = _health(elsewhere, None, (0, "ConnectError"), NOW)
+    assert (unreachable.state, unreachable.label) == ("unreachable", "sender@sender-7f3a")
+    assert "OUTREACH_METRICS_ADVERTISED_URL" in unreachable.detail
+    down = _health({**elsewhere, "heartbeat_at": NOW - 16}, None, (0, "ConnectError"), NOW)  # 3 beats missed
+    assert down.state == "down" and "last heartbeat 16 s ago" in down.detail
+    # Known from this data folder too: no answer is down at once, as before.
+    assert _health({**elsewhere, "seen_in": ["broker", "file"]}, None, (0, "ConnectError"), NOW).state == "down"
+
+
+async def test_instances_are_found_by_their_heartbeats_on_the_broker_and_forgotten_once_stopped(kafka_bootstrap,
+                                                                                               tmp_path):
+    """Two instances of one service, their files in a data folder status does not read: the broker's heartbeats
+    are all it has. One stopped publishes its tombstone and is no longer listed."""
+    broker = Settings(kafka_bootstrap_servers=kafka_bootstrap, deployment=f"beats-{uuid.uuid4().hex[:8]}",
+                      heartbeat_interval_s=0.2, metrics_port=0)
+    first = await Observability(broker.model_copy(update={"data_dir": tmp_path / "a"}), "sender").start()
+    second = await Observability(broker.model_copy(update={"data_dir": tmp_path / "b", "instance_name": "1"}),
+                                 "sender").start()
+    empty = tmp_path / "status"
+    try:
+        async def both_ready() -> dict | None:
+            report = await gather(empty, timeout_s=2, broker=broker)
+            found = {i["label"]: (i["state"], i["seen_in"], i["url"]) for i in report["instances"]}
+            return report if found == {"sender": ("ready", ["broker"], first.url),
+                                       "sender-1": ("ready", ["broker"], second.url)} else None
+        report = await async_wait_until(both_ready, 30, 0.2, message="the heartbeats never listed both senders")
+        assert report["broker"]["reachable"] and report["broker"]["heartbeats"] == 2 and exit_code(report) == 0
+        other_deployment = await gather(empty, timeout_s=2, broker=broker.model_copy(update={"deployment": "other"}))
+        assert not any(i["service"] == "sender" and i["host"] == socket.gethostname() and i["pid"] == os.getpid()
+                       for i in other_deployment["instances"])  # another deployment's heartbeats are not shown
+        await second.stop()
+
+        async def only_the_first() -> bool:
+            report = await gather(empty, timeout_s=2, broker=broker)
+            return [i["label"] for i in report["instances"]] == ["sender"]
+        await async_wait_until(only_the_first, 30, 0.2, message="the stopped instance was still listed")
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_without_a_broker_the_local_instances_are_shown_and_the_broker_named_unreachable(tmp_path):
+    nowhere = Settings(data_dir=tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", metrics_port=0,
+                       heartbeat_interval_s=0.1)
+    started = time.monotonic()
+    async with Observability(nowhere, "projections") as local:  # no broker: it serves all the same
+        report = await gather(tmp_path, timeout_s=2, broker=nowhere)
+        assert [(i["label"], i["state"], i["seen_in"]) for i in report["instances"]] == [
+            ("projections", "ready", ["file"])]
+        assert report["broker"]["reachable"] is False and "no broker answers" in report["broker"]["error"]
+        assert local.url and (tmp_path / "instances" / "projections.json").exists()
+        screen = io.StringIO()
+        render(report, Console(file=screen, width=200))
+        assert f"unreachable (no broker answers at {nowhere.kafka_bootstrap_servers}): only the instances " \
+               f"recorded in {tmp_path} are shown" in screen.getvalue()
+    assert time.monotonic() - started < 5  # neither its start nor its stop waited for the broker
+
+
+def test_the_advertised_address_names_the_host_when_listening_on_every_address():
+    everywhere = Observability(Settings(metrics_host="0.0.0.0", metrics_port=9464), "relay")
+    assert everywhere.advertised_url() == f"http://{socket.gethostname()}:9464"
+    told = Observability(Settings(metrics_host="0.0.0.0", metrics_advertised_url="http://relay-2:9464/"), "relay")
+    assert told.advertised_url() == "http://relay-2:9464"
+    assert told.heartbeat_key() == f"relay@{socket.gethostname()}"
 
 
 def test_the_numbers_come_from_the_metrics():
