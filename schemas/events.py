@@ -201,6 +201,12 @@ class CampaignEventBase(BaseModel):
     sequence: NonNegativeInt
     occurred_at: UtcDatetime
     causation_id: WireId
+    # Our addition: present only on the events answering a command the HTTP API published.
+    issued_via: Literal["api"] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="(our addition) \"api\" on the events answering a command the HTTP API published after "
+                    "authenticating its issued_by (the command's issued_via); absent when a Kafka producer "
+                    "published the command, whose issued_by is then that producer's assertion.")
     # Our addition: present only on the events answering a command an operator replayed from the DLQ.
     replayed_by: str | None = Field(
         None, exclude_if=lambda v: v is None,

@@ -96,6 +96,8 @@ async def test_the_cli_from_another_folder_runs_a_campaign_as_the_tokens_princip
     events = json.loads(history.stdout)
     assert next(e for e in events if e["type"] == "CampaignCreated")["created_by"] == "casey"
     assert next(e for e in events if e["type"] == "CampaignRunStarted")["accepted_by"] == "casey"
+    # The history itself says the commands came through the API (an auditor need not read the commands topic).
+    assert {e.get("issued_via") for e in events if e["type"] in ("CampaignCreated", "CampaignRunStarted")} == {"api"}
 
     commands = [v for v in tail.values(topics.COMMANDS) if isinstance(v, dict) and v.get("campaign_id") == campaign_id]
     assert {c["type"] for c in commands} == {"CreateCampaign", "AddContacts", "RunCampaign"}

@@ -250,3 +250,19 @@ def test_the_events_answering_a_replayed_command_name_the_operator(app):
         assert deleted["type"] == "CampaignDeleted" and "replayed_by" not in deleted
     finally:
         again.close()
+
+
+def test_the_events_answering_a_command_through_the_api_say_so(app):
+    """issued_via travels like replayed_by: on every event answering the command, rejections included, and
+    never on the answer to a command a Kafka producer published."""
+    d = Driver(app)
+    cid = str(uuid.uuid4())
+    [created] = d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": "Hi"}, issued_via="api")
+    assert created["issued_via"] == "api" and "replayed_by" not in created
+    CAMPAIGN_EVENT_ADAPTER.validate_python(created)
+    [added, *_] = d.send("AddContacts", cid, chunk_no=0, contacts=[], last_chunk=True)
+    assert "issued_via" not in added
+    [rejected] = d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": "Hi"}, issued_via="api")
+    assert (rejected["reason"], rejected["issued_via"]) == ("campaign_exists", "api")
+    [unknown] = d.send("RunCampaign", str(uuid.uuid4()), disclaimer={}, issued_via="api", replayed_by="ops@host")
+    assert (unknown["issued_via"], unknown["replayed_by"]) == ("api", "ops@host")

@@ -129,16 +129,26 @@ class LargeEventCompressor(Compressor):
         return zlib.decompress(data) if data[:1] == b"\x78" else data
 
 
-def _mark_replayed(campaign: Campaign, command_id: str, replayed_by: str | None) -> None:
-    """Name the operator who replayed the command (schemas.commands.CommandBase.replayed_by) on the campaign's
-    new events answering it, so the relay's mapping (wire._campaign_records) publishes it and the history keeps
-    it. An attribute beside the event's own: stored and read back with it (the mapper keeps the whole state),
-    never applied (eventsourcing applies only the decorated method's parameters)."""
-    if not replayed_by:
+# What a command says about how it arrived, copied onto the campaign events answering it (schemas.events'
+# CampaignEventBase): through the API after its token was checked, replayed from the DLQ by an operator.
+PROVENANCE_FIELDS = ("issued_via", "replayed_by")
+
+
+def _provenance(command: Command | None) -> dict[str, str]:
+    return {name: value for name in PROVENANCE_FIELDS if (value := getattr(command, name, None))}
+
+
+def _mark_provenance(campaign: Campaign, command_id: str, provenance: dict[str, str]) -> None:
+    """Put the command's provenance (`_provenance`) on the campaign's new events answering it, so the relay's
+    mapping (wire._campaign_records) publishes it and the history keeps it. Attributes beside the event's own:
+    stored and read back with it (the mapper keeps the whole state), never applied (eventsourcing applies only
+    the decorated method's parameters)."""
+    if not provenance:
         return
     for event in campaign.pending_events:
         if getattr(event, "causation_id", None) == command_id:
-            object.__setattr__(event, "replayed_by", replayed_by)  # events are frozen; this one is not saved yet
+            for name, value in provenance.items():
+                object.__setattr__(event, name, value)  # events are frozen; this one is not saved yet
 
 
 def store_env(settings: Settings) -> dict[str, str]:
@@ -515,7 +525,7 @@ class OutreachApp(Application):
             if previous is not None:
                 previous.repeat(records=previous.records)
                 return [previous]
-            replayed_by = getattr(command, "replayed_by", None)
+            provenance = _provenance(command)
             try:
                 if command is None:
                     raise Rejected("invalid_command", invalid_detail or "invalid command")
@@ -524,9 +534,9 @@ class OutreachApp(Application):
             except Rejected as rejection:
                 self._evict()
                 log.info("%s rejected: %s", command_type, rejection)
-                return self._reject(command_id, campaign_id, command_type, rejection, replayed_by)
+                return self._reject(command_id, campaign_id, command_type, rejection, provenance)
             campaign = next(a for a in changed if isinstance(a, Campaign))
-            _mark_replayed(campaign, command_id, replayed_by)
+            _mark_provenance(campaign, command_id, provenance)
             answer = wire.campaign_answer_records(campaign.pending_events, command_id)
             return [*changed, CommandLog(command_id=command_id, campaign_id=campaign_id,
                                          records=[r.as_dict() for r in answer], publish=False)]
@@ -534,19 +544,18 @@ class OutreachApp(Application):
         self._run(decide)
 
     def _reject(self, command_id: str, campaign_id: str, command_type: str, rejection: Rejected,
-                replayed_by: str | None = None) -> list[Any]:
+                provenance: dict[str, str] | None = None) -> list[Any]:
         campaign = self._load(uuid.UUID(campaign_id))
         if campaign is None:
             record = wire.rejection_for_unknown_campaign(
                 command_id=command_id, campaign_id=campaign_id, command_type=command_type,
                 reason=rejection.reason, detail=rejection.detail, occurred_at=now())
-            if replayed_by:
-                record.value["replayed_by"] = replayed_by
+            record.value.update(provenance or {})
             return [CommandLog(command_id=command_id, campaign_id=campaign_id, records=[record.as_dict()],
                                publish=True)]
         campaign.record_rejection(command_id=command_id, command_type=command_type, reason=rejection.reason,
                                   detail=rejection.detail)
-        _mark_replayed(campaign, command_id, replayed_by)
+        _mark_provenance(campaign, command_id, provenance or {})
         answer = wire.campaign_answer_records(campaign.pending_events, command_id)
         return [campaign, CommandLog(command_id=command_id, campaign_id=campaign_id,
                                      records=[r.as_dict() for r in answer], publish=False)]

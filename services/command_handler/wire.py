@@ -133,8 +133,9 @@ def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Recor
             "causation_id": e.causation_id,
             **body,
         }
-        if replayed_by := getattr(e, "replayed_by", None):  # an operator replayed the command (application.py)
-            value["replayed_by"] = replayed_by
+        for name in ("issued_via", "replayed_by"):  # how the command arrived (application.PROVENANCE_FIELDS)
+            if provenance := getattr(e, name, None):
+                value[name] = provenance
         out.append(WireRecord(topic, campaign_id, value))
     return out
 
