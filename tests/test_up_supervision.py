@@ -337,3 +337,22 @@ def test_the_stack_alone_does_not_restart_anything(tmp_path):
         killed = stack.processes["simulator"][0]
         stack.kill("simulator")
         assert stack.dead() == ["simulator"] and stack.processes["simulator"] == [killed]
+
+
+def _process_env(pid: int) -> dict[str, str]:
+    """The environment the process was started with, once it runs its own program (before the exec, /proc
+    shows the forking parent's)."""
+    wait_until(lambda: b"services." in Path(f"/proc/{pid}/cmdline").read_bytes(), 10, 0.01,
+               message="the service process never started its module")
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_services_run_with_two_malloc_arenas_unless_the_environment_says_otherwise(tmp_path):
+    env = {k: v for k, v in service_env(tmp_path).items() if not k.startswith("MALLOC_")}
+    with Stack(env=env, log_dir=tmp_path / "logs", names=("simulator",)) as stack:
+        started = _process_env(stack.processes["simulator"][0].process.pid)
+        assert (started["MALLOC_ARENA_MAX"], started["MALLOC_TRIM_THRESHOLD_"]) == ("2", "131072")
+    env["MALLOC_ARENA_MAX"] = "4"
+    with Stack(env=env, log_dir=tmp_path / "logs2", names=("simulator",)) as stack:
+        assert _process_env(stack.processes["simulator"][0].process.pid)["MALLOC_ARENA_MAX"] == "4"

@@ -31,7 +31,9 @@ log = logging.getLogger("outreach.projections")
 
 GROUP_ROLE = "projections"  # the group: settings.group_id(GROUP_ROLE)
 INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
-MAX_RECORDS = 5000  # a batch decoded in memory at once: bounds what a lagging projections process holds
+# A batch decoded in memory at once: bounds what a lagging projections process holds (with 5,000 it peaked
+# 30 MB higher behind the backlog of a 300,000-message run than a 30,000 one ever did).
+MAX_RECORDS = 2000
 RETRY_S = 1.0  # longest wait between tries while the read model is unavailable
 EventValue = kafka.records_of(*CAMPAIGN_EVENT_CLASSES, MessageStatusChanged, mode="serialization")
 
