@@ -43,6 +43,9 @@ JSON_LEFT_OUT = [*RESERVED_ATTRS, "color_message"]
 # Chatty at INFO (aiokafka: every group join and fetch reset; httpx: every request of the CLI): their warnings
 # and errors still show. OUTREACH_LOG_LEVELS overrides any of them.
 QUIET_LOGGERS = ("aiokafka", "httpx", "httpcore")
+# Except the group coordinator: a few lines per rebalance, saying which partitions this process now reads
+# ("Setting newly assigned partitions ..."), what an operator (and the scale-out tests) look for.
+GROUP_COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
 # uvicorn's own loggers, propagating to the root handler instead of uvicorn's default configuration.
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 # FastStream passes its own `message_id` ("offset-timestamp" of a record) in its lines' `extra`: kept
@@ -170,6 +173,7 @@ def logging_config(service: str, settings: LogSettings, *, default_level: str | 
         level = default_level
     quiet = max(logging.WARNING, logging.getLevelName(level))
     loggers: dict[str, Any] = {name: {"level": logging.getLevelName(quiet)} for name in QUIET_LOGGERS}
+    loggers[GROUP_COORDINATOR_LOGGER] = {"level": level}
     for name in UVICORN_LOGGERS:
         loggers[name] = {"level": level, "handlers": [], "propagate": True}
     for name, override in settings.log_levels.items():
