@@ -129,13 +129,8 @@ class LargeEventCompressor(Compressor):
         return zlib.decompress(data) if data[:1] == b"\x78" else data
 
 
-# What a command says about how it arrived, copied onto the campaign events answering it (schemas.events'
-# CampaignEventBase): through the API after its token was checked, replayed from the DLQ by an operator.
-PROVENANCE_FIELDS = ("issued_via", "replayed_by")
-
-
 def _provenance(command: Command | None) -> dict[str, str]:
-    return {name: value for name in PROVENANCE_FIELDS if (value := getattr(command, name, None))}
+    return {name: value for name in wire.PROVENANCE_FIELDS if (value := getattr(command, name, None))}
 
 
 def _mark_provenance(campaign: Campaign, command_id: str, provenance: dict[str, str]) -> None:

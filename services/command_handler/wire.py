@@ -111,6 +111,11 @@ def rejection_for_unknown_campaign(*, command_id: str, campaign_id: str, command
 
 # ----- campaign events -------------------------------------------------------------------------
 
+# What a command says about how it arrived, copied by the handler onto the campaign events answering it
+# (schemas.events' CampaignEventBase): through the API after its token was checked, replayed from the DLQ.
+PROVENANCE_FIELDS = ("issued_via", "replayed_by")
+
+
 def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Record]:
     campaign_id = str(e.originator_id)
     out: list[Record] = []
@@ -133,7 +138,7 @@ def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Recor
             "causation_id": e.causation_id,
             **body,
         }
-        for name in ("issued_via", "replayed_by"):  # how the command arrived (application.PROVENANCE_FIELDS)
+        for name in PROVENANCE_FIELDS:
             if provenance := getattr(e, name, None):
                 value[name] = provenance
         out.append(WireRecord(topic, campaign_id, value))
