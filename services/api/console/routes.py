@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from services.api.console import policy
 from services.api.passwords import MIN_PASSWORD_LENGTH, password_problem, verify_password
 from services.api.store import ApiStore, Principal, SessionInfo
 from services.common.settings import Settings
@@ -170,12 +171,21 @@ async def signed_in(request: Request) -> ConsoleSession:
 
 
 SignedIn = Annotated[ConsoleSession, Depends(signed_in)]
-router = APIRouter(prefix=PREFIX, include_in_schema=False, dependencies=[Depends(csrf_guard)])
+
+
+def console_router() -> APIRouter:
+    """A router for console pages: under /console, outside the OpenAPI document, every unsafe request
+    CSRF-checked. Each screen module (campaigns.py, campaign_view.py, ...) has one; `mount` includes them."""
+    return APIRouter(prefix=PREFIX, include_in_schema=False, dependencies=[Depends(csrf_guard)])
+
+
+router = console_router()
 
 
 def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     session = getattr(request.state, "console_session", None)
-    return templates.TemplateResponse(request, template, {"session": session, "prefix": PREFIX, **context},
+    return templates.TemplateResponse(request, template, {"session": session, "prefix": PREFIX,
+                                                          "may_see": policy.may_see, **context},
                                       status_code=status_code, headers=PAGE_HEADERS)
 
 
@@ -276,8 +286,12 @@ async def change_password(request: Request, session: SignedIn) -> Response:
 
 def mount(app: FastAPI, settings: Settings) -> None:
     """The console on `app`: its routes, its static files, its two refusals answered as pages."""
+    from services.api.console import campaign_view, campaigns, new_campaign, people  # they import this module
+
     app.state.console = ConsoleConfig.from_settings(settings)
     app.include_router(router)
+    for screens in (campaigns, new_campaign, campaign_view, people):
+        app.include_router(screens.router)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
     @app.exception_handler(ConsoleRefused)
