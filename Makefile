@@ -11,7 +11,12 @@ STAMP := $(VENV)/.installed
 # them skip, saying why.
 DEBIAN_PACKAGES := docker-compose prometheus chromium chromium-driver
 
-.PHONY: install system-packages run test bench schemas compose-check clean
+.PHONY: install system-packages run test bench schemas compose-check screenshots clean
+
+# axe-core from npm (package.json pins it, package-lock.json locks it): the browser tests' accessibility check
+# injects node_modules/axe-core/axe.min.js. No npm (node brings it on this kind of machine): Debian's npm is
+# installed as the packages above are; still none: said, and the browser tests skip.
+NODE_MODULES := node_modules/.package-lock.json
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -33,12 +38,17 @@ system-packages:
 	    --no-install-recommends $$missing; } >/dev/null \
 	  || echo "make: apt-get could not install$$missing (the tests needing them skip)"
 
-install: $(STAMP) system-packages
+install: $(STAMP) system-packages $(NODE_MODULES)
+
+$(NODE_MODULES): package.json package-lock.json
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES=npm
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "make: no npm: the browser tests skip (they need node_modules/axe-core)"; fi
 
 run: $(STAMP)
 	$(BIN)/outreach up --demo $(UP_ARGS)
 
-test: $(STAMP) system-packages
+test: $(STAMP) system-packages $(NODE_MODULES)
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
