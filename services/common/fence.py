@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from services.common import sql_lists
 from services.common.connections import ReconnectingConnection, created_meanwhile
 from services.common.retry import retrying
 from services.common.settings import Settings
@@ -111,11 +112,11 @@ class HandoffFence:
         pairs = [(claim_id, mid) for claim_id, mids in requests for mid in mids]
         if not pairs:
             return {}
-        values = ", ".join([f"({p}, {p})"] * len(pairs))
+        postgres = self._dialect is POSTGRES
         rows = self._transaction(lambda cur: cur.execute(
             f"UPDATE {t} SET state = '{HANDED_OFF}', submissions = submissions + 1 "
-            f"WHERE state = '{OPEN}' AND deadline > {p} AND (claim_id, message_id) IN (VALUES {values}) "
-            "RETURNING message_id, submissions", (now, *(x for pair in pairs for x in pair))).fetchall())
+            f"WHERE state = '{OPEN}' AND deadline > {p} AND {sql_lists.pair_in_list('claim_id', 'message_id', postgres)} "
+            "RETURNING message_id, submissions", (now, *sql_lists.pair_list_params(pairs, postgres))).fetchall())
         return dict(rows)
 
     def give_back(self, claim_id: str, message_ids: Sequence[str], *, uncount: bool = False) -> None:
@@ -168,14 +169,11 @@ class HandoffFence:
     def submissions(self, message_ids: Sequence[str]) -> dict[str, int]:
         """Hand-offs so far of each message that has a row: the number of its latest submission."""
         t, p = self._dialect.table, self._dialect.placeholder
-        found: dict[str, int] = {}
+        postgres = self._dialect is POSTGRES
         with self._lock, self._connection.reconnecting():
-            for start in range(0, len(message_ids), 500):
-                chunk = list(message_ids[start:start + 500])
-                marks = ", ".join([p] * len(chunk))
-                found.update(self._connection.db.execute(
-                    f"SELECT message_id, submissions FROM {t} WHERE message_id IN ({marks})", chunk).fetchall())
-        return found
+            return dict(self._connection.db.execute(
+                f"SELECT message_id, submissions FROM {t} WHERE {sql_lists.in_list('message_id', postgres)}",
+                (sql_lists.list_param(message_ids, postgres),)).fetchall())
 
     # ------------------------------------------------------------------ reading (tests, tools)
 
@@ -200,11 +198,11 @@ class HandoffFence:
         t, p = self._dialect.table, self._dialect.placeholder
         if not message_ids:
             return
-        marks = ", ".join([p] * len(message_ids))
+        postgres = self._dialect is POSTGRES
         condition = f" AND state = '{only_from}'" if only_from else ""
         self._transaction(lambda cur: cur.execute(
-            f"UPDATE {t} SET {assignments} WHERE claim_id = {p} AND message_id IN ({marks}){condition}",
-            (*params, claim_id, *message_ids)))
+            f"UPDATE {t} SET {assignments} WHERE claim_id = {p} AND {sql_lists.in_list('message_id', postgres)}"
+            f"{condition}", (*params, claim_id, sql_lists.list_param(message_ids, postgres))))
 
     def _transaction(self, work: Any) -> Any:
         with self._lock:

@@ -28,6 +28,7 @@ from typing_extensions import TypedDict  # pydantic needs typing_extensions' Typ
 
 from schemas.commands import Channel, WireId
 from schemas.events import MessageStatus
+from services.common import sql_lists
 from services.common.connections import ReconnectingConnection
 from services.common.settings import Settings
 from services.common.sqlite import open_sqlite
@@ -183,16 +184,15 @@ class TimerStore:
         ids = list(by_message)
         t, pos, p = self._dialect.timers, self._dialect.positions, self._dialect.placeholder
 
+        postgres = self._dialect is POSTGRES
+        among = sql_lists.in_list("message_id", postgres)
+
         def work(db: Any) -> None:
-            positions: dict[str, int] = {}
-            timers: dict[str, Timer] = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join([p] * len(chunk))
-                positions.update(db.execute(
-                    f"SELECT message_id, sequence FROM {pos} WHERE message_id IN ({marks})", chunk).fetchall())
-                timers.update((row[0], Timer(*row)) for row in db.execute(
-                    f"SELECT {_COLUMNS} FROM {t} WHERE message_id IN ({marks})", chunk))
+            ids_param = (sql_lists.list_param(ids, postgres),)
+            positions: dict[str, int] = dict(
+                db.execute(f"SELECT message_id, sequence FROM {pos} WHERE {among}", ids_param).fetchall())
+            timers: dict[str, Timer] = {
+                row[0]: Timer(*row) for row in db.execute(f"SELECT {_COLUMNS} FROM {t} WHERE {among}", ids_param)}
             new_positions, upserts, deletes = [], [], []
             for mid, items in by_message.items():
                 position = positions.get(mid, -1)
