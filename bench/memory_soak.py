@@ -60,6 +60,7 @@ class RssSampler:
         self.phase = "start"
         self.peak: dict[str, int] = {}
         self.peak_phase: dict[str, str] = {}
+        self.peak_file: dict[str, int] = {}  # the file-backed part of each peak
         self.phase_peak: dict[tuple[str, str], int] = {}  # (service, phase) -> peak in that phase
         self.last: dict[str, int] = {}
         self.samples = 0
@@ -75,29 +76,34 @@ class RssSampler:
         return pids
 
     @staticmethod
-    def rss(pid: int) -> int:
-        """The process's RSS plus its children's (0 if it is gone)."""
+    def rss(pid: int) -> tuple[int, int]:
+        """The process's RSS plus its children's, and the part of it that is file-backed (mapped files, such as
+        SQLite's shared-memory index; psutil's `shared`) ((0, 0) if it is gone)."""
         try:
             proc = psutil.Process(pid)
-            total = proc.memory_info().rss
+            info = proc.memory_info()
+            total, shared = info.rss, info.shared
             for child in proc.children(recursive=True):
                 try:
-                    total += child.memory_info().rss
+                    info = child.memory_info()
+                    total, shared = total + info.rss, shared + info.shared
                 except psutil.Error:
                     pass
-            return total
+            return total, shared
         except psutil.Error:
-            return 0
+            return 0, 0
 
     def sample(self) -> None:
         for name, pids in self._pids().items():
-            value = sum(self.rss(pid) for pid in pids)
+            readings = [self.rss(pid) for pid in pids]
+            value = sum(r[0] for r in readings)
             self.last[name] = value
             key = (name, self.phase)
             self.phase_peak[key] = max(self.phase_peak.get(key, 0), value)
             if value > self.peak.get(name, 0):
                 self.peak[name] = value
                 self.peak_phase[name] = self.phase
+                self.peak_file[name] = sum(r[1] for r in readings)
         self.samples += 1
 
     def _run(self) -> None:
@@ -261,6 +267,7 @@ def one_run(messages: int, store: str, providers: str, timeout_s: float) -> dict
         if dsn:
             drop_postgres(dsn)
     result.update(peak=dict(sampler.peak), phase=dict(sampler.peak_phase), end=dict(sampler.last),
+                  peak_file=dict(sampler.peak_file),
                   load={n: v for (n, p), v in sampler.phase_peak.items() if p == "load"},
                   samples=sampler.samples, dead=dead)
     print(f"  done: contacts {result['load_s']:.0f} s, Run -> every message final {result['send_s']:.0f} s, "
@@ -270,10 +277,12 @@ def one_run(messages: int, store: str, providers: str, timeout_s: float) -> dict
 
 
 def print_run(label: str, result: dict) -> None:
-    print(f"\n{label}\n  {'service':18s} {'peak RSS MB':>11s}  {'at':5s} {'load peak':>9s} {'end MB':>7s}")
+    print(f"\n{label}\n  {'service':18s} {'peak RSS MB':>11s}  {'at':5s} {'load peak':>9s} {'end MB':>7s}"
+          f" {'file-backed at peak':>19s}")
     for name in sorted(result["peak"], key=lambda n: (n.startswith("("), n)):
         print(f"  {name:18s} {result['peak'][name] / MB:11.1f}  {result['phase'].get(name, ''):5s} "
-              f"{result['load'].get(name, 0) / MB:9.1f} {result['end'].get(name, 0) / MB:7.1f}")
+              f"{result['load'].get(name, 0) / MB:9.1f} {result['end'].get(name, 0) / MB:7.1f}"
+              f" {result['peak_file'].get(name, 0) / MB:19.1f}")
 
 
 def print_compare(store: str, sizes: list[int], results: list[dict], limit_mb: float) -> None:
