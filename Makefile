@@ -65,5 +65,9 @@ compose-check: system-packages
 	promtool check rules deploy/prometheus/alerts.yml
 	promtool test rules deploy/prometheus/alerts.test.yml
 
+# A PNG of each console screen in docs/screenshots/, from a stack with demo data (tests/browser/screenshots.py).
+screenshots: $(STAMP) system-packages
+	$(BIN)/python -m tests.browser.screenshots docs/screenshots
+
 clean:
 	rm -rf var .pytest_cache
