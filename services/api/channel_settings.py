@@ -44,6 +44,14 @@ def masked_view(stored: StoredChannelSettings, applied: bool = True) -> dict[str
 
 def environment_view(channel: str, settings: Settings) -> dict[str, Any]:
     """What the environment configures for the channel, masked the same way."""
+    provider, values = environment_credentials(channel, settings)
+    return {"channel": channel, "provider": provider, "credentials": {k: mask(v) for k, v in values.items() if v},
+            "source": "environment", "updated_by": None, "updated_at": None, "applied_to_sender": True}
+
+
+def environment_credentials(channel: str, settings: Settings) -> tuple[str, dict[str, str]]:
+    """The provider the environment configures for the channel and its credentials, in clear (for masking,
+    or for the console's form, which shows only those that are not secrets)."""
     if channel == "sms":
         provider = settings.sms_provider
         values = {} if provider == "inprocess" else {
@@ -62,8 +70,7 @@ def environment_view(channel: str, settings: Settings) -> dict[str, Any]:
                       "password": settings.smtp_password.get_secret_value() if settings.smtp_password else ""}
         else:
             values = {}
-    return {"channel": channel, "provider": provider, "credentials": {k: mask(v) for k, v in values.items() if v},
-            "source": "environment", "updated_by": None, "updated_at": None, "applied_to_sender": True}
+    return provider, values
 
 
 def in_force_with(settings: Settings, channel: str, provider: str, credentials: dict[str, str],

@@ -45,7 +45,10 @@ async def _view(request: Request, channel: str) -> dict[str, Any]:
     return channel_settings.masked_view(stored, stored.settings_id in request.app.state.settings_publisher.published)
 
 
-async def _replace(request: Request, principal: Any, channel: str, body: Any) -> dict[str, Any]:
+async def replace_channel_settings(request: Request, principal: Any, channel: str, body: Any) -> dict[str, Any]:
+    """A channel's new provider and credentials, checked, stored and published, as `principal` (the PUT below,
+    and the console's Settings form). HTTPException 422 (refused, `detail` says why) or 503 (stored, not
+    acknowledged by the broker)."""
     provider = body.provider
     try:
         credentials = check(channel, provider, body.credentials.model_dump(exclude_none=True))
@@ -75,7 +78,7 @@ def _routes_for(channel: str) -> None:
         return await _view(request, channel)
 
     async def put_settings(request: Request, principal: OrgAdmin, body: Any) -> dict[str, Any]:
-        return await _replace(request, principal, channel, body)
+        return await replace_channel_settings(request, principal, channel, body)
 
     put_settings.__annotations__["body"] = body_type  # the channel's own (annotations are strings here)
 

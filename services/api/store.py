@@ -101,7 +101,8 @@ CREATE TABLE IF NOT EXISTS {p}account_audit (
     action        TEXT NOT NULL,        -- one of AUDIT_ACTIONS
     subject       TEXT NOT NULL,        -- the username, or the channel whose settings changed
     detail        TEXT NOT NULL         -- what changed (never a secret)
-)
+);
+CREATE INDEX IF NOT EXISTS {p}account_audit_newest ON {p}account_audit (at, audit_id)
 """
 _ACCOUNT_TABLES = ("users", "console_sessions", "sign_in_failures", "sign_in_locks", "account_audit")
 AUDIT_ACTIONS = ("user_created", "user_disabled", "user_enabled", "role_changed", "password_changed",
@@ -592,6 +593,17 @@ class ApiStore:
         if subject is not None:
             sql += " WHERE subject = ?"
             params.append(subject)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY at DESC, audit_id DESC LIMIT ?", [*params, limit]).fetchall()
+        return [AuditEntry(*row) for row in rows]
+
+    def audit_page(self, *, after: tuple[str, str] | None = None, limit: int = 50) -> list[AuditEntry]:
+        """One page of the audit log, newest first: the `limit` entries that follow `after` (the last shown
+        entry's (at, audit_id); None: from the newest). Keyset paging: a page costs the same however deep."""
+        sql, params = "SELECT at, actor, action, subject, detail, audit_id FROM account_audit", []
+        if after is not None:
+            sql += " WHERE (at, audit_id) < (?, ?)"
+            params += list(after)
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY at DESC, audit_id DESC LIMIT ?", [*params, limit]).fetchall()
         return [AuditEntry(*row) for row in rows]
