@@ -142,7 +142,7 @@ async def test_operations_is_refused_every_campaign_page(env, stack, api, people
     campaign_id = await create_sms_campaign(api, "Not for operations", 2)
     async with console_as(env, people["operations"]) as console:
         for path in ("/console/campaigns", f"/console/campaigns/{campaign_id}/run",
-                     f"/console/campaigns/{campaign_id}/messages.csv"):
+                     f"/console/campaigns/{campaign_id}/messages/export.csv"):
             refused = await console.get(path)
             assert refused.status_code == 403 and "has no access to campaigns" in refused.text, path
         token = hidden((await console.get("/console/password")).text, "csrf_token")
@@ -237,8 +237,8 @@ async def test_a_campaigner_runs_stops_resumes_retries_and_deletes_from_the_list
         await async_wait_until(failed_again, 60, 0.2, message="the retried message never failed again")
         await campaign_when(api, spring, settled, "the retry never finished")
 
-        # The export with the session; then Delete, for both.
-        export = await console.get(f"/console/campaigns/{spring}/messages.csv")
+        # The menu's export (the campaign view's, with the session); then Delete, for both.
+        export = await console.get(f"/console/campaigns/{spring}/messages/export.csv")
         assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
         assert len(export.text.strip().splitlines()) == SIZE + 2
         for campaign_id in (spring, other):

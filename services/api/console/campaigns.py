@@ -5,13 +5,13 @@ confirmation modals of Run (the product page's Run Campaign modal), Stop, Retry 
     GET  /console/campaigns/ID/ACTION          ACTION's confirmation (run, stop, retry, resume, delete) as a page;
                                                with the X-Console-Fragment header only the form, for the modal
     POST /console/campaigns/ID/ACTION          the command, issued as the signed-in person (user:NAME)
-    GET  /console/campaigns/ID/messages.csv    the messages as CSV (the API's export, with the session)
 
 Reads use the read model as the API's read routes do; commands go through the API's own path (build_command,
 the publisher, the handler's answer waited for, commands.rejection_status), so the campaign's history names the
 person and the handler judges every rule. A refusal is said in plain words on the confirmation again, with the
 status the API would answer. Each confirmation form carries a random key that fixes its command_id (as an
-Idempotency-Key does): a form sent twice (a double click, a reload) is one command.
+Idempotency-Key does): a form sent twice (a double click, a reload) is one command. The menu's other entries
+are other screens' pages: Edit (new_campaign.py), Export (campaign_view.py), Test send.
 """
 from __future__ import annotations
 
@@ -24,16 +24,15 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import Depends, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from schemas.events import FINAL_MESSAGE_STATUSES
 from schemas.ids import is_wire_uuid
-from services.api import export, idempotency
+from services.api import idempotency
 from services.api.commands import (ANSWER_POLL_S, BrokerUnavailable, InvalidCommand, build_command, rejection_of,
                                    rejection_status, wait_for_answer)
 from services.api.console import policy
 from services.api.console.routes import PREFIX, ConsoleRefused, ConsoleSession, SignedIn, console_router, page
-from services.api.models import MessageStatusFilter, ReasonFilter
 
 router = console_router()
 
@@ -334,22 +333,3 @@ def _confirmation_routes(confirmation: Confirmation) -> None:
 
 for _confirmation in CONFIRMATIONS.values():
     _confirmation_routes(_confirmation)
-
-
-# ------------------------------------------------------------------ export
-
-@router.get("/campaigns/{campaign_id}/messages.csv")
-async def export_messages(request: Request, _: CampaignSession, campaign_id: str,
-                          status: Annotated[MessageStatusFilter | None, Query()] = None,
-                          reason: Annotated[ReasonFilter | None, Query()] = None,
-                          q: Annotated[str | None, Query(max_length=200)] = None) -> StreamingResponse:
-    """All or filtered messages as CSV: the API's export (the same columns, the same formula guard)."""
-    await _campaign(request, campaign_id)
-    read_model, search = _read_model(request), (q or "").strip() or None
-
-    def messages():
-        return read_model.iter_messages(campaign_id, status=status, reason=reason, search=search)
-
-    return StreamingResponse(export.csv_blocks(messages), media_type="text/csv; charset=utf-8",
-                             headers={"Content-Disposition": f'attachment; filename="campaign-{campaign_id}-'
-                                                             f'messages.csv"', "Cache-Control": "no-store"})
