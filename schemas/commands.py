@@ -337,6 +337,31 @@ class DeleteCampaign(CommandBase):
     type: Literal["DeleteCampaign"] = "DeleteCampaign"
 
 
+TEST_VARIABLES_MAX = 100  # variables a test message may be given (a template rarely names more than a few)
+
+
+class SendTestMessage(CommandBase):
+    """(our addition) Send the campaign's message, rendered, to one destination of the issuer's choice, through the
+    real provider path (adapter, rate limit, circuit breaker, hand-off fence), whatever the channel lock says.
+    Answered on outreach.campaign-events (TestMessageQueued, then TestMessageCompleted with the provider's
+    answer; or TestMessageCompleted opted_out at once; or CommandRejected), never on outreach.message-status: a
+    test message is no message of the campaign and changes none of its counts. Not retried; at most 5 per issuer
+    (issued_by) in any hour, over every campaign (else CommandRejected test_send_limit)."""
+
+    type: Literal["SendTestMessage"] = "SendTestMessage"
+    # Judged by the handler with the contacts' rule for the campaign's channel (its state): E.164 (or a national
+    # number read with OUTREACH_DEFAULT_REGION) for SMS, an address email-validator accepts for email.
+    destination: Annotated[str, StringConstraints(min_length=1, max_length=320)] = Field(
+        description="(our addition) Where the test message goes: a phone number (E.164) for an SMS campaign, an "
+                    "email address for an email campaign, judged by the contacts' rule (else invalid_command).")
+    row: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="(our addition) The contact (its row) whose variables the message is rendered with; "
+                          "absent: the campaign's first valid contact's (none: the placeholders stay literal). A row "
+                          "that is no valid contact of the campaign is invalid_command.")
+    variables: Annotated[dict[str, str], Field(max_length=TEST_VARIABLES_MAX)] | None = Field(
+        None, description="(our addition) Variables to render with, over the contact's (these win).")
+
+
 Command = Annotated[
     Union[
         CreateCampaign,
@@ -346,6 +371,7 @@ Command = Annotated[
         StopCampaign,
         RetryFailedMessages,
         DeleteCampaign,
+        SendTestMessage,
     ],
     Field(discriminator="type"),
 ]

@@ -81,6 +81,7 @@ RejectionReason = Literal[
     "no_valid_contacts",
     "attachments_not_ready",
     "nothing_to_retry",
+    "test_send_limit",  # (our addition) SendTestMessage: the issuer sent as many test messages as an hour allows
     "channel_busy",
 ]
 REJECTION_REASONS: tuple[RejectionReason, ...] = get_args(RejectionReason)
@@ -299,6 +300,50 @@ class CampaignSendingResumed(CampaignEventBase):
     provider: str
 
 
+# (our addition) What became of a test message (SendTestMessage): the provider took it, refused it (`reason`: the
+# contract's failure reason of its code, or `deferred`: an email the receiving server deferred, not sent again),
+# it failed before reaching the provider (`provider_error`: a pre-send error, not retried; `provider_held`: the
+# provider's circuit breaker is open; `not_sent`: no sender took it before its Sending limit), the destination
+# is opted out (on the channel's list, or so said the provider: nothing sent), or it was handed off with no
+# answer (it may have reached the recipient).
+TestMessageOutcome = Literal["accepted", "refused", "failed", "opted_out", "no_answer"]
+TEST_MESSAGE_OUTCOMES: tuple[TestMessageOutcome, ...] = get_args(TestMessageOutcome)
+TestMessageReason = Literal[FailureReason, Literal["deferred", "provider_held", "not_sent"]]
+
+
+class TestMessageQueued(CampaignEventBase):
+    """Our addition: a test message (SendTestMessage) goes to the provider; TestMessageCompleted tells its outcome."""
+
+    type: Literal["TestMessageQueued"] = "TestMessageQueued"
+    message_id: WireId = Field(description="The test message's own id (no message of the campaign: it has no "
+                                           "status records), as the provider's callbacks carry it.")
+    destination: str  # in its normalised form (E.164, or the address as email-validator normalises it)
+    requested_by: str  # the command's issued_by
+    row: Row | None = Field(description="The contact whose variables it is rendered with; null: none (the "
+                                        "campaign has no valid contact yet: only the command's variables).")
+    variables: dict[str, str]  # what it is rendered with: the contact's, then the command's over them
+    preview: str  # the rendered SMS text, or the rendered email subject
+
+
+class TestMessageCompleted(CampaignEventBase):
+    """Our addition: what became of a test message. causation_id is its SendTestMessage's command_id."""
+
+    type: Literal["TestMessageCompleted"] = "TestMessageCompleted"
+    message_id: WireId
+    destination: str
+    requested_by: str
+    outcome: TestMessageOutcome
+    reason: TestMessageReason | None = None  # set when outcome is refused or failed, else null
+    provider_code: str | None = None
+    provider_message_id: str | None = None
+
+    @model_validator(mode="after")
+    def _reason_only_when_not_sent_as_asked(self) -> "TestMessageCompleted":
+        if (self.outcome in ("refused", "failed")) != (self.reason is not None):
+            raise ValueError("reason is set when, and only when, outcome is 'refused' or 'failed'")
+        return self
+
+
 CampaignEvent = Annotated[
     Union[
         CampaignCreated,
@@ -313,6 +358,8 @@ CampaignEvent = Annotated[
         CommandRejected,
         CampaignSendingHeld,
         CampaignSendingResumed,
+        TestMessageQueued,
+        TestMessageCompleted,
     ],
     Field(discriminator="type"),
 ]

@@ -27,6 +27,8 @@ from schemas.internal import (
     OptOutChanged,
     SenderResults,
     SendingHold,
+    TestMessageResult,
+    TestMessageWork,
     WorkClaimed,
 )
 
@@ -77,6 +79,10 @@ _EXPORTS: dict[str, tuple[str, str, TypeAdapter[Any], JsonSchemaMode]] = {
         "validation",
     ),
     "internal-heartbeat.json": ("InstanceHeartbeat", topics.HEARTBEATS, TypeAdapter(InstanceHeartbeat), "validation"),
+    "internal-test-message-work.json": ("TestMessageWork", topics.SENDER_WORK, TypeAdapter(TestMessageWork),
+                                        "validation"),
+    "internal-test-message-result.json": ("TestMessageResult", topics.SENDER_RESULTS,
+                                          TypeAdapter(TestMessageResult), "validation"),
 }
 
 

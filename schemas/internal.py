@@ -124,6 +124,47 @@ class SenderResults(BaseModel):
     results: list[SenderResult]
 
 
+class TestMessageWork(BaseModel):
+    """Relay -> sender (`outreach.internal.sender-work`, key campaign_id), from the Campaign's stored
+    TestMessageQueued: one test message (SendTestMessage) to submit once, through the fence under `command_id`."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["TestMessageWork"] = "TestMessageWork"
+    event_id: WireId
+    command_id: WireId  # the SendTestMessage: the claim its fence row is open under
+    campaign_id: WireId
+    channel: Channel
+    template_digest: TemplateDigest  # as in WorkClaimed: the campaign events carry the template
+    message_id: WireId
+    destination: str
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+# What the sender did with a test message: the outcome of its one submission (a SenderOutcome of the submission:
+# accepted, refused, presend_error, no_answer, deferred, bounced...), or why it made none: `held` (the provider's
+# breaker is open), `not_sent` (the fence refused it and it was never handed off: its Sending limit passed, or a
+# hold closed it), `no_answer` also when the fence refused it because it was handed off before (a redelivery).
+TestMessageSenderOutcome = Literal[SenderOutcome, Literal["held", "not_sent"]]
+
+
+class TestMessageResult(BaseModel):
+    """Sender -> handler (`outreach.internal.sender-results`, key campaign_id): what became of a test message's one
+    submission. The handler records it on the campaign as TestMessageCompleted; never a message status."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["TestMessageResult"] = "TestMessageResult"
+    result_id: WireId
+    campaign_id: WireId
+    command_id: WireId
+    message_id: WireId
+    outcome: TestMessageSenderOutcome
+    provider_code: str | None = None
+    provider_message_id: str | None = None
+    occurred_at: WireTime
+
+
 ExpiryKind = Literal["sending", "sent", "retry_window"]
 EXPIRY_KINDS: tuple[ExpiryKind, ...] = get_args(ExpiryKind)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from schemas import export
+from schemas import export, internal  # internal's Test* records by module: pytest would collect such names
 from schemas.commands import (
     ATTACHMENTS_MAX_BYTES,
     COMMAND_ADAPTER,
@@ -93,6 +93,8 @@ VALID_COMMANDS = {
     "StopCampaign": envelope("StopCampaign", confirmed=True),
     "RetryFailedMessages": envelope("RetryFailedMessages", message_ids=[MESSAGE_ID], include_cancelled=True),
     "DeleteCampaign": envelope("DeleteCampaign"),
+    "SendTestMessage": envelope("SendTestMessage", destination="+15005550006", row=2,
+                                variables={"first_name": "Ann"}),
 }
 
 
@@ -423,6 +425,12 @@ VALID_EVENTS = {
                              reason="invalid_command", detail="unknown command type"),
     "CampaignSendingHeld": event("CampaignSendingHeld", provider="twilio", reason="10 submissions failed in a row"),
     "CampaignSendingResumed": event("CampaignSendingResumed", provider="twilio"),
+    "TestMessageQueued": event("TestMessageQueued", message_id=MESSAGE_ID, destination="+15005550006",
+                               requested_by="user:alice", row=2, variables={"first_name": "Ann"},
+                               preview="Hi Ann, reply STOP to opt out"),
+    "TestMessageCompleted": event("TestMessageCompleted", message_id=MESSAGE_ID, destination="+15005550006",
+                                  requested_by="user:alice", outcome="refused", reason="invalid_destination",
+                                  provider_code="21211", provider_message_id=None),
 }
 
 
@@ -519,7 +527,7 @@ def test_value_sets_are_those_of_the_contract():
                                  "complete_with_errors", "failed", "deleted")
     assert set(FINAL_MESSAGE_STATUSES) <= set(MESSAGE_STATUSES)
     assert len(FAILURE_REASONS) == 10 and "setup_error" in FAILURE_REASONS
-    assert len(REJECTION_REASONS) == 16 and "channel_busy" in REJECTION_REASONS
+    assert len(REJECTION_REASONS) == 17 and REJECTION_REASONS[-2:] == ("test_send_limit", "channel_busy")
     assert INVALID_ROW_REASONS == ("missing_destination", "invalid_e164", "invalid_email", "duplicate_destination")
 
 
@@ -544,6 +552,13 @@ INTERNAL_EXAMPLES = [
     ]}),
     (Expiry, {"type": "Expiry", "expiry_id": OTHER_ID, "campaign_id": CAMPAIGN_ID, "message_id": MESSAGE_ID,
               "kind": "retry_window", "since_sequence": 4}),
+    (internal.TestMessageWork, {"type": "TestMessageWork", "event_id": EVENT_ID, "command_id": COMMAND_ID,
+                       "campaign_id": CAMPAIGN_ID, "channel": "sms", "template_digest": template_digest(SMS_TEMPLATE),
+                       "message_id": MESSAGE_ID, "destination": "+15005550006", "variables": {"first_name": "Ann"}}),
+    (internal.TestMessageResult, {"type": "TestMessageResult", "result_id": OTHER_ID, "campaign_id": CAMPAIGN_ID,
+                         "command_id": COMMAND_ID, "message_id": MESSAGE_ID, "outcome": "held",
+                         "provider_code": None, "provider_message_id": None,
+                         "occurred_at": "2024-05-01T12:00:00.000000Z"}),
 ]
 
 
@@ -598,3 +613,12 @@ def test_an_email_text_over_512_kib_of_utf8_is_invalid():
 def test_the_template_digest_ignores_key_order():
     assert template_digest({"a": 1, "b": "é"}) == template_digest({"b": "é", "a": 1})
     assert template_digest({"body": "a"}) != template_digest({"body": "b"})
+
+
+def test_a_test_message_has_a_reason_exactly_when_it_was_refused_or_failed():
+    completed = VALID_EVENTS["TestMessageCompleted"]
+    parse_campaign_event(raw({**completed, "outcome": "failed", "reason": "provider_held", "provider_code": None}))
+    for wrong in ({"outcome": "accepted"}, {"outcome": "refused", "reason": None},
+                  {"outcome": "refused", "reason": "exploded"}, {"outcome": "bounced"}):
+        with pytest.raises(ValidationError):
+            parse_campaign_event(raw({**completed, **wrong}))

@@ -20,7 +20,7 @@ from faststream.kafka.publisher.usecase import DefaultPublisher
 
 from schemas import topics
 from schemas.commands import COMMAND_CLASSES
-from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
+from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold, TestMessageResult
 from services.common import kafka, logs
 from services.common.observability import (Observability, assigned_check, broker_check, event_store_check,
                                            subscriber_consumer)
@@ -39,7 +39,8 @@ TRIES_BEFORE_DLQ = 3
 TRANSIENT_LONGEST_WAIT_S = 10.0
 PARKED: collections.Counter[str] = collections.Counter()  # records parked per source topic (the alarm's count)
 # What the five topics carry (RecordHandler decodes each record with its model; this documents them).
-InputRecord = kafka.records_of(*COMMAND_CLASSES, ClaimRequest, SenderResults, SendingHold, Expiry, OptOutChanged)
+InputRecord = kafka.records_of(*COMMAND_CLASSES, ClaimRequest, SenderResults, SendingHold, TestMessageResult, Expiry,
+                              OptOutChanged)
 
 
 def build_broker(settings: Settings, handler: RecordHandler | None = None) -> KafkaBroker:

@@ -34,11 +34,13 @@ from eventsourcing.utils import get_topic, retry
 
 from schemas.commands import (
     AddContacts, Command, CommandHeader, CreateCampaign, DeleteCampaign, RetryFailedMessages, RunCampaign,
-    StopCampaign, UpdateTemplate,
+    SendTestMessage, StopCampaign, UpdateTemplate,
 )
 from schemas import topics
+from schemas.destinations import validate_destination
 from schemas.internal import SenderResult
 from services.common import ids, jsoncodec
+from services.common.templating import render, render_email
 from services.common.fence import HandoffFence, open_fence
 from services.common.retry import retrying
 from services.common.settings import Settings
@@ -46,7 +48,7 @@ from services.command_handler import wire
 from services.command_handler.domain import contacts as contact_rules
 from services.command_handler.domain import rules
 from services.command_handler.domain.model import (
-    Campaign, ChannelLock, CommandLog, DestinationSet, MessageBlock, OptOutList, Rejected,
+    Campaign, ChannelLock, CommandLog, DestinationSet, MessageBlock, OptOutList, Rejected, TestSendQuota,
 )
 from services.command_handler.domain.rules import Move
 
@@ -66,7 +68,7 @@ CACHED_MESSAGES = 32_000
 INDEXED_MESSAGES = 1_000_000
 # A snapshot after every this many events of an aggregate (eventsourcing's `snapshotting_intervals`): a block
 # is loaded from its snapshot and at most 9 later events, a campaign from at most 49.
-SNAPSHOT_INTERVALS = {Campaign: 50, MessageBlock: 10, OptOutList: 100, ChannelLock: 100}
+SNAPSHOT_INTERVALS = {Campaign: 50, MessageBlock: 10, OptOutList: 100, ChannelLock: 100, TestSendQuota: 50}
 
 T = TypeVar("T")
 
@@ -701,12 +703,75 @@ class OutreachApp(Application):
         campaign.delete(cmd.command_id)
         return [campaign]
 
+    def _send_test_message(self, cmd: SendTestMessage) -> list[Any]:
+        """A test message (our addition): in any status but deleted, whoever holds the channel. In the contract's
+        order of reasons: the destination and the row are judged with the campaign's channel (invalid_command),
+        then the issuer's hourly quota (test_send_limit); an opted-out destination is answered opted_out at once
+        (counted, nothing sent); else it is queued for the sender (the relay opens its fence row and sends it the
+        work). No message, count, status or lock of the campaign changes."""
+        campaign = self._campaign(cmd.campaign_id)
+        destination, problem = validate_destination(campaign.channel, cmd.destination, self.settings.default_region)
+        if destination is None:
+            raise Rejected("invalid_command", f"destination is {problem} for an {campaign.channel} campaign")
+        row, variables = self._test_contact(campaign, cmd.row)
+        variables.update(cmd.variables or {})
+        quota = self._load(ids.quota_id_of_test_sends(cmd.issued_by)) or TestSendQuota(cmd.issued_by)
+        quota.use(now().timestamp())
+        message_id = ids.message_id_of_test_send(cmd.command_id)
+        if destination in self.suppressed(campaign.channel):
+            campaign.complete_test_message(message_id=message_id, outcome="opted_out", reason=None, provider_code=None,
+                                           provider_message_id=None, causation_id=cmd.command_id,
+                                           destination=destination, requested_by=cmd.issued_by)
+        else:
+            campaign.queue_test_message(message_id=message_id, destination=destination, requested_by=cmd.issued_by,
+                                        row=row, variables=variables,
+                                        preview=_preview(campaign.channel, campaign.template, variables),
+                                        causation_id=cmd.command_id)
+        return [campaign, quota]
+
+    def _test_contact(self, campaign: Campaign, row: int | None) -> tuple[int | None, dict[str, str]]:
+        """The contact a test message is rendered with: the one of `row`, else the campaign's first valid one
+        (None and no variables while it has none)."""
+        if row is None:
+            if not campaign.block_nos:
+                return None, {}
+            block = self._block_at(campaign, 0)
+            return block.rows[0], dict(block.variables[0])
+        ref = self._refs(campaign).get(ids.message_id(str(campaign.id), row)) if campaign.block_nos else None
+        campaign.check_test_contact(row, found=ref is not None)
+        return row, dict(self._block_at(campaign, ref[0]).variables[ref[1]])
+
     # Each command's use case.
     _USE_CASES: dict[type, Callable[[Any, Any], list[Any]]] = {
         CreateCampaign: _create_campaign, AddContacts: _add_contacts, UpdateTemplate: _update_template,
         RunCampaign: _run_campaign, StopCampaign: _stop_campaign, RetryFailedMessages: _retry_failed,
-        DeleteCampaign: _delete_campaign,
+        DeleteCampaign: _delete_campaign, SendTestMessage: _send_test_message,
     }
+
+    def apply_test_result(self, *, result_id: str, campaign_id: str, command_id: str, message_id: str,
+                          outcome: str, provider_code: str | None, provider_message_id: str | None) -> None:
+        """What the sender did with a test message: recorded once on its campaign (TestMessageCompleted, answering
+        its command), a no_answer amended by a later definite outcome. A provider that says the destination opted
+        out (21610) puts it on the channel's opt-out list, as it would for a campaign message."""
+
+        def decide() -> list[Any]:
+            campaign = self._load(uuid.UUID(campaign_id))
+            if campaign is None or campaign.deleted or ids.message_id_of_test_send(command_id) != message_id:
+                return []
+            public, reason = rules.outcome_of_test_message(outcome, provider_code, campaign.channel)
+            if not campaign.complete_test_message(message_id=message_id, outcome=public, reason=reason,
+                                                  provider_code=provider_code,
+                                                  provider_message_id=provider_message_id, causation_id=command_id):
+                return []
+            to_save: list[Any] = [campaign]
+            if public == "opted_out":
+                opt_outs = self._opt_out_list(campaign.channel)
+                opt_outs.opt_out(campaign.test_messages[message_id]["destination"], f"test_message:{outcome}",
+                                 result_id)
+                to_save += [opt_outs] if opt_outs.pending_events else []
+            return to_save
+
+        self._run(decide)
 
     def suppressed(self, channel: str) -> set[str]:
         """Opted-out destinations of a channel: never sent to until they opt back in."""
@@ -826,17 +891,22 @@ class OutreachApp(Application):
                 return []
             refs = self._refs(campaign)
             per_block: dict[int, list[tuple[int, SenderResult]]] = defaultdict(list)
+            test_destinations: list[tuple[str, SenderResult]] = []  # receipts of test messages that opt out
             for result in self._current_submissions(results):
                 ref = refs.get(result.message_id)
                 if ref is None:
-                    log.warning("result for unknown message %s of campaign %s", result.message_id, campaign_id)
-                    continue
+                    test = campaign.test_messages.get(result.message_id)
+                    if test is None:
+                        log.warning("result for unknown message %s of campaign %s", result.message_id, campaign_id)
+                    elif rules.opts_out_destination(result, campaign.channel):
+                        test_destinations.append((test["destination"], result))
+                    continue  # a test message's receipt changes no message: only an opt-out is kept
                 per_block[ref[0]].append((ref[1], result))
             to_save = self._move_messages(campaign, per_block, result_id,
                                           lambda state, r: rules.result_move(state, r, campaign.channel))
             opting_out = [(position, index, r) for position, block_results in per_block.items()
                           for index, r in block_results if rules.opts_out_destination(r, campaign.channel)]
-            if not opting_out:
+            if not opting_out and not test_destinations:
                 return to_save
             opt_outs = self._opt_out_list(campaign.channel)
             for position, index, r in opting_out:
@@ -844,6 +914,8 @@ class OutreachApp(Application):
                 # Only for a message the provider had: a result about one never claimed is not believed.
                 if block.status[index] not in rules.NEVER_HANDED_OFF:
                     opt_outs.opt_out(block.destinations[index], f"result:{r.outcome}", result_id)
+            for destination, r in test_destinations:
+                opt_outs.opt_out(destination, f"result:{r.outcome}", result_id)
             return to_save + ([opt_outs] if opt_outs.pending_events else [])
 
         self._run(decide)
@@ -968,6 +1040,13 @@ class OutreachApp(Application):
         return {"campaign_id": campaign_id, "name": campaign.name, "channel": campaign.channel,
                 "status": campaign.status, "stopped": campaign.stopped, "holds_channel": campaign.holds_channel,
                 "run_no": campaign.run_no, "counts": {"total": campaign.message_count, **campaign.counts}}
+
+
+def _preview(channel: str, template: dict, variables: dict[str, str]) -> str:
+    """What a test message says, in short: the rendered SMS text, or the rendered email subject."""
+    if channel == "sms":
+        return render(template.get("body", ""), variables)
+    return render_email(template.get("subject", ""), "", variables)[0]
 
 
 def _refuse_unpublishable(changed: Iterable[Any]) -> None:

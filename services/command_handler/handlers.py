@@ -13,13 +13,14 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas import topics
 from schemas.commands import COMMAND_TYPES, MAX_CHUNK_BYTES, CommandHeader, parse_command, validation_detail
-from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold
+from schemas.internal import ClaimRequest, Expiry, OptOutChanged, SenderResults, SendingHold, TestMessageResult
 from services.common import ids, jsoncodec, logs, records
 from services.command_handler.application import OutreachApp
 
-# The sender's results and its circuit breakers' holds share a topic (same key, in order): told by `type`.
-SENDER_RESULTS_RECORD: TypeAdapter[SenderResults | SendingHold] = TypeAdapter(
-    Annotated[Union[SenderResults, SendingHold], Field(discriminator="type")])
+# The sender's results, its circuit breakers' holds and its test messages' results share a topic (same key, in
+# order): told by `type`.
+SenderRecord = Union[SenderResults, SendingHold, TestMessageResult]
+SENDER_RESULTS_RECORD: TypeAdapter[SenderRecord] = TypeAdapter(Annotated[SenderRecord, Field(discriminator="type")])
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,13 @@ class RecordHandler:
         self.app.claim(claim_id=request.claim_id, campaign_id=request.campaign_id,
                        max_messages=request.max_messages)
 
-    def sender_record(self, record: SenderResults | SendingHold) -> None:
-        if isinstance(record, SendingHold):
+    def sender_record(self, record: SenderRecord) -> None:
+        if isinstance(record, TestMessageResult):
+            self.app.apply_test_result(result_id=record.result_id, campaign_id=record.campaign_id,
+                                       command_id=record.command_id, message_id=record.message_id,
+                                       outcome=record.outcome, provider_code=record.provider_code,
+                                       provider_message_id=record.provider_message_id)
+        elif isinstance(record, SendingHold):
             self.app.apply_hold(hold_id=record.hold_id, campaign_id=record.campaign_id, provider=record.provider,
                                 held=record.held, reason=record.reason)
         else:

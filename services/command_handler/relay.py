@@ -1,7 +1,7 @@
 """The outbox relay: publishes stored events to Kafka in notification-log order.
 
 Read a page from the checkpoint, map each stored event to wire records (stable event ids), open the hand-off
-fence (services/common/fence.py) for the page's claims, send, wait for every ack, then checkpoint. The
+fence (services/common/fence.py) for the page's claims and test messages, send, wait for every ack, then checkpoint. The
 fence rows exist before any sender can see the WorkClaimed they govern; a rewind opens nothing again
 (a claim's rows are opened once, by its version). On a send error it drops its producer and rewinds to the checkpoint, so records
 are never reordered (a resend repeats records; consumers dedupe on event_id). It also notices a new, empty
@@ -100,6 +100,8 @@ class Relay:
             e = self.app.mapper.to_domain_event(n)
             if isinstance(e, Campaign.WorkClaimed) and e.items:
                 open_fence_for_claim(self.fence, e, self.settings.sending_timeout_s)
+            elif isinstance(e, Campaign.TestMessageQueued):
+                open_fence_for_test_message(self.fence, e, self.settings.sending_timeout_s)
             records += wire.to_records(e)
             position, used = n.id, used + 1
         cut = used < len(notifications)
@@ -230,6 +232,14 @@ def open_fence_for_claim(fence: HandoffFence, e: Campaign.WorkClaimed, sending_t
         campaign_id=str(e.originator_id), claim_id=e.claim_id, claim_version=e.originator_version,
         deadline=e.timestamp.timestamp() + sending_timeout_s,
         messages=[ClaimedMessage(item["message_id"], item["attempt"]) for item in e.items])
+
+
+def open_fence_for_test_message(fence: HandoffFence, e: Campaign.TestMessageQueued, sending_timeout_s: float) -> None:
+    """A test message may be handed off once, under its command's id, until its Sending deadline: a redelivered
+    work record, a second sender or a restarted one finds it taken (or closed) and sends nothing."""
+    fence.open_claim(campaign_id=str(e.originator_id), claim_id=e.causation_id, claim_version=e.originator_version,
+                     deadline=e.timestamp.timestamp() + sending_timeout_s,
+                     messages=[ClaimedMessage(e.message_id, 0)])
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Union
 from pydantic import BaseModel, ValidationError
 
 from schemas import topics
-from schemas.internal import WorkClaimed, template_digest
+from schemas.internal import TestMessageWork, WorkClaimed, template_digest
 from schemas.times import rfc3339
 from services.common import ids, jsoncodec, records
 from services.command_handler.domain.model import SEQUENCE_STEP, Campaign, CommandLog, MessageBlock, message_sequences
@@ -24,8 +24,8 @@ from services.command_handler.domain.model import SEQUENCE_STEP, Campaign, Comma
 log = logging.getLogger(__name__)
 
 RECORDS_PER_STORED_EVENT = 10  # campaign sequence = version * 10 + k
-# Internal topics the relay publishes to, and the model of their records.
-INTERNAL_MODELS: dict[str, type[BaseModel]] = {topics.SENDER_WORK: WorkClaimed}
+# The internal records the relay publishes (on topics other than the campaign events), by type: their models.
+INTERNAL_MODELS: dict[str, type[BaseModel]] = {"WorkClaimed": WorkClaimed, "TestMessageWork": TestMessageWork}
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Recor
         bodies = bodies + [(topics.CAMPAIGN_EVENTS, "CampaignStatusChanged", dict(status_change))]
     for k, (topic, type_name, body) in enumerate(bodies):
         event_id = ids.record_event_id(e.originator_id, e.originator_version, k)
-        model = INTERNAL_MODELS.get(topic)
+        model = INTERNAL_MODELS.get(type_name) if topic != topics.CAMPAIGN_EVENTS else None
         if model is not None:
             out += _internal_record(model, topic, campaign_id, type=type_name, event_id=event_id,
                                     campaign_id=campaign_id, **body)
@@ -213,6 +213,21 @@ def _progressed(e: Any) -> list:
     return []
 
 
+def _test_message_queued(e: Any) -> list:
+    """The answer to a SendTestMessage, then the sender's work (after it: the relay opens the fence row first)."""
+    return [_event("TestMessageQueued", message_id=e.message_id, destination=e.destination,
+                   requested_by=e.requested_by, row=e.row, variables=e.variables, preview=e.preview),
+            (topics.SENDER_WORK, "TestMessageWork", {
+                "command_id": e.causation_id, "channel": e.channel, "template_digest": e.template_digest,
+                "message_id": e.message_id, "destination": e.destination, "variables": e.variables})]
+
+
+def _test_message_completed(e: Any) -> list:
+    return [_event("TestMessageCompleted", message_id=e.message_id, destination=e.destination,
+                   requested_by=e.requested_by, outcome=e.outcome, reason=e.reason, provider_code=e.provider_code,
+                   provider_message_id=e.provider_message_id)]
+
+
 def _hold_changed(e: Any) -> list:
     if e.held:
         return [_event("CampaignSendingHeld", provider=e.provider, reason=e.reason)]
@@ -232,6 +247,8 @@ _CAMPAIGN_MAPPERS = {
     Campaign.WorkClaimed: _work_claimed,
     Campaign.Progressed: _progressed,
     Campaign.HoldChanged: _hold_changed,
+    Campaign.TestMessageQueued: _test_message_queued,
+    Campaign.TestMessageCompleted: _test_message_completed,
 }
 
 

@@ -47,3 +47,14 @@ def command_log_id(command_id: str) -> uuid.UUID:
 def record_event_id(originator_id: uuid.UUID | str, version: int, part: object) -> str:
     """The event_id of one wire record made from one stored event (part: record index or row)."""
     return uuid5_text(OUTREACH_NS, f"{originator_id}:{version}:{part}")
+
+
+def message_id_of_test_send(command_id: str) -> str:
+    """A test message's own id (SendTestMessage): never one of its campaign's message ids (those are uuid5 of the
+    campaign id), the same for a repeated command."""
+    return uuid5_text(OUTREACH_NS, f"test-message:{command_id}")
+
+
+def quota_id_of_test_sends(principal: str) -> uuid.UUID:
+    """The aggregate counting one principal's test messages (the per-user limit)."""
+    return uuid.uuid5(OUTREACH_NS, f"test-send-quota:{principal}")

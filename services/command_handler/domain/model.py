@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import Iterable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from eventsourcing.domain import Aggregate, event
@@ -25,6 +26,7 @@ from services.command_handler.domain.summary import run_summary
 
 MAX_CONTACTS = 300_000
 RECENT_CLAIMS_KEPT = 256
+TEST_MESSAGES_KEPT = 64  # a campaign remembers its latest test messages (their late results), no more
 
 
 class Snapshot(LibrarySnapshot):
@@ -382,6 +384,63 @@ class Campaign(Aggregate):
                           causation_id: str) -> None:
         pass
 
+    # ----- test messages (SendTestMessage, our addition) ----------------------------------------
+    # message_id -> {"destination", "requested_by", "outcome"} of the campaign's latest test messages (at most
+    # TEST_MESSAGES_KEPT; an older one's late result is ignored). A class default (read-only, not annotated: an
+    # annotation would make the aggregate a dataclass), so a campaign stored or snapshotted before test messages
+    # existed has none; the attribute is always replaced, never changed in place.
+    test_messages = MappingProxyType({})
+
+    def check_test_contact(self, row: int | None, found: bool) -> None:
+        """A test message's `row` must be a valid contact of the campaign (`found`: the application looked)."""
+        if row is not None and not found:
+            raise Rejected("invalid_command", f"row {row} is no valid contact of this campaign")
+
+    def queue_test_message(self, *, message_id: str, destination: str, requested_by: str, row: int | None,
+                           variables: dict[str, str], preview: str, causation_id: str) -> None:
+        """A test message goes to the sender. It is no message of the campaign: no block, count or status
+        changes, and the channel lock is not asked (the application checked the destination and the quota)."""
+        self._test_message_queued(message_id=message_id, destination=destination, requested_by=requested_by,
+                                  row=row, variables=variables, preview=preview, channel=self.channel,
+                                  template_digest=template_digest(self.template), causation_id=causation_id)
+
+    @event("TestMessageQueued")
+    def _test_message_queued(self, message_id: str, destination: str, requested_by: str, row: int | None,
+                             variables: dict, preview: str, channel: str, template_digest: str,
+                             causation_id: str) -> None:
+        # channel and template_digest: for the sender's work record, which the relay makes from this event alone.
+        self._remember_test_message(message_id, destination, requested_by, None)
+
+    def complete_test_message(self, *, message_id: str, outcome: str, reason: str | None,
+                              provider_code: str | None, provider_message_id: str | None, causation_id: str,
+                              destination: str | None = None, requested_by: str | None = None) -> bool:
+        """Record a test message's outcome, if it applies (`rules.outcome_of_test_message_applies`); a message
+        not queued here (`destination` and `requested_by` given: answered at once, opted out) is recorded too.
+        Returns whether it was. `causation_id` is the SendTestMessage's command_id: the outcome answers it."""
+        known = self.test_messages.get(message_id)
+        if known is None and destination is None:
+            return False  # not a test message of this campaign (or one forgotten long ago)
+        current = known["outcome"] if known is not None else None
+        if known is not None and not rules.outcome_of_test_message_applies(current, outcome):
+            return False
+        self._test_message_completed(
+            message_id=message_id, destination=known["destination"] if known else destination,
+            requested_by=known["requested_by"] if known else requested_by, outcome=outcome, reason=reason,
+            provider_code=provider_code, provider_message_id=provider_message_id, causation_id=causation_id)
+        return True
+
+    @event("TestMessageCompleted")
+    def _test_message_completed(self, message_id: str, destination: str, requested_by: str, outcome: str,
+                                reason: str | None, provider_code: str | None, provider_message_id: str | None,
+                                causation_id: str) -> None:
+        self._remember_test_message(message_id, destination, requested_by, outcome)
+
+    def _remember_test_message(self, message_id: str, destination: str, requested_by: str,
+                               outcome: str | None) -> None:
+        kept = {mid: known for mid, known in self.test_messages.items() if mid != message_id}
+        kept[message_id] = {"destination": destination, "requested_by": requested_by, "outcome": outcome}
+        self.test_messages = dict(list(kept.items())[-TEST_MESSAGES_KEPT:])
+
     # ----- provider holds -----------------------------------------------------------------------
     @property
     def is_held(self) -> bool:
@@ -659,6 +718,41 @@ class OptOutList(Aggregate):
     @event("OptedIn")
     def _opted_in(self, destination: str, source: str, causation_id: str) -> None:
         self.destinations.discard(destination)
+
+
+class TestSendQuota(Aggregate):
+    """One issuer's test messages in the last window (rules.TEST_MESSAGES_PER_HOUR, over every campaign): saved
+    with the campaign that records each one, so two racing test sends conflict on its version."""
+
+    Snapshot = Snapshot
+
+    @event("Created")
+    def __init__(self, principal: str):
+        self.principal = principal
+        self.sent_at: list[float] = []  # POSIX times of the test messages still in the window
+
+    @staticmethod
+    def create_id(principal: str) -> uuid.UUID:
+        return ids.quota_id_of_test_sends(principal)
+
+    def in_window(self, now: float) -> list[float]:
+        return [at for at in self.sent_at if at > now - rules.TEST_MESSAGE_WINDOW_S]
+
+    def check_room(self, now: float) -> None:
+        recent = self.in_window(now)
+        if len(recent) >= rules.TEST_MESSAGES_PER_HOUR:
+            wait_s = int(min(recent) + rules.TEST_MESSAGE_WINDOW_S - now) + 1
+            raise Rejected("test_send_limit", f"{rules.TEST_MESSAGES_PER_HOUR} test messages per hour per user: "
+                                              f"{self.principal} may send the next one in {wait_s} s")
+
+    def use(self, now: float) -> None:
+        """One more test message now (refused past the limit); times out of the window are dropped."""
+        self.check_room(now)
+        self._used(sent_at=[*self.in_window(now), now])
+
+    @event("Used")
+    def _used(self, sent_at: list[float]) -> None:
+        self.sent_at = sent_at
 
 
 class CommandLog(Aggregate):

@@ -226,3 +226,50 @@ def result_move(state: MessageState, result: SenderResult, channel: str) -> Move
         # Refused at submission: the provider did not accept it (acceptance = Twilio 201 / SendGrid 202 / SMTP 250).
         move = dataclasses.replace(move, accepted=False)
     return move
+
+
+# ----- test messages (SendTestMessage, our addition) -------------------------------------------
+
+# The per-user limit: test messages one issuer (issued_by: `user:NAME`, a token's name, a producer's assertion) may
+# have sent in any window of this length, over every campaign. Counted when the handler accepts one (an opted-out
+# destination's answer included), so it holds however many API instances publish them.
+TEST_MESSAGES_PER_HOUR = 5
+TEST_MESSAGE_WINDOW_S = 3600.0
+# Outcomes of a test message that end it: a no_answer (handed off, outcome unknown) may still be amended by one.
+TEST_MESSAGE_DEFINITE_OUTCOMES = frozenset({"accepted", "refused", "failed", "opted_out"})
+_TEST_SENDER_OUTCOMES = {
+    "accepted": ("accepted", None), "presend_error": ("failed", "provider_error"),
+    "held": ("failed", "provider_held"), "not_sent": ("failed", "not_sent"), "no_answer": ("no_answer", None),
+    "opted_out": ("opted_out", None), "deferred": ("refused", "deferred"),
+}
+
+
+def outcome_of_test_message(sender_outcome: str, provider_code: str | None, channel: str) -> tuple[str, str | None]:
+    """(outcome, reason) of a test message from what the sender reports of its one submission: a provider's refusal
+    by the codes' table (`provider_codes`: 21610 is opted_out), a pre-send error failed (not retried), a deferral
+    refused (not sent again). A receipt's outcome (delivered...) means the provider took it."""
+    fixed = _TEST_SENDER_OUTCOMES.get(sender_outcome)
+    if fixed is not None:
+        return fixed
+    if sender_outcome == "blocked":
+        sender_outcome, provider_code = "bounced", "blocked"
+    elif sender_outcome == "dropped":
+        sender_outcome, provider_code = "bounced", f"dropped: {provider_code or ''}"
+    try:
+        status, reason = provider_codes.classify(sender_outcome, provider_code, channel)
+    except ValueError:
+        return "refused", "unknown"
+    if status == "opted_out":
+        return "opted_out", None
+    if status == "failed":
+        return "refused", reason
+    return "accepted", None
+
+
+def outcome_of_test_message_applies(current: str | None, new: str) -> bool:
+    """Whether a test message's new outcome is recorded: the first one; a definite one after `no_answer` (a sender
+    that found it handed off before answers no_answer, the one that handed it off answers what happened); nothing
+    after a definite one (a redelivered work record, a second sender)."""
+    if current is None:
+        return True
+    return current == "no_answer" and new in TEST_MESSAGE_DEFINITE_OUTCOMES
