@@ -30,7 +30,9 @@ from services.api.models import EmailChannelSettingsBody, SmsChannelSettingsBody
 from services.api.passwords import MIN_PASSWORD_LENGTH, password_problem
 from services.api.settings_routes import replace_channel_settings
 from services.api.store import ROLES, ApiStore, CredentialsUnreadable, UserInfo
+from services.common import safe_defaults
 from services.common.channel_settings import CHANNELS, PROVIDERS
+from services.common.settings import Settings
 from services.common.stack_status import STATES, gather
 
 router = console_router()
@@ -145,6 +147,9 @@ FIELD_NAMES = {
     "host": "Host", "port": "Port", "username": "Username", "password": "Password",
     "starttls": "STARTTLS (true or false)",
 }
+# Secrets that still hold the simulator's public value are said to: with a real provider they are refused.
+DEVELOPMENT_VALUES = {"auth_token": safe_defaults.DEFAULT_TWILIO_AUTH_TOKEN,
+                      "api_key": Settings.model_fields["sendgrid_api_key"].default.get_secret_value()}
 FIELD_HINTS = {"base_url": "Blank: the environment's (the simulator's unless set).",
                "webhook_public_key": "Blank: the environment's."}
 _BODY_ADAPTERS = {"sms": TypeAdapter(SmsChannelSettingsBody), "email": TypeAdapter(EmailChannelSettingsBody)}
@@ -159,6 +164,7 @@ class CredentialField:
     value: str  # the current value (never a secret's: "")
     is_set: bool
     hint: str = ""
+    development: bool = False  # a secret that keeps the simulator's public value
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,8 @@ def _fields(channel: str, provider: str, values: dict[str, str]) -> list[Credent
     required, optional = PROVIDERS[channel][provider]
     return [CredentialField(name, FIELD_NAMES.get(name, name), name in SECRET_FIELDS, name in required,
                             "" if name in SECRET_FIELDS else values.get(name, ""), bool(values.get(name)),
-                            FIELD_HINTS.get(name, ""))
+                            FIELD_HINTS.get(name, ""),
+                            name in DEVELOPMENT_VALUES and values.get(name) == DEVELOPMENT_VALUES[name])
             for name in (*required, *optional)]
 
 
