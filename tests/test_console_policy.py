@@ -1,11 +1,13 @@
 """The console's policy (services/api/console/policy.py) without a browser or a server: which sections each role
 sees, and which actions a campaign's action menu offers for its status, its counts and the user's role, as the
-product reference (Campaigns, Running, Stopping, Monitoring, retry, export, Roles) and the wire contract say."""
+product reference (Campaigns, Running, Stopping, Monitoring, retry, export, Roles) and the wire contract say; and
+the plain words the Campaigns screen says a refusal and an accepted command in."""
 from __future__ import annotations
 
 import pytest
 
 from schemas.events import MESSAGE_STATUSES
+from services.api.console.campaigns import done_words, refusal_words
 from services.api.console.policy import actions_for, campaign_actions, holds_channel, may_see
 
 CAMPAIGN_ROLES = ("org_admin", "admin", "campaigner")
@@ -91,3 +93,29 @@ def test_nothing_before_a_run_is_exported_and_nothing_after_it_is_run_again():
     for status in ("in_progress", "active_retries", "complete", "complete_with_errors", "failed"):
         actions = campaign_actions(status, "campaigner")
         assert "export" in actions and "run" not in actions and "edit" not in actions
+
+
+# ------------------------------------------------------------------ refusals and notices in plain words
+
+def test_a_busy_channel_is_said_with_the_campaign_that_holds_it():
+    words = refusal_words("run", "channel_busy", "campaign 5f0c... is running", holder="“Spring sale” (SMS)")
+    assert words.startswith("The channel is busy: campaign “Spring sale” (SMS) is running on it")
+    # The campaign itself still holds it (its last messages are being handed over): said so, not as another's.
+    assert "This campaign still holds its channel" in refusal_words("retry", "channel_busy", "", holder=None)
+
+
+def test_refusals_name_the_campaigns_status_and_what_was_not_done():
+    assert refusal_words("run", "campaign_not_ready", "", status="in_progress") == \
+        "Only a Ready campaign can be run (it is In Progress now). Nothing was queued or sent."
+    assert "no cancelled or failed message" in refusal_words("resume", "nothing_to_retry", "")
+    assert "retry those one by one in the campaign view" in refusal_words("retry", "nothing_to_retry", "")
+    # A reason added to the contract later: its own name and detail, rather than nothing.
+    assert refusal_words("run", "quota_exceeded", "monthly quota reached") == \
+        "Refused (quota_exceeded): monthly quota reached."
+
+
+def test_notices_say_what_the_accepted_command_did():
+    assert done_words("run", "“Spring”", 298, 3, pending=False) == \
+        "“Spring” is running: 298 messages queued (3 opted-out recipients left out)."
+    assert done_words("stop", "“Spring”", 120, None, pending=False).startswith("“Spring” is stopped: 120 queued")
+    assert "its answer has not come yet" in done_words("delete", "“Spring”", None, None, pending=True)
