@@ -20,7 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 
 from schemas import topics
-from schemas.internal import ClaimRequest, OptOutChanged, SenderResults, SendingHold
+from schemas.internal import ClaimRequest, OptOutChanged, SenderResults, SendingHold, TestMessageResult
 from services.common import jsoncodec, records
 from services.common.embedded_broker import free_port
 from services.common.fence import ClaimedMessage, HandoffFence, open_fence
@@ -37,7 +37,7 @@ EMAIL_TEMPLATE = {"subject": "Hello {{name}}", "html": "<p>Hi {{name}}</p>", "fr
 # What may be published on each internal topic our producers write.
 TOPIC_MODELS: dict[str, Any] = {
     topics.CLAIM_REQUESTS: ClaimRequest,
-    topics.SENDER_RESULTS: TypeAdapter(SenderResults | SendingHold),
+    topics.SENDER_RESULTS: TypeAdapter(SenderResults | SendingHold | TestMessageResult),
     topics.OPT_OUTS: OptOutChanged,
 }
 
@@ -185,6 +185,7 @@ class Published:
 
     results: list[tuple[str, list[dict]]] = field(default_factory=list)  # (campaign_id, results)
     holds: list[dict] = field(default_factory=list)
+    test_messages: list[dict] = field(default_factory=list)  # TestMessageResult records
 
     async def __call__(self, keyed: list[tuple[str, BaseModel]]) -> None:
         for campaign_id, record in keyed:
@@ -192,6 +193,8 @@ class Published:
             if value["type"] == "SenderResults":
                 assert value["campaign_id"] == campaign_id
                 self.results.append((campaign_id, value["results"]))
+            elif value["type"] == "TestMessageResult":
+                self.test_messages.append(value)
             else:
                 self.holds.append(value)
 

@@ -10,7 +10,8 @@
   the answers to its claims come to it, and ownership moves with a rebalance or a crash.
 - Claim loop: up to 2 claims outstanding per owned active campaign, each a `ClaimRequest` on
   `outreach.internal.claim-requests` (see claims.py for the bookkeeping and its timeout).
-- `outreach.internal.sender-work`: each WorkClaimed is worked on as its own task (dispatch.py); its offset
+- `outreach.internal.sender-work`: each WorkClaimed is worked on as its own task (dispatch.py), and each
+  TestMessageWork (a test message: sent once, its outcome a TestMessageResult, dispatch.Dispatcher.send_test); its offset
   is committed once it and every record before it on its partition have their results published
   (`OffsetTracker`), so a crash redelivers, and the hand-off fence stops double sends (also across
   instances: claims an old owner still works on are refused to the new one message by message).
@@ -34,14 +35,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any, Union
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.partitioner import murmur2
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, TypeAdapter
 
 from schemas import topics
-from schemas.internal import ClaimRequest, WorkClaimed, template_digest
+from schemas.internal import ClaimRequest, TestMessageWork, WorkClaimed, template_digest
 from schemas.times import utc_now
 from services.common import channel_settings, ids, jsoncodec, kafka, logs, records
 from services.common.channel_settings import ChannelConfig, ChannelSettingsFeed
@@ -59,6 +60,10 @@ from services.sender.providers import ProviderAdapter, adapter_for, adapters_for
 from services.sender.ratelimit import mean_segments, sms_cost
 
 log = logging.getLogger("outreach.sender")
+
+# What the relay sends on outreach.internal.sender-work: claims' work, and test messages (told by `type`).
+WORK_RECORD: TypeAdapter[WorkClaimed | TestMessageWork] = TypeAdapter(
+    Annotated[Union[WorkClaimed, TestMessageWork], Field(discriminator="type")])
 
 AdapterFactory = Callable[[Settings, str], ProviderAdapter]  # (settings, channel) -> that channel's adapter
 
@@ -310,13 +315,16 @@ class Sender:
 
     def _start_job(self, tp: TopicPartition, record) -> None:
         try:
-            claimed = records.decode(WorkClaimed, record.value)
+            claimed = records.decode(WORK_RECORD, record.value)
         except records.InvalidRecord as exc:
-            log.error("sender-work %s[%d]@%d is not a WorkClaimed; skipped: %s",
+            log.error("sender-work %s[%d]@%d is neither a WorkClaimed nor a TestMessageWork; skipped: %s",
                       tp.topic, tp.partition, record.offset, exc)
             self.tracker.finish(tp, record.offset)
             return
         value = claimed.model_dump(mode="json")  # the dispatcher and the adapters work on its plain form
+        if isinstance(claimed, TestMessageWork):  # no claim of the campaign's: the claim book is not told
+            self._track(asyncio.create_task(self._test_job(tp, record.offset, value)))
+            return
         campaign_id, claim_id = value["campaign_id"], value["claim_id"]
         if self.journal.channel(campaign_id) != value["channel"]:
             self.journal.learn_channel(campaign_id, value["channel"])
@@ -328,7 +336,10 @@ class Sender:
             self.book.submitted(campaign_id, claim_id)
             self._wake.set()
 
-        task = asyncio.create_task(self._job(tp, record.offset, value, submitted))
+        self._track(asyncio.create_task(self._job(tp, record.offset, value, submitted)))
+
+    def _track(self, task: asyncio.Task) -> None:
+        """A job in hand: counted, waited for at a stop."""
         self.jobs.add(task)
         CLAIMS_IN_FLIGHT.set(len(self.jobs))
 
@@ -337,6 +348,21 @@ class Sender:
             CLAIMS_IN_FLIGHT.set(len(self.jobs))
 
         task.add_done_callback(finished)
+
+    async def _test_job(self, tp: TopicPartition, offset: int, work: dict) -> None:
+        """A test message: sent once (the dispatcher), its outcome published, then its offset committable. A
+        failure (the journal, a bug) is tried again; the fence keeps a second try from sending it twice."""
+        logs.bind(campaign_id=work["campaign_id"], message_id=work["message_id"])
+        work["template"] = await self._template(work["campaign_id"], work["template_digest"])
+        async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=JOB_FIRST_WAIT_S,
+                                      longest_wait_s=JOB_LONGEST_WAIT_S):
+            with attempt:
+                try:
+                    await self.dispatcher.send_test(work)
+                except Exception:
+                    log.exception("test message %s failed; trying it again", work["message_id"])
+                    raise
+        self.tracker.finish(tp, offset)
 
     async def _job(self, tp: TopicPartition, offset: int, work: dict, submitted) -> None:
         logs.bind(campaign_id=work["campaign_id"])  # this task's lines, the adapters' too (a task of its own)

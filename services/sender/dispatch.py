@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.internal import SendingHold
+from schemas.internal import SendingHold, TestMessageResult
 from schemas.times import utc_now
 from services.common.batching import Publish, ResultsBatcher
 from services.common.fence import HandoffFence
@@ -418,6 +418,64 @@ class Dispatcher:
             if pending:
                 await self._sleep(backoff_delay(submission, self._backoff_s, self._rand))
         return futures
+
+    # ------------------------------------------------------------------ test messages
+
+    async def send_test(self, work: Mapping[str, Any]) -> str:
+        """One test message (a TestMessageWork, SendTestMessage's): the provider path of a claim's messages (the
+        channel's adapter, one of its slots, its tokens, the breaker, the fence under the command's id), once and
+        never retried. Its outcome goes to the handler as a TestMessageResult, not as a message result: no
+        status record. Returns once that is published; returns the outcome reported.
+
+        Not sent, and said so: the breaker is open (`held`: not waited for, someone is waiting for the answer);
+        the fence refuses it (`no_answer` if it was handed off before: a redelivery, a second sender, a restart
+        after a crash mid-call; `not_sent` if never: its Sending limit passed). A pre-send error, a deferral, a
+        hold or a refusal closes its fence row: nothing sends it later (no pre-send retry, no SMTP re-submission,
+        no redelivery)."""
+        campaign_id, command_id, channel = work["campaign_id"], work["command_id"], work["channel"]
+        message_id = work["message_id"]
+        item = {"message_id": message_id, "destination": work["destination"], "variables": work.get("variables") or {},
+                "campaign_id": campaign_id, "claim_id": command_id}
+        adapter = self._adapters[channel]
+        breaker = self._breaker_of(adapter, channel)
+        self._using[id(adapter)] = self._using.get(id(adapter), 0) + 1
+        results: list[dict] | None = None
+        try:
+            async with self._slots[channel]:
+                if breaker.allows():
+                    wait_s = await self._limiters[channel].acquire(item_cost(channel, work["template"], item))
+                    RATE_LIMITER_WAIT_SECONDS.labels(channel).observe(wait_s or 0.0)
+                if not breaker.allows():
+                    outcome = "held"
+                else:
+                    granted = await self._fenced(self._take, command_id, [message_id])
+                    if message_id in granted:  # no await between the grant and the submission
+                        results = await self._submit(adapter, channel, [{**item, "attempt": granted[message_id] - 1}],
+                                                     work["template"])
+                        outcome = "submitted"
+                    else:
+                        row = await self._fenced(self._fence.row, message_id)
+                        outcome = "no_answer" if row is not None and row["submissions"] > 0 else "not_sent"
+        finally:
+            self._using[id(adapter)] = self._using.get(id(adapter), 1) - 1
+            if self._using[id(adapter)] <= 0:
+                self._using.pop(id(adapter), None)
+                self._idle.set()
+        answer: dict[str, Any] = {}
+        if results is not None:
+            breaker.record([message_id], results)
+            answer = next((r for r in results if r["message_id"] == message_id), None) or make_result(
+                message_id, "no_answer", 1)
+            outcome = answer["outcome"]
+        if outcome not in ("accepted", "no_answer"):
+            await self._fenced(self._fence.close, command_id, [message_id])
+        published = self._results.add_record(campaign_id, TestMessageResult(
+            result_id=str(uuid.uuid4()), campaign_id=campaign_id, command_id=command_id, message_id=message_id,
+            outcome=outcome, provider_code=answer.get("provider_code"),
+            provider_message_id=answer.get("provider_message_id"), occurred_at=answer.get("occurred_at") or utc_now()))
+        log.info("test message %s of campaign %s: %s", message_id, campaign_id, outcome)
+        await published
+        return outcome
 
     async def _take(self, claim_id: str, message_ids: list[str]) -> dict[str, int]:
         """The fence's grant for one provider call. On a local fence (SQLite) at once, on the event loop: no
