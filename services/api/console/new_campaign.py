@@ -312,10 +312,10 @@ async def create_campaign(request: Request, session: SignedIn, upload_id: str) -
     if missing and not form.get("accept_missing"):
         return _template_page(request, upload, template, 422, [_missing_problem(missing, 'Create')],
                               confirm_missing=True, consent=consent)
-    outcome = await _create(request, session, upload, template.template or {})
-    if isinstance(outcome, str):
-        return _template_page(request, upload, template, 409, [outcome], consent=consent)
-    return _see_other(f"/campaigns/{outcome}/import-report")
+    campaign_id, refusal = await _create(request, session, upload, template.template or {})
+    if refusal is not None:
+        return _template_page(request, upload, template, 409, [refusal], consent=consent)
+    return _see_other(f"/campaigns/{campaign_id}/import-report")
 
 
 def _refusal_words(body: dict[str, Any]) -> str:
@@ -326,8 +326,10 @@ def _refusal_words(body: dict[str, Any]) -> str:
     return REJECTION_WORDS.get(reason, f"The campaign was not created: {detail}")
 
 
-async def _create(request: Request, session: ConsoleSession, upload: Upload, template: dict[str, Any]) -> str:
-    """The API's create with this upload, as the signed-in person: the campaign's id, or why not in words."""
+async def _create(request: Request, session: ConsoleSession, upload: Upload,
+                  template: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The API's create with this upload, as the signed-in person: (the campaign's id, None), or (None, why not
+    in words)."""
     meta, resolved = upload.meta, upload.meta["resolved"]
     # One key per attempt: a double click or a retry after a broker failure publishes the same commands (the
     # handler acts once); after a rejection the next attempt is a new command.
@@ -341,27 +343,27 @@ async def _create(request: Request, session: ConsoleSession, upload: Upload, tem
                 variables=json.dumps(resolved["variables"]), default_region=meta.get("default_region"),
                 idempotency_key=key)
     except FileNotFoundError:
-        return "This upload was used already (the campaign was created): see the campaigns list."
+        return None, "This upload was used already (the campaign was created): see the campaigns list."
     except HTTPException as exc:
-        return _refusal_words({"detail": exc.detail})
+        return None, _refusal_words({"detail": exc.detail})
     except BrokerUnavailable:
-        return ("The message broker did not take the campaign. Try again: the same upload sends the same "
-                "commands, so nothing is created twice.")
+        return None, ("The message broker did not take the campaign. Try again: the same upload sends the same "
+                      "commands, so nothing is created twice.")
     except InvalidCommand as exc:
-        return f"The campaign was not created: {exc}"
+        return None, f"The campaign was not created: {exc}"
     if isinstance(answer, JSONResponse):
         body = json.loads(answer.body)
         if body.get("state") == "rejected":
             meta["attempt"] = int(meta.get("attempt", 0)) + 1
             upload.save()
-        return _refusal_words(body)
+        return None, _refusal_words(body)
     campaign_id = answer["campaign_id"]
     record = {"name": meta["name"], "channel": meta["channel"], "filename": meta["filename"],
               "created_by": session.principal.name, "mapping": meta["mapping"], "resolved": resolved,
               "preview": meta["preview"], "profile": meta["preview"]["profile"],
               "chunks": len(answer.get("contacts_command_ids") or [])}
     await asyncio.to_thread(_uploads(request).keep_import, upload, campaign_id, record)
-    return campaign_id
+    return campaign_id, None
 
 
 @router.post("/email-preview")

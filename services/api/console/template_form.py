@@ -117,7 +117,9 @@ def read_template_form(channel: str, form: Mapping[str, Any], attachment_rows: l
         if name in fields:
             fields[name] = fields[name].replace("\r\n", "\n")
             candidate[name] = fields[name]
-    rows = [row for row in (attachment_rows or []) if any(str(v).strip() for v in row.values())]
+    # A row left empty (its upload select always has a value) is no attachment.
+    rows = [row for row in (attachment_rows or [])
+            if any(str(row.get(name) or "").strip() for name in ("filename", "content_type", "size_bytes"))]
     result = TemplateForm(channel, fields, rows)
     if channel == "email":
         attachments = []
