@@ -13,22 +13,26 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from outreach.up import SERVICES
 from services.api.app import BackgroundServer, create_app
 from services.api.console.people import AUDIT_PAGE
 from services.api.store import ApiStore
 from services.common.observability import Observability
 from services.common.settings import Settings
+from tests.conftest import async_wait_until
+from tests.e2e_stack import stack_environment
 
 PASSWORD = "correct horse battery"
 TWILIO_SID = "AC" + "1" * 32
 TWILIO_SERVICE = "MG" + "2" * 32
 TWILIO_TOKEN = "a-twilio-token-of-our-own-0123"
-SECTIONS = {"users": "/console/users", "settings": "/console/settings", "audit": "/console/audit",
+SECTIONS = {"opt_outs": "/console/opt-outs", "users": "/console/users", "settings": "/console/settings", "audit": "/console/audit",
             "operations": "/console/operations"}
 # What each role may open (shared/product-reference.md, Roles; services/api/console/policy.py).
-MAY_OPEN = {"org_admin": {"users", "settings", "audit", "operations"}, "admin": {"users", "audit"},
-            "campaigner": set(), "operations": {"operations"}}
-NAV_LINKS = {"Users": "users", "Settings": "settings", "Audit log": "audit", "Operations": "operations"}
+MAY_OPEN = {"org_admin": {"opt_outs", "users", "settings", "audit", "operations"},
+            "admin": {"opt_outs", "users", "audit"}, "campaigner": {"opt_outs"}, "operations": {"operations"}}
+STACK_SERVICES = tuple(SERVICES)  # the last test's whole stack (the `stack` fixture), the API among them
+NAV_LINKS = {"Opt-outs": "opt_outs", "Users": "users", "Settings": "settings", "Audit log": "audit", "Operations": "operations"}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def test_each_role_opens_only_its_sections_and_sees_links_only_to_them(person, r
     shown = {section for label, section in NAV_LINKS.items() if f">{label}</a>" in nav}
     assert shown == MAY_OPEN[role]
     if role == "operations":  # nothing of campaigns: no link, and no campaign page opens
-        assert ">Campaigns</a>" not in nav and ">Opt-outs</a>" not in nav
+        assert ">Campaigns</a>" not in nav
         assert someone.get("/console/campaigns").status_code != 200
     # changes are refused the same way, not only pages (those allowed fail on their own form: nothing changes)
     posted = {"users": someone.post("/console/users", username="x-" + role, role="campaigner",
@@ -270,3 +274,48 @@ async def _get(someone: Person, path: str) -> httpx.Response:
     import asyncio
 
     return await asyncio.to_thread(someone.get, path)
+
+
+@pytest.fixture(scope="module")
+def env(stack_bootstrap, tmp_path_factory):
+    return stack_environment(stack_bootstrap, tmp_path_factory.mktemp("console-people-stack"))
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+async def test_operations_shows_a_whole_stack_as_outreach_status_does(env, stack):
+    """Every service a process (as `outreach up` runs them), the console served by the stack's own API: the
+    operations user sees each instance ready, the lag of each consumer group, the relay's lag, the timers and
+    the parked records, and nothing of campaigns."""
+    with ApiStore.open(Settings(data_dir=env["OUTREACH_DATA_DIR"], event_store=env["OUTREACH_EVENT_STORE"],
+                                postgres_dsn=env["OUTREACH_POSTGRES_DSN"])) as stack_store:
+        stack_store.create_user("otto", "operations", PASSWORD, created_by="cli:test")
+
+    class StackApi:
+        url = f"http://127.0.0.1:{env['OUTREACH_API_PORT']}"
+
+    async def console_answers() -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"{StackApi.url}/console/sign-in")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await async_wait_until(console_answers, 60, 0.2, message="the stack's API did not serve the console")
+    otto = Person(StackApi, "otto")
+
+    async def whole_report() -> str | None:
+        text = re.sub(r"\s+", " ", (await _get(otto, "/console/operations")).text)
+        states = dict(re.findall(r'<tr data-instance="([^"]+)">.*?state-([a-z]+)', text))
+        everything = set(states) >= {"command-handler", "relay", "sender", "webhooks", "timeout-sweeper",
+                                     "projections", "api"} and set(states.values()) == {"ready"}
+        numbers = "stored events not yet published" in text and 'id="lag-table"' in text and \
+                  "no sweeper answered" not in text and "record(s)" in text
+        return text if everything and numbers else None
+
+    text = await async_wait_until(whole_report, 120, 1, message="the Operations page never showed the whole stack")
+    assert set(rows(text, "lag-table")) >= {"outreach-projections"}
+    assert re.search(r"Relay lag</th> <td>\d+ stored events not yet published", text)
+    assert re.search(r'Parked \(DLQ\)</th> <td><span class="pill on">0</span> record\(s\)', text)  # nothing parked
+    assert "/console/campaigns" not in text and otto.get("/console/users").status_code == 403
+    otto.client.close()

@@ -326,3 +326,19 @@ async def operations(request: Request, session: SignedIn) -> Response:
     # The API's own data folder and broker: the instances `outreach status` would find from this host.
     report = await gather(settings.data_dir, OPERATIONS_PROBE_TIMEOUT_S, broker=settings)
     return page(request, "operations.html", report=report, states=STATES)
+
+
+# ------------------------------------------------------------------ opt-outs
+
+OPT_OUT_CHANNELS = {"sms": "SMS", "email": "Email"}
+
+
+@router.get("/opt-outs")
+async def opt_outs(request: Request, session: SignedIn, channel: str = "sms") -> Response:
+    """The section's frame only: the opt-out lists are the command handler's (its OptOutList aggregates), which
+    neither the read model nor the API can read yet, and the contract has no command to add or remove one by
+    hand. Both wait on a decision (see the helper's report); until then the page says so rather than a 404."""
+    require(session, "opt_outs")
+    if channel not in OPT_OUT_CHANNELS:
+        raise ConsoleRefused(404, f"There is no channel {channel!r}.")
+    return page(request, "opt_outs.html", channel=channel, channels=OPT_OUT_CHANNELS)
