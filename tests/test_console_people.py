@@ -185,8 +185,11 @@ def test_users_are_created_disabled_and_enabled_and_each_change_is_audited_under
     assert [(e.action, e.actor) for e in entries] == [("user_enabled", f"user:{boss.username}"),
                                                       ("user_disabled", f"user:{boss.username}"),
                                                       ("user_created", f"user:{boss.username}")]
+    # one's own password, changed on its page (routes.py), is there too
+    assert boss.post("/console/password", current_password=PASSWORD, new_password=PASSWORD + " again",
+                     new_password_again=PASSWORD + " again").status_code == 200
     page = boss.get("/console/audit").text
-    assert rows(page, "audit-table")[:3] == ["user_enabled", "user_disabled", "user_created"]
+    assert rows(page, "audit-table")[:4] == ["password_changed", "user_enabled", "user_disabled", "user_created"]
     assert f'<td class="actor">user:{boss.username}</td>' in page
 
 
