@@ -148,6 +148,9 @@ class SqliteBackend:
     def table_exists(self, s: Session, table: str) -> bool:
         return s.one("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)) is not None
 
+    def index_exists(self, s: Session, index: str) -> bool:
+        return s.one("SELECT name FROM sqlite_master WHERE type = 'index' AND name = ?", (index,)) is not None
+
     def transient(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError)
 
@@ -191,6 +194,9 @@ class PostgresBackend:
 
     def table_exists(self, s: Session, table: str) -> bool:
         return s.one("SELECT to_regclass(?) AS t", (table,))["t"] is not None
+
+    def index_exists(self, s: Session, index: str) -> bool:
+        return self.table_exists(s, index)  # to_regclass names any relation, an index too
 
     def transient(self, exc: BaseException) -> bool:
         from psycopg_pool import PoolTimeout

@@ -192,7 +192,7 @@ class ReadViews:
         return ""
 
     def _message_filter(self, campaign_id: str, status: str | None, reason: str | None,
-                        search: str | None) -> tuple[str, list[Any]]:
+                        search: str | None, recipient: str | None = None) -> tuple[str, list[Any]]:
         where, params = ["campaign_id = ?"], [campaign_id]
         if status is not None:
             where.append("status = ?")
@@ -202,7 +202,7 @@ class ReadViews:
             params.append(reason)
         if search is not None and search.strip():
             term = search.strip()
-            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", term.lower()) + "%"
+            pattern = _contains_pattern(term)
             lower = self.dialect.lower
             where.append(
                 f"({lower}(destination) LIKE ? ESCAPE '\\' "
@@ -210,6 +210,10 @@ class ReadViews:
                 f"WHERE {lower}(value) LIKE ? ESCAPE '\\') "
                 "OR row = ? OR message_id = ?)")
             params.extend((pattern, pattern, _row_number(term), term.lower()))
+        if recipient is not None and recipient.strip():
+            # The destination only (the console's "Search recipient"): no JSON of variables to read per row.
+            where.append(f"{self.dialect.lower}(destination) LIKE ? ESCAPE '\\'")
+            params.append(_contains_pattern(recipient.strip()))
         return " AND ".join(where), params
 
     def messages(self, campaign_id: str, *, status: str | None = None, reason: str | None = None,
@@ -225,10 +229,73 @@ class ReadViews:
         return self._rows(f"SELECT COUNT(*) AS n FROM messages WHERE {where}", params)[0]["n"]
 
     def iter_messages(self, campaign_id: str, *, status: str | None = None, reason: str | None = None,
-                      search: str | None = None, batch_size: int = 2000) -> Iterator[dict[str, Any]]:
-        """Every matching message in row order, fetched in keyset pages (bounded memory)."""
-        where, params = self._message_filter(campaign_id, status, reason, search)
+                      search: str | None = None, recipient: str | None = None,
+                      batch_size: int = 2000) -> Iterator[dict[str, Any]]:
+        """Every matching message in row order, fetched in keyset pages (bounded memory). `recipient`: a
+        case-insensitive part of the destination (as `message_page`)."""
+        where, params = self._message_filter(campaign_id, status, reason, search, recipient)
         return self._keyset_messages("messages", where, params, batch_size)
+
+    def message_page(self, campaign_id: str, *, status: str | None = None, reason: str | None = None,
+                     search: str | None = None, recipient: str | None = None, after: int | None = None,
+                     before: int | None = None, limit: int = 50,
+                     as_of: datetime | str | None = None) -> dict[str, Any]:
+        """One keyset page of the campaign's messages in row order, with the filters of `messages()`: the first
+        page, the one after row `after`, or the one before row `before` (never an OFFSET, so page 5,000 costs
+        what page 1 does). A row is unique in its campaign (a message's id is derived from its campaign and
+        row, ids.message_id), so it is the whole key. `recipient`: a case-insensitive part of the destination
+        (a scan of the campaign's rows, as `search`, without reading any JSON). With `as_of`, the messages as
+        they stood then.
+
+        {"items": [...], "previous": ROW or None, "next": ROW or None}: `next` is the last item's row when a
+        matching message follows it (the cursor of the next page, `after`), `previous` the first item's when
+        one precedes it (`before`); None when there is none. Each is found by probing for one more row."""
+        if after is not None and before is not None:
+            raise ValueError("a page is after a row or before one, not both")
+        if as_of is None:
+            source, params = "messages", []
+        else:
+            source, params = self._as_of_source(campaign_id, _moment(as_of))
+        where, filter_params = self._message_filter(campaign_id, status, reason, search, recipient)
+        params += filter_params
+        # Raw `row` in WHERE and ORDER BY: a range scan of (campaign_id, row), (campaign_id, status, row) or
+        # (campaign_id, reason, row) that stops after limit + 1 rows (the extra one says whether more follow).
+        if before is None:
+            bound = "" if after is None else " AND row > ?"
+            sql = f"SELECT * FROM {source} WHERE {where}{bound} ORDER BY row LIMIT ?"
+            rows = self._rows(sql, [*params, *([] if after is None else [after]), limit + 1])
+            more, rows = len(rows) > limit, rows[:limit]
+            next_row = rows[-1]["row"] if more else None
+            if rows:
+                previous_row = rows[0]["row"] if self._any_message(source, where, params, "<", rows[0]["row"]) \
+                    else None
+            else:  # nothing after `after` (the filter no longer matches what followed): back to what precedes
+                previous_row = after + 1 if after is not None and self._any_message(
+                    source, where, params, "<=", after) else None
+        else:
+            sql = f"SELECT * FROM {source} WHERE {where} AND row < ? ORDER BY row DESC LIMIT ?"
+            rows = self._rows(sql, [*params, before, limit + 1])
+            more, rows = len(rows) > limit, rows[:limit][::-1]
+            previous_row = rows[0]["row"] if more else None
+            if rows:
+                next_row = rows[-1]["row"] if self._any_message(source, where, params, ">", rows[-1]["row"]) \
+                    else None
+            else:
+                next_row = before - 1 if self._any_message(source, where, params, ">=", before) else None
+        return {"items": [_message_dict(row) for row in rows], "previous": previous_row, "next": next_row}
+
+    def _any_message(self, source: str, where: str, params: list[Any], operator: str, row: int) -> bool:
+        """Whether a matching message has a row `operator` `row` (one probe of the same index as the page)."""
+        order = "DESC" if operator.startswith("<") else ""
+        return bool(self._rows(f"SELECT row FROM {source} WHERE {where} AND row {operator} ? ORDER BY row {order} "
+                               "LIMIT 1", [*params, row]))
+
+    def failure_reasons(self, campaign_id: str) -> dict[str, int]:
+        """Failed messages per failure reason (only the reasons that occur). The contract sets a reason exactly
+        when a message is failed, so this counts the (campaign_id, reason, row) index alone."""
+        return {row["reason"]: row["n"] for row in self._rows(
+            "SELECT reason, COUNT(*) AS n FROM messages WHERE campaign_id = ? AND reason IS NOT NULL "
+            "GROUP BY reason ORDER BY reason", (campaign_id,))}
 
     def _keyset_messages(self, source: str, where: str, params: list[Any],
                          batch_size: int) -> Iterator[dict[str, Any]]:
@@ -403,6 +470,11 @@ class ReadViews:
     def row_counts(self) -> dict[str, int]:
         """Rows per table."""
         return {table: self._rows(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"] for table in TABLES}
+
+
+def _contains_pattern(term: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') for a case-insensitive substring: the lowered term, its wildcards escaped."""
+    return "%" + re.sub(r"([\\%_])", r"\\\1", term.lower()) + "%"
 
 
 def _row_number(term: str) -> int:
