@@ -539,3 +539,25 @@ def test_an_email_campaign_with_its_sender_and_attachments(carla, api):
                                     "attachments": [{"filename": "terms.pdf", "content_type": "application/pdf",
                                                      "size_bytes": 1200, "status": "complete"}]}
     assert campaign["summary"]["attachments"] == ["terms.pdf"]
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_a_campaign_made_through_the_api_has_its_import_report_and_editor_too(carla, api):
+    client, token = carla
+    created = api.post("/campaigns", files={"contacts": ("api.csv", b"phone,name\n+12045550100,Ann\n+12045550101,\n"
+                                                                    b"oops,Bad\n", "text/csv")},
+                       data={"name": "From the API", "channel": "sms", "template": json.dumps({"body": "Hi"}),
+                             "consent_confirmed": "true"})
+    assert created.status_code == 202, created.text
+    campaign_id = created.json()["campaign_id"]
+    _ready(api, campaign_id)
+    report = _report(client, campaign_id)
+    assert (_cells(report, "valid-rows"), _cells(report, "invalid-rows")) == ("2", "1")
+    rows = list(csv.reader(io.StringIO(client.get(f"/console/campaigns/{campaign_id}/invalid-rows.csv").text)))
+    assert rows == [["row", "reason"], ["4", "invalid_e164"]]  # no cells: the console never saw the file
+    # The editor learns the variables from the messages: `name` is empty in one of the two.
+    flagged = client.post(f"/console/campaigns/{campaign_id}/edit", data={
+        "csrf_token": token, "body": "Hi {{name}}", "action": "preview"})
+    assert flagged.status_code == 200 and 'data-variable="name"' in flagged.text
+    assert "<code>{{name}}</code>: empty for 1 of 2 contacts (row 3)" in flagged.text

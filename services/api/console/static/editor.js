@@ -110,10 +110,14 @@
   // ---------------------------------------------------------------- pages
 
   // A form is sent once: a double click does not send it twice (the server is idempotent anyway).
+  // A long step (a 300,000-row file is read whole) says it is under way.
   for (const form of document.querySelectorAll("form.once")) {
     form.addEventListener("submit", function (event) {
       if (form.dataset.sent) event.preventDefault();
       form.dataset.sent = "true";
+      const busy = form.querySelector(".busy");
+      const action = event.submitter ? event.submitter.value : "";
+      if (busy && !event.defaultPrevented && action !== "preview") busy.hidden = false;
     });
   }
   window.addEventListener("pageshow", function () {
@@ -129,6 +133,7 @@
       if (file && file.size > max) {
         event.preventDefault();
         delete upload.dataset.sent;
+        upload.querySelector(".busy").hidden = true;
         problem.textContent = "The file is " + (file.size / 1048576).toFixed(1) + " MB: at most " +
           Math.floor(max / 1048576) + " MB.";
         problem.hidden = false;
