@@ -180,7 +180,7 @@ def test_openapi_documents_every_endpoint_with_tags(server):
         "/campaigns/{campaign_id}/messages.csv", "/campaigns/{campaign_id}/messages/{message_id}/history",
         "/campaigns/{campaign_id}/progress", "/campaigns/{campaign_id}/history", "/campaigns/{campaign_id}/template",
         "/campaigns/{campaign_id}/run", "/campaigns/{campaign_id}/stop", "/campaigns/{campaign_id}/retry",
-        "/commands/{command_id}", "/settings/channels/sms", "/settings/channels/email", "/tokens", "/tokens/{token_id}", "/healthz",
+        "/campaigns/{campaign_id}/test-send", "/commands/{command_id}", "/settings/channels/sms", "/settings/channels/email", "/tokens", "/tokens/{token_id}", "/healthz",
     }
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
@@ -229,6 +229,7 @@ def _route_calls(token_id: str = "0123456789ab") -> list[tuple[str, str, dict]]:
         ("POST", f"/campaigns/{str(uuid.uuid4())}/run", {"json": {"disclaimer": {"consent": True}}}),
         ("POST", f"/campaigns/{str(uuid.uuid4())}/stop", {"json": {"confirmed": True}}),
         ("POST", f"/campaigns/{str(uuid.uuid4())}/retry", {"json": {}}),
+        ("POST", f"/campaigns/{str(uuid.uuid4())}/test-send", {"json": {"destination": "+15555550100"}}),
         ("GET", f"/commands/{command_id}", {}),
         ("GET", "/settings/channels/sms", {}),
         ("GET", "/settings/channels/email", {}),
@@ -273,7 +274,7 @@ def test_role_matrix_covers_every_route(server):
         for route_method, path in routes:
             if route_method == method and re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", path), url):
                 called.add((method, path))
-    assert len(routes) == 21 and called == routes
+    assert len(routes) == 22 and called == routes
 
 
 def test_no_or_unknown_token_is_401_everywhere(server, revocable_token_id):

@@ -121,8 +121,9 @@ ANSWER_POLL_S = 0.05  # a write route waiting for its command's answer polls the
 
 # The HTTP status of a command the handler rejected, by CommandRejected's reason (README, HTTP API):
 # 404 the campaign does not exist; 409 the campaign's state does not allow the command now; 422 the command
-# itself is wrong (invalid, a confirmation missing, nothing in the campaign to act on).
-NOT_FOUND, CONFLICT, UNPROCESSABLE = 404, 409, 422
+# itself is wrong (invalid, a confirmation missing, nothing in the campaign to act on); 429 the issuer's test messages
+# of the hour are used up.
+NOT_FOUND, CONFLICT, UNPROCESSABLE, TOO_MANY_REQUESTS = 404, 409, 422, 429
 REJECTION_STATUS: dict[str, int] = {
     "unknown_campaign": NOT_FOUND,
     "campaign_exists": CONFLICT,
@@ -140,6 +141,7 @@ REJECTION_STATUS: dict[str, int] = {
     "no_valid_contacts": UNPROCESSABLE,
     "attachments_not_ready": UNPROCESSABLE,
     "nothing_to_retry": UNPROCESSABLE,
+    "test_send_limit": TOO_MANY_REQUESTS,
 }
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from schemas.commands import ATTACHMENTS_MAX_BYTES, SMS_BODY_MAX_CHARS, Channel, Template, WireId
-from schemas.events import CampaignStatus, FailureReason, MessageStatus, RejectionReason
+from schemas.commands import _integral_float_as_int  # the contract's own reading of 338.0 as an integer
+from schemas.events import CampaignStatus, FailureReason, MessageStatus, RejectionReason, TestMessageOutcome
 from services.api.store import Role
 
 # ------------------------------------------------------------------ reads
@@ -287,6 +288,45 @@ class RetryBody(BaseModel):
     message_ids: list[WireId] | None = Field(None, description="Only these messages (default: every failed one "
                                                                "but those timed out).")
     include_cancelled: bool = False
+
+
+class TestSendBody(BaseModel):
+    """A test message: the campaign's message, rendered, to one destination of your choice (SendTestMessage)."""
+    model_config = _STRICT
+
+    destination: str = Field(min_length=1, max_length=320, description=(
+        "A phone number (E.164, or national with OUTREACH_DEFAULT_REGION set) for an SMS campaign, an email address "
+        "for an email campaign; judged by the contacts' rule (else CommandRejected invalid_command, 422)."))
+    # JSON Schema counts 2.0 as an integer (the document says integer): an integral float is the integer it is.
+    row: Annotated[int, Field(ge=1, le=2_147_483_647), BeforeValidator(_integral_float_as_int)] | None = Field(
+        None, description=(
+        "The contact (its CSV row) whose variables the message is rendered with (default: the campaign's first "
+        "valid contact). Not a valid contact of the campaign: invalid_command (422)."))
+    variables: dict[str, str] | None = Field(None, max_length=100, description=(
+        "Variables to render with, over the contact's (these win)."))
+
+
+class TestMessageView(BaseModel):
+    """A test message and, once the sender answered, its outcome (from TestMessageQueued / TestMessageCompleted)."""
+    message_id: str = Field(description="The test message's own id (no message of the campaign).")
+    destination: str
+    preview: str | None = Field(None, description="The rendered SMS text, or the rendered email subject (null when "
+                                                  "nothing was queued: an opted-out destination).")
+    outcome: TestMessageOutcome | None = Field(description=(
+        "accepted (the provider took it), refused (by the provider: `reason` the contract's failure reason of its "
+        "code, or deferred), failed (never reached the provider: provider_error, provider_held or not_sent), "
+        "opted_out (the destination is on the channel's opt-out list, or the provider said so: nothing sent), "
+        "no_answer (handed off, no answer: it may have arrived); null while the sender has not answered (the "
+        "outcome then comes at `GET /commands/{command_id}`)."))
+    reason: str | None = None
+    provider_code: str | None = None
+    provider_message_id: str | None = None
+
+
+class TestSendAccepted(CommandAccepted):
+    """A SendTestMessage accepted (`answered`) or not answered yet (`pending`); the answer waits for the sender's
+    outcome too, within the same wait."""
+    test_message: TestMessageView | None = Field(None, description="null while pending.")
 
 
 # ------------------------------------------------------------------ channel settings

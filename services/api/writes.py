@@ -48,6 +48,8 @@ from services.api.models import (
     StopBody,
     TEMPLATE_SCHEMA,
     TemplateUpdateAccepted,
+    TestSendAccepted,
+    TestSendBody,
     UpdateTemplateBody,
 )
 from services.api.reads import CampaignId
@@ -110,12 +112,18 @@ async def _answer(request: Request, command_id: str, deadline: float) -> list[di
 
 
 def _refused(accepted: dict[str, Any], events: list[dict[str, Any]], rejected: dict[str, Any]) -> JSONResponse:
+    status_code, body = _refusal(accepted, events, rejected)
+    return JSONResponse(body, status_code=status_code)
+
+
+def _refusal(accepted: dict[str, Any], events: list[dict[str, Any]], rejected: dict[str, Any]) -> tuple[int, dict]:
+    """The HTTP status and body (CommandRefused) of a command the handler rejected."""
     reason = rejected.get("reason", "invalid_command")
     body = {"detail": rejected.get("detail") or reason, "reason": reason,
             "command_id": rejected.get("command_id", accepted["command_id"]), "campaign_id": accepted["campaign_id"],
             "command_type": rejected.get("command_type", accepted["command_type"]), "state": "rejected",
             "events": events}
-    return JSONResponse(body, status_code=rejection_status(reason))
+    return rejection_status(reason), body
 
 
 async def _publish_one(request: Request, principal: Principal, command_type: str, campaign_id: str,
@@ -331,6 +339,92 @@ async def retry_campaign(request: Request, principal: CampaignUser, campaign_id:
 async def delete_campaign(request: Request, principal: CampaignUser, campaign_id: CampaignId,
                           idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     return await _publish_one(request, principal, "DeleteCampaign", campaign_id, idempotency_key)
+
+
+# ------------------------------------------------------------------ test messages
+
+TEST_SEND_RESPONSES = {
+    **{code: answer for code, answer in ACCEPTED.items() if code != 409},  # any status but deleted takes one
+    202: {"description": "Published to outreach.commands, acknowledged by the broker, and accepted by the command "
+                         "handler within the wait (`state: answered`): `test_message` says where it goes and, once the "
+                         "sender answered (within the same wait), its `outcome`; an opted-out destination is answered "
+                         "at once (outcome opted_out, nothing sent). Or not answered yet (`state: pending`: "
+                         f"{_ANSWERED_LATER}, the outcome too)."},
+    404: {"model": CommandRefused, "description": "Rejected by the command handler: unknown_campaign (a deleted "
+                                                  "campaign too)."},
+    422: {"model": CommandRefused | Problem,
+          "description": "Refused at once, nothing published: a malformed body, id or Idempotency-Key (Problem). Or "
+                         "rejected by the command handler (CommandRefused): invalid_command (a destination invalid for "
+                         "the campaign's channel, a row that is no valid contact of the campaign)."},
+    429: {"model": CommandRefused, "description": "Rejected by the command handler: test_send_limit (5 test messages "
+                                                  "per user per hour, over every campaign; `detail` says when the next "
+                                                  "one may go)."},
+}
+
+
+@router.post(
+    "/campaigns/{campaign_id}/test-send", status_code=status.HTTP_202_ACCEPTED, response_model=TestSendAccepted,
+    responses=TEST_SEND_RESPONSES, summary="Send a test message: the rendered message to one destination",
+    description="Publishes SendTestMessage (our addition to the contract): the campaign's message, rendered with the "
+                "first valid contact's variables (or `row`'s), `variables` over them, goes to `destination` through "
+                "the real provider path: the channel's adapter, its rate limit and circuit breaker, and the hand-off "
+                "fence, so it is sent at most once; it is never retried. Any campaign status but deleted, whatever "
+                "campaign holds the channel. It is no message of the campaign: its counts, statuses and history of "
+                "messages do not change, and nothing is published on outreach.message-status (analytics do not "
+                "count it); its answer is on outreach.campaign-events (TestMessageQueued, TestMessageCompleted). "
+                "An opted-out destination is answered opted_out and not sent. At most 5 per user (the token's "
+                "principal, a console user's `user:NAME`) per hour over every campaign: the next one is rejected "
+                "test_send_limit (429).")
+async def send_test_message_route(request: Request, principal: CampaignUser, campaign_id: CampaignId,
+                                  body: TestSendBody, idempotency_key: IdempotencyKey = None) -> Any:
+    status_code, answer = await send_test_message(request, principal, campaign_id, body.destination, row=body.row,
+                                                  variables=body.variables, idempotency_key=idempotency_key)
+    return answer if status_code == status.HTTP_202_ACCEPTED else JSONResponse(answer, status_code=status_code)
+
+
+async def send_test_message(request: Request, principal: Principal, campaign_id: str, destination: str, *,
+                            row: int | None = None, variables: dict[str, str] | None = None,
+                            idempotency_key: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Publish a SendTestMessage as `principal` and wait (the app's answer wait) for its answer and then for the
+    sender's outcome: (202, TestSendAccepted) or (the rejection's status, CommandRefused). The console's test
+    send form uses it too, so its commands are the API's. Raises InvalidCommand and BrokerUnavailable as
+    build_command and the publisher do."""
+    payload: dict[str, Any] = {"destination": destination}
+    if row is not None:
+        payload["row"] = row
+    if variables:
+        payload["variables"] = dict(variables)
+    command = build_command("SendTestMessage", campaign_id, principal.name, **payload,
+                            command_id=idempotency.command_id(principal.name, "SendTestMessage", campaign_id,
+                                                              idempotency_key))
+    await _publisher(request).publish([command])
+    command_id = command["command_id"]
+    accepted = {"command_id": command_id, "campaign_id": campaign_id, "command_type": "SendTestMessage"}
+    deadline = time.monotonic() + request.app.state.answer_wait_s
+    events = await _answer(request, command_id, deadline)
+    if (rejected := rejection_of(events)) is not None:
+        return _refusal(accepted, events, rejected)
+    while events and view_of_test_message(events)["outcome"] is None and time.monotonic() < deadline:
+        await asyncio.sleep(ANSWER_POLL_S)  # the sender's outcome answers the same command
+        events = await _answer(request, command_id, time.monotonic())
+    view = view_of_test_message(events) if events else None
+    return status.HTTP_202_ACCEPTED, {**accepted, "state": answer_state(events), "events": events,
+                                      "test_message": view}
+
+
+def view_of_test_message(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A test message as its answer events tell it (TestMessageView): where it goes, and its latest outcome."""
+    queued = next((e for e in events if e.get("type") == "TestMessageQueued"), None)
+    completed = [e for e in events if e.get("type") == "TestMessageCompleted"]
+    latest = completed[-1] if completed else None
+    first = queued or latest
+    if first is None:
+        return None
+    return {"message_id": first.get("message_id"), "destination": first.get("destination"),
+            "preview": queued.get("preview") if queued else None,
+            "outcome": latest.get("outcome") if latest else None, "reason": latest.get("reason") if latest else None,
+            "provider_code": latest.get("provider_code") if latest else None,
+            "provider_message_id": latest.get("provider_message_id") if latest else None}
 
 
 # ------------------------------------------------------------------ answers

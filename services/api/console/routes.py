@@ -286,11 +286,12 @@ async def change_password(request: Request, session: SignedIn) -> Response:
 
 def mount(app: FastAPI, settings: Settings) -> None:
     """The console on `app`: its routes, its static files, its two refusals answered as pages."""
-    from services.api.console import campaign_view, campaigns, new_campaign, people  # they import this module
+    # they import this module
+    from services.api.console import campaign_view, campaigns, new_campaign, people, test_send
 
     app.state.console = ConsoleConfig.from_settings(settings)
     app.include_router(router)
-    for screens in (campaigns, new_campaign, campaign_view, people):
+    for screens in (campaigns, new_campaign, campaign_view, people, test_send):
         app.include_router(screens.router)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
