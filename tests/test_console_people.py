@@ -19,7 +19,7 @@ from services.api.console.people import AUDIT_PAGE
 from services.api.store import ApiStore
 from services.common.observability import Observability
 from services.common.settings import Settings
-from tests.conftest import async_wait_until
+from tests.conftest import async_wait_until, fresh_postgres_database
 from tests.e2e_stack import stack_environment
 
 PASSWORD = "correct horse battery"
@@ -207,6 +207,25 @@ def test_the_audit_log_pages_from_the_newest(person, store):
     assert following[:10] == [f"cli:pager-{n}" for n in range(9, -1, -1)]  # where the first page stopped
     assert not set(actors) & set(following)
     assert 'href="/console/audit">Newest</a>' in second
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_audit_pages_follow_each_other_without_gap_or_repeat_in_both_stores(kind, tmp_path, request):
+    if kind == "postgres":
+        request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is down; drops the database at the end
+        opened = ApiStore(encryption_key=None, postgres_dsn=fresh_postgres_database("outreach_people"))
+    else:
+        opened = ApiStore(tmp_path / "api.db")
+    with opened as store:
+        store.create_user("pat", "campaigner", PASSWORD, created_by="cli:test")
+        for n in range(24):  # pages of 7: (at, audit_id) orders every entry, so none is skipped or repeated
+            store.set_role("pat", "admin" if n % 2 == 0 else "campaigner", by=f"cli:n{n}")
+        shown, after = [], None
+        while page := store.audit_page(after=after, limit=7):
+            shown += page
+            after = (page[-1].at, page[-1].audit_id)
+        assert [e.actor for e in shown] == [f"cli:n{n}" for n in range(23, -1, -1)] + ["cli:test"]
+        assert shown == store.audit_log(limit=100)
 
 
 # ------------------------------------------------------------------ settings
