@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -200,7 +201,6 @@ def _check(upload: Upload, sample: CsvSample, mapping: ColumnMapping) -> ImportP
     partial.replace(upload.invalid_rows_path)
     upload.meta.update(mapping=mapping.to_json(), resolved=resolved.to_json(), preview=preview.to_json(),
                        width=sample.width)
-    upload.meta.pop("attempt", None)
     upload.save()
     return preview
 
@@ -331,9 +331,11 @@ async def _create(request: Request, session: ConsoleSession, upload: Upload,
     """The API's create with this upload, as the signed-in person: (the campaign's id, None), or (None, why not
     in words)."""
     meta, resolved = upload.meta, upload.meta["resolved"]
-    # One key per attempt: a double click or a retry after a broker failure publishes the same commands (the
-    # handler acts once); after a rejection the next attempt is a new command.
-    key = f"console-upload:{upload.upload_id}:{meta.get('attempt', 0)}"
+    # The key is the upload's with what it creates: a double click or a retry after a broker failure publishes
+    # the same commands (the handler acts once); other columns or another template, or an attempt after a
+    # rejection, make new ones (the first command of a key wins, whatever it carried).
+    content = hashlib.sha256(json.dumps([template, resolved], sort_keys=True).encode()).hexdigest()[:16]
+    key = f"console-upload:{upload.upload_id}:{content}:{meta.get('attempt', 0)}"
     try:
         with open(upload.contacts_path, "rb") as file:
             answer = await writes.create_campaign(
