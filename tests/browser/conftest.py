@@ -8,6 +8,7 @@ Fixtures:
 - `console_url`: the API's address, once /healthz answers.
 - `users`: one account of each role, {role: username}, all with PASSWORD; `make_user(role)` makes another
   (a test that changes a password or fails sign-ins uses its own, so no other test's session or throttle moves).
+- `api`: an HTTP client of the stack's API with an org_admin token (to make campaigns, and to check).
 - `signed_in_page(role, viewport=DESKTOP)`: a new browser context signed in through the real sign-in form.
   `new_page(viewport=DESKTOP)`: a context signed in as nobody.
   Every page made so is watched: a script error or a Content-Security-Policy refusal fails the test (the CSP is
@@ -31,6 +32,7 @@ from outreach.up import SERVICES, Stack
 from services.api.store import ApiStore
 from services.common.settings import Settings
 from tests.conftest import _broker_choice, async_wait_until
+from tests.e2e_fixtures import api_client, stack_token
 from tests.e2e_stack import stack_environment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,6 +141,18 @@ def make_user(env):
         return name
 
     return make
+
+
+@pytest.fixture(scope="package")
+def api_token(env, stack) -> str:
+    return stack_token(env, "browser-tests", "org_admin")
+
+
+@pytest.fixture
+async def api(env, console_url, api_token):
+    """The stack's HTTP API as an org_admin token: to make and check what the browser acts on."""
+    async with api_client(env, api_token) as client:
+        yield client
 
 
 @pytest.fixture(scope="package")
