@@ -3,16 +3,22 @@ adapter, tokens, breaker and the hand-off fence, never retried, never sent twice
 (no message result)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 import pytest
+from aiokafka import TopicPartition
 
-from services.common import ids
+from schemas import topics
+from schemas.internal import template_digest
+from services.common import ids, jsoncodec
 from services.common.fence import ClaimedMessage
 from services.common.settings import Settings
+from services.sender import app as sender_app
 from services.sender.ratelimit import TokenBucket
-from tests.fakes import SMS_TEMPLATE, FakeClock, RecordingAdapter, dispatcher_harness
+from tests.conftest import async_wait_until
+from tests.fakes import SMS_TEMPLATE, FakeClock, RecordingAdapter, dispatcher_harness, simulated_sender
 
 
 @pytest.fixture
@@ -20,9 +26,10 @@ def settings(tmp_path) -> Settings:
     return Settings(data_dir=tmp_path, event_store="sqlite", sqlite_path=tmp_path / "events.db")
 
 
-def relayed_test_message(fence, destination: str, *, deadline_s: float = 600.0) -> dict:
+def relayed_test_message(fence, destination: str, *, campaign_id: str | None = None,
+                         deadline_s: float = 600.0) -> dict:
     """A TestMessageWork as the sender works it (its template resolved), its fence row opened as the relay does."""
-    campaign_id, command_id = str(uuid.uuid4()), str(uuid.uuid4())
+    campaign_id, command_id = campaign_id or str(uuid.uuid4()), str(uuid.uuid4())
     message_id = ids.message_id_of_test_send(command_id)
     fence.open_claim(campaign_id=campaign_id, claim_id=command_id, claim_version=1,
                      deadline=time.time() + deadline_s, messages=[ClaimedMessage(message_id, 0)])
@@ -87,3 +94,43 @@ async def test_a_refusal_is_reported_with_its_code(settings):
         work = relayed_test_message(h.fence, "+15005550004")  # Twilio's test number of a recipient who replied STOP
         assert await h.dispatcher.send_test(work) == "refused"
         assert h.published.test_messages[-1]["provider_code"] == "21610"
+
+
+# ----- the sender process's part: the work record's routing --------------------------------------
+
+async def worked(sender, tp, offset: int, work_record: dict) -> None:
+    """Hand one sender-work record to the sender, as its work loop does, and wait for its job."""
+    sender.tracker.begin(tp, offset)
+    sender._start_job(tp, type("Record", (), {"value": jsoncodec.dumps(work_record), "offset": offset})())
+    await asyncio.wait_for(asyncio.gather(*sender.jobs), 30)
+
+
+async def test_the_sender_works_a_test_message_record_apart_from_the_claims(settings):
+    tp = TopicPartition(topics.SENDER_WORK, 0)
+    async with simulated_sender(settings) as (sender, producer):
+        campaign_id = str(uuid.uuid4())
+        sender.on_campaign_event({"type": "CampaignCreated", "campaign_id": campaign_id, "channel": "sms",
+                                  "template": SMS_TEMPLATE})
+        work = relayed_test_message(sender.dispatcher._fence, "+12025550100", campaign_id=campaign_id)
+        record = {**{k: v for k, v in work.items() if k != "template"}, "event_id": str(uuid.uuid4()),
+                  "template_digest": template_digest(SMS_TEMPLATE)}
+        await worked(sender, tp, 0, record)
+        await async_wait_until(lambda: producer.values(topics.SENDER_RESULTS), 10)
+        [result] = producer.values(topics.SENDER_RESULTS)
+        assert (result["type"], result["outcome"], result["campaign_id"]) == ("TestMessageResult", "accepted",
+                                                                              campaign_id)
+        assert sender.book.campaigns == {} and sender.tracker.committable() == {tp: 1}
+
+
+async def test_a_test_message_whose_template_never_comes_is_not_sent(settings, monkeypatch):
+    monkeypatch.setattr(sender_app, "TEST_TEMPLATE_WAIT_S", 0.2)  # e.g. its campaign was deleted meanwhile
+    tp = TopicPartition(topics.SENDER_WORK, 0)
+    async with simulated_sender(settings) as (sender, producer):
+        work = relayed_test_message(sender.dispatcher._fence, "+12025550100")
+        record = {**{k: v for k, v in work.items() if k != "template"}, "event_id": str(uuid.uuid4()),
+                  "template_digest": template_digest(SMS_TEMPLATE)}
+        await worked(sender, tp, 0, record)
+        await async_wait_until(lambda: producer.values(topics.SENDER_RESULTS), 10)
+        assert [r["outcome"] for r in producer.values(topics.SENDER_RESULTS)] == ["not_sent"]
+        assert sender.dispatcher._fence.row(work["message_id"])["state"] == "closed"
+        assert sender.tracker.committable() == {tp: 1}

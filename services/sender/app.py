@@ -80,6 +80,9 @@ JOB_FIRST_WAIT_S, JOB_LONGEST_WAIT_S = 0.5, 10.0  # a claim that failed is tried
 TEMPLATE_POLL_S = 0.05  # a work record whose template's event is not read yet waits for it this often
 TEMPLATE_LATE_S = 10.0  # ... and says so in the log after this long
 TEMPLATES_CACHED = 8  # templates kept decoded (one per running campaign is what is needed)
+# A test message waits this long for its template (someone waits for its answer; a campaign deleted meanwhile has
+# none any more), then it is answered not_sent.
+TEST_TEMPLATE_WAIT_S = 30.0
 
 
 class OffsetTracker:
@@ -353,7 +356,15 @@ class Sender:
         """A test message: sent once (the dispatcher), its outcome published, then its offset committable. A
         failure (the journal, a bug) is tried again; the fence keeps a second try from sending it twice."""
         logs.bind(campaign_id=work["campaign_id"], message_id=work["message_id"])
-        work["template"] = await self._template(work["campaign_id"], work["template_digest"])
+        try:
+            work["template"] = await asyncio.wait_for(self._template(work["campaign_id"], work["template_digest"]),
+                                                      TEST_TEMPLATE_WAIT_S)
+        except TimeoutError:  # e.g. the campaign was deleted meanwhile (its templates are forgotten): not sent
+            log.warning("test message %s: its template was not read within %.0f s; not sent", work["message_id"],
+                        TEST_TEMPLATE_WAIT_S)
+            await self.dispatcher.report_test(work, "not_sent")
+            self.tracker.finish(tp, offset)
+            return
         async for attempt in retrying(on=Exception, timeout_s=None, first_wait_s=JOB_FIRST_WAIT_S,
                                       longest_wait_s=JOB_LONGEST_WAIT_S):
             with attempt:

@@ -467,6 +467,14 @@ class Dispatcher:
             answer = next((r for r in results if r["message_id"] == message_id), None) or make_result(
                 message_id, "no_answer", 1)
             outcome = answer["outcome"]
+        await self.report_test(work, outcome, answer)
+        return outcome
+
+    async def report_test(self, work: Mapping[str, Any], outcome: str, answer: Mapping[str, Any] | None = None) -> None:
+        """Publish a test message's TestMessageResult (returns once it is out). Its fence row is closed first unless
+        the provider took it or may have (`accepted`, `no_answer`): nothing sends it later."""
+        campaign_id, command_id, message_id = work["campaign_id"], work["command_id"], work["message_id"]
+        answer = answer or {}
         if outcome not in ("accepted", "no_answer"):
             await self._fenced(self._fence.close, command_id, [message_id])
         published = self._results.add_record(campaign_id, TestMessageResult(
@@ -475,7 +483,6 @@ class Dispatcher:
             provider_message_id=answer.get("provider_message_id"), occurred_at=answer.get("occurred_at") or utc_now()))
         log.info("test message %s of campaign %s: %s", message_id, campaign_id, outcome)
         await published
-        return outcome
 
     async def _take(self, claim_id: str, message_ids: list[str]) -> dict[str, int]:
         """The fence's grant for one provider call. On a local fence (SQLite) at once, on the event loop: no
