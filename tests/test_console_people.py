@@ -150,6 +150,11 @@ def test_an_admin_sees_and_manages_campaigners_only(person, store):
     assert store.user(boss.username).disabled_at is None
     assert admin.post(f"/console/users/{worker.username}/disable").status_code == 200
     assert not worker.signed_in()
+    # the audit log likewise: the changes to campaigners' accounts, not to the org admin's
+    audit = admin.get("/console/audit").text
+    subjects = re.findall(r'<td>User (?:created|disabled)</td>\s*<td>([^<]+)</td>', audit)
+    assert {"carla", worker.username} <= set(subjects) and boss.username not in subjects
+    assert boss.username in boss.get("/console/audit").text
 
 
 # ------------------------------------------------------------------ users and the audit log
@@ -226,6 +231,8 @@ def test_audit_pages_follow_each_other_without_gap_or_repeat_in_both_stores(kind
             after = (page[-1].at, page[-1].audit_id)
         assert [e.actor for e in shown] == [f"cli:n{n}" for n in range(23, -1, -1)] + ["cli:test"]
         assert shown == store.audit_log(limit=100)
+        about_admins = store.audit_page(of_roles=["admin"], limit=100)  # pat ended a campaigner
+        assert about_admins == [] and len(store.audit_page(of_roles=["campaigner"], limit=100)) == 25
 
 
 # ------------------------------------------------------------------ settings

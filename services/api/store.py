@@ -597,13 +597,21 @@ class ApiStore:
             rows = self._conn.execute(sql + " ORDER BY at DESC, audit_id DESC LIMIT ?", [*params, limit]).fetchall()
         return [AuditEntry(*row) for row in rows]
 
-    def audit_page(self, *, after: tuple[str, str] | None = None, limit: int = 50) -> list[AuditEntry]:
+    def audit_page(self, *, after: tuple[str, str] | None = None, limit: int = 50,
+                   of_roles: Iterable[str] | None = None) -> list[AuditEntry]:
         """One page of the audit log, newest first: the `limit` entries that follow `after` (the last shown
-        entry's (at, audit_id); None: from the newest). Keyset paging: a page costs the same however deep."""
-        sql, params = "SELECT at, actor, action, subject, detail, audit_id FROM account_audit", []
+        entry's (at, audit_id); None: from the newest). Keyset paging: a page costs the same however deep.
+        `of_roles`: only the entries about accounts that have one of these roles now (None: every entry)."""
+        sql, conditions, params = "SELECT at, actor, action, subject, detail, audit_id FROM account_audit", [], []
         if after is not None:
-            sql += " WHERE (at, audit_id) < (?, ?)"
+            conditions.append("(at, audit_id) < (?, ?)")
             params += list(after)
+        if of_roles is not None:
+            roles = sorted(of_roles) or [""]
+            conditions.append(f"subject IN (SELECT username FROM users WHERE role IN ({', '.join('?' * len(roles))}))")
+            params += roles
+        if conditions:
+            sql += " WHERE " + " AND ".join(conditions)
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY at DESC, audit_id DESC LIMIT ?", [*params, limit]).fetchall()
         return [AuditEntry(*row) for row in rows]

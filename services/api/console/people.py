@@ -307,11 +307,14 @@ def parse_cursor(cursor: str | None) -> tuple[str, str] | None:
 async def audit(request: Request, session: SignedIn, after: str | None = None) -> Response:
     require(session, "audit")
     # One more than shown: whether a next page exists, without counting the log.
-    entries = await asyncio.to_thread(_store(request).audit_page, after=parse_cursor(after), limit=AUDIT_PAGE + 1)
+    # An org admin sees every entry; an admin those about the accounts it manages (campaigners), as on Users.
+    of_roles = None if session.info.role == "org_admin" else managed_roles(session.info.role)
+    entries = await asyncio.to_thread(_store(request).audit_page, after=parse_cursor(after), limit=AUDIT_PAGE + 1,
+                                      of_roles=of_roles)
     more, entries = len(entries) > AUDIT_PAGE, entries[:AUDIT_PAGE]
     next_cursor = f"{entries[-1].at}|{entries[-1].audit_id}" if more else None
     return page(request, "audit.html", entries=entries, action_names=ACTION_NAMES, next_cursor=next_cursor,
-                first_page=after is None)
+                first_page=after is None, only_managed=of_roles is not None)
 
 
 # ------------------------------------------------------------------ operations
