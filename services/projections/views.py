@@ -128,13 +128,15 @@ class ReadViews:
             counts["total"] += row["n"]
         return result
 
-    def campaign(self, campaign_id: str) -> dict[str, Any] | None:
-        """The campaign with its `counts`, or None if no event of it has been applied."""
+    def campaign(self, campaign_id: str, *, with_counts: bool = True) -> dict[str, Any] | None:
+        """The campaign with its `counts` (unless `with_counts` is False: they count every message of the
+        campaign), or None if no event of it has been applied."""
         rows = self._rows("SELECT * FROM campaigns WHERE campaign_id = ?", (campaign_id,))
         if not rows:
             return None
         result = _campaign_dict(rows[0])
-        result["counts"] = self.counts(campaign_id)
+        if with_counts:
+            result["counts"] = self.counts(campaign_id)
         return result
 
     def campaigns(self, *, status: str | None = None, limit: int | None = None,
@@ -249,7 +251,11 @@ class ReadViews:
 
         {"items": [...], "previous": ROW or None, "next": ROW or None}: `next` is the last item's row when a
         matching message follows it (the cursor of the next page, `after`), `previous` the first item's when
-        one precedes it (`before`); None when there is none. Each is found by probing for one more row."""
+        one precedes it (`before`); None when there is none. The page's own direction is known exactly (one row
+        more is read); the other is taken from the cursor: a page after a row has that row's page before it, so
+        no second scan is made (a search matching one message would scan the campaign twice). Should the
+        messages before it no longer match (their status moved on), that previous page is empty and points
+        back again."""
         if after is not None and before is not None:
             raise ValueError("a page is after a row or before one, not both")
         if as_of is None:
@@ -266,29 +272,15 @@ class ReadViews:
             rows = self._rows(sql, [*params, *([] if after is None else [after]), limit + 1])
             more, rows = len(rows) > limit, rows[:limit]
             next_row = rows[-1]["row"] if more else None
-            if rows:
-                previous_row = rows[0]["row"] if self._any_message(source, where, params, "<", rows[0]["row"]) \
-                    else None
-            else:  # nothing after `after` (the filter no longer matches what followed): back to what precedes
-                previous_row = after + 1 if after is not None and self._any_message(
-                    source, where, params, "<=", after) else None
+            # the first page has nothing before it; an empty one after `after` goes back to what precedes it
+            previous_row = None if after is None else rows[0]["row"] if rows else after + 1
         else:
             sql = f"SELECT * FROM {source} WHERE {where} AND row < ? ORDER BY row DESC LIMIT ?"
             rows = self._rows(sql, [*params, before, limit + 1])
             more, rows = len(rows) > limit, rows[:limit][::-1]
             previous_row = rows[0]["row"] if more else None
-            if rows:
-                next_row = rows[-1]["row"] if self._any_message(source, where, params, ">", rows[-1]["row"]) \
-                    else None
-            else:
-                next_row = before - 1 if self._any_message(source, where, params, ">=", before) else None
+            next_row = rows[-1]["row"] if rows else before - 1
         return {"items": [_message_dict(row) for row in rows], "previous": previous_row, "next": next_row}
-
-    def _any_message(self, source: str, where: str, params: list[Any], operator: str, row: int) -> bool:
-        """Whether a matching message has a row `operator` `row` (one probe of the same index as the page)."""
-        order = "DESC" if operator.startswith("<") else ""
-        return bool(self._rows(f"SELECT row FROM {source} WHERE {where} AND row {operator} ? ORDER BY row {order} "
-                               "LIMIT 1", [*params, row]))
 
     def failure_reasons(self, campaign_id: str) -> dict[str, int]:
         """Failed messages per failure reason (only the reasons that occur). The contract sets a reason exactly
@@ -445,6 +437,50 @@ class ReadViews:
         return (f"(SELECT {state} FROM messages m {self.dialect.latest_record_as_of} WHERE m.campaign_id = ?) messages",
                 [moment, campaign_id])
 
+    # ------------------------------------------------------------------ opt-out lists
+
+    def opt_out(self, channel: str, destination: str) -> dict[str, Any] | None:
+        """A destination's latest change on the channel's opt-out list (`opted_out` False once it left it), or
+        None if it never was on it."""
+        rows = self._rows("SELECT * FROM opt_outs WHERE channel = ? AND destination = ?", (channel, destination))
+        return _opt_out_dict(rows[0]) if rows else None
+
+    def count_opt_outs(self, channel: str) -> int:
+        """How many destinations are on the channel's opt-out list now."""
+        return self._rows("SELECT COUNT(*) AS n FROM opt_outs WHERE channel = ? AND opted_out = 1", (channel,))[0]["n"]
+
+    def opt_out_page(self, channel: str, *, search: str | None = None, after: tuple[str, str] | None = None,
+                     before: tuple[str, str] | None = None, limit: int = 50) -> dict[str, Any]:
+        """One keyset page of the destinations on the channel's opt-out list now, newest change first: the first
+        page, the one after (older than) the key `after`, or the one before (newer than) `before`, a key being an
+        item's (changed_at, destination). `search`: a case-insensitive part of the destination. A range scan of
+        (channel, opted_out, changed_at, destination) that stops after limit + 1 matches, never an OFFSET.
+
+        {"items": [...], "newer": KEY or None, "older": KEY or None}: `older` is the last item's key when a
+        matching destination follows it, `newer` the first item's when one precedes it (as message_page: known
+        exactly in the page's own direction, taken from the cursor in the other)."""
+        if after is not None and before is not None:
+            raise ValueError("a page is after a key or before one, not both")
+        where, params = ["channel = ?", "opted_out = 1"], [channel]
+        if search is not None and search.strip():
+            where.append(f"{self.dialect.lower}(destination) LIKE ? ESCAPE '\\'")
+            params.append(_contains_pattern(search.strip()))
+        if before is None:
+            bound = "" if after is None else " AND (changed_at, destination) < (?, ?)"
+            rows = self._rows(f"SELECT * FROM opt_outs WHERE {' AND '.join(where)}{bound} "
+                              "ORDER BY changed_at DESC, destination DESC LIMIT ?",
+                              [*params, *(after or ()), limit + 1])
+            more, rows = len(rows) > limit, rows[:limit]
+            older = _opt_out_key(rows[-1]) if more else None
+            newer = None if after is None else _opt_out_key(rows[0]) if rows else None
+        else:
+            rows = self._rows(f"SELECT * FROM opt_outs WHERE {' AND '.join(where)} AND (changed_at, destination) > "
+                              "(?, ?) ORDER BY changed_at, destination LIMIT ?", [*params, *before, limit + 1])
+            more, rows = len(rows) > limit, rows[:limit][::-1]
+            newer = _opt_out_key(rows[0]) if more else None
+            older = _opt_out_key(rows[-1]) if rows else None
+        return {"items": [_opt_out_dict(row) for row in rows], "newer": newer, "older": older}
+
     # ------------------------------------------------------------------ replay support
 
     def canonical_dump(self) -> Iterator[tuple[str, tuple]]:
@@ -507,6 +543,16 @@ def _message_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     result = {c: row[c] for c in MESSAGE_COLUMNS}
     result["variables"] = jsoncodec.loads(result["variables"]) if result["variables"] else {}
     return result
+
+
+def _opt_out_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"channel": row["channel"], "destination": row["destination"], "opted_out": bool(row["opted_out"]),
+            "source": row["source"], "issued_by": row["issued_by"], "reason": row["reason"],
+            "changed_at": row["changed_at"]}
+
+
+def _opt_out_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return row["changed_at"], row["destination"]
 
 
 def _status_record(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -218,8 +218,10 @@ async def _read(request: Request, method: str, *args: Any, **kwargs: Any) -> Any
     return await asyncio.to_thread(getattr(_read_model(request), method), *args, **kwargs)
 
 
-async def _campaign(request: Request, campaign_id: str) -> dict[str, Any]:
-    campaign = await _read(request, "campaign", campaign_id) if is_wire_uuid(campaign_id) else None
+async def _campaign(request: Request, campaign_id: str, *, with_counts: bool = True) -> dict[str, Any]:
+    """The campaign, 404 if unknown; `with_counts=False` where no count is shown (they count every message)."""
+    campaign = await _read(request, "campaign", campaign_id, with_counts=with_counts) \
+        if is_wire_uuid(campaign_id) else None
     if campaign is None:
         raise ConsoleRefused(404, "There is no such campaign.")
     return campaign
@@ -251,17 +253,17 @@ async def campaign_view(request: Request, session: CampaignSession, campaign_id:
                         after: RowQuery = None, before: RowQuery = None) -> Response:
     filter_ = Filter.parse(status, reason, q)
     cursor = _cursor(after, before)
-    campaign = await _campaign(request, campaign_id)
-    reasons, found = await asyncio.gather(
-        _read(request, "failure_reasons", campaign_id),
+    campaign, reasons, found = await asyncio.gather(  # at once: the counts, the reasons and the page
+        _campaign(request, campaign_id), _read(request, "failure_reasons", campaign_id),
         _read(request, "message_page", campaign_id, status=filter_.status, reason=filter_.reason,
               recipient=filter_.recipient, limit=PAGE_SIZE, **cursor))
     timed_out = reasons.get("timed_out", 0)
     actions = policy.actions_for(campaign, session.info.role, timed_out_failed=timed_out)
     path = f"{PREFIX}/campaigns/{campaign_id}"
     buttons = [(a, ACTION_WORDS[a]) for a in actions if a in ("run", "stop", "retry", "resume")]
-    return page(request, "campaign_view.html", campaign=campaign, statuses=MESSAGE_STATUS_WORDS, channel_words=channel_word(campaign["channel"]),
-                live=progress_event(campaign, reasons), buttons=buttons, summary=campaign.get("summary") or {},
+    return page(request, "campaign_view.html", campaign=campaign, statuses=MESSAGE_STATUS_WORDS,
+                channel_words=channel_word(campaign["channel"]), live=progress_event(campaign, reasons),
+                buttons=buttons, summary=campaign.get("summary") or {},
                 matching=matching_count(filter_, campaign["counts"], reasons),
                 export_url=url(f"{path}/messages/export.csv", filter_.query()),
                 export_all_url=f"{path}/messages/export.csv", shown_time=shown_time,
@@ -276,16 +278,18 @@ async def campaign_progress(request: Request, _: CampaignSession, campaign_id: s
 
     async def events():
         campaign: dict[str, Any] | None = first
+        reasons = await _read(request, "failure_reasons", campaign_id)
         last = None
         while campaign is not None:
-            snapshot = progress_event(campaign, await _read(request, "failure_reasons", campaign_id))
+            snapshot = progress_event(campaign, reasons)
             if snapshot != last:
                 yield {"event": "progress", "data": jsoncodec.dumps(snapshot).decode()}
                 last = snapshot
             if snapshot["final"]:
                 return
             await asyncio.sleep(PROGRESS_POLL_S)
-            campaign = await _read(request, "campaign", campaign_id)
+            campaign, reasons = await asyncio.gather(_read(request, "campaign", campaign_id),
+                                                     _read(request, "failure_reasons", campaign_id))
 
     return EventSourceResponse(events(), ping=PROGRESS_PING_S, headers={"Cache-Control": "no-store"})
 
@@ -295,7 +299,7 @@ async def export_view(request: Request, _: CampaignSession, campaign_id: str, st
                       reason: ReasonQuery = None, q: SearchQuery = None) -> StreamingResponse:
     """The messages of the table's filter (its recipient search included) as the API's CSV export."""
     filter_ = Filter.parse(status, reason, q)
-    await _campaign(request, campaign_id)
+    await _campaign(request, campaign_id, with_counts=False)
     read_model = _read_model(request)
 
     def messages():
@@ -312,7 +316,7 @@ async def export_view(request: Request, _: CampaignSession, campaign_id: str, st
 
 @router.get("/campaigns/{campaign_id}/messages/{message_id}")
 async def message_view(request: Request, _: CampaignSession, campaign_id: str, message_id: str) -> Response:
-    campaign = await _campaign(request, campaign_id)
+    campaign = await _campaign(request, campaign_id, with_counts=False)
     message = await _message(request, campaign_id, message_id)
     records = [r for r in await _read(request, "message_history", message_id) if r.get("campaign_id") == campaign_id]
     return page(request, "message.html", campaign=campaign, message=message, records=records,
@@ -329,7 +333,7 @@ def _retry_page(request: Request, session: ConsoleSession, campaign: dict[str, A
 @router.get("/campaigns/{campaign_id}/messages/{message_id}/retry")
 async def retry_message_form(request: Request, session: CampaignSession, campaign_id: str,
                              message_id: str) -> Response:
-    campaign = await _campaign(request, campaign_id)
+    campaign = await _campaign(request, campaign_id, with_counts=False)
     return _retry_page(request, session, campaign, await _message(request, campaign_id, message_id))
 
 
@@ -338,7 +342,7 @@ async def retry_message(request: Request, session: CampaignSession, campaign_id:
     """RetryFailedMessages naming this one message, issued as the signed-in person through the API's command path
     (the handler's answer awaited as the API's routes await it). The form's random key fixes the command_id, so a
     form sent twice is one command."""
-    campaign = await _campaign(request, campaign_id)
+    campaign = await _campaign(request, campaign_id, with_counts=False)
     message = await _message(request, campaign_id, message_id)
     form_key = (await request.form()).get("form_key")
     key = form_key if isinstance(form_key, str) and re.fullmatch(idempotency.KEY_PATTERN, form_key) else None
@@ -373,7 +377,7 @@ async def retry_message(request: Request, session: CampaignSession, campaign_id:
 
 @router.get("/campaigns/{campaign_id}/history")
 async def campaign_history(request: Request, _: CampaignSession, campaign_id: str) -> Response:
-    campaign = await _campaign(request, campaign_id)
+    campaign = await _campaign(request, campaign_id, with_counts=False)
     events = await _read(request, "events", campaign_id)
     rows = [{"event": e, "words": EVENT_WORDS.get(e.get("type"), e.get("type")), "what": event_words(e),
              "who": issued_by(e)} for e in events]
@@ -387,7 +391,7 @@ async def campaign_as_of(request: Request, _: CampaignSession, campaign_id: str,
                          before: RowQuery = None) -> Response:
     """The campaign as it stood at `at` (a datetime-local value, UTC): its status, counts and messages then (the
     API's as_of), the messages in keyset pages as the live table."""
-    current = await _campaign(request, campaign_id)
+    current = await _campaign(request, campaign_id, with_counts=False)
     filter_, cursor = Filter.parse(status, reason, q), _cursor(after, before)
     context: dict[str, Any] = {"campaign": current, "at": (at or "").strip(), "shown_time": shown_time,
                                "status_words": STATUS_WORDS, "statuses": MESSAGE_STATUS_WORDS}
