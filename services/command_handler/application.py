@@ -766,7 +766,7 @@ class OutreachApp(Application):
             to_save: list[Any] = [campaign]
             if public == "opted_out":
                 opt_outs = self._opt_out_list(campaign.channel)
-                opt_outs.opt_out(campaign.test_messages[message_id]["destination"], f"test_message:{outcome}",
+                opt_outs.opt_out(campaign.test_messages[message_id]["destination"], f"result:{outcome}",
                                  result_id)
                 to_save += [opt_outs] if opt_outs.pending_events else []
             return to_save
