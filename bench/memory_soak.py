@@ -242,7 +242,7 @@ async def campaign(settings: Settings, sampler: RssSampler, messages: int, read_
         await progress.stop()
 
 
-def one_run(messages: int, store: str, providers: str, timeout_s: float) -> dict:
+def one_run(messages: int, store: str, providers: str, timeout_s: float, trace: tuple[str, ...] = ()) -> dict:
     port = free_port("127.0.0.1")
     data_dir = Path(tempfile.mkdtemp(prefix=f"outreach-memory-{store}-{messages}-"))
     env = bench_environment(store, data_dir, port)
@@ -257,7 +257,10 @@ def one_run(messages: int, store: str, providers: str, timeout_s: float) -> dict
         with EmbeddedBroker("127.0.0.1", port) as broker:
             asyncio.run(kafka.ensure_topics(settings))
             broker_pid = getattr(getattr(broker, "process", None), "pid", None)
-            with Stack(env=env, log_dir=data_dir / "logs") as stack:
+            # --trace: those services trace their allocations; `kill -USR2 PID` logs where the memory is
+            # (services/common/runtime.py). Tracing slows them and adds its own memory: not for the figures.
+            traced = {name: {"PYTHONTRACEMALLOC": "1"} for name in trace}
+            with Stack(env=env, log_dir=data_dir / "logs", service_env=traced) as stack:
                 extra = {"(broker)": broker_pid} if broker_pid else {}
                 with RssSampler(stack, extra) as sampler:
                     result = asyncio.run(campaign(settings, sampler, messages, data_dir / "read-model.db",
@@ -308,6 +311,8 @@ def main() -> None:
     parser.add_argument("--providers", choices=("default", "inprocess"), default="default",
                         help="default: the Twilio adapter and the HTTP simulator; inprocess: no HTTP")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds from Run to every message final")
+    parser.add_argument("--trace", default="", help="services whose allocations are traced (PYTHONTRACEMALLOC), "
+                                                    "e.g. sender: `kill -USR2 PID` logs their largest holders")
     parser.add_argument("--limit-mb", type=float, default=300, help="the budget the verdict checks")
     args = parser.parse_args()
     sizes = [int(n) for n in args.compare.split(",")] if args.compare else [args.messages]
@@ -316,7 +321,8 @@ def main() -> None:
     for store in args.store.split(","):
         results = []
         for messages in sizes:
-            result = one_run(messages, store, args.providers, args.timeout)
+            result = one_run(messages, store, args.providers, args.timeout,
+                             tuple(name for name in args.trace.split(",") if name))
             print_run(f"{store} store, {messages:,} messages, providers {args.providers}:", result)
             results.append(result)
         if len(sizes) > 1:
