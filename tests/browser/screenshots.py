@@ -20,8 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,6 +30,7 @@ from services.common.embedded_broker import free_port
 from tests.browser.conftest import DESKTOP, PASSWORD, PHONE, REPO, chromium_launch_options, sign_in
 
 BANNER_TIMEOUT_S = 420
+MAX_HEIGHT = 1800  # pixels of a full-page screenshot
 SIGN_IN_LINE = re.compile(r"Demo console sign-in \(org_admin\): (http://\S+)/console/ user (\S+), password (\S+)")
 TOKEN_LINE = re.compile(r"Demo API token \(org_admin\): (\S+)")
 
@@ -122,81 +121,127 @@ async def run_campaign(api: httpx.AsyncClient, campaign_id: str) -> None:
     started.raise_for_status()
 
 
-@dataclass
-class Shot:
-    name: str  # docs/screenshots/NAME.png
-    path: str  # where the page is (after the setup's {ready}, {running}, {done} ids are filled in)
-    prepare: Callable[[object], Awaitable[None]] | None = None  # what a person does before it is taken
-    viewport: dict | None = None
-    signed_in: bool = True
+class Camera:
+    """Pages signed in as the demo's org admin, at a laptop's and a phone's width; `snap` writes NAME.png."""
+
+    def __init__(self, browser, base_url: str, out: Path) -> None:
+        self.browser, self.base_url, self.out = browser, base_url, out
+        self.taken: list[str] = []
+
+    async def page(self, viewport: dict, username: str | None = None, password: str = PASSWORD):
+        context = await self.browser.new_context(base_url=self.base_url, viewport=viewport)
+        context.set_default_timeout(30_000)
+        page = await context.new_page()
+        if username:
+            await sign_in(page, username, password)
+            await page.wait_for_url(re.compile(r"/console/$"))
+        return page
+
+    async def snap(self, page, name: str, full_page: bool = True) -> None:
+        """The page (the whole of it up to MAX_HEIGHT, or what the window shows) as NAME.png."""
+        await page.wait_for_load_state("networkidle")
+        target = self.out / f"{name}.png"
+        height = await page.evaluate("() => document.documentElement.scrollHeight")
+        clip = None
+        if full_page and height > MAX_HEIGHT:  # a long table: its first screens say enough
+            clip = {"x": 0, "y": 0, "width": page.viewport_size["width"], "height": MAX_HEIGHT}
+        await page.screenshot(path=str(target), full_page=full_page, clip=clip)
+        self.taken.append(name)
+        print(f"  {name}: {page.url.removeprefix(self.base_url)}")
+
+    async def visit(self, page, path: str, name: str, full_page: bool = True) -> bool:
+        """The page at `path`, photographed; False (and said) when the console has no such page."""
+        answer = await page.goto(path)
+        if answer is None or answer.status == 404:
+            print(f"  {name}: skipped, the console has no {path}")
+            return False
+        await self.snap(page, name, full_page)
+        return True
 
 
-async def nothing(page) -> None:
-    return None
-
-
-def shots() -> list[Shot]:
-    async def refused_sign_in(page) -> None:
-        await sign_in(page, "demo", "not the pass phrase")
-
-    return [
-        Shot("sign-in", "/console/sign-in", signed_in=False),
-        Shot("sign-in-refused", "/console/sign-in", refused_sign_in, signed_in=False),
-        Shot("home", "/console/"),
-        Shot("password", "/console/password"),
-        Shot("campaigns", "/console/campaigns"),
-        Shot("campaigns-phone", "/console/campaigns", viewport=PHONE),
-        Shot("new-campaign", "/console/campaigns/new"),
-        Shot("campaign-running", "/console/campaigns/{running}"),
-        Shot("campaign-complete", "/console/campaigns/{done}"),
-        Shot("campaign-phone", "/console/campaigns/{done}", viewport=PHONE),
-        Shot("test-send", "/console/campaigns/{ready}/test-send"),
-        Shot("opt-outs", "/console/opt-outs"),
-        Shot("users", "/console/users"),
-        Shot("settings", "/console/settings"),
-        Shot("audit", "/console/audit"),
-        Shot("operations", "/console/operations"),
-    ]
+async def open_menu_item(page, campaign_name: str, item: str):
+    await page.get_by_role("button", name=f"Actions for {campaign_name}").click()
+    if item:
+        await page.get_by_role("menuitem", name=item, exact=True).click()
+        await page.get_by_role("dialog").wait_for()
 
 
 async def photograph(base_url: str, username: str, password: str, ids: dict[str, str], out: Path) -> list[str]:
     from playwright.async_api import async_playwright
 
-    taken: list[str] = []
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(**chromium_launch_options())
-        contexts: dict[tuple[int, int, bool], object] = {}
+        camera = Camera(browser, base_url, out)
+        anonymous = await camera.page(DESKTOP)
+        await camera.visit(anonymous, "/console/sign-in", "sign-in")
+        await sign_in(anonymous, username, "not the pass phrase")
+        await camera.snap(anonymous, "sign-in-refused")
 
-        async def page_for(shot: Shot):
-            viewport = shot.viewport or DESKTOP
-            key = (viewport["width"], viewport["height"], shot.signed_in)
-            if key not in contexts:
-                context = await browser.new_context(base_url=base_url, viewport=viewport)
-                if shot.signed_in:
-                    first = await context.new_page()
-                    await sign_in(first, username, password)
-                    await first.wait_for_url(re.compile(r"/console/$"))
-                    await first.close()
-                contexts[key] = context
-            return await contexts[key].new_page()
+        page = await camera.page(DESKTOP, username, password)
+        phone = await camera.page(PHONE, username, password)
+        # While "Clinic recall" runs: the list, its live view, its Stop confirmation (closed again, unsent).
+        await camera.visit(page, "/console/campaigns", "campaigns")
+        await camera.visit(phone, "/console/campaigns", "campaigns-phone")
+        await camera.visit(page, f"/console/campaigns/{ids['running']}", "campaign-running")
+        await camera.visit(phone, f"/console/campaigns/{ids['running']}", "campaign-running-phone", full_page=False)
+        await page.goto("/console/campaigns")
+        await open_menu_item(page, "Clinic recall", "Stop")
+        await camera.snap(page, "stop-modal", full_page=False)
+        await page.keyboard.press("Escape")
+        # The Run Campaign modal of the ready campaign: first as it opens, then with the four boxes ticked.
+        await open_menu_item(page, "Spring reminders", "")
+        await camera.snap(page, "campaigns-menu", full_page=False)
+        await page.keyboard.press("Escape")
+        await open_menu_item(page, "Spring reminders", "Run")
+        await camera.snap(page, "run-modal", full_page=False)
+        for box in await page.get_by_role("dialog").get_by_role("checkbox").all():
+            await box.check()
+        await camera.snap(page, "run-modal-confirmed", full_page=False)
+        await page.keyboard.press("Escape")
+        await phone.goto("/console/campaigns")
+        await open_menu_item(phone, "Spring reminders", "Run")
+        await camera.snap(phone, "run-modal-phone", full_page=False)
 
-        for shot in shots():
-            page = await page_for(shot)
-            try:
-                answer = await page.goto(shot.path.format(**ids))
-                if answer is None or answer.status == 404:
-                    print(f"  {shot.name}: skipped, the console has no {shot.path} yet")
-                    continue
-                await page.wait_for_load_state("networkidle")
-                await (shot.prepare or nothing)(page)
-                target = out / f"{shot.name}.png"
-                await page.screenshot(path=str(target), full_page=True)
-                taken.append(target.name)
-                print(f"  {shot.name}: {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
-            finally:
-                await page.close()
+        # New campaign, its three steps and the import report (a campaign is made).
+        if await camera.visit(page, "/console/campaigns/new", "new-campaign"):
+            await page.get_by_label("Name").fill("Autumn check-ups")
+            await page.get_by_role("radio", name="SMS").check()
+            await page.get_by_label("Contacts CSV").set_input_files(files=[
+                {"name": "autumn.csv", "mimeType": "text/csv", "buffer": contacts_csv(40)}])
+            await page.get_by_role("button", name="Upload and choose columns").click()
+            await page.get_by_role("button", name="Check the contacts").wait_for()
+            await camera.snap(page, "new-campaign-columns")
+            await page.get_by_role("button", name="Check the contacts").click()
+            await page.get_by_label("Message text").fill("Hi {{first_name}}, your {{city}} check-up is due. {{day}}?")
+            await page.get_by_role("button", name="Preview").click()
+            await page.get_by_label("Message text").wait_for()
+            await camera.snap(page, "new-campaign-template")
+            await page.get_by_label("Message text").fill("Hi {{first_name}}, your {{city}} check-up is due.")
+            await page.get_by_label("The contacts consented to be contacted").check()
+            await page.get_by_role("button", name="Create campaign").click()
+            await page.locator("#import-done").wait_for(timeout=60_000)
+            await camera.snap(page, "import-report")
+
+        # A final campaign: its failed messages, one of them, its history; the test send of a ready one.
+        await camera.visit(page, f"/console/campaigns/{ids['done']}?status=failed", "campaign-failed-messages")
+        await page.goto(f"/console/campaigns/{ids['done']}?status=failed")
+        await page.locator("#message-table tbody").get_by_role("link").first.click()
+        await camera.snap(page, "message")
+        await camera.visit(page, f"/console/campaigns/{ids['done']}/history", "campaign-history")
+        if (await page.goto(f"/console/campaigns/{ids['ready']}/test-send")).ok:
+            await page.get_by_label("Send to (phone number").fill("+14155550142")
+            await page.get_by_role("button", name="Send test message").click()
+            await page.get_by_role("status").wait_for()
+            await camera.snap(page, "test-send")
+
+        for path, name in (("/console/opt-outs", "opt-outs"), ("/console/users", "users"),
+                           ("/console/settings", "settings"), ("/console/audit", "audit"),
+                           ("/console/operations", "operations"), ("/console/password", "password")):
+            await camera.visit(page, path, name)
+        campaigner = await camera.page(DESKTOP, "carl")
+        await camera.visit(campaigner, "/console/settings", "campaigner-refused-settings")
         await browser.close()
-    return taken
+    return camera.taken
 
 
 async def make_screenshots(out: Path) -> int:
