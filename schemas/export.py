@@ -25,6 +25,7 @@ from schemas.internal import (
     Expiry,
     InstanceHeartbeat,
     OptOutChanged,
+    OptOutListChanged,
     SenderResults,
     SendingHold,
     TestMessageResult,
@@ -72,6 +73,9 @@ _EXPORTS: dict[str, tuple[str, str, TypeAdapter[Any], JsonSchemaMode]] = {
     "internal-expiry.json": ("Expiry", topics.EXPIRIES, TypeAdapter(Expiry), "validation"),
     "internal-sending-hold.json": ("SendingHold", topics.SENDER_RESULTS, TypeAdapter(SendingHold), "validation"),
     "internal-opt-out.json": ("OptOutChanged", topics.OPT_OUTS, TypeAdapter(OptOutChanged), "validation"),
+    # Published by the relay: what a reader (the projections) can rely on.
+    "internal-opt-out-list.json": ("OptOutListChanged", topics.OPT_OUT_LIST, TypeAdapter(OptOutListChanged),
+                                   "serialization"),
     "internal-channel-settings.json": (
         "ChannelSettingsChanged",
         topics.CHANNEL_SETTINGS,

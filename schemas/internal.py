@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.commands import (
     Channel,
@@ -199,11 +199,19 @@ class SendingHold(BaseModel):
     occurred_at: WireTime
 
 
-OptOutSource = Literal["sms_stop", "sms_start", "twilio_21610", "email_unsubscribe", "email_spamreport"]
+# How a destination came on or off a channel's opt-out list: the recipient (STOP / START replies, an unsubscribe, a
+# spam report), Twilio's 21610 (the recipient replied STOP to Twilio), or a person by hand (`manual`: added by a
+# campaign user, removed only by an org admin with a reason, through the HTTP API or the console).
+OptOutSource = Literal["sms_stop", "sms_start", "twilio_21610", "email_unsubscribe", "email_spamreport", "manual"]
+MANUAL_OPT_OUT = "manual"
+MAX_OPT_OUT_REASON_CHARS = 1000
+Principal = Annotated[str, Field(min_length=1, max_length=300)]
 
 
 class OptOutChanged(BaseModel):
-    """Webhook receiver -> handler (`outreach.internal.opt-outs`, key destination): a destination opted out or in."""
+    """Webhook receiver and HTTP API -> handler (`outreach.internal.opt-outs`, key destination): a destination
+    opted out or in. A `manual` one names who made it (`issued_by`, a principal: `user:NAME`, a token's name); a
+    manual removal also says why (`reason`, not blank)."""
 
     model_config = _internal_config(json_schema_extra=mark_type_required)
 
@@ -213,6 +221,41 @@ class OptOutChanged(BaseModel):
     destination: str
     opted_out: bool
     source: OptOutSource
+    occurred_at: WireTime
+    issued_by: Principal | None = None  # who, for a manual change (our addition: absent from the providers' ones)
+    reason: Annotated[str, Field(max_length=MAX_OPT_OUT_REASON_CHARS)] | None = None  # why, for a manual removal
+
+    @model_validator(mode="after")
+    def _a_manual_change_says_who_and_a_manual_removal_why(self) -> "OptOutChanged":
+        if self.source == MANUAL_OPT_OUT:
+            if self.issued_by is None:
+                raise ValueError("a manual opt-out change names who made it (issued_by)")
+            if not self.opted_out and not (self.reason or "").strip():
+                raise ValueError("a manual removal from the opt-out list says why (reason)")
+        return self
+
+
+class OptOutListChanged(BaseModel):
+    """Relay -> projections (`outreach.internal.opt-out-list`, key `channel:destination`), from the command handler's
+    stored OptOutList events: a destination came on (`opted_out` true) or off a channel's opt-out list, the list
+    every send obeys. Published only when the list changes (an opt-out of a destination already listed stores
+    nothing). `sequence` orders one channel's changes (the list's version): for one destination, the change with
+    the highest sequence is the one in force. `source` is an OptOutChanged's source, or the provider's answer to a
+    message that opted its destination out: `result:OUTCOME` (a campaign message) or `test_message:OUTCOME` (a test
+    send), e.g. result:refused for Twilio's 21610, result:spamreport."""
+
+    model_config = _internal_config(json_schema_extra=mark_type_required)
+
+    type: Literal["OptOutListChanged"] = "OptOutListChanged"
+    event_id: WireId
+    channel: Literal["sms", "email"]
+    destination: Annotated[str, Field(min_length=1, max_length=320)]
+    opted_out: bool
+    source: Annotated[str, Field(min_length=1, max_length=100)]
+    issued_by: str | None = None  # a manual change's author
+    reason: str | None = None  # a manual removal's reason
+    causation_id: str | None = None  # the OptOutChanged's opt_out_id, or the provider result's id
+    sequence: NonNegativeInt
     occurred_at: WireTime
 
 

@@ -782,15 +782,16 @@ class OutreachApp(Application):
         return self._load(ids.opt_out_list_id(channel)) or OptOutList(channel)
 
     def apply_opt_out(self, *, opt_out_id: str, channel: str, destination: str, opted_out: bool,
-                      source: str) -> None:
-        """SMS STOP/START, 21610, email unsubscribe or spam report: the channel's opt-out list changes."""
+                      source: str, issued_by: str | None = None, reason: str | None = None) -> None:
+        """SMS STOP/START, 21610, email unsubscribe or spam report, or a change by hand (`manual`: who made it, and a
+        removal's reason, kept on the list's event): the channel's opt-out list changes."""
 
         def decide() -> list[Any]:
             opt_outs = self._opt_out_list(channel)
             if opted_out:
-                opt_outs.opt_out(destination, source, opt_out_id)
+                opt_outs.opt_out(destination, source, opt_out_id, issued_by=issued_by)
             else:
-                opt_outs.opt_in(destination, source, opt_out_id)
+                opt_outs.opt_in(destination, source, opt_out_id, issued_by=issued_by, reason=reason)
             return [opt_outs] if opt_outs.pending_events else []
 
         self._run(decide)

@@ -92,7 +92,8 @@ class RecordHandler:
 
     def opt_out(self, change: OptOutChanged) -> None:
         self.app.apply_opt_out(opt_out_id=change.opt_out_id, channel=change.channel, destination=change.destination,
-                               opted_out=change.opted_out, source=change.source)
+                               opted_out=change.opted_out, source=change.source, issued_by=change.issued_by,
+                               reason=change.reason)
 
     # ----- commands -------------------------------------------------------------------------------
     def handle_command(self, raw: bytes | None) -> DeadLetter | None:

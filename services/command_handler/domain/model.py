@@ -690,7 +690,9 @@ class ChannelLock(Aggregate):
 
 
 class OptOutList(Aggregate):
-    """The destinations of one channel that opted out (SMS STOP, 21610, email unsubscribe or spam report)."""
+    """The destinations of one channel that opted out (SMS STOP, 21610, email unsubscribe or spam report, or added
+    by hand). Idempotent by state: a change is stored only when it changes the list, so a redelivered record
+    (they are keyed by destination: one destination's changes arrive in order) changes nothing again."""
 
     Snapshot = Snapshot
 
@@ -703,20 +705,24 @@ class OptOutList(Aggregate):
     def create_id(channel: str) -> uuid.UUID:
         return ids.opt_out_list_id(channel)
 
-    def opt_out(self, destination: str, source: str, causation_id: str) -> None:
+    def opt_out(self, destination: str, source: str, causation_id: str, *, issued_by: str | None = None) -> None:
         if destination not in self.destinations:
-            self._opted_out(destination=destination, source=source, causation_id=causation_id)
+            self._opted_out(destination=destination, source=source, causation_id=causation_id, issued_by=issued_by)
 
-    def opt_in(self, destination: str, source: str, causation_id: str) -> None:
+    def opt_in(self, destination: str, source: str, causation_id: str, *, issued_by: str | None = None,
+               reason: str | None = None) -> None:
         if destination in self.destinations:
-            self._opted_in(destination=destination, source=source, causation_id=causation_id)
+            self._opted_in(destination=destination, source=source, causation_id=causation_id, issued_by=issued_by,
+                           reason=reason)
 
+    # issued_by and reason (a change made by hand): absent from events stored before they could be.
     @event("OptedOut")
-    def _opted_out(self, destination: str, source: str, causation_id: str) -> None:
+    def _opted_out(self, destination: str, source: str, causation_id: str, issued_by: str | None = None) -> None:
         self.destinations.add(destination)
 
     @event("OptedIn")
-    def _opted_in(self, destination: str, source: str, causation_id: str) -> None:
+    def _opted_in(self, destination: str, source: str, causation_id: str, issued_by: str | None = None,
+                  reason: str | None = None) -> None:
         self.destinations.discard(destination)
 
 
