@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
 
 from schemas import topics
-from services.common import kafka
+from services.common import ids, kafka
 from services.common.fence import ClaimedMessage, HandoffFence
 from services.common.lag import LagCollector
 from services.common.observability import MESSAGES, RELAY_LAG, Observability, broker_check, event_store_check
@@ -49,6 +50,7 @@ REWIND_FIRST_WAIT_S = 0.1  # after a failed page: 0.1 s, doubling up to 5 s (plu
 REWIND_LONGEST_WAIT_S = 5.0
 STANDBY_POLL_S = 0.5  # a standby tries for the lock this often: the takeover delay after a crash
 LOCK_CHECK_S = 0.5  # the active relay checks it still holds the lock this often (between pages)
+OPT_OUT_LISTS_MARK = "relay-opt-out-lists"  # the checkpoint row saying the stored opt-out list changes went out
 
 
 class Relay:
@@ -63,6 +65,7 @@ class Relay:
         self.producer = None
         self._last_broker_check = 0.0
         self._page_size = PAGE_SIZE
+        self._opt_out_lists_published = False  # the lists' changes stored before the relay published them
 
     async def _producer(self):
         if self.producer is None:
@@ -112,6 +115,8 @@ class Relay:
         """Publishes one page; returns how many notifications it covered (0 when caught up)."""
         if time.monotonic() - self._last_broker_check > BROKER_CHECK_S:
             await self.check_broker()
+        if not self._opt_out_lists_published:
+            await self._publish_stored_opt_out_lists()
         position, records = await asyncio.to_thread(self._read_page)
         if position == self.checkpoint.position:
             return 0
@@ -135,6 +140,36 @@ class Relay:
             published=self.checkpoint.published + sum(r.topic == topics.CAMPAIGN_EVENTS for r in records))
         await asyncio.to_thread(self.checkpoints.save, self.checkpoint)
         return covered
+
+    async def _publish_stored_opt_out_lists(self) -> None:
+        """Once per event store: every stored change of the opt-out lists, when the relay's checkpoint is past some
+        of them. The relay publishes them on outreach.internal.opt-out-list since that topic exists; changes stored
+        before were published on no topic, so they go out once here (those after the checkpoint go out again with
+        their pages: the read model keeps the highest sequence per destination). Done when a mark of its own
+        (a row of the checkpoint table) says so; a failure leaves the mark unset: tried again with the next page."""
+        marks = await asyncio.to_thread(open_checkpoint_store, self.settings, OPT_OUT_LISTS_MARK)
+        try:
+            if (await asyncio.to_thread(marks.load)).position == 0:
+                if self.checkpoint.position > 0:
+                    published = await self._publish_opt_out_list_events()
+                    log.info("published the %d stored changes of the opt-out lists", published)
+                await asyncio.to_thread(marks.save, Checkpoint(position=1))
+        finally:
+            await asyncio.to_thread(marks.close)
+        self._opt_out_lists_published = True
+
+    async def _publish_opt_out_list_events(self) -> int:
+        producer = await self._producer()
+        published = 0
+        for channel in ("sms", "email"):
+            events = iter(await asyncio.to_thread(self.app.events.get, ids.opt_out_list_id(channel)))
+            while chunk := await asyncio.to_thread(lambda: list(itertools.islice(events, PAGE_RECORDS))):
+                futures = [await producer.send(r.topic, value=r.encoded(), key=r.key.encode())
+                           for e in chunk for r in wire.to_records(e)]
+                for future in futures:
+                    await future
+                published += len(futures)
+        return published
 
     @staticmethod
     async def _park_oversized(producer, record: wire.Record, value: bytes):

@@ -16,10 +16,12 @@ from typing import Any, Union
 from pydantic import BaseModel, ValidationError
 
 from schemas import topics
-from schemas.internal import TestMessageWork, WorkClaimed, template_digest
+from schemas.internal import OptOutListChanged, TestMessageWork, WorkClaimed, template_digest
 from schemas.times import rfc3339
 from services.common import ids, jsoncodec, records
-from services.command_handler.domain.model import SEQUENCE_STEP, Campaign, CommandLog, MessageBlock, message_sequences
+from services.command_handler.domain.model import (
+    SEQUENCE_STEP, Campaign, CommandLog, MessageBlock, OptOutList, message_sequences,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ def to_records(stored_event: Any) -> list[Record]:
         return [WireRecord.from_dict(r) for r in stored_event.records] if stored_event.publish else []
     if isinstance(stored_event, CommandLog.AnswerRepeated):
         return [WireRecord.from_dict(r) for r in stored_event.records]
+    if isinstance(stored_event, (OptOutList.OptedOut, OptOutList.OptedIn)):
+        return _opt_out_list_records(stored_event)
     mapper = _CAMPAIGN_MAPPERS.get(type(stored_event))
     if mapper is None:
         return []  # e.g. ChannelLock events: internal only
@@ -304,3 +308,24 @@ def _moved_records(e: Any) -> list[WireRecord]:
         in zip(e.changes, message_sequences(e.originator_version, e.changes))
         if record
     ]
+
+
+# ----- opt-out lists ---------------------------------------------------------------------------
+
+# An opt-out list's id is made from its channel (ids.opt_out_list_id): its events name no channel of their own.
+_OPT_OUT_LIST_CHANNELS = {ids.opt_out_list_id(channel): channel for channel in ("sms", "email")}
+
+
+def _opt_out_list_records(e: Any) -> list[Record]:
+    """A change of a channel's opt-out list (`outreach.internal.opt-out-list`, key channel:destination), for the
+    read model's list. Events stored before manual changes existed have no issued_by or reason."""
+    channel = _OPT_OUT_LIST_CHANNELS.get(e.originator_id)
+    if channel is None:
+        log.error("an opt-out list event of an unknown list %s: not published", e.originator_id)
+        return []
+    return _internal_record(
+        OptOutListChanged, topics.OPT_OUT_LIST, f"{channel}:{e.destination}",
+        event_id=ids.record_event_id(e.originator_id, e.originator_version, 0), channel=channel,
+        destination=e.destination, opted_out=isinstance(e, OptOutList.OptedOut), source=e.source,
+        issued_by=getattr(e, "issued_by", None), reason=getattr(e, "reason", None), causation_id=e.causation_id,
+        sequence=e.originator_version, occurred_at=rfc3339(e.timestamp))
