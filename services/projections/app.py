@@ -1,10 +1,10 @@
 """The projections process: keeps the read model (services/projections/projector.py) up to date.
 
 A FastStream app (services.common.kafka.run_consumer) with one batch subscriber (group
-`outreach-projections`) on the two public event topics. Each batch is decoded, applied in one read-model
-transaction (SQLite or PostgreSQL), and only then are the offsets committed: delivery is at least once,
-and the apply is idempotent (event ids and positions carried in the records, recorded in the same
-transaction as their effect), so the effect is exactly once.
+`outreach-projections`) on the two public event topics and the opt-out lists' changes (internal). Each batch is
+decoded, applied in read-model transactions (SQLite or PostgreSQL), and only then are the offsets committed:
+delivery is at least once, and the apply is idempotent (event ids and positions carried in the records, recorded
+in the same transaction as their effect), so the effect is exactly once.
 A record that is not valid JSON, or lacks the fields the read model needs, is logged and skipped.
 A read model that has never been fed (new, or rebuilt for a new schema) is fed from the beginning of the
 topics, whatever offsets the group committed for an earlier one (a rebalance listener on the subscriber).
@@ -20,22 +20,26 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_CLASSES, MessageStatusChanged
+from schemas.internal import OptOutListChanged
 from services.common import kafka
 from services.common.observability import Observability, assigned_check, broker_check, read_model_check, subscriber_consumer
 from services.common.retry import retrying
 from services.common.runtime import run_service
 from services.common.settings import Settings
-from services.projections.projector import ReadModel, apply_isolating_poison, decode_batch
+from services.projections.projector import (
+    ReadModel, apply_isolating_poison, apply_opt_outs_isolating_poison, decode_batch, decode_opt_out_list,
+)
 
 log = logging.getLogger("outreach.projections")
 
 GROUP_ROLE = "projections"  # the group: settings.group_id(GROUP_ROLE)
-INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS)
+# The opt-out lists' changes (relay, from the handler's OptOutList) feed the opt_outs table.
+INPUT_TOPICS = (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.OPT_OUT_LIST)
 # A batch decoded in memory at once: bounds what a lagging projections process holds (with 5,000 it peaked
 # 30 MB higher behind the backlog of a 300,000-message run than a 30,000 one ever did).
 MAX_RECORDS = 2000
 RETRY_S = 1.0  # longest wait between tries while the read model is unavailable
-EventValue = kafka.records_of(*CAMPAIGN_EVENT_CLASSES, MessageStatusChanged, mode="serialization")
+EventValue = kafka.records_of(*CAMPAIGN_EVENT_CLASSES, MessageStatusChanged, OptOutListChanged, mode="serialization")
 
 
 def build_broker(settings: Settings, model: ReadModel | None = None, stop: asyncio.Event | None = None,
@@ -54,13 +58,17 @@ def build_broker(settings: Settings, model: ReadModel | None = None, stop: async
         if stop.is_set():
             return  # stopping, or a batch failed: not committed, so redelivered to the next consumer
         campaign_events, statuses, _skipped = decode_batch(msg.raw_message)
-        if campaign_events or statuses:
+        opt_out_changes, _skipped = decode_opt_out_list(msg.raw_message)
+        if campaign_events or statuses or opt_out_changes:
             try:
                 async for attempt in retrying(on=model.is_unavailable, timeout_s=None, longest_wait_s=RETRY_S):
                     if stop.is_set():
                         return
                     with attempt:
-                        await asyncio.to_thread(apply_isolating_poison, model, campaign_events, statuses)
+                        if campaign_events or statuses:
+                            await asyncio.to_thread(apply_isolating_poison, model, campaign_events, statuses)
+                        if opt_out_changes:
+                            await asyncio.to_thread(apply_opt_outs_isolating_poison, model, opt_out_changes)
             except Exception as exc:
                 log.exception("a batch could not be applied; stopping")
                 stop.set()  # first: no later batch is committed past this one

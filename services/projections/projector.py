@@ -27,7 +27,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas import topics
 from schemas.events import CAMPAIGN_EVENT_ADAPTER, CAMPAIGN_EVENT_TYPES, MessageStatusChanged
+from schemas.internal import OptOutListChanged
 from services.common import jsoncodec, logs
+from services.common import records as records_codec
 from services.common.records import InvalidRecord
 from services.projections import schema
 from services.projections.fold import fold_campaign
@@ -37,6 +39,7 @@ from services.projections.schema import (
     JSON_CAMPAIGN_COLUMNS,
     MESSAGE_COLUMNS,
     MESSAGE_STATE_COLUMNS,
+    OPT_OUT_COLUMNS,
     STATUS_COLUMNS,
     STATUS_RECORD_FIELDS,
 )
@@ -134,6 +137,22 @@ def decode_batch(records: list[Any]) -> tuple[list[dict[str, Any]], list[dict[st
     return campaign_events, statuses, skipped
 
 
+def decode_opt_out_list(records: list[Any]) -> tuple[list[OptOutListChanged], int]:
+    """(changes of the opt-out lists, skipped) from aiokafka ConsumerRecords of outreach.internal.opt-out-list (an
+    internal record: checked by its model); poison records are logged."""
+    changes: list[OptOutListChanged] = []
+    skipped = 0
+    for record in records:
+        if record.topic != topics.OPT_OUT_LIST:
+            continue
+        try:
+            changes.append(records_codec.decode(OptOutListChanged, record.value))
+        except InvalidRecord as exc:
+            skipped += 1
+            log.warning("skipping poison record %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+    return changes, skipped
+
+
 # ------------------------------------------------------------------ the read model, written
 
 class ReadModel(ReadViews):
@@ -179,6 +198,44 @@ class ReadModel(ReadViews):
                 raise ReadModelUnavailable(str(exc)) from exc
             raise
         self._fed_from_start = True
+
+
+    def apply_opt_out_changes(self, changes: list[OptOutListChanged]) -> None:
+        """Apply changes of the opt-out lists in one transaction: each destination's row follows its change with the
+        highest sequence, so a change applied again, or late, changes nothing."""
+        try:
+            with self._backend.transaction() as s:
+                s.many(_UPSERT_OPT_OUT, [
+                    (c.channel, c.destination, int(c.opted_out), c.source, c.issued_by, c.reason, c.occurred_at,
+                     c.sequence, c.event_id)
+                    for c in changes])
+        except ReadModelUnavailable:
+            raise
+        except Exception as exc:
+            if self._backend.transient(exc):
+                raise ReadModelUnavailable(str(exc)) from exc
+            raise
+
+
+def apply_opt_outs_isolating_poison(model: ReadModel, changes: list[OptOutListChanged]) -> int:
+    """As `apply_isolating_poison`, for changes of the opt-out lists. Returns the skipped count."""
+    try:
+        model.apply_opt_out_changes(changes)
+        return 0
+    except Exception as exc:
+        if model.is_unavailable(exc):
+            raise
+        log.warning("batch of %d opt-out list changes failed; applying them one by one", len(changes), exc_info=True)
+    skipped = 0
+    for change in changes:
+        try:
+            model.apply_opt_out_changes([change])
+        except Exception as exc:
+            if model.is_unavailable(exc):
+                raise
+            skipped += 1
+            log.warning("skipping poison opt-out list change %s: %r", change.event_id, exc)
+    return skipped
 
 
 def apply_isolating_poison(model: ReadModel, campaign_events: list[dict], statuses: list[dict]) -> int:
@@ -239,6 +296,13 @@ _UPSERT_MESSAGE = (
         for c in MESSAGE_STATE_COLUMNS)
     + ", " + ", ".join(f"{c} = COALESCE(messages.{c}, excluded.{c})" for c in ("destination", "variables",
                                                                                "created_at"))
+)
+
+
+_UPSERT_OPT_OUT = (
+    _insert("opt_outs", OPT_OUT_COLUMNS) + " ON CONFLICT (channel, destination) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in OPT_OUT_COLUMNS[2:])
+    + " WHERE excluded.sequence > opt_outs.sequence"
 )
 
 
@@ -335,4 +399,5 @@ def _json_text(value: Any) -> str | None:
     return None if value is None else jsoncodec.dumps(value).decode()
 
 
-__all__ = ["ReadModel", "apply_isolating_poison", "check_campaign_event", "check_message_status", "decode_batch"]
+__all__ = ["ReadModel", "apply_isolating_poison", "apply_opt_outs_isolating_poison", "check_campaign_event",
+           "check_message_status", "decode_batch", "decode_opt_out_list"]

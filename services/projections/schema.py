@@ -18,6 +18,30 @@ ADDED_INDEXES = {
 }
 
 
+# Tables added within a schema version: a read model made before one gets it when next opened, not a rebuild from
+# the topics (the projections read a topic new to their group from its beginning). Not in TABLES: `outreach replay`
+# and the canonical dump are of the campaign tables.
+# opt_outs: each destination's latest change on its channel's opt-out list (outreach.internal.opt-out-list), the
+# one with the highest `sequence` (the list's version); opted_out 0 once removed. Newest first by changed_at.
+ADDED_TABLES = {
+    "opt_outs": lambda d: [
+        f"""CREATE TABLE IF NOT EXISTS opt_outs (
+            channel      {d.key_text} NOT NULL,
+            destination  {d.key_text} NOT NULL,
+            opted_out    {d.integer} NOT NULL,
+            source       TEXT NOT NULL,
+            issued_by    TEXT,
+            reason       TEXT,
+            changed_at   {d.key_text} NOT NULL,
+            sequence     {d.integer} NOT NULL,
+            event_id     {d.key_text} NOT NULL,
+            PRIMARY KEY (channel, destination)
+        )""",
+        "CREATE INDEX IF NOT EXISTS opt_outs_newest ON opt_outs (channel, opted_out, changed_at, destination)",
+    ],
+}
+
+
 def ddl(d: Dialect) -> list[str]:
     k, i = d.key_text, d.integer
     return [
@@ -94,6 +118,7 @@ def ddl(d: Dialect) -> list[str]:
         # back as published): the history's keyset pages then order and compare raw indexed columns.
         "CREATE INDEX message_events_by_message ON message_events (message_id, sequence)",
         "CREATE INDEX message_events_by_time ON message_events (campaign_id, occurred_at, row, sequence, event_id)",
+        *(statement for statements in ADDED_TABLES.values() for statement in statements(d)),
     ]
 
 
@@ -119,6 +144,8 @@ STATUS_COLUMNS = (
     "provider_code", "attempt", "occurred_at", "causation_id", "sequence", "extra",
 )
 STATUS_RECORD_FIELDS = frozenset(STATUS_COLUMNS) - {"extra"} | {"type"}
+OPT_OUT_COLUMNS = ("channel", "destination", "opted_out", "source", "issued_by", "reason", "changed_at", "sequence",
+                   "event_id")
 JSON_COLUMNS = {"campaigns": JSON_CAMPAIGN_COLUMNS, "campaign_events": ("body",), "messages": ("variables",),
                 "message_events": ("extra",)}
 TABLE_COLUMNS = {"campaigns": CAMPAIGN_COLUMNS, "campaign_events": EVENT_COLUMNS, "messages": MESSAGE_COLUMNS,
@@ -134,14 +161,18 @@ def ensure_schema(backend: Backend) -> None:
     data: the projections then consume the topics from the beginning)."""
     with backend.session() as s:  # the usual case, without waiting for the write lock
         if _schema_version(backend, s) == SCHEMA_VERSION:
-            if all(backend.index_exists(s, name) for name in ADDED_INDEXES):
+            if all(backend.index_exists(s, name) for name in ADDED_INDEXES) \
+                    and all(backend.table_exists(s, name) for name in ADDED_TABLES):
                 return
     with backend.transaction() as s:
         if _schema_version(backend, s) == SCHEMA_VERSION:
             for name in ADDED_INDEXES:  # another process may have made some meanwhile
                 s.run(ADDED_INDEXES[name])
+            for statements in ADDED_TABLES.values():
+                for statement in statements(backend.dialect):
+                    s.run(statement)
             return
-        for table in ("read_model_meta", *TABLES):
+        for table in ("read_model_meta", *TABLES, *ADDED_TABLES):
             s.run(f"DROP TABLE IF EXISTS {table}")
         for statement in ddl(backend.dialect):
             s.run(statement)

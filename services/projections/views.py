@@ -437,6 +437,50 @@ class ReadViews:
         return (f"(SELECT {state} FROM messages m {self.dialect.latest_record_as_of} WHERE m.campaign_id = ?) messages",
                 [moment, campaign_id])
 
+    # ------------------------------------------------------------------ opt-out lists
+
+    def opt_out(self, channel: str, destination: str) -> dict[str, Any] | None:
+        """A destination's latest change on the channel's opt-out list (`opted_out` False once it left it), or
+        None if it never was on it."""
+        rows = self._rows("SELECT * FROM opt_outs WHERE channel = ? AND destination = ?", (channel, destination))
+        return _opt_out_dict(rows[0]) if rows else None
+
+    def count_opt_outs(self, channel: str) -> int:
+        """How many destinations are on the channel's opt-out list now."""
+        return self._rows("SELECT COUNT(*) AS n FROM opt_outs WHERE channel = ? AND opted_out = 1", (channel,))[0]["n"]
+
+    def opt_out_page(self, channel: str, *, search: str | None = None, after: tuple[str, str] | None = None,
+                     before: tuple[str, str] | None = None, limit: int = 50) -> dict[str, Any]:
+        """One keyset page of the destinations on the channel's opt-out list now, newest change first: the first
+        page, the one after (older than) the key `after`, or the one before (newer than) `before`, a key being an
+        item's (changed_at, destination). `search`: a case-insensitive part of the destination. A range scan of
+        (channel, opted_out, changed_at, destination) that stops after limit + 1 matches, never an OFFSET.
+
+        {"items": [...], "newer": KEY or None, "older": KEY or None}: `older` is the last item's key when a
+        matching destination follows it, `newer` the first item's when one precedes it (as message_page: known
+        exactly in the page's own direction, taken from the cursor in the other)."""
+        if after is not None and before is not None:
+            raise ValueError("a page is after a key or before one, not both")
+        where, params = ["channel = ?", "opted_out = 1"], [channel]
+        if search is not None and search.strip():
+            where.append(f"{self.dialect.lower}(destination) LIKE ? ESCAPE '\\'")
+            params.append(_contains_pattern(search.strip()))
+        if before is None:
+            bound = "" if after is None else " AND (changed_at, destination) < (?, ?)"
+            rows = self._rows(f"SELECT * FROM opt_outs WHERE {' AND '.join(where)}{bound} "
+                              "ORDER BY changed_at DESC, destination DESC LIMIT ?",
+                              [*params, *(after or ()), limit + 1])
+            more, rows = len(rows) > limit, rows[:limit]
+            older = _opt_out_key(rows[-1]) if more else None
+            newer = None if after is None else _opt_out_key(rows[0]) if rows else None
+        else:
+            rows = self._rows(f"SELECT * FROM opt_outs WHERE {' AND '.join(where)} AND (changed_at, destination) > "
+                              "(?, ?) ORDER BY changed_at, destination LIMIT ?", [*params, *before, limit + 1])
+            more, rows = len(rows) > limit, rows[:limit][::-1]
+            newer = _opt_out_key(rows[0]) if more else None
+            older = _opt_out_key(rows[-1]) if rows else None
+        return {"items": [_opt_out_dict(row) for row in rows], "newer": newer, "older": older}
+
     # ------------------------------------------------------------------ replay support
 
     def canonical_dump(self) -> Iterator[tuple[str, tuple]]:
@@ -499,6 +543,16 @@ def _message_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     result = {c: row[c] for c in MESSAGE_COLUMNS}
     result["variables"] = jsoncodec.loads(result["variables"]) if result["variables"] else {}
     return result
+
+
+def _opt_out_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"channel": row["channel"], "destination": row["destination"], "opted_out": bool(row["opted_out"]),
+            "source": row["source"], "issued_by": row["issued_by"], "reason": row["reason"],
+            "changed_at": row["changed_at"]}
+
+
+def _opt_out_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return row["changed_at"], row["destination"]
 
 
 def _status_record(row: Mapping[str, Any]) -> dict[str, Any]:
