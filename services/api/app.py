@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from schemas.topics import MAX_RECORD_BYTES
-from services.api import reads, settings_routes, tokens_routes, writes
+from services.api import opt_outs, reads, settings_routes, tokens_routes, writes
 from services.api.console import routes as console
 from services.api.commands import BrokerUnavailable, CommandPublisher, InvalidCommand
 from services.api.settings_publisher import SettingsPublisher
@@ -163,12 +163,15 @@ def create_app(settings: Settings | None = None, *, read_model: Any = None, stor
                       {"name": "progress", "description": "Live progress (Server-Sent Events)."},
                       {"name": "history", "description": "The ordered audit history."},
                       {"name": "commands", "description": "Commands published to outreach.commands, and answers."},
+                      {"name": "opt-outs", "description": "Each channel's opt-out list: read, added to by hand, "
+                                                          "removed from by an org admin with a reason."},
                       {"name": "settings", "description": "Channel settings (org_admin only)."},
                       {"name": "tokens", "description": "API tokens (org_admin: every role; admin: campaigner "
                                                         "tokens)."},
                   ])
     app.include_router(reads.router)
     app.include_router(writes.router)
+    app.include_router(opt_outs.router)
     app.include_router(settings_routes.router)
     app.include_router(tokens_routes.router)
     console.mount(app, settings)  # the web console's pages under /console (outside the OpenAPI document)

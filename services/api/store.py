@@ -106,7 +106,7 @@ CREATE INDEX IF NOT EXISTS {p}account_audit_newest ON {p}account_audit (at, audi
 """
 _ACCOUNT_TABLES = ("users", "console_sessions", "sign_in_failures", "sign_in_locks", "account_audit")
 AUDIT_ACTIONS = ("user_created", "user_disabled", "user_enabled", "role_changed", "password_changed",
-                 "sign_in_locked", "channel_settings_changed")
+                 "sign_in_locked", "channel_settings_changed", "opt_out_added", "opt_out_removed")
 USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
 # Console users act as `user:NAME` (issued_by, updated_by, the audit log); API tokens keep their bare principal
 # name, as before the console. Token names may not take the console's (or the CLI's) prefix.
@@ -586,6 +586,24 @@ class ApiStore:
         """One audit entry; the caller holds the lock."""
         self._conn.execute("INSERT INTO account_audit (audit_id, at, actor, action, subject, detail) "
                            "VALUES (?, ?, ?, ?, ?, ?)", (uuid.uuid4().hex, at, actor, action, subject, detail))
+
+    def record_audit(self, actor: str, action: str, subject: str, detail: str, *, audit_id: str) -> bool:
+        """One audit entry of a change made elsewhere (an opt-out added or removed by hand: `subject` CHANNEL:
+        DESTINATION, `detail` the removal's reason), under `audit_id`: the same id again (a retried request) adds
+        nothing. True when it was added."""
+        if action not in AUDIT_ACTIONS:
+            raise ValueError(f"unknown audit action {action!r}")
+        with self._lock:
+            cursor = self._conn.execute("INSERT INTO account_audit (audit_id, at, actor, action, subject, detail) "
+                                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (audit_id) DO NOTHING",
+                                        (audit_id, utc_now(), actor, action, subject, detail))
+            return cursor.rowcount == 1
+
+    def audit_entry(self, audit_id: str) -> AuditEntry | None:
+        with self._lock:
+            row = self._conn.execute("SELECT at, actor, action, subject, detail, audit_id FROM account_audit "
+                                     "WHERE audit_id = ?", (audit_id,)).fetchone()
+        return AuditEntry(*row) if row else None
 
     def audit_log(self, *, subject: str | None = None, limit: int = 200) -> list[AuditEntry]:
         """Account and settings changes, newest first (of one user or channel, or of all)."""
