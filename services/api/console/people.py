@@ -7,15 +7,21 @@
     POST /console/settings/{channel}          replace them: the code of the API's PUT /settings/channels/...
     GET  /console/audit[?after=CURSOR]        account and settings changes, newest first, keyset-paged
     GET  /console/operations                  what `outreach status` reports, as tables
+    GET  /console/opt-outs?channel=&q=        a channel's opt-out list (searched, Older / Newer pages), the add form
+    POST /console/opt-outs                    add a destination by hand (the code of the API's POST /opt-outs)
+    GET  /console/opt-outs/remove?channel=&destination=   org admin: the removal's confirmation, with its reason
+    POST /console/opt-outs/remove             remove it (the code of POST /opt-outs/remove)
 
 Every route checks the signed-in person's role itself (policy.py): a section the role may not see is refused
 with the 403 page whatever link led there. Every change is made as that person (`user:NAME`) through the code
-the CLI and the HTTP API use (store.py: `outreach user ...`; settings_routes.py: PUT /settings/channels), and
-that code writes the audit log.
+the CLI and the HTTP API use (store.py: `outreach user ...`; settings_routes.py: PUT /settings/channels;
+opt_outs.py: POST /opt-outs and /opt-outs/remove), and that code writes the audit log.
 """
 from __future__ import annotations
 
 import asyncio
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +29,14 @@ from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import TypeAdapter, ValidationError
 
+from schemas.internal import MAX_OPT_OUT_REASON_CHARS
+from services.api import idempotency
 from services.api.channel_settings import environment_credentials
+from services.api.commands import BrokerUnavailable
 from services.api.console import policy
 from services.api.console.routes import ConsoleRefused, ConsoleSession, SignedIn, console_router, page
 from services.api.models import EmailChannelSettingsBody, SmsChannelSettingsBody
+from services.api.opt_outs import change_opt_out, normalised_destination, opt_out_page, source_in_words
 from services.api.passwords import MIN_PASSWORD_LENGTH, password_problem
 from services.api.settings_routes import replace_channel_settings
 from services.api.store import ROLES, ApiStore, CredentialsUnreadable, UserInfo
@@ -292,7 +302,8 @@ AUDIT_PAGE = 50
 ACTION_NAMES = {"user_created": "User created", "user_disabled": "User disabled", "user_enabled": "User enabled",
                 "role_changed": "Role changed", "password_changed": "Password changed",
                 "sign_in_locked": "Sign-in paused after failures",
-                "channel_settings_changed": "Channel settings changed"}
+                "channel_settings_changed": "Channel settings changed",
+                "opt_out_added": "Opt-out added by hand", "opt_out_removed": "Opt-out removed"}
 
 
 def parse_cursor(cursor: str | None) -> tuple[str, str] | None:
@@ -334,14 +345,114 @@ async def operations(request: Request, session: SignedIn) -> Response:
 # ------------------------------------------------------------------ opt-outs
 
 OPT_OUT_CHANNELS = {"sms": "SMS", "email": "Email"}
+OPT_OUT_PAGE = 50
+
+
+def _opt_out_channel(channel: str) -> str:
+    if channel not in OPT_OUT_CHANNELS:
+        raise ConsoleRefused(404, f"There is no channel {channel!r}.")
+    return channel
+
+
+def _form_key(form: Any) -> str | None:
+    """The form's own key (made with the page): a form sent twice makes one change (the API's Idempotency-Key)."""
+    key = str(form.get("form_key") or "")
+    return key if re.fullmatch(idempotency.KEY_PATTERN, key) else None
+
+
+async def _opt_outs_page(request: Request, session: ConsoleSession, channel: str, status_code: int = 200, *,
+                         q: str = "", after: str | None = None, before: str | None = None, error: str | None = None,
+                         done: str | None = None, entered: str = "") -> HTMLResponse:
+    listed = await opt_out_page(request, channel, search=q or None, after=after or None, before=before or None,
+                                limit=OPT_OUT_PAGE)
+    return page(request, "opt_outs.html", status_code, channel=channel, channels=OPT_OUT_CHANNELS, q=q,
+                listed=listed, first_page=not (after or before), in_words=source_in_words,
+                may_remove=session.info.role in policy.OPT_OUT_REMOVERS, error=error, done=done, entered=entered,
+                form_key=secrets.token_urlsafe(24))
 
 
 @router.get("/opt-outs")
-async def opt_outs(request: Request, session: SignedIn, channel: str = "sms") -> Response:
-    """The section's frame only: the opt-out lists are the command handler's (its OptOutList aggregates), which
-    neither the read model nor the API can read yet, and the contract has no command to add or remove one by
-    hand. Both wait on a decision (see the helper's report); until then the page says so rather than a 404."""
+async def opt_outs(request: Request, session: SignedIn, channel: str = "sms", q: str = "", after: str | None = None,
+                   before: str | None = None) -> Response:
+    """The channel's opt-out list from the read model (newest change first, searched by destination, keyset-paged
+    Older / Newer), the form that adds a destination, and for an org admin a Remove per row."""
     require(session, "opt_outs")
-    if channel not in OPT_OUT_CHANNELS:
-        raise ConsoleRefused(404, f"There is no channel {channel!r}.")
-    return page(request, "opt_outs.html", channel=channel, channels=OPT_OUT_CHANNELS)
+    return await _opt_outs_page(request, session, _opt_out_channel(channel), q=q.replace("\x00", "")[:320],
+                                after=after, before=before)
+
+
+def _change_words(answer: dict[str, Any], added: bool) -> str:
+    destination, entry = answer["destination"], answer.get("entry")
+    if answer["state"] != "applied":
+        return (f"{destination}: {'added' if added else 'removal'} sent to the opt-out list; it shows here within "
+                "seconds (reload).")
+    if added:
+        how = source_in_words(entry) if entry else "added"
+        return f"{destination} is on the opt-out list ({how}): nothing more is sent to it."
+    return f"{destination} is off the opt-out list: it may be sent to again."
+
+
+@router.post("/opt-outs")
+async def add_opt_out(request: Request, session: SignedIn) -> Response:
+    require(session, "opt_outs")
+    form = await request.form()
+    channel = _opt_out_channel(str(form.get("channel") or ""))
+    entered = str(form.get("destination") or "").strip()
+    try:
+        destination = normalised_destination(channel, entered)
+    except ValueError as exc:
+        return await _opt_outs_page(request, session, channel, 422, entered=entered,
+                                    error=f"Not added: {entered or 'an empty destination'} is {exc}.")
+    try:
+        _, answer = await change_opt_out(request, session.principal, channel, destination, opted_out=True,
+                                         idempotency_key=_form_key(form))
+    except BrokerUnavailable:
+        return await _opt_outs_page(request, session, channel, 503, entered=entered, error=(
+            "Not added: the message broker did not take the change. Try again in a moment."))
+    return await _opt_outs_page(request, session, channel, done=_change_words(answer, True))
+
+
+def _removable(session: ConsoleSession) -> None:
+    require(session, "opt_outs")
+    if session.info.role not in policy.OPT_OUT_REMOVERS:
+        raise ConsoleRefused(403, "Only an org admin may remove an opt-out (a recipient opts back in by replying "
+                                  "START).")
+
+
+async def _removal_page(request: Request, channel: str, destination: str, status_code: int = 200, *,
+                        error: str | None = None, reason: str = "") -> HTMLResponse:
+    entry = await asyncio.to_thread(request.app.state.read_model.opt_out, channel, destination)
+    if entry is None or not entry["opted_out"]:
+        raise ConsoleRefused(404, f"{destination} is not on the {OPT_OUT_CHANNELS[channel]} opt-out list.")
+    return page(request, "opt_out_remove.html", status_code, channel=channel, channels=OPT_OUT_CHANNELS, entry=entry,
+                in_words=source_in_words, error=error, reason=reason, form_key=secrets.token_urlsafe(24))
+
+
+@router.get("/opt-outs/remove")
+async def confirm_removal(request: Request, session: SignedIn, channel: str = "sms", destination: str = "") -> Response:
+    """The confirmation of a removal: the entry, and the reason it needs (org admins only)."""
+    _removable(session)
+    return await _removal_page(request, _opt_out_channel(channel), destination)
+
+
+@router.post("/opt-outs/remove")
+async def remove_opt_out(request: Request, session: SignedIn) -> Response:
+    _removable(session)
+    form = await request.form()
+    channel = _opt_out_channel(str(form.get("channel") or ""))
+    destination, reason = str(form.get("destination") or ""), str(form.get("reason") or "").strip()
+    if not reason:
+        return await _removal_page(request, channel, destination, 422,
+                                   error="Say why it may be sent to again: the reason goes in the audit log.")
+    if len(reason) > MAX_OPT_OUT_REASON_CHARS:
+        return await _removal_page(request, channel, destination, 422, reason=reason,
+                                   error=f"The reason is at most {MAX_OPT_OUT_REASON_CHARS} characters.")
+    try:
+        status_code, answer = await change_opt_out(request, session.principal, channel, destination, opted_out=False,
+                                                   reason=reason, idempotency_key=_form_key(form))
+    except BrokerUnavailable:
+        return await _removal_page(request, channel, destination, 503, reason=reason, error=(
+            "Not removed: the message broker did not take the change. Try again in a moment."))
+    if status_code != 202:
+        raise ConsoleRefused(status_code, answer["detail"])
+    return await _opt_outs_page(request, session, channel, done=_change_words(answer, False))
