@@ -244,7 +244,8 @@ def test_the_apps_use_the_topics_they_are_built_for():
         topics.COMMANDS, topics.CLAIM_REQUESTS, topics.SENDER_RESULTS, topics.EXPIRIES, topics.OPT_OUTS)} | {
         ("send", topics.COMMANDS_DLQ)}
     assert used["timeout-sweeper"] == {("receive", topics.MESSAGE_STATUS), ("send", topics.EXPIRIES)}
-    assert used["projections"] == {("receive", topics.CAMPAIGN_EVENTS), ("receive", topics.MESSAGE_STATUS)}
+    assert used["projections"] == {("receive", topics.CAMPAIGN_EVENTS), ("receive", topics.MESSAGE_STATUS),
+                                   ("receive", topics.OPT_OUT_LIST)}
     assert used["webhook-receiver"] == {("send", topics.SENDER_RESULTS), ("send", topics.OPT_OUTS)}
 
 

@@ -147,6 +147,8 @@ def hostile_values(topic: str) -> list[tuple[str, bytes]]:
         topics.OPT_OUTS: {"type": "OptOutChanged", "opt_out_id": str(uuid.uuid4()), "channel": "sms",
                           "destination": "+12025550100", "opted_out": True},
         topics.CHANNEL_SETTINGS: {"type": "ChannelSettingsChanged", "channel": "sms"},
+        topics.OPT_OUT_LIST: {"type": "OptOutListChanged", "event_id": str(uuid.uuid4()), "channel": "sms",
+                              "destination": "+12025550100", "opted_out": True, "source": "manual"},
     }[topic]
 
     def js(value) -> bytes:  # the standard library's: it writes what orjson refuses to (integers past 64 bits)
