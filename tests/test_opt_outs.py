@@ -436,3 +436,41 @@ def test_the_console_pages_older_and_newer(served):
     newer = re.search(r'href="([^"]+)" rel="prev">Newer', second).group(1).replace("&amp;", "&")
     assert rows(carl.client.get(newer).text) == email[::-1][:50]
     assert cursor_of(("t", "a|b")) == "t|a|b"  # an address may hold a `|`: the time never does
+
+
+# ------------------------------------------------------------------ the relay, after an upgrade
+
+async def test_changes_stored_before_the_topic_existed_are_published_once(kafka_bootstrap, monkeypatch, tmp_path):
+    from services.command_handler.checkpoint import Checkpoint
+    from services.command_handler.relay import Relay
+    from services.common import kafka
+    from services.common.settings import get_settings
+    from tests.test_relay_oversized import read_all
+
+    for key, value in {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "OUTREACH_DATA_DIR": str(tmp_path),
+                       "OUTREACH_EVENT_STORE": "sqlite", "OUTREACH_DEPLOYMENT": f"t{uuid.uuid4().hex[:8]}"}.items():
+        monkeypatch.setenv(key, value)
+    settings = get_settings()
+    await kafka.ensure_topics(settings)
+    ours = [number() for _ in range(3)]
+
+    def published_ours(read) -> list[str]:
+        return [r.key.decode() for r in read[topics.OPT_OUT_LIST] if r.key.decode().split(":", 1)[1] in ours]
+
+    relay = Relay(settings)
+    try:
+        for destination in ours:  # stored by a handler of before, and published past by its relay
+            relay.app.apply_opt_out(opt_out_id=str(uuid.uuid4()), channel="sms", destination=destination,
+                                    opted_out=True, source="sms_stop")
+        relay.checkpoint = Checkpoint(position=relay.app.recorder.max_notification_id())
+        relay.checkpoints.save(relay.checkpoint)
+        assert await relay.publish_once() == 0  # nothing new in the log: only the lists' stored changes go out
+    finally:
+        await relay.close()
+    assert sorted(published_ours(await read_all(settings, topics.OPT_OUT_LIST))) == sorted(f"sms:{d}" for d in ours)
+    again = Relay(settings)  # its mark is set: nothing again
+    try:
+        assert await again.publish_once() == 0
+    finally:
+        await again.close()
+    assert len(published_ours(await read_all(settings, topics.OPT_OUT_LIST))) == 3
