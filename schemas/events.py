@@ -202,6 +202,13 @@ class CampaignEventBase(BaseModel):
     sequence: NonNegativeInt
     occurred_at: UtcDatetime
     causation_id: WireId
+    # Our addition: present on the events answering a command.
+    issued_by: str | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="(our addition) The principal that issued the command this event answers (its causation_id): "
+                    "the command's issued_by, e.g. `user:NAME` (a console user), `token:NAME` or a bare token name "
+                    "(an API token), or what a Kafka producer asserted (see issued_via). Absent on events that "
+                    "answer no command (the engine's own: status changes of a running campaign, holds).")
     # Our addition: present only on the events answering a command the HTTP API published.
     issued_via: Literal["api"] | None = Field(
         None, exclude_if=lambda v: v is None,

@@ -237,6 +237,8 @@ def test_the_events_answering_a_replayed_command_name_the_operator(app):
     # A command that was not replayed says nothing of it; a rejection of a replayed one names the operator.
     [added, *_] = d.send("AddContacts", cid, chunk_no=0, contacts=[], last_chunk=True)
     assert added["type"] == "ContactsAdded" and "replayed_by" not in added
+    # Every answer names its command's issuer (the history names the person behind each command).
+    assert created[0]["issued_by"] == added["issued_by"] == "alice"
     [rejected] = d.send("CreateCampaign", cid, name="c", channel="sms", template={"body": "Hi"},
                         replayed_by="ops@host")
     assert (rejected["reason"], rejected["replayed_by"]) == ("campaign_exists", "ops@host")

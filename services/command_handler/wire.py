@@ -115,9 +115,10 @@ def rejection_for_unknown_campaign(*, command_id: str, campaign_id: str, command
 
 # ----- campaign events -------------------------------------------------------------------------
 
-# What a command says about how it arrived, copied by the handler onto the campaign events answering it
-# (schemas.events' CampaignEventBase): through the API after its token was checked, replayed from the DLQ.
-PROVENANCE_FIELDS = ("issued_via", "replayed_by")
+# What a command says about who sent it and how it arrived, copied by the handler onto the campaign events
+# answering it (schemas.events' CampaignEventBase): its issuer, through the API after its token was checked,
+# replayed from the DLQ. So a campaign's history names the person behind every command it answers.
+PROVENANCE_FIELDS = ("issued_by", "issued_via", "replayed_by")
 
 
 def _campaign_records(e: Any, bodies: list[tuple[str, str, dict]]) -> list[Record]:
