@@ -32,7 +32,7 @@ CONSUMER_GROUPS: dict[str, tuple[str, ...]] = {
                         topics.OPT_OUTS),
     "sender-work": (topics.SENDER_WORK,),
     "timeout-sweeper": (topics.MESSAGE_STATUS,),
-    "projections": (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS),
+    "projections": (topics.CAMPAIGN_EVENTS, topics.MESSAGE_STATUS, topics.OPT_OUT_LIST),
 }
 
 
