@@ -377,8 +377,12 @@ async def opt_outs(request: Request, session: SignedIn, channel: str = "sms", q:
     """The channel's opt-out list from the read model (newest change first, searched by destination, keyset-paged
     Older / Newer), the form that adds a destination, and for an org admin a Remove per row."""
     require(session, "opt_outs")
-    return await _opt_outs_page(request, session, _opt_out_channel(channel), q=q.replace("\x00", "")[:320],
-                                after=after, before=before)
+
+    def clean(text: str | None, most: int) -> str | None:  # as the API's parameters take them (no NUL)
+        return None if text is None else text.replace("\x00", "")[:most]
+
+    return await _opt_outs_page(request, session, _opt_out_channel(channel), q=clean(q, 320) or "",
+                                after=clean(after, 400), before=clean(before, 400))
 
 
 def _change_words(answer: dict[str, Any], added: bool) -> str:
