@@ -119,6 +119,7 @@ class Dispatcher:
         self._results = results
         # One semaphore per channel: SMS waiting for its tokens must not hold the slots email needs.
         self._slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(max_in_flight))
+        self._max_in_flight = max_in_flight
         self._limiters = limiters if limiters is not None else channel_limiters(settings)
         self._sleep = sleep
         self._rand = rand
@@ -314,12 +315,22 @@ class Dispatcher:
 
         self._using[id(adapter)] = self._using.get(id(adapter), 0) + 1
         self._claim_started(adapter, channel, campaign_id)
-        tasks = [asyncio.ensure_future(self._send_call(adapter, work, call, started, first_submission_done,
-                                                       report))
-                 for call in calls]
+        # The calls are taken in order by at most max_in_flight workers (no more can hold a slot): a task per
+        # call would keep up to 1,000 tasks per claim alive, and a sender whose results wait on a slow broker
+        # holds many claims (their tasks were most of its memory growing with the campaign).
+        remaining = iter(calls)
+
+        async def worker() -> list[asyncio.Future]:
+            reports: list[asyncio.Future] = []
+            for call in remaining:  # shared: each call is taken by one worker
+                reports.extend(await self._send_call(adapter, work, call, started, first_submission_done, report))
+            return reports
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(calls), self._max_in_flight))]
         try:
             for call_futures in await asyncio.gather(*tasks):
                 futures.extend(call_futures)
+            tasks.clear()
             await asyncio.gather(*futures)
         except BaseException:
             for task in tasks:
