@@ -68,7 +68,7 @@ async def test_the_run_modal_runs_only_with_the_four_boxes_ticked(signed_in_page
 
 # ---------------------------------------------------------------- stop
 
-async def test_stop_cancels_only_the_queued_messages(signed_in_page, api, env):
+async def test_stop_cancels_only_the_queued_messages(signed_in_page, api, env, assert_accessible):
     campaign_id = await ready_campaign(api, "Stop me", phone_numbers(3000, 2000))  # 30 s at 100 a second
     await channel_free(api)
     page = await signed_in_page("admin")
@@ -85,6 +85,7 @@ async def test_stop_cancels_only_the_queued_messages(signed_in_page, api, env):
     await expect(dialog.get_by_role("heading", name="Stop campaign")).to_be_visible()
     await expect(dialog.locator("#stop-queued")).to_contain_text("queued messages will be cancelled")
     await expect(dialog.locator("#stop-carry-on")).to_contain_text("not affected")
+    await assert_accessible(page, "the Stop campaign modal")
     await dialog.get_by_role("button", name="Stop campaign").click()
     notice = page.get_by_role("status")
     await expect(notice).to_contain_text(re.compile(r"Stop me.? is stopped: \d+ queued messages cancelled"))
@@ -100,11 +101,18 @@ async def test_stop_cancels_only_the_queued_messages(signed_in_page, api, env):
     assert len(cancelled) == said and not cancelled & set(await simulator_submissions(env))
     await page.reload()
     await expect(row_of(page, campaign_id).locator(".badge.stopped")).to_contain_text("Stopped by")
+    # Resume is offered once it no longer holds its channel: its modal, checked and closed (nothing issued).
+    dialog = await open_action(page, "Stop me", "Resume")
+    await expect(dialog.get_by_role("heading", name="Resume campaign")).to_be_visible()
+    await assert_accessible(page, "the Resume campaign modal")
+    await page.keyboard.press("Escape")
+    await expect(dialog).to_be_hidden()
+    assert (await campaign(api, campaign_id))["counts"]["cancelled"] == said
 
 
 # ---------------------------------------------------------------- retry
 
-async def test_retry_failed_sends_the_failed_message_again(signed_in_page, api, env):
+async def test_retry_failed_sends_the_failed_message_again(signed_in_page, api, env, assert_accessible):
     campaign_id = await ready_campaign(api, "Retry me", [*phone_numbers(5, 6000), REFUSED])
     await channel_free(api)
     run = await api.post(f"/campaigns/{campaign_id}/run", json={"disclaimer": ALL_TRUE})
@@ -118,6 +126,7 @@ async def test_retry_failed_sends_the_failed_message_again(signed_in_page, api, 
     await page.goto("/console/campaigns")
     dialog = await open_action(page, "Retry me", "Retry failed")
     await expect(dialog.locator("#retry-count")).to_contain_text("1 failed message will be queued again")
+    await assert_accessible(page, "the Retry failed modal")
     await dialog.get_by_role("button", name="Retry failed messages").click()
     await expect(page.get_by_role("status")).to_contain_text(re.compile(r"Retry me.?: 1 failed messages queued again"))
 
@@ -185,6 +194,9 @@ async def test_the_campaign_screens_pass_axe(signed_in_page, api, assert_accessi
         await expect(dialog).to_be_hidden()
     await page.goto(f"/console/campaigns/{campaign_id}/run")  # the modal's page, without JavaScript's dialog
     await assert_accessible(page, "the Run Campaign page")
+    await page.goto(f"/console/campaigns/{campaign_id}/edit")
+    await expect(page.get_by_role("button", name="Save template")).to_be_visible()
+    await assert_accessible(page, "the Edit template page")
 
 
 async def test_the_people_and_operations_screens_pass_axe(signed_in_page, assert_accessible, viewport):
