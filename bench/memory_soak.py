@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -54,8 +57,11 @@ MB = 1024 * 1024
 class RssSampler:
     """Samples the RSS of every process of a Stack (and of the broker) in a thread; keeps each one's peak."""
 
-    def __init__(self, stack: Stack, extra: dict[str, int] | None = None):
+    def __init__(self, stack: Stack, extra: dict[str, int] | None = None, traced: tuple[str, ...] = ()):
         self.stack = stack
+        self.traced = traced  # services started with PYTHONTRACEMALLOC: asked (SIGUSR2) at new peaks
+        self._dumped: dict[str, float] = {}  # when each traced service was last asked
+        self._dumped_at: dict[str, int] = {}  # its RSS then: asked again 2 MB higher
         self.extra = extra or {}  # name -> pid of a process that is not a service (the broker)
         self.phase = "start"
         self.peak: dict[str, int] = {}
@@ -101,6 +107,15 @@ class RssSampler:
             key = (name, self.phase)
             self.phase_peak[key] = max(self.phase_peak.get(key, 0), value)
             if value > self.peak.get(name, 0):
+                # (not before the campaign starts: a process that has not yet set its handler would die of it)
+                if name in self.traced and self.phase != "start" and value > self._dumped_at.get(name, 0) + 2 * MB \
+                        and time.monotonic() - self._dumped.get(name, float("-inf")) > 15:
+                    self._dumped[name], self._dumped_at[name] = time.monotonic(), value
+                    for pid in pids:  # a traced service logs where its memory is, near each new peak
+                        with contextlib.suppress(OSError, psutil.Error):
+                            # only once it runs (started 30 s ago): before its handler is set, it would die of it
+                            if time.time() - psutil.Process(pid).create_time() > 30:
+                                os.kill(pid, signal.SIGUSR2)
                 self.peak[name] = value
                 self.peak_phase[name] = self.phase
                 self.peak_file[name] = sum(r[1] for r in readings)
@@ -262,7 +277,7 @@ def one_run(messages: int, store: str, providers: str, timeout_s: float, trace: 
             traced = {name: {"PYTHONTRACEMALLOC": "1"} for name in trace}
             with Stack(env=env, log_dir=data_dir / "logs", service_env=traced) as stack:
                 extra = {"(broker)": broker_pid} if broker_pid else {}
-                with RssSampler(stack, extra) as sampler:
+                with RssSampler(stack, extra, trace) as sampler:
                     result = asyncio.run(campaign(settings, sampler, messages, data_dir / "read-model.db",
                                                   timeout_s))
                 dead = stack.dead()
