@@ -4,6 +4,9 @@ environment, the safe-defaults check, and a clean stop on SIGTERM / SIGINT (the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 import sys
@@ -53,6 +56,37 @@ def settings_or_exit() -> Settings:
         sys.exit(EXIT_CONFIG)
 
 
+# glibc keeps memory freed by a process (its heap and the arenas of worker threads) for reuse, and hands it back
+# to the system only from the top of the main heap: after a burst (a backlog of records, a large batch) a
+# long-running service kept tens of MB it no longer used (the timeout sweeper: 1.2x more at a 300,000-message
+# campaign than at 30,000). malloc_trim(0) returns the free pages of every arena; a few ms every 10 s.
+TRIM_EVERY_S = 10.0
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is None:
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+async def trim_memory(stop: asyncio.Event, every_s: float = TRIM_EVERY_S) -> None:
+    """Hands freed memory back to the system every `every_s` until `stop` (see TRIM_EVERY_S)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        trim()
+
+
 def log_allocations(top: int = 25) -> None:
     """The `top` source lines holding the most memory allocated by Python now (a process started with
     PYTHONTRACEMALLOC=N; `kill -USR2 PID` asks): a memory investigation without a debugger."""
@@ -77,6 +111,11 @@ def run_service(serve: Serve, service: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N: where the memory is, on demand
             loop.add_signal_handler(signal.SIGUSR2, log_allocations)
-        await serve(settings, stop)
+        trimming = asyncio.create_task(trim_memory(stop))
+        try:
+            await serve(settings, stop)
+        finally:
+            stop.set()
+            await trimming
 
     asyncio.run(runner())
