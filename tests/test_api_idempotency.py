@@ -258,7 +258,8 @@ def test_openapi_documents_the_header_on_every_command_route(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     commands = [("post", "/campaigns"), ("put", "/campaigns/{campaign_id}/template"),
                 ("post", "/campaigns/{campaign_id}/run"), ("post", "/campaigns/{campaign_id}/stop"),
-                ("post", "/campaigns/{campaign_id}/retry"), ("delete", "/campaigns/{campaign_id}")]
+                ("post", "/campaigns/{campaign_id}/retry"), ("delete", "/campaigns/{campaign_id}"),
+                ("post", "/campaigns/{campaign_id}/test-send"), ("post", "/opt-outs"), ("post", "/opt-outs/remove")]
     for method, path in commands:
         (header,) = [p for p in spec["paths"][path][method]["parameters"] if p["in"] == "header"]
         assert header["name"] == "Idempotency-Key" and header["required"] is False, (method, path)

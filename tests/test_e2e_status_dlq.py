@@ -71,7 +71,8 @@ async def test_status_shows_every_service_then_a_killed_one_down(stack, env):
     assert set(report["consumer_lag"]) >= {"outreach-command-handler", "outreach-projections",
                                            "outreach-sender-work", "outreach-timeout-sweeper"}
     partitions = report["consumer_lag"]["outreach-projections"]["partitions"]
-    assert {p["topic"] for p in partitions} == {"outreach.campaign-events", "outreach.message-status"}
+    assert {p["topic"] for p in partitions} == {"outreach.campaign-events", "outreach.message-status",
+                                                "outreach.internal.opt-out-list"}  # (the opt-out lists)
     assert report["relay_lag_events"] is not None and report["dlq_records"] is not None
     assert set(report["pending_timers"])
     relay = next(i for i in report["instances"] if i["service"] == "relay")
