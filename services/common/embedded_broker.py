@@ -6,6 +6,7 @@ restart loses every topic, record and group offset: the event store stays the du
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,30 @@ MEMORY_STORAGE = "memory://tansu/"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it; a small race with other processes remains)."""
+    """A TCP port that is free right now, below the OS's ephemeral range where the system allows: a port the
+    OS gives to whoever binds port 0 (a service's metrics server, a client's socket) cannot then take it before
+    its owner binds it (seen: the API's port answered by another process's aiohttp server). A race with
+    another caller of this function remains, one chance in thousands."""
+    low = _ephemeral_low()
+    if low > 4096:
+        for port in random.sample(range(max(1024, low - 16384), low), 32):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The low end of the OS's ephemeral port range (Linux), or 0 when unknown."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def port_answers(host: str, port: int, timeout_s: float = 0.2) -> bool:
