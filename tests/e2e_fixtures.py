@@ -9,6 +9,7 @@ stack that runs it, once it answers; `stack_token(env, name, role)` makes a toke
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -79,3 +80,23 @@ async def api_client(env: dict[str, str], token: str) -> AsyncIterator[httpx.Asy
                                  headers={"Authorization": f"Bearer {token}"}) as client:
         await async_wait_until(healthy, 60, 0.1, message="the API did not start")
         yield client
+
+
+@contextlib.asynccontextmanager
+async def console_as(env: dict[str, str], username: str, password: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A person's browser, without the browser: an HTTP client of the stack's console, signed in through the
+    sign-in form (its CSRF token taken from the form, the session kept in the client's cookies)."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", timeout=60,
+                                 follow_redirects=False) as client:
+        form = await client.get("/console/sign-in")
+        signed = await client.post("/console/sign-in", data={"username": username, "password": password,
+                                                             "csrf_token": hidden_value(form.text, "csrf_token")})
+        assert signed.status_code == 303, signed.text
+        yield client
+
+
+def hidden_value(page: str, name: str) -> str:
+    """The value of the page's (first) hidden field `name`."""
+    found = re.search(rf'name="{name}" value="([^"]+)"', page)
+    assert found, page
+    return found.group(1)

@@ -6,11 +6,9 @@ holds it; Stop cancels the queued messages; Resume (in the modal's fragment form
 and Delete; operations is refused every campaign page. The browser tests drive the same pages in Chromium."""
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import re
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -20,7 +18,7 @@ from services.api.console.campaigns import FRAGMENT_HEADER, LOCATION_HEADER
 from services.api.store import ApiStore
 from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client, stack_token
+from tests.e2e_fixtures import api_client, console_as, hidden_value, stack_token
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import sms_contacts
 
@@ -57,22 +55,6 @@ async def api(env, stack):
         yield client
 
 
-@contextlib.asynccontextmanager
-async def console_as(env: dict[str, str], username: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A person's browser, without the browser: signed in through the sign-in form."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", timeout=60,
-                                 follow_redirects=False) as client:
-        form = await client.get("/console/sign-in")
-        signed = await client.post("/console/sign-in", data={"username": username, "password": PASSWORD,
-                                                             "csrf_token": hidden(form.text, "csrf_token")})
-        assert signed.status_code == 303, signed.text
-        yield client
-
-
-def hidden(page: str, name: str) -> str:
-    found = re.search(rf'name="{name}" value="([^"]+)"', page)
-    assert found, page
-    return found.group(1)
 
 
 def row_of(page: str, campaign_id: str) -> str:
@@ -96,7 +78,7 @@ async def confirm(console: httpx.AsyncClient, campaign_id: str, action: str, fra
     headers = {FRAGMENT_HEADER: "1"} if fragment else {}
     form = await console.get(f"/console/campaigns/{campaign_id}/{action}", headers=headers)
     assert form.status_code == 200 and 'id="confirm-form"' in form.text, form.text
-    data = {"csrf_token": hidden(form.text, "csrf_token"), "form_key": hidden(form.text, "form_key"), **fields}
+    data = {"csrf_token": hidden_value(form.text, "csrf_token"), "form_key": hidden_value(form.text, "form_key"), **fields}
     return await console.post(f"/console/campaigns/{campaign_id}/{action}", data=data, headers=headers)
 
 
@@ -140,12 +122,12 @@ def settled(campaign: dict) -> bool:
 
 async def test_operations_is_refused_every_campaign_page(env, stack, api, people):
     campaign_id = await create_sms_campaign(api, "Not for operations", 2)
-    async with console_as(env, people["operations"]) as console:
+    async with console_as(env, people["operations"], PASSWORD) as console:
         for path in ("/console/campaigns", f"/console/campaigns/{campaign_id}/run",
                      f"/console/campaigns/{campaign_id}/messages/export.csv"):
             refused = await console.get(path)
             assert refused.status_code == 403 and "has no access to campaigns" in refused.text, path
-        token = hidden((await console.get("/console/password")).text, "csrf_token")
+        token = hidden_value((await console.get("/console/password")).text, "csrf_token")
         posted = await console.post(f"/console/campaigns/{campaign_id}/run",
                                     data={"csrf_token": token, **{box: "true" for box in FOUR_BOXES}})
         assert posted.status_code == 403
@@ -157,7 +139,7 @@ async def test_operations_is_refused_every_campaign_page(env, stack, api, people
 async def test_a_campaigner_runs_stops_resumes_retries_and_deletes_from_the_list(env, stack, api, people):
     spring = await create_sms_campaign(api, "Spring sale", SIZE)
     other = await create_sms_campaign(api, "Second SMS", 3)
-    async with console_as(env, people["campaigner"]) as console:
+    async with console_as(env, people["campaigner"], PASSWORD) as console:
         # The list: both campaigns, Ready, with what a Ready campaign allows (no Stop, no Retry, no Export).
         page = await console.get("/console/campaigns")
         assert page.status_code == 200 and 'href="/console/campaigns/new"' in page.text

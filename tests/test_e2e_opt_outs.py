@@ -20,7 +20,7 @@ from outreach.up import SERVICES
 from services.api.store import ApiStore
 from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client, stack_token
+from tests.e2e_fixtures import api_client, console_as, stack_token
 from tests.e2e_stack import simulator_submissions, stack_environment
 from tests.e2e_support import ALL_TRUE, FINAL_MESSAGE_STATUSES
 
@@ -136,17 +136,6 @@ async def _not_listed(api: httpx.AsyncClient, destination: str) -> bool:
     return not await listed(api, destination)
 
 
-@contextlib.asynccontextmanager
-async def console_as(env: dict[str, str], username: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", timeout=60,
-                                 follow_redirects=False) as client:
-        form = await client.get("/console/sign-in")
-        signed = await client.post("/console/sign-in", data={"username": username, "password": PASSWORD,
-                                                             "csrf_token": hidden(form.text, "csrf_token")})
-        assert signed.status_code == 303, signed.text
-        yield client
-
-
 def hidden(page: str, name: str, form_id: str | None = None) -> str:
     if form_id is not None:
         page = page.split(f'id="{form_id}"', 1)[1].split("</form>", 1)[0]
@@ -165,7 +154,7 @@ def text_of(page: str) -> str:
 
 
 async def test_the_console_lists_searches_adds_and_removes_as_the_signed_in_person(env, stack, people):
-    async with console_as(env, people["campaigner"]) as cora:
+    async with console_as(env, people["campaigner"], PASSWORD) as cora:
         page = await cora.get("/console/opt-outs", params={"channel": "sms"})
         assert page.status_code == 200 and "Search destination" in page.text
         fields = {name: hidden(page.text, name, "add-opt-out") for name in ("csrf_token", "form_key", "channel")}
@@ -182,7 +171,7 @@ async def test_the_console_lists_searches_adds_and_removes_as_the_signed_in_pers
         assert (await cora.get("/console/opt-outs/remove", params={"channel": "sms", "destination": BY_CONSOLE})
                 ).status_code == 403
 
-    async with console_as(env, people["org_admin"]) as orla:
+    async with console_as(env, people["org_admin"], PASSWORD) as orla:
         confirm = await orla.get("/console/opt-outs/remove", params={"channel": "sms", "destination": BY_CONSOLE})
         assert confirm.status_code == 200 and "Reason" in confirm.text and "Remove opt-out" in confirm.text
         fields = {name: hidden(confirm.text, name, "remove-opt-out")

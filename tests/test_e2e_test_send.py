@@ -19,7 +19,7 @@ from outreach.up import SERVICES
 from services.api.store import ApiStore
 from services.common.settings import Settings
 from tests.conftest import async_wait_until
-from tests.e2e_fixtures import api_client, stack_token
+from tests.e2e_fixtures import api_client, console_as, hidden_value, stack_token
 from tests.e2e_stack import simulator_submissions, stack_environment
 from tests.e2e_support import sms_contacts
 
@@ -155,21 +155,6 @@ async def test_the_sixth_test_message_of_a_user_within_the_hour_is_refused(env, 
         assert (await send_test(api, campaign, DELIVERED))["status"] == 202
 
 
-@contextlib.asynccontextmanager
-async def console_as(env: dict[str, str], username: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['OUTREACH_API_PORT']}", timeout=60,
-                                 follow_redirects=False) as client:
-        form = await client.get("/console/sign-in")
-        signed = await client.post("/console/sign-in", data={"username": username, "password": PASSWORD,
-                                                             "csrf_token": hidden(form.text, "csrf_token")})
-        assert signed.status_code == 303, signed.text
-        yield client
-
-
-def hidden(page: str, name: str) -> str:
-    found = re.search(rf'name="{name}" value="([^"]+)"', page)
-    assert found, page
-    return found.group(1)
 
 
 def text_of(page: str) -> str:
@@ -178,11 +163,11 @@ def text_of(page: str) -> str:
 
 async def test_the_console_form_sends_one_as_the_signed_in_person(env, campaign, people):
     path = f"/console/campaigns/{campaign}/test-send"
-    async with console_as(env, people["campaigner"]) as console:
+    async with console_as(env, people["campaigner"], PASSWORD) as console:
         form = await console.get(path)
         assert form.status_code == 200 and 'name="destination"' in form.text, form.text
         assert "At most 5 test messages per person per hour" in text_of(form.text)
-        data = {"csrf_token": hidden(form.text, "csrf_token"), "form_key": hidden(form.text, "form_key"),
+        data = {"csrf_token": hidden_value(form.text, "csrf_token"), "form_key": hidden_value(form.text, "form_key"),
                 "destination": "+14155550110", "row": "3"}
         sent = await console.post(path, data=data)
         assert sent.status_code == 200, sent.text
@@ -199,7 +184,7 @@ async def test_the_console_form_sends_one_as_the_signed_in_person(env, campaign,
         assert refused.status_code == 422 and "Not sent: destination is invalid_e164" in text_of(refused.text)
         no_csrf = await console.post(path, data={k: v for k, v in data.items() if k != "csrf_token"})
         assert no_csrf.status_code == 403
-    async with console_as(env, people["operations"]) as console:
+    async with console_as(env, people["operations"], PASSWORD) as console:
         assert (await console.get(path)).status_code == 403
 
 
