@@ -151,6 +151,20 @@ def event_store_env(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
     return {"OUTREACH_EVENT_STORE": "postgres", "OUTREACH_POSTGRES_DSN": fresh_postgres_database()}
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def read_model(request: pytest.FixtureRequest, tmp_path):
+    """A fresh, empty read model of each kind (a new SQLite file / a new database), open."""
+    from services.projections.projector import ReadModel
+
+    if request.param == "sqlite":
+        location = str(tmp_path / "read-model.db")
+    else:
+        request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is down; drops the databases at the end
+        location = fresh_postgres_database("outreach_rm")
+    with ReadModel(location) as opened:
+        yield opened
+
+
 @pytest.fixture
 def app(event_store_env, monkeypatch):
     """The command handler's application on a fresh event store of each kind (a module may define its own)."""

@@ -28,7 +28,7 @@ from services.common import ids
 from services.common.settings import Settings
 from services.projections.projector import ReadModel
 from services.projections.schema import ADDED_INDEXES
-from tests.conftest import async_wait_until, fresh_postgres_database
+from tests.conftest import async_wait_until
 from tests.e2e_fixtures import api_client, stack_token
 from tests.e2e_stack import stack_environment
 from tests.e2e_support import ALL_TRUE, sms_contacts
@@ -44,15 +44,10 @@ def at(seconds: float) -> str:
 
 # ------------------------------------------------------------------ the read model (SQLite and PostgreSQL)
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def model(request, tmp_path):
-    if request.param == "sqlite":
-        location = str(tmp_path / "read-model.db")
-    else:
-        request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is down; drops databases at the end
-        location = fresh_postgres_database("outreach_view")
-    with ReadModel(location) as opened:
-        yield opened
+@pytest.fixture
+def model(read_model):
+    """A fresh read model of each kind (conftest's `read_model`)."""
+    return read_model
 
 
 def latest_status(row: int) -> tuple[str, str | None]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -31,7 +30,6 @@ from services.command_handler.handlers import RecordHandler
 from services.common import ids, records
 from services.common.settings import Settings
 from services.projections.projector import ReadModel, apply_opt_outs_isolating_poison
-from tests.conftest import fresh_postgres_database
 
 PASSWORD = "correct horse battery"
 START = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -149,15 +147,10 @@ def test_events_stored_before_manual_changes_still_apply_and_publish():
 
 # ------------------------------------------------------------------ the read model
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def model(request, tmp_path) -> Iterator[ReadModel]:
-    if request.param == "sqlite":
-        location = str(tmp_path / "read-model.db")
-    else:
-        request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is down
-        location = fresh_postgres_database("outreach_rm")
-    with ReadModel(location) as opened:
-        yield opened
+@pytest.fixture
+def model(read_model):
+    """A fresh read model of each kind (conftest's `read_model`)."""
+    return read_model
 
 
 def change(destination: str, sequence: int, *, opted_out: bool = True, channel: str = "sms", source: str = "sms_stop",

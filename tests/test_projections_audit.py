@@ -22,15 +22,10 @@ def at(seconds: float) -> str:
     return rfc3339(START + timedelta(seconds=seconds))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def model(request, tmp_path):
-    if request.param == "sqlite":
-        location = str(tmp_path / "read-model.db")
-    else:
-        request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is down; drops databases at the end
-        location = fresh_postgres_database("outreach_rm")
-    with ReadModel(location) as m:
-        yield m
+@pytest.fixture
+def model(read_model):
+    """A fresh read model of each kind (conftest's `read_model`)."""
+    return read_model
 
 
 def event(cid, sequence, type_, seconds, **body):
